@@ -1,0 +1,47 @@
+"""lorakit: LoRA fine-tuning for PyTorch models, with adapter files in PEFT's layout.
+
+The core (this namespace) needs only torch and safetensors and works on any nn.Module.
+"""
+
+from .checkpoint import AdapterFileError, adapter_state_dict, load_adapter, read_adapter_config, save_adapter
+from .config import LoraConfig
+from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
+from .model import (
+    active_adapters,
+    adapters,
+    add_adapter,
+    delete_adapter,
+    disabled,
+    inject,
+    merge,
+    set_adapter,
+    trainable_parameters,
+    unload,
+    unmerge,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterFileError",
+    "LoraConfig",
+    "LoraConv",
+    "LoraEmbedding",
+    "LoraLayer",
+    "LoraLinear",
+    "active_adapters",
+    "adapter_state_dict",
+    "adapters",
+    "add_adapter",
+    "delete_adapter",
+    "disabled",
+    "inject",
+    "load_adapter",
+    "merge",
+    "read_adapter_config",
+    "save_adapter",
+    "set_adapter",
+    "trainable_parameters",
+    "unload",
+    "unmerge",
+]

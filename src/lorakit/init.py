@@ -1,0 +1,46 @@
+"""How a new adapter's A and B start.
+
+- "default": A as nn.Linear initialises its weight (kaiming-uniform), B zero, so B A = 0 and
+  the adapted model starts exactly at the base model (Hu et al., 2021). Embeddings flip the
+  roles (A zero, B normal) since their A is a lookup table.
+- "gaussian": A ~ N(0, 1/r), B zero.
+- "pissa": A and B from the top-r singular triplets of the base weight, and the base weight
+  replaced by the residual, so the sum is unchanged (Meng et al., 2024, arXiv:2404.02948).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def init_pair(mode: str, a: torch.Tensor, b: torch.Tensor, *, embedding: bool = False) -> None:
+    """Initialise A (r, ...) and B (out, r, ...) in place for the "default" and "gaussian" modes."""
+    rank = a.shape[0]
+    if embedding:
+        nn.init.zeros_(a)
+        nn.init.normal_(b)
+    elif mode == "gaussian":
+        nn.init.normal_(a, std=1.0 / rank)
+        nn.init.zeros_(b)
+    else:
+        # a=sqrt(5) makes this nn.Linear's own default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        nn.init.zeros_(b)
+
+
+@torch.no_grad()
+def pissa_pair(weight: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A, B, residual) for a (out, in) weight: scaling * B A + residual == weight (up to rounding).
+
+    Each factor carries sqrt(S) / sqrt(scaling), so B A is the rank-r part divided by scaling.
+    """
+    u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
+    root = (s[:rank] / scaling).sqrt()
+    a = root[:, None] * vh[:rank]  # (r, in)
+    b = u[:, :rank] * root[None, :]  # (out, r)
+    residual = weight.float() - scaling * (b @ a)
+    return a.to(weight.dtype), b.to(weight.dtype), residual.to(weight.dtype)

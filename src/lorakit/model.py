@@ -1,0 +1,334 @@
+"""Adapters over a whole model: inject, add, switch, delete, disable, merge, unload.
+
+The user's model keeps its class: each chosen submodule is replaced in place by a wrapper
+holding it (layers.py). Adding an adapter is a transaction: everything is validated and built
+aside first (`_plan`), then swapped in (`_commit`), so a bad request leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import LoraConfig
+from .layers import LoraLayer, wrapper_for
+from .saved_modules import SavedModule
+from .targets import adaptable_kind, resolve_targets
+
+_REGISTRY = "_lorakit_adapters"  # attribute on the user's model: name -> AdapterRecord
+_ACTIVE = "_lorakit_active"  # attribute on the user's model: active adapter names
+_GRAD = "_lorakit_requires_grad"  # parameter name -> requires_grad before the first adapter
+
+
+@dataclass
+class AdapterRecord:
+    config: LoraConfig
+    modules: list[str]  # paths of the adapted modules
+    saved: list[str] = field(default_factory=list)  # paths of its modules_to_save
+    trainable: bool = True
+
+
+@dataclass
+class _Plan:
+    name: str
+    record: AdapterRecord
+    wrappers: list[tuple[str, nn.Module]] = field(default_factory=list)  # (path, new wrapper)
+    pairs: list[tuple[LoraLayer, torch.Tensor, torch.Tensor, float, float]] = field(default_factory=list)
+    residuals: list[tuple[LoraLayer, torch.Tensor]] = field(default_factory=list)  # PiSSA bases
+    copies: list[tuple[SavedModule, nn.Module]] = field(default_factory=list)
+
+
+# ---- public API ----------------------------------------------------------------------------
+
+
+def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Module:
+    """Add adapter `name` to `model` in place, make it the active one, freeze the rest."""
+    add_adapter(model, name, config)
+    set_adapter(model, name)
+    return model
+
+
+def add_adapter(model: nn.Module, name: str, config: LoraConfig) -> nn.Module:
+    """Add adapter `name` (active only if no other adapter is); see `set_adapter`."""
+    _check_new_name(model, name)
+    _refuse_if_merged(model, "adding an adapter")
+    exclude = list(config.modules_to_save) + _saved_module_paths(model)
+    modules = resolve_targets(model, config.targets, config.layers, exclude=exclude)
+    # Nothing inside a module trained in full gets an adapter as well.
+    whole = _saved_module_paths(model) + _saved_paths(model, config.modules_to_save)
+    modules = [m for m in modules if not any(m.startswith(w + ".") for w in whole)]
+    if not modules:
+        raise ValueError(f"targets {config.targets!r} match only modules inside modules_to_save")
+    _commit(model, _plan(model, name, config, modules))
+    return model
+
+
+def adapters(model: nn.Module) -> dict[str, AdapterRecord]:
+    """The model's adapters by name (empty when none)."""
+    return getattr(model, _REGISTRY, {})
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    return list(getattr(model, _ACTIVE, []))
+
+
+def set_adapter(model: nn.Module, names: str | list[str]) -> None:
+    """Make `names` the active adapters (several are summed); only they are trainable."""
+    names = [names] if isinstance(names, str) else list(names)
+    known = adapters(model)
+    for n in names:
+        if n not in known:
+            raise ValueError(f"no adapter named {n!r}; the model has {sorted(known) or 'none'}")
+    _refuse_if_merged(model, "switching adapters")
+    _activate(model, names)
+
+
+def _activate(model: nn.Module, names: list[str]) -> None:
+    object.__setattr__(model, _ACTIVE, names)
+    for module in model.modules():
+        if isinstance(module, (LoraLayer, SavedModule)):
+            module.active = [n for n in names if n in _names_in(module)]
+    _refresh_trainable(model)
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter `name` everywhere; wrappers left with no adapter are unwrapped."""
+    known = adapters(model)
+    if name not in known:
+        raise ValueError(f"no adapter named {name!r}; the model has {sorted(known) or 'none'}")
+    if any(name in m.merged for m in _lora_layers(model)):
+        raise ValueError(f"adapter {name!r} is merged into the weights; call lorakit.unmerge(model) first")
+    for path, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer) and name in module.adapter_names:
+            module.detach_adapter(name)
+            if not module.adapter_names:
+                _replace(model, path, module.base_layer)
+        elif isinstance(module, SavedModule) and name in module.copies:
+            del module.copies[name]
+            module.active = [n for n in module.active if n != name]
+            if not len(module.copies):
+                _replace(model, path, module.original)
+    del known[name]
+    object.__setattr__(model, _ACTIVE, [n for n in active_adapters(model) if n != name])
+    if known:
+        _refresh_trainable(model)
+    else:
+        _forget(model)
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the model is exactly the base model."""
+    _refuse_if_merged(model, "disabling adapters")
+    wrappers = [m for m in model.modules() if isinstance(m, (LoraLayer, SavedModule))]
+    for m in wrappers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in wrappers:
+            m.enabled = True
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every active adapter into its base weight (the model then runs at base speed)."""
+    for layer in _lora_layers(model):
+        layer.merge()
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Take merged adapters back out of the base weights."""
+    for layer in _lora_layers(model):
+        layer.unmerge()
+    return model
+
+
+def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Remove every LoRA module and give the plain model back.
+
+    merge=True keeps the active adapters' effect (folded into the weights, the trained copies of
+    modules_to_save in place); merge=False restores the original modules, weights as they were.
+    """
+    for path, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge() if merge else module.unmerge()
+            _replace(model, path, module.base_layer)
+        elif isinstance(module, SavedModule):
+            _replace(model, path, module.current if merge else module.original)
+    _forget(model)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, each tensor counted once."""
+    seen: dict[int, nn.Parameter] = {id(p): p for p in model.parameters()}
+    trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
+    return trainable, sum(p.numel() for p in seen.values())
+
+
+# ---- plan and commit -----------------------------------------------------------------------
+
+
+def _plan(
+    model: nn.Module,
+    name: str,
+    config: LoraConfig,
+    modules: list[str],
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> _Plan:
+    """Validate and build adapter `name` on `modules` without touching the model.
+
+    `tensors` (path -> (A, B)) gives the weights (loading); otherwise they are initialised.
+    """
+    record = AdapterRecord(config=config, modules=list(modules))
+    plan = _Plan(name=name, record=record)
+    for path in modules:
+        module = _get(model, path)
+        kind = adaptable_kind(module)
+        if kind is None:
+            raise ValueError(f"module {path!r} ({type(module).__name__}) cannot carry a LoRA adapter")
+        if isinstance(module, LoraLayer):
+            layer = module
+        else:
+            layer = wrapper_for(kind)(module)
+            plan.wrappers.append((path, layer))
+        rank, scaling = config.rank_for(path), config.scaling_for(path)
+        if tensors is not None:
+            a, b = tensors[path]
+        elif config.init == "pissa":
+            if layer.merged:
+                raise ValueError(f"module {path!r} has merged adapters; unmerge before a PiSSA init")
+            a, b, residual = layer.pissa(rank, scaling)
+            plan.residuals.append((layer, residual))
+        else:
+            a, b = layer.build_pair(rank, config.init)
+        plan.pairs.append((layer, a, b, scaling, config.dropout))
+    for path in _saved_paths(model, config.modules_to_save):
+        module = _get(model, path)
+        if isinstance(module, LoraLayer):
+            raise ValueError(f"module {path!r} carries LoRA adapters and cannot also be in modules_to_save")
+        saved = module if isinstance(module, SavedModule) else SavedModule(module)
+        if saved is not module:
+            plan.wrappers.append((path, saved))
+        plan.copies.append((saved, saved.new_copy()))
+        record.saved.append(path)
+    return plan
+
+
+def _commit(model: nn.Module, plan: _Plan) -> None:
+    """Swap in what `_plan` built; nothing here can fail on valid input."""
+    if not hasattr(model, _GRAD):
+        object.__setattr__(model, _GRAD, {n: p.requires_grad for n, p in model.named_parameters()})
+    for path, wrapper in plan.wrappers:
+        _replace(model, path, wrapper)
+    with torch.no_grad():
+        for layer, residual in plan.residuals:
+            layer.base_layer.weight.copy_(residual)
+    for layer, a, b, scaling, dropout in plan.pairs:
+        layer.attach(plan.name, a, b, scaling, dropout)
+    for saved, clone in plan.copies:
+        saved.copies[plan.name] = clone
+    registry = adapters(model)
+    registry[plan.name] = plan.record
+    object.__setattr__(model, _REGISTRY, registry)
+    _activate(model, active_adapters(model) or [plan.name])
+
+
+def _refresh_trainable(model: nn.Module) -> None:
+    """Only the active, trainable adapters (their pairs, copies and chosen biases) learn."""
+    registry = adapters(model)
+    live = [n for n in active_adapters(model) if registry[n].trainable]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for n in live:
+                if n in module.adapter_names:
+                    for p in module.adapter_parameters(n).values():
+                        p.requires_grad_(True)
+                    if registry[n].config.bias == "lora_only" and getattr(module.base_layer, "bias", None) is not None:
+                        module.base_layer.bias.requires_grad_(True)
+        elif isinstance(module, SavedModule):
+            for n in live:
+                if n in module.copies:
+                    module.copies[n].requires_grad_(True)
+    if any(registry[n].config.bias == "all" for n in live):
+        for pname, p in model.named_parameters():
+            if pname.endswith("bias") and ".copies." not in pname and ".original." not in pname:
+                p.requires_grad_(True)
+
+
+# ---- small helpers -------------------------------------------------------------------------
+
+
+def _check_new_name(model: nn.Module, name: str) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
+    if name in adapters(model):
+        raise ValueError(f"the model already has an adapter named {name!r}; delete_adapter it or pick another name")
+
+
+def _refuse_if_merged(model: nn.Module, doing: str) -> None:
+    if any(layer.merged for layer in _lora_layers(model)):
+        raise ValueError(f"adapters are merged into the weights; call lorakit.unmerge(model) before {doing}")
+
+
+def _lora_layers(model: nn.Module) -> list[LoraLayer]:
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def _names_in(module: nn.Module) -> list[str]:
+    return module.adapter_names if isinstance(module, LoraLayer) else list(module.copies)
+
+
+def _saved_paths(model: nn.Module, names: list[str]) -> list[str]:
+    """Module paths matching each modules_to_save entry (exact name or '.'-suffix)."""
+    paths: list[str] = []
+    for entry in names:
+        found = [
+            p
+            for p, m in model.named_modules()
+            if p and (p == entry or p.endswith("." + entry)) and not _inside_wrapper(p)
+        ]
+        if not found:
+            raise ValueError(f"modules_to_save entry {entry!r} matches no module of the model")
+        paths += [p for p in found if p not in paths]
+    return paths
+
+
+def _inside_wrapper(path: str) -> bool:
+    parts = path.split(".")
+    return any(p in ("base_layer", "original", "copies", "lora_A", "lora_B") for p in parts)
+
+
+def _saved_module_paths(model: nn.Module) -> list[str]:
+    """Paths of existing modules_to_save wrappers: never LoRA targets themselves."""
+    return [p for p, m in model.named_modules() if isinstance(m, SavedModule)]
+
+
+def _get(model: nn.Module, path: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise ValueError(f"the model has no module named {path!r}") from None
+
+
+def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, new)
+
+
+def _forget(model: nn.Module) -> None:
+    """Drop lorakit's bookkeeping and restore the parameters' requires_grad flags."""
+    flags = getattr(model, _GRAD, {})
+    for pname, p in model.named_parameters():
+        p.requires_grad_(flags.get(pname, True))
+    for attr in (_REGISTRY, _ACTIVE, _GRAD):
+        if hasattr(model, attr):
+            object.__delattr__(model, attr)
