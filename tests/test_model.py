@@ -1,0 +1,261 @@
+"""Adapters over whole models: the guarantees of inject, training, merge, disable, unload."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lorakit
+from conftest import MODELS, assert_unchanged, logits, randomize_adapter, snapshot, tiny_bert, tiny_gpt2, tiny_llama
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+@pytest.mark.parametrize("targets", ["attention", "all-linear"])
+def test_default_init_is_base_bitwise(arch, targets, ids):
+    model = MODELS[arch]()
+    base = logits(model, ids)
+    cls = type(model)
+    lorakit.inject(model, lorakit.LoraConfig(rank=4, targets=targets))
+    assert type(model) is cls
+    assert any(isinstance(m, lorakit.LoraLayer) for m in model.modules())
+    assert torch.equal(logits(model, ids), base)
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_training_step_changes_only_adapters(arch, ids):
+    model = MODELS[arch]()
+    save = ["classifier"] if arch == "bert" else []
+    lorakit.inject(model, lorakit.LoraConfig(rank=4, targets="all-linear", modules_to_save=save, dropout=0.1))
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert all(".lora_" in n or ".copies." in n for n in trainable)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        out = model(ids)
+        out.logits.float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    for n, p in model.named_parameters():
+        if n in base:
+            assert torch.equal(p, base[n]), n
+    changed = [n for n, p in model.named_parameters() if n in trainable and not torch.equal(p, trainable[n])]
+    assert any("lora_A" in n for n in changed) and any("lora_B" in n for n in changed)
+    if save:
+        assert any(".copies.default" in n for n in changed)
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_merge_unmerge_unload_disabled(arch, ids):
+    model = MODELS[arch]()
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    base = logits(model, ids)
+    lorakit.inject(model, lorakit.LoraConfig(rank=4, alpha=8, targets="all-linear"))
+    randomize_adapter(model)
+    adapted = logits(model, ids)
+    assert (adapted - base).abs().max() > 1e-3
+    with lorakit.disabled(model):
+        assert torch.equal(logits(model, ids), base)
+    scale = adapted.abs().max().item()
+    lorakit.merge(model)
+    assert (logits(model, ids) - adapted).abs().max() <= 1e-5 * scale
+    with pytest.raises(ValueError, match="unmerge"):
+        with lorakit.disabled(model):
+            pass
+    lorakit.unmerge(model)
+    for n, p in model.named_parameters():
+        if n.replace(".base_layer", "") in original:
+            assert (p - original[n.replace(".base_layer", "")]).abs().max() <= 1e-6, n
+    plain = lorakit.unload(lorakit.unmerge(model), merge=False)
+    assert not any(isinstance(m, lorakit.LoraLayer) for m in plain.modules())
+    for n, p in plain.named_parameters():
+        assert p.requires_grad
+    # unload(merge=False) after an unmerge: within 1e-6; a model never merged: bitwise.
+    fresh = MODELS[arch]()
+    lorakit.inject(fresh, lorakit.LoraConfig(rank=4, targets="all-linear"))
+    randomize_adapter(fresh)
+    plain = lorakit.unload(fresh, merge=False)
+    assert set(dict(plain.named_parameters())) == set(original)
+    for n, p in plain.named_parameters():
+        assert torch.equal(p, original[n]), n
+    assert torch.equal(logits(plain, ids), base)
+
+
+def test_unload_merge_keeps_the_adapter(ids):
+    model = tiny_bert()
+    lorakit.inject(model, lorakit.LoraConfig(rank=4, targets="attention", modules_to_save=["classifier"]))
+    randomize_adapter(model)
+    with torch.no_grad():
+        model.classifier.copies["default"].bias.add_(1.0)
+    adapted = logits(model, ids)
+    plain = lorakit.unload(model, merge=True)
+    assert type(plain.classifier) is torch.nn.Linear
+    assert not any(isinstance(m, (lorakit.LoraLayer,)) for m in plain.modules())
+    assert (logits(plain, ids) - adapted).abs().max() <= 1e-5 * adapted.abs().max().item()
+
+
+def test_two_adapters_sum_and_switch(ids):
+    model = tiny_llama()
+    base = logits(model, ids)
+    lorakit.inject(model, lorakit.LoraConfig(rank=4, targets="attention"), name="a")
+    lorakit.add_adapter(model, "b", lorakit.LoraConfig(rank=2, alpha=4, targets="attention+mlp"))
+    assert lorakit.active_adapters(model) == ["a"]
+    randomize_adapter(model, "a", seed=1)
+    randomize_adapter(model, "b", seed=2)
+    only_a = logits(model, ids)
+    lorakit.set_adapter(model, "b")
+    only_b = logits(model, ids)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".b." in n for n in trainable)
+    lorakit.set_adapter(model, ["a", "b"])
+    both = logits(model, ids)
+    assert not torch.allclose(only_a, only_b)
+    # The adapters are not additive through the nonlinear network; per layer they are.
+    layer = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        total = layer(x)
+        parts = layer.base_layer(x) + layer._delta(x, "a") + layer._delta(x, "b")
+    torch.testing.assert_close(total, parts, rtol=0, atol=1e-6)
+    lorakit.merge(model)
+    torch.testing.assert_close(logits(model, ids), both, rtol=0, atol=1e-5 * both.abs().max().item())
+    with pytest.raises(ValueError, match="unmerge"):
+        lorakit.set_adapter(model, "a")
+    lorakit.unmerge(model)
+    lorakit.delete_adapter(model, "b")
+    assert lorakit.active_adapters(model) == ["a"]
+    assert not any(".b." in n for n, _ in model.named_parameters())
+    assert torch.equal(logits(model, ids), only_a)
+    lorakit.delete_adapter(model, "a")
+    assert not any(isinstance(m, lorakit.LoraLayer) for m in model.modules())
+    assert torch.equal(logits(model, ids), base)
+
+
+def test_trainable_parameters_counts():
+    model = tiny_bert()
+    total0 = sum(p.numel() for p in model.parameters())
+    lorakit.inject(model, lorakit.LoraConfig(rank=4, targets=["query", "value"]))
+    trainable, total = lorakit.trainable_parameters(model)
+    # 2 layers x 2 modules x (A: 4x32 + B: 32x4)
+    assert trainable == 2 * 2 * (4 * 32 + 32 * 4)
+    assert total == total0 + trainable
+
+
+def test_rank_and_alpha_patterns():
+    model = tiny_bert()
+    cfg = lorakit.LoraConfig(rank=4, alpha=8, targets=["query", "value"], rank_pattern={"value": 2},
+                             alpha_pattern={r"layer\.1\.attention\.self\.query": 2})
+    lorakit.inject(model, cfg)
+    enc = model.bert.encoder.layer
+    assert enc[0].attention.self.value.rank("default") == 2
+    assert enc[0].attention.self.query.rank("default") == 4
+    assert enc[0].attention.self.query.scaling["default"] == 2.0
+    assert enc[1].attention.self.query.scaling["default"] == 0.5
+
+
+def test_rslora_scaling():
+    model = tiny_bert()
+    lorakit.inject(model, lorakit.LoraConfig(rank=4, alpha=8, rslora=True, targets=["query"]))
+    assert model.bert.encoder.layer[0].attention.self.query.scaling["default"] == 4.0
+
+
+def test_layers_filter():
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(rank=4, targets="attention", layers=[1]))
+    assert not isinstance(model.model.layers[0].self_attn.q_proj, lorakit.LoraLayer)
+    assert isinstance(model.model.layers[1].self_attn.q_proj, lorakit.LoraLayer)
+
+
+def test_pissa_keeps_outputs_and_replaces_base(ids):
+    model = tiny_llama()
+    base = logits(model, ids)
+    w0 = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    lorakit.inject(model, lorakit.LoraConfig(rank=4, targets="attention", init="pissa"))
+    layer = model.model.layers[0].self_attn.q_proj
+    assert not torch.allclose(layer.base_layer.weight, w0)
+    torch.testing.assert_close(layer.base_layer.weight + layer.delta_weight("default"), w0, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits(model, ids), base, rtol=0, atol=1e-4)
+    # The residual holds none of the top-r singular directions.
+    s0 = torch.linalg.svdvals(w0)
+    s1 = torch.linalg.svdvals(layer.base_layer.weight)
+    assert s1[0] < s0[0] and torch.allclose(s1[0], s0[4], atol=1e-4)
+
+
+def test_gaussian_init():
+    model = tiny_bert()
+    lorakit.inject(model, lorakit.LoraConfig(rank=8, targets="all-linear", init="gaussian"))
+    a = torch.cat([m.pair("default")[0].flatten() for m in model.modules() if isinstance(m, lorakit.LoraLayer)])
+    assert abs(a.std().item() - 1 / 8) < 0.01
+    assert all(torch.count_nonzero(m.pair("default")[1]) == 0 for m in model.modules() if isinstance(m, lorakit.LoraLayer))
+
+
+def test_bias_modes():
+    model = tiny_bert()
+    lorakit.inject(model, lorakit.LoraConfig(rank=4, targets=["query"], bias="lora_only"))
+    names = {n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")}
+    assert names == {f"bert.encoder.layer.{i}.attention.self.query.base_layer.bias" for i in range(2)}
+    model = tiny_bert()
+    lorakit.inject(model, lorakit.LoraConfig(rank=4, targets=["query"], bias="all"))
+    biases = [n for n, p in model.named_parameters() if n.endswith("bias")]
+    assert all(p.requires_grad for n, p in model.named_parameters() if n.endswith("bias"))
+    assert len(biases) > 10
+
+
+def test_embedding_and_gpt2_generate():
+    model = tiny_gpt2()
+    lorakit.inject(model, lorakit.LoraConfig(rank=4, targets=["wte", "c_attn"]))
+    assert isinstance(model.transformer.wte, lorakit.LoraEmbedding)
+    assert model.transformer.h[0].attn.c_attn.fan_in_fan_out
+    randomize_adapter(model)
+    out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 7)
+
+
+def test_targets_matching_nothing_is_an_error_that_lists_modules():
+    model = tiny_bert()
+    before = snapshot(model)
+    with pytest.raises(ValueError) as err:
+        lorakit.inject(model, lorakit.LoraConfig(targets=["q_proj"]))
+    assert "query" in str(err.value)
+    assert_unchanged(model, before)
+
+
+def test_bad_requests_change_nothing():
+    model = tiny_bert()
+    lorakit.inject(model, lorakit.LoraConfig(rank=4, targets="attention"))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="already has an adapter"):
+        lorakit.add_adapter(model, "default", lorakit.LoraConfig())
+    with pytest.raises(ValueError, match="modules_to_save"):
+        lorakit.add_adapter(model, "x", lorakit.LoraConfig(targets="attention", modules_to_save=["nope"]))
+    with pytest.raises(ValueError, match="pissa"):
+        lorakit.add_adapter(model, "y", lorakit.LoraConfig(targets=["word_embeddings"], init="pissa"))
+    with pytest.raises(ValueError, match="no adapter named"):
+        lorakit.set_adapter(model, "zzz")
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"rank": 0}, "rank must be an integer >= 1"),
+        ({"alpha": 0}, "alpha must be a number > 0"),
+        ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+        ({"init": "olora"}, "default, gaussian, pissa"),
+        ({"bias": "some"}, "none, all, lora_only"),
+        ({"targets": "("}, "not a valid regex"),
+        ({"rank_pattern": {"q": -1}}, "rank_pattern"),
+    ],
+)
+def test_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        lorakit.LoraConfig(**kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_models(dtype, ids):
+    model = tiny_llama().to(dtype)
+    base = logits(model, ids)
+    lorakit.inject(model, lorakit.LoraConfig(rank=4, targets="all-linear"))
+    assert torch.equal(logits(model, ids), base)
+    assert all(p.dtype == dtype for p in model.parameters())
