@@ -1,0 +1,238 @@
+"""Adapter files: the PEFT layout, round trips, and bad input that changes nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lorakit
+from lorakit.checkpoint import CONFIG_FILE, WEIGHTS_FILE, AdapterFileError
+from conftest import assert_unchanged, logits, randomize_adapter, snapshot, tiny_bert, tiny_gpt2, tiny_llama
+
+
+def _trained_bert(tmp_path: Path, **cfg) -> tuple[Path, torch.nn.Module]:
+    model = tiny_bert()
+    config = dict(rank=4, alpha=8, targets="attention", modules_to_save=["classifier"]) | cfg
+    lorakit.inject(model, lorakit.LoraConfig(**config))
+    randomize_adapter(model)
+    with torch.no_grad():
+        model.classifier.copies["default"].bias.add_(0.5)
+    folder = tmp_path / "adapter"
+    lorakit.save_adapter(model, folder)
+    return folder, model
+
+
+def test_layout_and_config_fields(tmp_path):
+    folder, model = _trained_bert(tmp_path)
+    assert sorted(os.listdir(folder)) == [CONFIG_FILE, WEIGHTS_FILE]
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+    assert config["fan_in_fan_out"] is False and config["modules_to_save"] == ["classifier"]
+    assert len(config["target_modules"]) == 8 and "bert.encoder.layer.0.attention.output.dense" in config["target_modules"]
+    keys = set(load_file(folder / WEIGHTS_FILE))
+    assert "base_model.model.bert.encoder.layer.1.attention.self.value.lora_B.weight" in keys
+    assert {"base_model.model.classifier.weight", "base_model.model.classifier.bias"} <= keys
+    assert len(keys) == 8 * 2 + 2
+
+
+def test_gpt2_sets_fan_in_fan_out(tmp_path):
+    model = tiny_gpt2()
+    lorakit.inject(model, lorakit.LoraConfig(rank=4, targets="attention"))
+    lorakit.save_adapter(model, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / CONFIG_FILE).read_text())["fan_in_fan_out"] is True
+
+
+@pytest.mark.parametrize("make", [tiny_bert, tiny_gpt2, tiny_llama])
+def test_round_trip_bitwise(make, tmp_path, ids):
+    model = make()
+    lorakit.inject(model, lorakit.LoraConfig(rank=4, targets="all-linear", rank_pattern={"0.*": 2}))
+    randomize_adapter(model)
+    adapted = logits(model, ids)
+    lorakit.save_adapter(model, tmp_path / "a")
+    fresh = make()
+    lorakit.load_adapter(fresh, tmp_path / "a")
+    assert torch.equal(logits(fresh, ids), adapted)
+    assert lorakit.trainable_parameters(fresh)[0] == 0
+    again = make()
+    lorakit.load_adapter(again, tmp_path / "a", trainable=True)
+    assert lorakit.trainable_parameters(again)[0] > 0
+
+
+def test_two_adapters_saved_and_loaded_apart(tmp_path, ids):
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(rank=4, targets="attention"), name="a")
+    lorakit.add_adapter(model, "b", lorakit.LoraConfig(rank=2, targets=["gate_proj"]))
+    randomize_adapter(model, "a", seed=1)
+    randomize_adapter(model, "b", seed=2)
+    lorakit.save_adapter(model, tmp_path / "a", name="a")
+    lorakit.save_adapter(model, tmp_path / "b", name="b")
+    lorakit.set_adapter(model, ["a", "b"])
+    both = logits(model, ids)
+    fresh = tiny_llama()
+    lorakit.load_adapter(fresh, tmp_path / "b", name="b")
+    lorakit.load_adapter(fresh, tmp_path / "a", name="a")
+    lorakit.set_adapter(fresh, ["a", "b"])
+    assert torch.equal(logits(fresh, ids), both)
+
+
+def test_bias_and_embedding_round_trip(tmp_path, ids):
+    model = tiny_gpt2()
+    lorakit.inject(model, lorakit.LoraConfig(rank=4, targets=["wte", "c_attn"], bias="lora_only"))
+    randomize_adapter(model)
+    with torch.no_grad():
+        model.transformer.h[0].attn.c_attn.base_layer.bias.add_(0.3)
+    adapted = logits(model, ids)
+    lorakit.save_adapter(model, tmp_path / "a")
+    keys = set(load_file(tmp_path / "a" / WEIGHTS_FILE))
+    assert "base_model.model.transformer.wte.lora_embedding_A" in keys
+    assert "base_model.model.transformer.h.0.attn.c_attn.base_layer.bias" in keys
+    fresh = tiny_gpt2()
+    lorakit.load_adapter(fresh, tmp_path / "a")
+    assert torch.equal(logits(fresh, ids), adapted)
+
+
+def test_save_extra_files_and_unknown_adapter(tmp_path):
+    folder, model = _trained_bert(tmp_path)
+    lorakit.save_adapter(model, folder, extra_files={"labels.json": {"id2label": {"0": "neg"}}})
+    assert json.loads((folder / "labels.json").read_text()) == {"id2label": {"0": "neg"}}
+    with pytest.raises(ValueError, match="no adapter named 'x'"):
+        lorakit.save_adapter(model, tmp_path / "x", name="x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_interrupted_save_leaves_nothing_half_written(tmp_path, monkeypatch):
+    folder, model = _trained_bert(tmp_path)
+    before = {f: (folder / f).read_bytes() for f in os.listdir(folder)}
+    randomize_adapter(model, seed=5)
+
+    def boom(*args, **kwargs):
+        Path(args[1]).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("lorakit.checkpoint.save_file", boom)
+    with pytest.raises(KeyboardInterrupt):
+        lorakit.save_adapter(model, folder)
+    assert {f: (folder / f).read_bytes() for f in os.listdir(folder)} == before
+    with pytest.raises(KeyboardInterrupt):
+        lorakit.save_adapter(model, tmp_path / "new")
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]
+
+
+# ---- bad input: one clear error naming the file, and the model unchanged -------------------
+
+
+def _corrupt(folder: Path, case: str) -> str:
+    """Damage `folder` one way; return a regex the error must match."""
+    cfg_path, w_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    config = json.loads(cfg_path.read_text())
+    tensors = load_file(w_path)
+    key = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"
+    if case == "missing config":
+        cfg_path.unlink()
+        return f"{CONFIG_FILE}: missing"
+    if case == "missing weights":
+        w_path.unlink()
+        return f"{WEIGHTS_FILE}: missing"
+    if case == "pickle only":
+        w_path.rename(folder / "adapter_model.bin")
+        return "pickle file, which lorakit never loads"
+    if case == "bad json":
+        cfg_path.write_text('{"peft_type": "LORA",\n  "r": 4,,}')
+        return f"{CONFIG_FILE}: invalid JSON at line 2"
+    if case == "dora":
+        config["use_dora"] = True
+        cfg_path.write_text(json.dumps(config))
+        return "use_dora=True is not supported"
+    if case == "not lora":
+        config["peft_type"] = "IA3"
+        cfg_path.write_text(json.dumps(config))
+        return "peft_type is 'IA3'"
+    if case == "truncated":
+        data = w_path.read_bytes()
+        w_path.write_bytes(data[: len(data) // 2])
+        return f"{WEIGHTS_FILE}: not a readable safetensors file"
+    if case == "garbage":
+        w_path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+        return f"{WEIGHTS_FILE}: not a readable safetensors file"
+    if case == "missing key":
+        del tensors[key.replace("lora_A", "lora_B")]
+        save_file(tensors, w_path)
+        return "missing key .*layer.0.attention.self.query.lora_B.weight"
+    if case == "missing module":
+        del tensors[key], tensors[key.replace("lora_A", "lora_B")]
+        save_file(tensors, w_path)
+        return "missing key .*layer.0.attention.self.query.lora_A.weight"
+    if case == "unexpected key":
+        tensors["base_model.model.bert.pooler.dense.weight"] = torch.zeros(32, 32)
+        save_file(tensors, w_path)
+        return "unexpected key 'base_model.model.bert.pooler.dense.weight'"
+    if case == "unknown module":
+        tensors["base_model.model.bert.encoder.layer.7.attention.self.query.lora_A.weight"] = tensors[key].clone()
+        tensors["base_model.model.bert.encoder.layer.7.attention.self.query.lora_B.weight"] = tensors[key].T.contiguous()
+        save_file(tensors, w_path)
+        return "names module 'bert.encoder.layer.7.attention.self.query', which this model does not have"
+    if case == "wrong shape":
+        tensors[key] = torch.zeros(4, 48)
+        save_file(tensors, w_path)
+        return r"has shape \(4, 48\), but this model needs \(4, 32\)"
+    if case == "wrong rank":
+        config["r"] = 8
+        cfg_path.write_text(json.dumps(config))
+        return "has rank 4, but the config gives rank 8"
+    if case == "head shape":
+        tensors["base_model.model.classifier.weight"] = torch.zeros(5, 32)
+        save_file(tensors, w_path)
+        return r"classifier.weight' has shape \(5, 32\)"
+    raise AssertionError(case)
+
+
+CASES = [
+    "missing config", "missing weights", "pickle only", "bad json", "dora", "not lora", "truncated", "garbage",
+    "missing key", "missing module", "unexpected key", "unknown module", "wrong shape", "wrong rank", "head shape",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_adapter_is_refused_and_model_unchanged(case, tmp_path):
+    folder, _ = _trained_bert(tmp_path)
+    pattern = _corrupt(folder, case)
+    model = tiny_bert(seed=3)
+    before = snapshot(model)
+    with pytest.raises(AdapterFileError, match=pattern) as err:
+        lorakit.load_adapter(model, folder)
+    assert str(folder) in str(err.value)
+    assert_unchanged(model, before)
+    assert lorakit.adapters(model) == {}
+
+
+def test_bad_adapter_on_an_adapted_model_changes_nothing(tmp_path):
+    folder, _ = _trained_bert(tmp_path)
+    _corrupt(folder, "wrong shape")
+    model = tiny_bert()
+    lorakit.inject(model, lorakit.LoraConfig(rank=2, targets=["query"]), name="mine")
+    before = snapshot(model)
+    with pytest.raises(AdapterFileError):
+        lorakit.load_adapter(model, folder, name="other")
+    assert_unchanged(model, before)
+    assert list(lorakit.adapters(model)) == ["mine"]
+
+
+def test_wrong_base_model(tmp_path):
+    folder, _ = _trained_bert(tmp_path)
+    model = tiny_llama()
+    before = snapshot(model)
+    with pytest.raises(AdapterFileError, match="this model does not have|do not fit this model|matches no module"):
+        lorakit.load_adapter(model, folder)
+    assert_unchanged(model, before)
+
+
+def test_no_pickle_in_sources():
+    src = Path(lorakit.__file__).parent
+    for file in src.rglob("*.py"):
+        text = file.read_text()
+        assert "import pickle" not in text and "torch.load(" not in text, file

@@ -1,0 +1,97 @@
+"""Interop with PEFT (the independent reference), both directions, with non-zero B."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lorakit
+from conftest import logits, randomize_adapter, tiny_bert, tiny_gpt2, tiny_llama
+
+peft = pytest.importorskip("peft")
+
+CASES = {
+    # name: (model factory, PEFT LoraConfig kwargs, lorakit LoraConfig kwargs)
+    "bert": (
+        tiny_bert,
+        dict(r=4, lora_alpha=8, target_modules=["query", "key", "value"], modules_to_save=["classifier"]),
+        dict(rank=4, alpha=8, targets=["query", "key", "value"], modules_to_save=["classifier"]),
+    ),
+    "bert-bias-patterns": (
+        tiny_bert,
+        dict(r=4, lora_alpha=8, target_modules=["query", "value"], bias="lora_only", use_rslora=True,
+             rank_pattern={"value": 2}, alpha_pattern={"query": 3}),
+        dict(rank=4, alpha=8, targets=["query", "value"], bias="lora_only", rslora=True,
+             rank_pattern={"value": 2}, alpha_pattern={"query": 3}),
+    ),
+    "gpt2-conv1d": (
+        tiny_gpt2,
+        dict(r=4, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True),
+        dict(rank=4, alpha=16, targets=["c_attn", "c_proj", "c_fc"]),
+    ),
+    "llama": (
+        tiny_llama,
+        dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+        dict(rank=8, alpha=16, targets="attention+mlp"),
+    ),
+    "llama-embedding": (
+        tiny_llama,
+        dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]),
+        dict(rank=4, alpha=8, targets=["embed_tokens", "q_proj"]),
+    ),
+    "llama-layers": (
+        tiny_llama,
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], layers_to_transform=[1], layers_pattern="layers"),
+        dict(rank=4, alpha=8, targets=["q_proj", "v_proj"], layers=[1]),
+    ),
+}
+
+
+def _randomize_peft(model, seed: int = 3) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_peft_adapter_loads_in_lorakit(case, tmp_path, ids):
+    make, peft_kwargs, _ = CASES[case]
+    reference = peft.get_peft_model(make(), peft.LoraConfig(**peft_kwargs)).eval()
+    _randomize_peft(reference)
+    expected = logits(reference, ids)
+    reference.save_pretrained(tmp_path)
+    model = make()
+    base = logits(model, ids)
+    lorakit.load_adapter(model, tmp_path)
+    got = logits(model, ids)
+    assert (expected - base).abs().max() > 1e-3  # the adapter really does something
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_lorakit_adapter_loads_in_peft(case, tmp_path, ids):
+    make, _, ours = CASES[case]
+    model = make()
+    base = logits(model, ids)
+    lorakit.inject(model, lorakit.LoraConfig(**ours))
+    randomize_adapter(model)
+    for module in model.modules():
+        if isinstance(module, lorakit.saved_modules.SavedModule):
+            with torch.no_grad():
+                module.copies["default"].weight.mul_(1.5)
+    if ours.get("bias") == "lora_only":
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, lorakit.LoraLayer) and module.base_layer.bias is not None:
+                    module.base_layer.bias.add_(0.1)
+    expected = logits(model, ids)
+    assert (expected - base).abs().max() > 1e-3
+    lorakit.save_adapter(model, tmp_path)
+    reference = peft.PeftModel.from_pretrained(make(), tmp_path).eval()
+    torch.testing.assert_close(logits(reference, ids), expected, rtol=0, atol=1e-5)
+    # PEFT adapted exactly the modules lorakit did.
+    theirs = {n.removeprefix("base_model.model.") for n, m in reference.named_modules() if hasattr(m, "lora_A") or hasattr(m, "lora_embedding_A")}
+    mine = {n for n, m in model.named_modules() if isinstance(m, lorakit.LoraLayer)}
+    assert theirs == mine
