@@ -125,10 +125,11 @@ def test_two_adapters_sum_and_switch(ids):
     lorakit.delete_adapter(model, "b")
     assert lorakit.active_adapters(model) == ["a"]
     assert not any(".b." in n for n, _ in model.named_parameters())
-    assert torch.equal(logits(model, ids), only_a)
+    # (merge + unmerge moved the base weights by rounding, hence the tolerance)
+    torch.testing.assert_close(logits(model, ids), only_a, rtol=0, atol=1e-5)
     lorakit.delete_adapter(model, "a")
     assert not any(isinstance(m, lorakit.LoraLayer) for m in model.modules())
-    assert torch.equal(logits(model, ids), base)
+    torch.testing.assert_close(logits(model, ids), base, rtol=0, atol=1e-5)
 
 
 def test_trainable_parameters_counts():

@@ -158,7 +158,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     where = str(Path(path) / WEIGHTS_FILE)
     if name in adapters(model):
         raise AdapterFileError(f"{path}: the model already has an adapter named {name!r}")
-    pairs, biases, saved = _sort_keys(model, config, tensors, where)
+    pairs, base_tensors, saved = _sort_keys(model, config, tensors, where)
     _check_targets(model, config, facts, pairs, where)
     plan = _plan(model, name, config, sorted(pairs, key=_model_order(model)), tensors=pairs)
     for (_, clone), saved_path in zip(plan.copies, plan.record.saved):
@@ -166,7 +166,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     plan.record.trainable = trainable
     _commit(model, plan)
     with torch.no_grad():
-        for param, value in biases:
+        for param, value in base_tensors:
             param.copy_(value)
     set_adapter(model, active_adapters(model))  # refresh trainable flags
     return model
@@ -175,9 +175,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
 def _sort_keys(
     model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], where: str
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[tuple[nn.Parameter, torch.Tensor]], dict[str, dict]]:
-    """Split the file's keys into LoRA pairs, biases and modules_to_save; check every shape."""
+    """Split the file's keys into LoRA pairs, base_tensors and modules_to_save; check every shape."""
     halves: dict[str, dict[str, torch.Tensor]] = {}
-    biases: list[tuple[nn.Parameter, torch.Tensor]] = []
+    base_tensors: list[tuple[nn.Parameter, torch.Tensor]] = []
     saved_paths = _saved_paths_or_error(model, config, where)
     saved: dict[str, dict[str, torch.Tensor]] = {p: {} for p in saved_paths}
     params = dict(model.named_parameters())
@@ -192,12 +192,20 @@ def _sort_keys(
             halves.setdefault(rest[: -len(suffix) - 1], {})[suffix] = tensors[key]
         elif owner is not None:
             saved[owner][rest[len(owner) + 1:]] = tensors[key]
+        elif rest.endswith(".base_layer.weight"):
+            # PEFT saves a whole embedding table next to its adapter when the vocabulary may
+            # have changed; it replaces the base table on load.
+            param = params.get(rest) or params.get(rest.replace(".base_layer.weight", ".weight"))
+            if param is None:
+                raise AdapterFileError(f"{where}: key {key!r} names no weight of this model")
+            _check_shape(where, key, tensors[key], param.shape)
+            base_tensors.append((param, tensors[key].to(param.device, param.dtype)))
         elif rest.endswith("bias") and config.bias != "none":
             param = params.get(rest) or params.get(rest.replace(".base_layer.bias", ".bias"))
             if param is None:
                 raise AdapterFileError(f"{where}: key {key!r} names no bias of this model")
             _check_shape(where, key, tensors[key], param.shape)
-            biases.append((param, tensors[key].to(param.device, param.dtype)))
+            base_tensors.append((param, tensors[key].to(param.device, param.dtype)))
         else:
             raise AdapterFileError(f"{where}: unexpected key {key!r}")
     pairs = {p: _check_pair(model, config, p, h, where) for p, h in halves.items()}
@@ -211,7 +219,7 @@ def _sort_keys(
         for k in saved[path]:
             if k not in expected:
                 raise AdapterFileError(f"{where}: unexpected key {PREFIX}{path}.{k!r}")
-    return pairs, biases, saved
+    return pairs, base_tensors, saved
 
 
 def _check_pair(
