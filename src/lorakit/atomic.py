@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file ordinary modes
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -40,3 +42,35 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
     write_bytes_atomic(path, text.encode())
 
+
+def make_temp_dir(parent: Path, name: str) -> Path:
+    """A fresh hidden folder beside `parent / name`, with ordinary modes, to build in and rename."""
+    folder = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=parent))
+    os.chmod(folder, 0o777 & ~_umask())
+    return folder
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_folder_atomic(target: Path, fill: Callable[[Path], None], overwrite: bool) -> None:
+    """Build a folder aside with fill(tmp_path), then rename it to `target` (replacing it if allowed)."""
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists; pass --overwrite to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(target.parent, target.name)
+    try:
+        fill(tmp)
+        if target.exists():
+            old = make_temp_dir(target.parent, target.name + ".old")
+            os.rename(target, old / "x")
+            os.rename(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .atomic import write_atomic, write_json_atomic
+from .atomic import make_temp_dir, write_atomic, write_json_atomic
 from .config import LoraConfig, from_peft_dict, to_peft_dict
 from .layers import LoraLayer, wrapper_for
 from .model import _commit, _plan, _saved_paths, active_adapters, adapters, set_adapter
@@ -94,7 +93,7 @@ def save_adapter(
     target = folder
     if not folder.exists():
         folder.parent.mkdir(parents=True, exist_ok=True)
-        target = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        target = make_temp_dir(folder.parent, folder.name)
     try:
         write_atomic(target / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
         for fname, obj in (extra_files or {}).items():

@@ -1,0 +1,305 @@
+"""train.py and friends: the loop's outputs, the loss, accumulation, resume after kill -9,
+non-finite losses, output-folder safety, and DistributedDataParallel on two CPU processes."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import tiny  # noqa: F401  (fixture)
+
+from lorakit import data as D
+from lorakit.tasks import label_count, loss_sum
+from lorakit.train import RunConfig, TrainingError, lr_at, train
+
+
+def run(tiny, out: Path, **options) -> dict:
+    """Train in this process on a tiny model; returns the summary."""
+    defaults = dict(model=str(tiny["bert"]), data=str(tiny["classify"]), out=str(out), batch_size=8,
+                    epochs=1, lr=1e-2, threads=1)
+    defaults.update(options)
+    overwrite = defaults.pop("overwrite", False)
+    return train(RunConfig(**defaults), overwrite=overwrite, stream=io.StringIO())
+
+
+def cli(*args: str, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, **kw)
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+# ---- outputs -------------------------------------------------------------------------------
+
+
+def test_classify_run_writes_everything(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    stream = io.StringIO()
+    summary = train(RunConfig(model=str(tiny["bert"]), data=str(tiny["classify"]), out=str(out), batch_size=8,
+                              epochs=2, lr=1e-2, threads=1), stream=stream)
+    text = stream.getvalue()
+    bar = capsys.readouterr().err.splitlines()  # the progress bar goes to stderr
+    assert bar[-1].startswith("step 32/32 [####") and " loss 0." in bar[-1] and "ETA 0s" in bar[-1]
+    for expected in ("trainable parameters:", "before training: held-out accuracy", "after training: held-out",
+                     "adapter: ", "adapter_model.safetensors ("):
+        assert expected in text
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "labels.json", "metrics.jsonl", "loss.png",
+            "run_config.json"} <= names
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in out.iterdir():  # not the private modes temporary files and folders start with
+        assert stat.S_IMODE(p.stat().st_mode) == (0o777 if p.is_dir() else 0o666) & ~umask, p
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["classifier"]
+    assert json.loads((out / "labels.json").read_text())["id2label"] == {"0": "neg", "1": "pos"}
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if "loss" in m]
+    assert [m["step"] for m in steps] == list(range(1, 33))  # 128 training examples / 8 a step, 2 epochs
+    assert all(m["lr"] > 0 for m in steps)
+    evals = [m for m in metrics if "eval" in m]
+    assert [m["step"] for m in evals] == [0, 16, 32]
+    assert summary["after"] == evals[-1]["eval"] and summary["before"] == evals[0]["eval"]
+    run_config = json.loads((out / "run_config.json").read_text())["config"]
+    assert run_config["epochs"] == 2 and run_config["extra"]["train_examples"] == 128
+    # The adapter really trained: the classifier copy and B matrices moved away from their start.
+    weights = tensors(out)
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in weights.items())
+
+
+def test_explicit_eval_data_and_training_reaches_the_signal(tiny, tmp_path):
+    summary = run(tiny, tmp_path / "r", eval_data=str(tiny["classify_eval"]), epochs=8, targets="all-linear")
+    # One word decides the label; a random 2-layer model with rank-8 adapters learns it only in part.
+    assert summary["before"]["accuracy"] <= 0.6
+    assert summary["after"]["accuracy"] >= 0.7
+    assert summary["after"]["loss"] < summary["before"]["loss"]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_causal_lm_runs_lower_held_out_loss(tiny, tmp_path, kind):
+    summary = run(tiny, tmp_path / kind, model=str(tiny[kind]), data=str(tiny["completion"]), epochs=3)
+    assert summary["after"]["loss"] < summary["before"]["loss"] - 0.1
+    assert json.loads((tmp_path / kind / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    assert not (tmp_path / kind / "labels.json").exists()
+
+
+def test_classify_with_a_decoder_model_trains_its_score_head(tiny, tmp_path):
+    run(tiny, tmp_path / "score", model=str(tiny["llama"]), max_steps=2)
+    config = json.loads((tmp_path / "score" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["score"] and config["task_type"] == "SEQ_CLS"
+    assert "base_model.model.score.weight" in tensors(tmp_path / "score")
+
+
+def test_bf16_autocast_runs(tiny, tmp_path):
+    summary = run(tiny, tmp_path / "bf16", model=str(tiny["gpt2"]), data=str(tiny["completion"]), max_steps=3, bf16=True)
+    assert summary["steps"] == 3 and math.isfinite(summary["after"]["loss"])
+    assert all(t.dtype == torch.float32 for t in tensors(tmp_path / "bf16").values())  # weights stay float32
+
+
+def test_chat_data_trains(tiny, tmp_path):
+    summary = run(tiny, tmp_path / "chat", model=str(tiny["llama"]), data=str(tiny["chat"]), max_steps=4)
+    assert summary["steps"] == 4 and "perplexity" in summary["after"]
+
+
+# ---- the loss ------------------------------------------------------------------------------
+
+
+def test_causal_loss_counts_completion_tokens_only():
+    torch.manual_seed(0)
+    labels = torch.tensor([[D.IGNORE, D.IGNORE, D.IGNORE, 5, 6, D.IGNORE]])  # 3 prompt tokens, 2 completion, 1 pad
+    logits = torch.randn(1, 6, 10, requires_grad=True)
+    loss = loss_sum("causal-lm", logits, labels)
+    loss.backward()
+    # Position t predicts token t+1: only positions 2 and 3 (predicting 5 and 6) carry gradient.
+    touched = logits.grad.abs().sum(-1)[0]
+    assert touched[2] > 0 and touched[3] > 0
+    assert touched[[0, 1, 4, 5]].eq(0).all()
+    expected = torch.nn.functional.cross_entropy(logits[0, 2:4], torch.tensor([5, 6]), reduction="sum")
+    torch.testing.assert_close(loss, expected)
+    assert label_count("causal-lm", labels) == 2
+
+
+def test_grad_accum_matches_one_big_batch(tiny, tmp_path):
+    """Accumulating 2 x 4 examples gives the update of one batch of 8 (loss normalised per step)."""
+    common = dict(model=str(tiny["llama"]), data=str(tiny["completion"]), max_steps=3, dropout=0.0)
+    run(tiny, tmp_path / "big", batch_size=8, grad_accum=1, **common)
+    run(tiny, tmp_path / "acc", batch_size=4, grad_accum=2, **common)
+    a, b = tensors(tmp_path / "big"), tensors(tmp_path / "acc")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+    assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "lora_B" in k)
+
+
+def test_learning_rate_schedule():
+    assert lr_at(0, 100, 1.0, 0.1) == pytest.approx(0.1)
+    assert lr_at(9, 100, 1.0, 0.1) == pytest.approx(1.0)
+    assert lr_at(55, 100, 1.0, 0.1) == pytest.approx(0.5)
+    assert lr_at(99, 100, 1.0, 0.1) == pytest.approx(1 / 90)
+    assert lr_at(0, 10, 2.0, 0.0) == pytest.approx(2.0)
+
+
+# ---- safety ---------------------------------------------------------------------------------
+
+
+def test_existing_out_is_not_overwritten(tiny, tmp_path):
+    out = tmp_path / "run"
+    run(tiny, out, max_steps=2)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(TrainingError, match="already exists and is not empty; pass --overwrite"):
+        run(tiny, out, max_steps=3)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    run(tiny, out, max_steps=3, overwrite=True)
+    assert json.loads((out / "run_config.json").read_text())["config"]["max_steps"] == 3
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(tiny, tmp_path):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    with pytest.raises(TrainingError, match="not a lorakit run"):
+        run(tiny, out, max_steps=1, overwrite=True)
+    assert (out / "thesis.tex").read_text() == "years of work"
+
+
+def test_bad_data_fails_before_anything_is_written(tiny, tmp_path):
+    bad = tmp_path / "bad.csv"
+    rows = tiny["classify"].read_text().splitlines()
+    rows[7] = "a lonely field without a label"
+    bad.write_text("\n".join(rows) + "\n")
+    with pytest.raises(D.DataError, match=r"bad\.csv:8: 1 fields, but the header has 2"):
+        run(tiny, tmp_path / "never", data=str(bad))
+    assert not (tmp_path / "never").exists()
+    held = tmp_path / "held.jsonl"
+    held.write_text('{"text": "good", "label": "pos"}\n{"text": "meh", "label": "maybe"}\n')
+    with pytest.raises(D.DataError, match=r"held\.jsonl:2: label 'maybe' is not in the label set \['neg', 'pos'\]"):
+        run(tiny, tmp_path / "never", eval_data=str(held))
+    assert not (tmp_path / "never").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny, tmp_path):
+    out = tmp_path / "boom"
+    with pytest.raises(TrainingError, match=r"not finite\) at step \d+.*last good checkpoint.*step-00000\d"):
+        run(tiny, out, model=str(tiny["llama"]), data=str(tiny["completion"]), lr=1e30, warmup=0.0,
+            save_every=1, max_steps=50)
+    checkpoints = list((out / "checkpoints").glob("step-*"))
+    assert len(checkpoints) == 1
+    # Only safetensors and JSON: nothing pickled.
+    assert sorted(p.suffix for p in checkpoints[0].iterdir()) == [".json"] * 2 + [".jsonl"] + [".safetensors"] * 3
+    kept = tensors(checkpoints[0])
+    assert all(torch.isfinite(v).all() for v in kept.values())
+    assert not (out / "adapter_model.safetensors").exists()
+
+
+# ---- resume after kill -9 ------------------------------------------------------------------
+
+
+def test_resume_after_kill_matches_an_uninterrupted_run(tiny, tmp_path):
+    args = ["train", "--model", str(tiny["bert"]), "--data", str(tiny["classify"]), "--batch-size", "4",
+            "--max-steps", "64", "--save-every", "4", "--threads", "1", "--dropout", "0.2", "--lr", "5e-3"]
+    whole = cli(*args, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+
+    out = tmp_path / "killed"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "lorakit", *args, "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 240
+    # Kill once a second checkpoint has replaced the first, mid-epoch (32 steps an epoch).
+    while proc.poll() is None and time.monotonic() < deadline:
+        if any(int(p.name[5:]) >= 8 for p in (out / "checkpoints").glob("step-*")):
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed; make it longer"
+    assert not (out / "adapter_model.safetensors").exists()
+    resumed = cli("train", "--resume", str(out))
+    assert resumed.returncode == 0, resumed.stderr
+    resumed_at = int(resumed.stdout.split("resuming from", 1)[1].split("(step ", 1)[1].split(" ", 1)[0])
+    assert 8 <= resumed_at < 64
+
+    a, b = tensors(tmp_path / "whole"), tensors(out)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key  # bitwise
+    losses = lambda d: [m["loss"] for m in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+    assert losses(tmp_path / "whole") == losses(out)
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tiny, tmp_path):
+    out = tmp_path / "plain"
+    run(tiny, out, max_steps=1)
+    result = cli("train", "--resume", str(out))
+    assert result.returncode == 2
+    assert "no checkpoint to resume from" in result.stderr
+
+
+# ---- two processes -------------------------------------------------------------------------
+
+
+def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tiny, tmp_path):
+    common = ["--model", str(tiny["llama"]), "--data", str(tiny["completion"]), "--max-steps", "4",
+              "--threads", "1", "--lr", "1e-2"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "lorakit", "train", *common, "--batch-size", "4", "--save-every", "2", "--out", str(tmp_path / "ddp")],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "2 processes" in ddp.stdout
+    assert ddp.stdout.count("after training:") == 1  # only rank 0 prints
+    rng = load_file(str(tmp_path / "ddp" / "checkpoints" / "step-000004" / "rng.safetensors"))
+    assert sorted(rng) == ["cpu.rank0", "cpu.rank1"]  # each process's random state, for resuming
+    assert not torch.equal(rng["cpu.rank0"], rng["cpu.rank1"])
+    single = cli("train", *common, "--batch-size", "8", "--out", str(tmp_path / "one"))
+    assert single.returncode == 0, single.stderr
+    a, b = tensors(tmp_path / "ddp"), tensors(tmp_path / "one")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+    assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
+
+
+# ---- the progress bar ----------------------------------------------------------------------
+
+
+def test_progress_bar_redraws_on_a_terminal_and_prints_tenths_otherwise():
+    from lorakit.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    bar = Progress(4, stream=screen)
+    for step in range(1, 5):
+        bar.update(step, 1.0 / step, 1e-3)
+        if step == 2:
+            bar.clear()
+            screen.write("epoch 1: ...\n")
+    text = screen.getvalue()
+    assert text.count("\n") == 2 and text.endswith("ETA 0s\n")  # one line redrawn, the epoch line kept apart
+    assert "\repoch 1: ...\n\rstep 3/4" in text
+    log = io.StringIO()
+    bar = Progress(100, stream=log)
+    for step in range(1, 101):
+        bar.update(step, 0.5, 1e-3)
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 10 and lines[-1].startswith("step 100/100 [" + "#" * 24 + "] loss 0.5000")
