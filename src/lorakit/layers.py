@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused import Adapter, autocast_on, lora_linear
 from .init import init_pair, pissa_pair
 
 
@@ -177,6 +178,36 @@ class LoraLinear(LoraLayer):
         x = x.to(a.dtype)
         x = F.dropout(x, self.dropout[name], self.training) if self.dropout[name] else x
         return F.linear(F.linear(x, a), b) * self.scaling[name]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        live = self._live()
+        if not live:
+            return self.base_layer(x)
+        adapters = self._fast_adapters(live, x)
+        if adapters is None:
+            return self.reference_forward(x)
+        base = self.base_layer
+        return lora_linear(x, base.weight, base.bias, adapters, self.fan_in_fan_out, self.training)
+
+    def _fast_adapters(self, live: list[str], x: torch.Tensor) -> list[Adapter] | None:
+        """The live adapters for `fused.lora_linear`, or None where only the reference is exact:
+        a base class other than Linear / Conv1D (its own forward), hooks on the base layer, mixed
+        dtypes, autocast."""
+        base = self.base_layer
+        if type(base) is not nn.Linear and not self.fan_in_fan_out:
+            return None
+        if base._forward_hooks or base._forward_pre_hooks:
+            return None
+        dtype = base.weight.dtype
+        if x.dtype != dtype or autocast_on(x.device.type):
+            return None
+        adapters = []
+        for name in live:
+            a, b = self.lora_A[name].weight, self.lora_B[name].weight
+            if a.dtype != dtype or b.dtype != dtype:
+                return None
+            adapters.append(Adapter(a, b, self.scaling[name], self.dropout[name]))
+        return adapters
 
 
 class LoraEmbedding(LoraLayer):
