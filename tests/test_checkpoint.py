@@ -236,3 +236,35 @@ def test_no_pickle_in_sources():
     for file in src.rglob("*.py"):
         text = file.read_text()
         assert "import pickle" not in text and "torch.load(" not in text, file
+
+
+def test_load_onto_merged_model_or_with_a_bad_name_changes_nothing(tmp_path):
+    folder, _ = _trained_bert(tmp_path)
+    model = tiny_bert()
+    lorakit.inject(model, lorakit.LoraConfig(rank=2, targets=["key"]), name="mine")
+    randomize_adapter(model, "mine")
+    lorakit.merge(model)
+    before = snapshot(model)
+    with pytest.raises(AdapterFileError, match="unmerge"):
+        lorakit.load_adapter(model, folder, name="other")
+    assert_unchanged(model, before)
+    lorakit.unmerge(model)
+    before = snapshot(model)
+    with pytest.raises(AdapterFileError, match="without '.'"):
+        lorakit.load_adapter(model, folder, name="a.b")
+    assert_unchanged(model, before)
+    assert list(lorakit.adapters(model)) == ["mine"]
+
+
+def test_bias_all_round_trip(tmp_path, ids):
+    model = tiny_gpt2()
+    lorakit.inject(model, lorakit.LoraConfig(rank=4, targets=["c_attn"], bias="all"))
+    randomize_adapter(model)
+    with torch.no_grad():
+        model.transformer.ln_f.bias.add_(0.2)
+    adapted = logits(model, ids)
+    lorakit.save_adapter(model, tmp_path / "a")
+    assert "base_model.model.transformer.ln_f.bias" in load_file(tmp_path / "a" / WEIGHTS_FILE)
+    fresh = tiny_gpt2()
+    lorakit.load_adapter(fresh, tmp_path / "a")
+    assert torch.equal(logits(fresh, ids), adapted)

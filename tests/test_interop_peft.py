@@ -95,3 +95,27 @@ def test_lorakit_adapter_loads_in_peft(case, tmp_path, ids):
     theirs = {n.removeprefix("base_model.model.") for n, m in reference.named_modules() if hasattr(m, "lora_A") or hasattr(m, "lora_embedding_A")}
     mine = {n for n, m in model.named_modules() if isinstance(m, lorakit.LoraLayer)}
     assert theirs == mine
+
+
+def test_peft_seq_cls_adapter_with_its_automatic_heads(tmp_path, ids):
+    # PEFT writes modules_to_save ["classifier", "score"] for any SEQ_CLS adapter.
+    reference = peft.get_peft_model(tiny_bert(), peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"])).eval()
+    _randomize_peft(reference)
+    expected = logits(reference, ids)
+    reference.save_pretrained(tmp_path)
+    model = tiny_bert()
+    lorakit.load_adapter(model, tmp_path)
+    torch.testing.assert_close(logits(model, ids), expected, rtol=0, atol=1e-5)
+
+
+def test_peft_exclude_modules(tmp_path, ids):
+    excluded = "bert.encoder.layer.0.attention.self.value"
+    cfg = peft.LoraConfig(r=4, target_modules=["query", "value"], exclude_modules=[excluded])
+    reference = peft.get_peft_model(tiny_bert(), cfg).eval()
+    _randomize_peft(reference)
+    expected = logits(reference, ids)
+    reference.save_pretrained(tmp_path)
+    model = tiny_bert()
+    lorakit.load_adapter(model, tmp_path)
+    assert not isinstance(model.get_submodule(excluded), lorakit.LoraLayer)
+    torch.testing.assert_close(logits(model, ids), expected, rtol=0, atol=1e-5)

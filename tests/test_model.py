@@ -260,3 +260,40 @@ def test_low_precision_models(dtype, ids):
     lorakit.inject(model, lorakit.LoraConfig(rank=4, targets="all-linear"))
     assert torch.equal(logits(model, ids), base)
     assert all(p.dtype == dtype for p in model.parameters())
+
+
+def test_merge_refuses_tied_weights(ids):
+    model = tiny_gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    lorakit.inject(model, lorakit.LoraConfig(rank=4, targets=["wte", "c_attn"]))
+    randomize_adapter(model)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="tied to .*lm_head.weight"):
+        lorakit.merge(model)
+    with pytest.raises(ValueError, match="tied"):
+        lorakit.unload(model, merge=True)
+    assert_unchanged(model, before)
+
+
+def test_two_active_adapters_cannot_share_a_saved_module():
+    model = tiny_bert()
+    lorakit.inject(model, lorakit.LoraConfig(rank=4, targets=["query"], modules_to_save=["classifier"]), name="a")
+    lorakit.add_adapter(model, "b", lorakit.LoraConfig(rank=4, targets=["value"], modules_to_save=["classifier"]))
+    with pytest.raises(ValueError, match="only one of them can be active"):
+        lorakit.set_adapter(model, ["a", "b"])
+    assert lorakit.active_adapters(model) == ["a"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_merge_unmerge_restores_bitwise(dtype, ids):
+    model = tiny_llama().to(dtype)
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lorakit.inject(model, lorakit.LoraConfig(rank=4, targets="all-linear"))
+    randomize_adapter(model)
+    adapted = logits(model, ids).float()
+    lorakit.merge(model)
+    rel = (logits(model, ids).float() - adapted).abs().max() / adapted.abs().max()
+    assert rel < 0.1  # bf16 keeps 8 bits: merged and unmerged round differently
+    plain = lorakit.unload(lorakit.unmerge(model), merge=False)
+    for n, p in plain.named_parameters():
+        assert torch.equal(p, original[n]), n

@@ -22,7 +22,16 @@ from torch import nn
 from .atomic import make_temp_dir, write_atomic, write_json_atomic
 from .config import LoraConfig, from_peft_dict, to_peft_dict
 from .layers import LoraLayer, wrapper_for
-from .model import _commit, _plan, _saved_paths, active_adapters, adapters, set_adapter
+from .model import (
+    _check_new_name,
+    _commit,
+    _plan,
+    _refuse_if_merged,
+    _saved_paths,
+    active_adapters,
+    adapters,
+    set_adapter,
+)
 from .saved_modules import SavedModule
 from .targets import adaptable_kind, resolve_targets
 
@@ -155,8 +164,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     config, facts = read_adapter_config(path)
     tensors = read_adapter_tensors(path)
     where = str(Path(path) / WEIGHTS_FILE)
-    if name in adapters(model):
-        raise AdapterFileError(f"{path}: the model already has an adapter named {name!r}")
+    try:
+        _check_new_name(model, name)
+        _refuse_if_merged(model, "loading an adapter")
+    except ValueError as err:
+        raise AdapterFileError(f"{path}: {err}") from None
+    config.modules_to_save = _present_saved_modules(model, config, tensors)
     pairs, base_tensors, saved = _sort_keys(model, config, tensors, where)
     _check_targets(model, config, facts, pairs, where)
     plan = _plan(model, name, config, sorted(pairs, key=_model_order(model)), tensors=pairs)
@@ -194,13 +207,13 @@ def _sort_keys(
         elif rest.endswith(".base_layer.weight"):
             # PEFT saves a whole embedding table next to its adapter when the vocabulary may
             # have changed; it replaces the base table on load.
-            param = params.get(rest) or params.get(rest.replace(".base_layer.weight", ".weight"))
+            param = _param(params, rest, rest.replace(".base_layer.weight", ".weight"))
             if param is None:
                 raise AdapterFileError(f"{where}: key {key!r} names no weight of this model")
             _check_shape(where, key, tensors[key], param.shape)
             base_tensors.append((param, tensors[key].to(param.device, param.dtype)))
         elif rest.endswith("bias") and config.bias != "none":
-            param = params.get(rest) or params.get(rest.replace(".base_layer.bias", ".bias"))
+            param = _param(params, rest, rest.replace(".base_layer.bias", ".bias"))
             if param is None:
                 raise AdapterFileError(f"{where}: key {key!r} names no bias of this model")
             _check_shape(where, key, tensors[key], param.shape)
@@ -258,13 +271,37 @@ def _check_targets(model: nn.Module, config: LoraConfig, facts: dict, pairs: dic
         if not pairs:
             raise AdapterFileError(f"{where}: holds no LoRA weights")
         return
+    exclude = config.modules_to_save + list(facts.get("exclude_modules") or [])
     try:
-        expected = resolve_targets(model, config.targets, config.layers, exclude=config.modules_to_save)
+        expected = resolve_targets(model, config.targets, config.layers, exclude=exclude)
     except ValueError as err:
         raise AdapterFileError(f"{where}: the config's target_modules do not fit this model: {err}") from None
     missing = [p for p in expected if p not in pairs]
     if missing:
         raise AdapterFileError(f"{where}: missing key {PREFIX}{missing[0]}.lora_A.weight (the config targets {missing[0]!r})")
+
+
+def _param(params: dict[str, nn.Parameter], *names: str) -> nn.Parameter | None:
+    for n in names:
+        if n in params:
+            return params[n]
+    return None
+
+
+def _present_saved_modules(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """modules_to_save entries that this model has or the file holds weights for.
+
+    PEFT writes both `classifier` and `score` for any sequence-classification adapter; the one
+    the model lacks (and the file has no weights for) is dropped, as PEFT does.
+    """
+    names = [p for p, _ in model.named_modules() if p]
+    keys = [k[len(PREFIX):] for k in tensors if k.startswith(PREFIX)]
+
+    def known(entry: str) -> bool:
+        found = lambda p: p == entry or p.endswith("." + entry)
+        return any(found(p) for p in names) or any(found(k.rsplit(".", 1)[0]) for k in keys)
+
+    return [e for e in config.modules_to_save if known(e)]
 
 
 def _saved_paths_or_error(model: nn.Module, config: LoraConfig, where: str) -> list[str]:

@@ -199,7 +199,11 @@ def from_peft_dict(raw: Any, where: str) -> tuple[LoraConfig, dict[str, Any]]:
         )
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
+    exclude = raw.get("exclude_modules")
+    if exclude is not None and not (isinstance(exclude, list) and all(isinstance(e, str) for e in exclude)):
+        raise ValueError(f"{where}: exclude_modules={exclude!r} is not supported by lorakit (only a list of names)")
     facts = {
+        "exclude_modules": exclude or [],
         "base_model_name_or_path": raw.get("base_model_name_or_path"),
         "task_type": raw.get("task_type"),
         "fan_in_fan_out": bool(raw.get("fan_in_fan_out", False)),

@@ -101,6 +101,10 @@ class LoraLayer(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
+        weight = self.base_layer.weight
+        if not self.merged and weight.dtype != torch.float32:
+            # Half-precision rounding would keep merge + unmerge from giving the weight back.
+            self._unmerged_weight = weight.detach().clone()
         for name in self.active:
             if name not in self.merged:
                 self._add_to_base(self.delta_weight(name))
@@ -110,6 +114,9 @@ class LoraLayer(nn.Module):
     def unmerge(self) -> None:
         while self.merged:
             self._add_to_base(-self.delta_weight(self.merged.pop()))
+        saved = self.__dict__.pop("_unmerged_weight", None)
+        if saved is not None:
+            self.base_layer.weight.copy_(saved)
 
     def _add_to_base(self, delta: torch.Tensor) -> None:
         weight = self.base_layer.weight

@@ -84,6 +84,12 @@ def set_adapter(model: nn.Module, names: str | list[str]) -> None:
         if n not in known:
             raise ValueError(f"no adapter named {n!r}; the model has {sorted(known) or 'none'}")
     _refuse_if_merged(model, "switching adapters")
+    for path, module in model.named_modules():
+        if isinstance(module, SavedModule) and sum(n in module.copies for n in names) > 1:
+            raise ValueError(
+                f"adapters {[n for n in names if n in module.copies]} each train their own copy of {path!r} "
+                "(modules_to_save); only one of them can be active at a time"
+            )
     _activate(model, names)
 
 
@@ -136,6 +142,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 def merge(model: nn.Module) -> nn.Module:
     """Fold every active adapter into its base weight (the model then runs at base speed)."""
+    _refuse_tied(model)
     for layer in _lora_layers(model):
         layer.merge()
     return model
@@ -154,6 +161,8 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     merge=True keeps the active adapters' effect (folded into the weights, the trained copies of
     modules_to_save in place); merge=False restores the original modules, weights as they were.
     """
+    if merge:
+        _refuse_tied(model)
     for path, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
             module.merge() if merge else module.unmerge()
@@ -276,6 +285,21 @@ def _check_new_name(model: nn.Module, name: str) -> None:
 def _refuse_if_merged(model: nn.Module, doing: str) -> None:
     if any(layer.merged for layer in _lora_layers(model)):
         raise ValueError(f"adapters are merged into the weights; call lorakit.unmerge(model) before {doing}")
+
+
+def _refuse_tied(model: nn.Module) -> None:
+    """Merging into a weight that another module shares (tied embeddings) would change both."""
+    owners: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname)
+    for path, layer in model.named_modules():
+        if isinstance(layer, LoraLayer) and any(n not in layer.merged for n in layer.active):
+            tied = owners.get(id(layer.base_layer.weight), [])
+            if len(tied) > 1:
+                raise ValueError(
+                    f"cannot merge into {path!r}: its weight is tied to {[t for t in tied if not t.startswith(path + '.')]}, "
+                    "which merging would change too; keep this adapter unmerged"
+                )
 
 
 def _lora_layers(model: nn.Module) -> list[LoraLayer]:
