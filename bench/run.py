@@ -161,8 +161,7 @@ def check_training(setting: C.Setting, device: str, dtype: torch.dtype) -> dict[
 
 
 def check_inference(setting: C.Setting, device: str, dtype: torch.dtype) -> dict[str, float]:
-
-
+    """Same inputs: lorakit's and PEFT's outputs must agree, and merged must match unmerged."""
     import lorakit
 
     found = {}
