@@ -183,7 +183,6 @@ def setting_tables(res: dict) -> str:
     for n in names:
         tm = f"{med(t[n]) * 1e3:.1f} ({spread(t[n]):.0f}%)" if n in t else ""
         im = f"{med(i[n]) * 1e3:.1f} ({spread(i[n]):.0f}%)" if n in i else ""
-        key = "base" if n == "floor" else n
         if n == "floor" and "base" in i:
             im = f"{med(i['base']) * 1e3:.1f} ({spread(i['base']):.0f}%) (base)"
         mm = f"{m[n]:.0f}" if n in m else ""

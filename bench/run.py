@@ -128,16 +128,21 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _twin_models(setting: C.Setting, device: str, dtype: torch.dtype):
+    """For each variant: (variant, lorakit model, PEFT model with the same adapter values, inputs)."""
+    base = C.load_model(setting.model, device, dtype)
+    ids = C.make_inputs(setting, base, device)
+    for v in setting.variants:
+        ours = C.lorakit_model(base, v)
+        yield v, ours, C.peft_model_like(base, ours, v), ids
+
+
 def check_training(setting: C.Setting, device: str, dtype: torch.dtype) -> dict[str, float]:
     """Same start, same batch: lorakit's and PEFT's loss and adapter gradients must agree."""
     import lorakit
 
     found = {}
-    base = C.load_model(setting.model, device, dtype)
-    ids = C.make_inputs(setting, base, device)
-    for v in setting.variants:
-        ours = C.lorakit_model(base, v)
-        theirs = C.peft_model_like(base, ours, v)
+    for v, ours, theirs, ids in _twin_models(setting, device, dtype):
         ours.train(), theirs.train()
         torch.manual_seed(3)
         loss_ours = C.loss_of(ours, ids)
@@ -165,11 +170,7 @@ def check_inference(setting: C.Setting, device: str, dtype: torch.dtype) -> dict
     import lorakit
 
     found = {}
-    base = C.load_model(setting.model, device, dtype)
-    ids = C.make_inputs(setting, base, device)
-    for v in setting.variants:
-        ours = C.lorakit_model(base, v)
-        theirs = C.peft_model_like(base, ours, v)
+    for v, ours, theirs, ids in _twin_models(setting, device, dtype):
         y_ours = C.inference_step(ours, ids)()
         y_theirs = C.inference_step(theirs, ids)()
         y_merged = C.inference_step(lorakit.merge(copy.deepcopy(ours)), ids)()

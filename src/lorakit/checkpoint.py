@@ -8,7 +8,6 @@ before touching it; writing is atomic, file by file (weights first, config last)
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -21,6 +20,7 @@ from torch import nn
 
 from .atomic import make_temp_dir, write_atomic, write_json_atomic
 from .config import LoraConfig, from_peft_dict, to_peft_dict
+from .json_file import read_json
 from .layers import LoraLayer, wrapper_for
 from .model import (
     _check_new_name,
@@ -28,9 +28,8 @@ from .model import (
     _plan,
     _refuse_if_merged,
     _saved_paths,
-    active_adapters,
     adapters,
-    set_adapter,
+    base_biases,
 )
 from .saved_modules import SavedModule
 from .targets import adaptable_kind, resolve_targets
@@ -59,9 +58,8 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
         if record.config.bias == "lora_only" and bias is not None:
             state[f"{PREFIX}{path}.base_layer.bias"] = bias
     if record.config.bias == "all":
-        for pname, p in model.named_parameters():
-            if pname.endswith("bias") and not _in_saved_module(model, pname):
-                state[PREFIX + pname] = p
+        for pname, p in base_biases(model):
+            state[PREFIX + pname] = p
     for path in record.saved:
         for key, value in model.get_submodule(path).copies[name].state_dict().items():
             state[f"{PREFIX}{path}.{key}"] = value
@@ -127,12 +125,7 @@ def read_adapter_config(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, 
         raise AdapterFileError(f"{path}: no such adapter folder")
     if not file.is_file():
         raise AdapterFileError(f"{file}: missing (an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE})")
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise AdapterFileError(f"{file}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
-    except UnicodeDecodeError as err:
-        raise AdapterFileError(f"{file}: not UTF-8 text ({err.reason})") from None
+    raw = read_json(file, AdapterFileError)
     try:
         config, facts = from_peft_dict(raw, str(file))
     except ValueError as err:
@@ -176,18 +169,17 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     for (_, clone), saved_path in zip(plan.copies, plan.record.saved):
         clone.load_state_dict(saved[saved_path])
     plan.record.trainable = trainable
-    _commit(model, plan)
+    _commit(model, plan)  # also sets the trainable flags, from plan.record.trainable
     with torch.no_grad():
         for param, value in base_tensors:
             param.copy_(value)
-    set_adapter(model, active_adapters(model))  # refresh trainable flags
     return model
 
 
 def _sort_keys(
     model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], where: str
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[tuple[nn.Parameter, torch.Tensor]], dict[str, dict]]:
-    """Split the file's keys into LoRA pairs, base_tensors and modules_to_save; check every shape."""
+    """Split the file's keys into LoRA pairs, base tensors (biases, embedding tables) and modules_to_save; check every shape."""
     halves: dict[str, dict[str, torch.Tensor]] = {}
     base_tensors: list[tuple[nn.Parameter, torch.Tensor]] = []
     saved_paths = _saved_paths_or_error(model, config, where)
@@ -267,9 +259,9 @@ def _check_pair(
 
 def _check_targets(model: nn.Module, config: LoraConfig, facts: dict, pairs: dict, where: str) -> None:
     """Every module the config targets must have weights in the file (all-linear is lenient)."""
-    if config.targets == "all-linear" or not pairs:
-        if not pairs:
-            raise AdapterFileError(f"{where}: holds no LoRA weights")
+    if not pairs:
+        raise AdapterFileError(f"{where}: holds no LoRA weights")
+    if config.targets == "all-linear":
         return
     exclude = config.modules_to_save + list(facts.get("exclude_modules") or [])
     try:
@@ -322,10 +314,6 @@ def _check_shape(where: str, key: str, tensor: torch.Tensor, shape: torch.Size) 
 def _model_order(model: nn.Module):
     order = {p: i for i, (p, _) in enumerate(model.named_modules())}
     return lambda p: order.get(p, len(order))
-
-
-def _in_saved_module(model: nn.Module, pname: str) -> bool:
-    return ".copies." in pname or ".original." in pname
 
 
 def _record(model: nn.Module, name: str):

@@ -181,8 +181,6 @@ def from_peft_dict(raw: Any, where: str) -> tuple[LoraConfig, dict[str, Any]]:
     targets = raw.get("target_modules")
     if targets is None or targets == []:
         targets = "all-linear"  # the real targets come from the weight file's keys
-    elif isinstance(targets, str) and targets == "all-linear":
-        pass
     try:
         config = LoraConfig(
             rank=raw["r"],

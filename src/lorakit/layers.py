@@ -23,6 +23,7 @@ class LoraLayer(nn.Module):
     # PEFT's key suffixes for this layer's (A, B) in an adapter file.
     key_a = "lora_A.weight"
     key_b = "lora_B.weight"
+    lookup_table = False  # A is indexed by token ids (embeddings), which changes its init
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -70,7 +71,7 @@ class LoraLayer(nn.Module):
     def build_pair(self, rank: int, init: str) -> tuple[torch.Tensor, torch.Tensor]:
         """New (A, B) for `init` in "default" / "gaussian"; built aside, not yet attached."""
         a, b = self._new_pair(rank)
-        init_pair(init, a, b, embedding=isinstance(self, LoraEmbedding))
+        init_pair(init, a, b, embedding=self.lookup_table)
         return a, b
 
     def pissa(self, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -222,6 +223,7 @@ class LoraEmbedding(LoraLayer):
 
     key_a = "lora_embedding_A"
     key_b = "lora_embedding_B"
+    lookup_table = True
 
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__(base_layer)

@@ -267,9 +267,18 @@ def _refresh_trainable(model: nn.Module) -> None:
                 if n in module.copies:
                     module.copies[n].requires_grad_(True)
     if any(registry[n].config.bias == "all" for n in live):
-        for pname, p in model.named_parameters():
-            if pname.endswith("bias") and ".copies." not in pname and ".original." not in pname:
-                p.requires_grad_(True)
+        for _, p in base_biases(model):
+            p.requires_grad_(True)
+
+
+def base_biases(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Every bias of the base model (what bias="all" trains), not those of modules_to_save copies."""
+    inside = [p for p, m in model.named_modules() if isinstance(m, SavedModule)]
+    return [
+        (name, p)
+        for name, p in model.named_parameters()
+        if name.endswith("bias") and not any(name.startswith(w + ".") for w in inside)
+    ]
 
 
 # ---- small helpers -------------------------------------------------------------------------
@@ -313,21 +322,17 @@ def _names_in(module: nn.Module) -> list[str]:
 def _saved_paths(model: nn.Module, names: list[str]) -> list[str]:
     """Module paths matching each modules_to_save entry (exact name or '.'-suffix)."""
     paths: list[str] = []
+    wrappers = [p for p, m in model.named_modules() if isinstance(m, (LoraLayer, SavedModule))]
     for entry in names:
         found = [
             p
             for p, m in model.named_modules()
-            if p and (p == entry or p.endswith("." + entry)) and not _inside_wrapper(p)
+            if p and (p == entry or p.endswith("." + entry)) and not any(p.startswith(w + ".") for w in wrappers)
         ]
         if not found:
             raise ValueError(f"modules_to_save entry {entry!r} matches no module of the model")
         paths += [p for p in found if p not in paths]
     return paths
-
-
-def _inside_wrapper(path: str) -> bool:
-    parts = path.split(".")
-    return any(p in ("base_layer", "original", "copies", "lora_A", "lora_B") for p in parts)
 
 
 def _saved_module_paths(model: nn.Module) -> list[str]:

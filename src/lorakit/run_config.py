@@ -3,7 +3,6 @@ from which a run is resumed (`--resume`) or repeated (`--repeat`)."""
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 
 from . import data as data_mod
 from .config import LoraConfig
+from .json_file import read_json
 
 RUN_FILE = "run_config.json"
 
@@ -87,10 +87,7 @@ def read_run(out: str | Path) -> RunConfig:
     file = Path(out) / RUN_FILE
     if not file.is_file():
         raise TrainingError(f"{file}: missing; {out} is not a lorakit run folder")
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise TrainingError(f"{file}: invalid JSON at line {err.lineno}: {err.msg}") from None
+    raw = read_json(file, TrainingError)
     if not isinstance(raw, dict) or not isinstance(raw.get("config"), dict):
         raise TrainingError(f"{file}: expected an object with a 'config' object")
     return RunConfig.from_dict(raw["config"], str(file))

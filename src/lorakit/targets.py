@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from .config import PRESETS
+
 # Per architecture: (attention, mlp) patterns, each matched against the end of a module name on a
 # dot boundary, so "attention\.output\.dense" matches "...layer.3.attention.output.dense" only.
 _BERT = (
@@ -137,7 +139,7 @@ def resolve_targets(
     walked = list(_walk(model))
     kinds = {name: adaptable_kind(module) for name, module, parent in walked if _adaptable(module, parent)}
     hint = ""
-    if isinstance(targets, str) and (targets in _PRESET_PARTS or targets == "all-linear"):
+    if isinstance(targets, str) and targets in PRESETS:
         chosen = _preset(model, targets, kinds)
     elif isinstance(targets, str):
         try:
@@ -153,8 +155,8 @@ def resolve_targets(
             chosen |= _matching(entry, lambda name, entry=entry: _names(name, entry), walked, kinds)
     else:
         raise ValueError(
-            f"targets must be a non-empty list of module names, a regex, or one of attention, "
-            f"attention+mlp, all-linear; got {targets!r}"
+            f"targets must be a non-empty list of module names, a regex, or one of "
+            f"{', '.join(PRESETS)}; got {targets!r}"
         )
 
     if layers is not None:
@@ -177,8 +179,7 @@ def resolve_targets(
             f"{asked} selects no module LoRA can adapt.\n"
             + hint
             + "A list entry matches a module whose name equals it or ends with '.' + entry; a single "
-            "string is a regex that must match the whole name; presets are attention, attention+mlp, "
-            "all-linear.\n"
+            f"string is a regex that must match the whole name; presets are {', '.join(PRESETS)}.\n"
             + _describe_adaptable(kinds)
         )
     return [name for name in kinds if name in chosen]
