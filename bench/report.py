@@ -42,13 +42,15 @@ the output gradient once."""
 # Why a target can be missed on a CPU, printed under the targets when it is.
 WHY = {
     "training step / floor": (
-        "What is left is the rank-r work the math needs, and on a CPU torch cannot fuse it into "
-        "the base matmuls: per adapted linear x A^T (a pass over x), g B and xa^T g (two passes "
-        "over the output gradient g), gb^T x (another pass over x), and twice a weight-sized "
-        "W + sBA. At 2,048 tokens these skinny products run at memory bandwidth and cost about "
-        "15% of the layer's two base matmuls; linears are a bit over half the floor's step. "
-        "Going lower needs a kernel that reads x and g once for both products (a fused GEMM "
-        "epilogue, as on CUDA). Stacking [W; A] into one matmul measured no faster here."),
+        "What is above the floor is the rank-r work and its bookkeeping. `python bench/ablate.py` "
+        "(ABLATION.md) times the step with each piece removed: forming W + sBA, x A^T, g B, A's "
+        "and B's gradients and recomputing x from GELU's input each cost 1% to 3.5% of the "
+        "floor's step here, and the Python autograd node, the optimizer step and the rest about "
+        "4%. Each product is one more pass over a (tokens x width) activation at memory "
+        "bandwidth, which torch on a CPU cannot fuse into the base matmul. Measured in the model "
+        "and no faster: stacking [W; A] and [W | B] into one matmul, token-chunked passes that "
+        "stay in cache, and the unfolded path (an in-place pass over the output instead of "
+        "forming W + sBA)."),
     "training step, lorakit / PEFT": (
         "PEFT's own overhead over the floor is smaller in this run than the issue's 1.45 (first "
         "row), so the same lorakit step is a larger fraction of it; of PEFT's time above the "
@@ -126,21 +128,27 @@ def spread(xs: list[float]) -> float:
     return (q[2] - q[0]) / 2 / med(xs) * 100
 
 
+def paired(case: list[float], reference: list[float]) -> float:
+    """Median over rounds of case / reference in the same round: each round runs every case
+    once, back to back, so a slow spell of the machine falls on both sides of the ratio."""
+    return med([a / b for a, b in zip(case, reference, strict=True)])
+
+
 def ratios(res: dict, label: str) -> dict[str, dict[str, float | None]]:
     """The target table's ratios for variant `label`: {measure: {"lorakit": x, "peft": y}}."""
     t, i, m = res["train"], res["infer"], res["memory"]
-    floor, full = med(t["floor"]), med(t["full"])
-    ours, theirs = med(t[f"lorakit {label}"]), med(t[f"peft {label}"])
-    base = med(i["base"])
+    ours, theirs = t[f"lorakit {label}"], t[f"peft {label}"]
+    base = i["base"]
     out = {
-        "training step / floor": {"lorakit": ours / floor, "peft": theirs / floor},
-        "training step, lorakit / PEFT": {"lorakit": ours / theirs, "peft": 1.0},
-        "LoRA training step / full fine-tuning step": {"lorakit": ours / full, "peft": theirs / full,
-                                                       "bound": floor / full},
-        "unmerged inference / base model": {"lorakit": med(i[f"lorakit {label}"]) / base,
-                                            "peft": med(i[f"peft {label}"]) / base},
-        "merged inference / base model": {"lorakit": med(i[f"lorakit-merged {label}"]) / base,
-                                          "peft": med(i[f"peft-merged {label}"]) / base},
+        "training step / floor": {"lorakit": paired(ours, t["floor"]), "peft": paired(theirs, t["floor"])},
+        "training step, lorakit / PEFT": {"lorakit": paired(ours, theirs), "peft": 1.0},
+        "LoRA training step / full fine-tuning step": {"lorakit": paired(ours, t["full"]),
+                                                       "peft": paired(theirs, t["full"]),
+                                                       "bound": paired(t["floor"], t["full"])},
+        "unmerged inference / base model": {"lorakit": paired(i[f"lorakit {label}"], base),
+                                            "peft": paired(i[f"peft {label}"], base)},
+        "merged inference / base model": {"lorakit": paired(i[f"lorakit-merged {label}"], base),
+                                          "peft": paired(i[f"peft-merged {label}"], base)},
     }
     live = res.get("memory_live") or {}
     if live:
@@ -228,7 +236,9 @@ Written by `{cmd}` (`make bench`), {m['date']}.
 - Software: {m['software']}
 - Run: {m['run']}; {reps} timed repetitions per training case, {2 * reps} per inference case, interleaved,
   after 2 warm-up calls each; machine load {m['load']}; the run took {m['minutes']} minutes.
-- Times are medians; the figure in parentheses is half the interquartile range, in percent.
+- Times are medians; the figure in parentheses is half the interquartile range, in percent. A time
+  ratio is the median over rounds of the two cases' ratio within one round (each round runs every
+  case once), so a slow spell of the machine falls on both sides of it.
 - Training step: forward, loss, backward, AdamW step, zero_grad. *floor*: every parameter frozen and
   the embeddings' output requiring grad, so backward runs through every layer to its input: the
   least a LoRA step can do. *full*: every parameter trained. Inference: forward under

@@ -105,6 +105,29 @@ def _folded_weight(weight, tensors, scalings, dropouts, fan_in_fan_out) -> torch
     return out
 
 
+# The rank-r products, one function each (bench/ablate.py times them one by one).
+
+
+def _project(x2: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """x A^T: (tokens, r)."""
+    return x2 @ a.t()
+
+
+def _project_grad(g: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+    """s g B: (tokens, r), the scaling applied on the rank-r side."""
+    return (g @ b).mul_(s)
+
+
+def _grad_b(xa: torch.Tensor, g: torch.Tensor, s: float) -> torch.Tensor:
+    """B's gradient s (xa^T g)^T: (out, r), in the order that streams g (module docstring)."""
+    return torch.mm(xa.t(), g).mul_(s).t()
+
+
+def _grad_a(gb: torch.Tensor, xd: torch.Tensor) -> torch.Tensor:
+    """A's gradient gb^T x: (r, in)."""
+    return gb.t() @ xd
+
+
 def _forward(x, weight, bias, tensors, scalings, dropouts, fan_in_fan_out, fold, rng_states, keep_xa):
     """(y, x as (tokens, in), [rank-r intermediates or None])."""
     k = len(scalings)
@@ -117,7 +140,7 @@ def _forward(x, weight, bias, tensors, scalings, dropouts, fan_in_fan_out, fold,
         a, b, p = tensors[i], tensors[k + i], dropouts[i]
         if fold and not p:
             if keep_xa and xas[i] is None:
-                xas[i] = x2 @ a.t()  # (tokens, r), for B's gradient
+                xas[i] = _project(x2, a)  # for B's gradient
             continue
         if p:
             if rng_states is not None:
@@ -125,7 +148,7 @@ def _forward(x, weight, bias, tensors, scalings, dropouts, fan_in_fan_out, fold,
             xd = F.dropout(x, p, True).reshape(x2.shape)
         else:
             xd = x2
-        xa = xd @ a.t()  # (tokens, r)
+        xa = _project(xd, a)
         y.addmm_(xa, b.t(), alpha=scalings[i])
         xas[i] = xa
     return y.view(*x.shape[:-1], y.shape[-1]), x2, xas
@@ -183,13 +206,13 @@ class _LoraLinear(torch.autograd.Function):
             need_a, need_b = need[7 + i], need[7 + k + i]
             noise = _dropout_noise(next(states), ctx.x_shape, ctx.x_stride, p, g) if p else None
             if need_b:
-                grad_b[i] = torch.mm(xa.t(), g).mul_(s).t()  # (out, r)
+                grad_b[i] = _grad_b(xa, g, s)
             folded = ctx.fold and not p  # then x's gradient already holds this adapter's share
             if need_a or (grad_x is not None and not folded):
-                gb = (g @ b).mul_(s)  # (tokens, r): the scaling folded in here
+                gb = _project_grad(g, b, s)
                 if need_a:
                     xd = x2 if noise is None else x2 * noise
-                    grad_a[i] = gb.t() @ xd  # (r, in)
+                    grad_a[i] = _grad_a(gb, xd)
                 if grad_x is not None and not folded:
                     if noise is None:
                         grad_x.addmm_(gb, a)
