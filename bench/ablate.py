@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--setting", default="minilm-64")
     ap.add_argument("--variant", default="all-linear r8", help="one of the setting's variants, e.g. 'attention r8'")
-    ap.add_argument("--reps", type=int, default=12, help="rounds (default 12)")
+    ap.add_argument("--reps", type=int, default=24, help="rounds (default 24)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--out", default=None, help="markdown file (default ABLATION.md; '-' prints only)")
     args = ap.parse_args(argv)

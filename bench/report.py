@@ -43,14 +43,15 @@ the output gradient once."""
 WHY = {
     "training step / floor": (
         "What is above the floor is the rank-r work and its bookkeeping. `python bench/ablate.py` "
-        "(ABLATION.md) times the step with each piece removed: forming W + sBA, x A^T, g B, A's "
-        "and B's gradients and recomputing x from GELU's input each cost 1% to 3.5% of the "
-        "floor's step here, and the Python autograd node, the optimizer step and the rest about "
-        "4%. Each product is one more pass over a (tokens x width) activation at memory "
-        "bandwidth, which torch on a CPU cannot fuse into the base matmul. Measured in the model "
-        "and no faster: stacking [W; A] and [W | B] into one matmul, token-chunked passes that "
-        "stay in cache, and the unfolded path (an in-place pass over the output instead of "
-        "forming W + sBA)."),
+        "(ABLATION.md) times the step with pieces of the fast path removed: without all of them "
+        "(forming W + sBA, x A^T, g B, A's and B's gradients, recomputing x from GELU's input) "
+        "the step is still 1.03 to 1.04 times the floor (the Python autograd node, the optimizer "
+        "step and the rest), so the pieces together cost about 0.11 of the floor's time, each "
+        "one a few hundredths. Each is one more pass over a (tokens x width) activation at "
+        "memory bandwidth, which torch on a CPU cannot fuse into the base matmul. Measured in "
+        "the model and no faster: stacking [W; A] and [W | B] into one matmul, token-chunked "
+        "passes that stay in cache, and the unfolded path (an in-place pass over the output "
+        "instead of forming W + sBA)."),
     "training step, lorakit / PEFT": (
         "PEFT's own overhead over the floor is smaller in this run than the issue's 1.45 (first "
         "row), so the same lorakit step is a larger fraction of it; of PEFT's time above the "
