@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cases as C  # noqa: E402
 import report  # noqa: E402
+from run import time_cases  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -134,21 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     cases.update({f"without {piece}": with_patch(stand_ins) for piece, stand_ins in PIECES.items()})
 
     names = list(cases)
-    for name in names:
-        for _ in range(2):
-            cases[name]()
-    per_round: dict[str, list[float]] = {n: [] for n in names}
     started = time.time()
-    for rep in range(args.reps):
-        k = rep % len(names)
-        took = {}
-        for name in names[k:] + names[:k]:
-            t0 = time.perf_counter()
-            cases[name]()
-            took[name] = time.perf_counter() - t0
-        for name in names:
-            per_round[name].append(took[name] / took["floor"])
-        print(f"  round {rep + 1}/{args.reps}", flush=True)
+    times = time_cases(cases, args.reps, "cpu")  # warm-up, then rounds with a rotating order
+    per_round = {n: [a / b for a, b in zip(times[n], times["floor"], strict=True)] for n in names}
 
     ratio = {n: statistics.median(v) for n, v in per_round.items()}
     spread = {n: _half_iqr(v) for n, v in per_round.items()}
