@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from contextlib import contextmanager
@@ -96,11 +95,6 @@ def reference_path():
         lorakit.LoraLinear._fast_adapters = original
 
 
-def _half_iqr(xs: list[float]) -> float:
-    q = statistics.quantiles(xs, n=4)
-    return (q[2] - q[0]) / 2
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--setting", default="minilm-64")
@@ -139,15 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     times = time_cases(cases, args.reps, "cpu")  # warm-up, then rounds with a rotating order
     per_round = {n: [a / b for a, b in zip(times[n], times["floor"], strict=True)] for n in names}
 
-    ratio = {n: statistics.median(v) for n, v in per_round.items()}
-    spread = {n: _half_iqr(v) for n, v in per_round.items()}
+    ratio = {n: report.med(v) for n, v in per_round.items()}
     lines = [
-        "| case | step / floor (+- half IQR) | saving against as is |",
+        "| case | step / floor (+- half IQR, %) | saving against as is |",
         "| --- | --- | --- |",
     ]
     for name in names[1:]:
         saving = ratio["lorakit as is"] - ratio[name]
-        lines.append(f"| {name} | {ratio[name]:.3f} (+-{spread[name]:.3f}) | "
+        lines.append(f"| {name} | {ratio[name]:.3f} (+-{report.spread(per_round[name]):.1f}%) | "
                      f"{'' if name == 'lorakit as is' else f'{saving:+.3f}'} |")
     table = "\n".join(lines)
     machine = report.machine(threads, "cpu", "float32")

@@ -82,6 +82,24 @@ def _assert_same(layer, x, atol=1e-5, rtol=1e-5):
     assert torch.equal(r, r_ref), "the fast path must leave the global RNG where the reference does"
 
 
+def _assert_same_from(layer, leaves, make_y):
+    """Like _assert_same, for an input built from `leaves` by autograd ops: make_y(forward, *leaves)
+    runs the layer (fast, or its reference) on that input; the output and the gradients of the
+    leaves and the trainable parameters must agree."""
+
+    def run(forward):
+        copies = [t.detach().clone().requires_grad_() for t in leaves]
+        torch.manual_seed(7)
+        y = make_y(forward, *copies)
+        params = [p for p in layer.parameters() if p.requires_grad]
+        return y, torch.autograd.grad(y.square().sum(), [*copies, *params])
+
+    (y_ref, g_ref), (y, grads) = run(layer.reference_forward), run(layer)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads, g_ref, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def _x(lead, dtype=torch.float32, requires_grad=True):
     return torch.randn(*lead, IN, generator=torch.Generator().manual_seed(5)).to(dtype).requires_grad_(requires_grad)
 
@@ -163,19 +181,7 @@ def test_gelu_input_is_recomputed_not_kept(lead):
     """x = GELU(h): the fast path keeps h (GELU keeps it anyway) and gets x back exactly."""
     layer = _layer("linear", (("a", 4, 0.5, 0.2),)).train()
     h = _x(lead)
-
-    def run(fast):
-        hh = h.detach().clone().requires_grad_()
-        torch.manual_seed(7)
-        x = F.gelu(hh, approximate="tanh")
-        y = layer(x) if fast else layer.reference_forward(x)
-        params = [p for p in layer.parameters() if p.requires_grad]
-        return y, torch.autograd.grad(y.square().sum(), [hh, *params])
-
-    (y_ref, g_ref), (y, g) = run(False), run(True)
-    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
-    for got, want in zip(g, g_ref):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    _assert_same_from(layer, [h], lambda forward, hh: forward(F.gelu(hh, approximate="tanh")))
 
     hh = h.detach().clone().requires_grad_()
     x = F.gelu(hh)
@@ -188,18 +194,7 @@ def test_product_input_is_recomputed_not_kept():
     """x = silu(gate) * up (Llama's MLP): both factors are kept by the product anyway."""
     layer = _layer("linear", (("a", 4, 0.5, 0.0),)).train()
     gate, up = _x(MANY), _x(MANY) * 0.5
-
-    def run(fast):
-        g, u = gate.detach().clone().requires_grad_(), up.detach().clone().requires_grad_()
-        x = F.silu(g) * u
-        y = layer(x) if fast else layer.reference_forward(x)
-        params = [p for p in layer.parameters() if p.requires_grad]
-        return y, torch.autograd.grad(y.square().sum(), [g, u, *params]), x
-
-    (y_ref, g_ref, _), (y, grads, x) = run(False), run(True)
-    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
-    for got, want in zip(grads, g_ref):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    _assert_same_from(layer, [gate, up], lambda forward, g, u: forward(F.silu(g) * u))
     g, u = gate.detach().clone().requires_grad_(), up.detach().clone().requires_grad_()
     x = F.silu(g) * u
     assert not any(t.data_ptr() == x.data_ptr() for t in layer(x).grad_fn.saved_tensors)
@@ -281,14 +276,7 @@ def test_activation_checkpointing_matches_reference():
     layer = _layer("linear", (("a", 4, 0.5, 0.0), ("b", 2, 1.0, 0.0))).train()
     h = _x(MANY)
 
-    def run(fast):
-        hh = h.detach().clone().requires_grad_()
-        body = (lambda t: layer(F.gelu(t))) if fast else (lambda t: layer.reference_forward(F.gelu(t)))
-        y = checkpoint(body, hh, use_reentrant=False)
-        params = [p for p in layer.parameters() if p.requires_grad]
-        return y, torch.autograd.grad(y.square().sum(), [hh, *params])
+    def through_checkpoint(forward, hh):
+        return checkpoint(lambda t: forward(F.gelu(t)), hh, use_reentrant=False)
 
-    (y_ref, g_ref), (y, grads) = run(False), run(True)
-    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
-    for got, want in zip(grads, g_ref):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    _assert_same_from(layer, [h], through_checkpoint)
