@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lorakit
-from lorakit.checkpoint import CONFIG_FILE, WEIGHTS_FILE, AdapterFileError
+from lorakit.adapter_file import CONFIG_FILE, WEIGHTS_FILE, AdapterFileError
 from conftest import assert_unchanged, logits, randomize_adapter, snapshot, tiny_bert, tiny_gpt2, tiny_llama
 
 
@@ -114,7 +114,7 @@ def test_interrupted_save_leaves_nothing_half_written(tmp_path, monkeypatch):
         Path(args[1]).write_bytes(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("lorakit.checkpoint.save_file", boom)
+    monkeypatch.setattr("lorakit.adapter_file.save_file", boom)
     with pytest.raises(KeyboardInterrupt):
         lorakit.save_adapter(model, folder)
     assert {f: (folder / f).read_bytes() for f in os.listdir(folder)} == before

@@ -13,7 +13,7 @@ import torch
 from tiny_models import tiny  # noqa: F401  (fixture)
 
 from lorakit.cli import build_parser, main
-from lorakit.commands import load_trained
+from lorakit.cli.trained import load_trained
 
 
 def lorakit(capsys, *args: str) -> tuple[int, str, str]:

@@ -8,7 +8,7 @@ import json
 import pytest
 from tiny_models import chat_rows, classify_rows, completion_rows, make_tokenizer, write_csv, write_jsonl
 
-from lorakit import data as D
+from lorakit.training import data as D
 
 
 @pytest.fixture(scope="module")

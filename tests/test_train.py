@@ -19,9 +19,10 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import tiny  # noqa: F401  (fixture)
 
-from lorakit import data as D
-from lorakit.tasks import label_count, loss_sum
-from lorakit.train import RunConfig, TrainingError, lr_at, train
+from lorakit.training import data as D
+from lorakit.training.tasks import label_count, loss_sum
+from lorakit.training import RunConfig, TrainingError
+from lorakit.training.loop import lr_at, train
 
 
 def run(tiny, out: Path, **options) -> dict:
@@ -281,7 +282,7 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tiny, tm
 
 
 def test_progress_bar_redraws_on_a_terminal_and_prints_tenths_otherwise():
-    from lorakit.progress import Progress
+    from lorakit.training.progress import Progress
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:

@@ -3,13 +3,14 @@
 The core (this namespace) needs only torch and safetensors and works on any nn.Module.
 """
 
-from .checkpoint import AdapterFileError, adapter_state_dict, load_adapter, read_adapter_config, save_adapter
+from .adapter_file import AdapterFileError, adapter_state_dict, load_adapter, read_adapter_config, save_adapter
 from .config import LoraConfig
 from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
 from .model import (
     active_adapters,
     adapters,
     add_adapter,
+    add_adapter_from_tensors,
     delete_adapter,
     disabled,
     inject,
@@ -33,6 +34,7 @@ __all__ = [
     "adapter_state_dict",
     "adapters",
     "add_adapter",
+    "add_adapter_from_tensors",
     "delete_adapter",
     "disabled",
     "inject",

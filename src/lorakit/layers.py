@@ -13,17 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fused import Adapter, autocast_on, lora_linear
-from .init import init_pair, pissa_pair
+from .init_schemes import init_pair, pissa_pair
+from .targets import adaptable_kind
 
 
 class LoraLayer(nn.Module):
     """What every wrapper shares: adapters by name, the active set, merge state, enable flag."""
 
-    is_lora_layer = True
-    # PEFT's key suffixes for this layer's (A, B) in an adapter file.
-    key_a = "lora_A.weight"
-    key_b = "lora_B.weight"
-    lookup_table = False  # A is indexed by token ids (embeddings), which changes its init
+    is_lora_layer = True  # how targets.py knows a wrapper without importing this file
+    lookup_table = False  # A is indexed by token ids (embeddings), which changes its init and file keys
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -35,8 +33,8 @@ class LoraLayer(nn.Module):
         self.enabled = True
 
     # -- per-kind pieces -------------------------------------------------------------------
-    def _new_pair(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Empty (A, B) tensors of this layer's shapes, on the base weight's device and dtype."""
+    def pair_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes of A and B for an adapter of `rank` on this layer."""
         raise NotImplementedError
 
     def _store_pair(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -68,6 +66,11 @@ class LoraLayer(nn.Module):
     def rank(self, name: str) -> int:
         return self.pair(name)[0].shape[0]
 
+    def _new_pair(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Empty (A, B) tensors of this layer's shapes, on the base weight's device and dtype."""
+        w = self.base_layer.weight
+        return tuple(torch.empty(shape, device=w.device, dtype=w.dtype) for shape in self.pair_shapes(rank))
+
     def build_pair(self, rank: int, init: str) -> tuple[torch.Tensor, torch.Tensor]:
         """New (A, B) for `init` in "default" / "gaussian"; built aside, not yet attached."""
         a, b = self._new_pair(rank)
@@ -90,9 +93,9 @@ class LoraLayer(nn.Module):
         self.active = [n for n in self.active if n != name]
 
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
-        """Adapter `name`'s parameters by their PEFT key suffix."""
+        """Adapter `name`'s parameters by role ("A", "B"); peft_format maps roles to file keys."""
         a, b = self.pair(name)
-        return {self.key_a: a, self.key_b: b}
+        return {"A": a, "B": b}
 
     def _live(self) -> list[str]:
         """Active adapters not folded into the base weight: the ones forward must add."""
@@ -146,17 +149,14 @@ class LoraLinear(LoraLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.fan_in_fan_out = type(base_layer).__name__ == "Conv1D" and not isinstance(base_layer, nn.Linear)
+        self.fan_in_fan_out = adaptable_kind(base_layer) == "conv1d_transposed"
         weight = base_layer.weight
         self.out_features, self.in_features = weight.shape[::-1] if self.fan_in_fan_out else weight.shape
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
-    def _new_pair(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        w = self.base_layer.weight
-        a = torch.empty(rank, self.in_features, device=w.device, dtype=w.dtype)
-        b = torch.empty(self.out_features, rank, device=w.device, dtype=w.dtype)
-        return a, b
+    def pair_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (rank, self.in_features), (self.out_features, rank)
 
     def _store_pair(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
         self.lora_A[name] = _linear_holding(a)
@@ -221,8 +221,6 @@ class LoraLinear(LoraLayer):
 class LoraEmbedding(LoraLayer):
     """nn.Embedding: A (r, num_embeddings) is looked up like the table, B (dim, r) expands it."""
 
-    key_a = "lora_embedding_A"
-    key_b = "lora_embedding_B"
     lookup_table = True
 
     def __init__(self, base_layer: nn.Embedding) -> None:
@@ -230,12 +228,9 @@ class LoraEmbedding(LoraLayer):
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
 
-    def _new_pair(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        w = self.base_layer.weight
-        num, dim = w.shape
-        a = torch.empty(rank, num, device=w.device, dtype=w.dtype)
-        b = torch.empty(dim, rank, device=w.device, dtype=w.dtype)
-        return a, b
+    def pair_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        num, dim = self.base_layer.weight.shape
+        return (rank, num), (dim, rank)
 
     def _store_pair(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
         self.lora_embedding_A[name] = nn.Parameter(a)
@@ -285,12 +280,10 @@ class LoraConv(LoraLayer):
         conv.weight = nn.Parameter(weight)
         return conv
 
-    def _new_pair(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def pair_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         w = self.base_layer.weight  # (out, in, *kernel)
         ones = (1,) * (w.dim() - 2)
-        a = torch.empty(rank, w.shape[1], *w.shape[2:], device=w.device, dtype=w.dtype)
-        b = torch.empty(w.shape[0], rank, *ones, device=w.device, dtype=w.dtype)
-        return a, b
+        return (rank, w.shape[1], *w.shape[2:]), (w.shape[0], rank, *ones)
 
     def _store_pair(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
         self.lora_A[name] = self._conv(a, like_base=True)
@@ -321,5 +314,5 @@ def _linear_holding(weight: torch.Tensor) -> nn.Linear:
 
 
 def wrapper_for(kind: str) -> type[LoraLayer]:
-    """The wrapper class for a kind reported by targets.adaptable_kind."""
+    """The wrapper class for a kind reported by `targets.adaptable_kind`."""
     return {"linear": LoraLinear, "conv1d_transposed": LoraLinear, "embedding": LoraEmbedding, "conv": LoraConv}[kind]

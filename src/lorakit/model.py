@@ -3,6 +3,8 @@
 The user's model keeps its class: each chosen submodule is replaced in place by a wrapper
 holding it (layers.py). Adding an adapter is a transaction: everything is validated and built
 aside first (`_plan`), then swapped in (`_commit`), so a bad request leaves the model as it was.
+`add_adapter` builds fresh weights; `add_adapter_from_tensors` takes given ones (what loading an
+adapter file comes down to, adapter_file.py).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class _Plan:
     pairs: list[tuple[LoraLayer, torch.Tensor, torch.Tensor, float, float]] = field(default_factory=list)
     residuals: list[tuple[LoraLayer, torch.Tensor]] = field(default_factory=list)  # PiSSA bases
     copies: list[tuple[SavedModule, nn.Module]] = field(default_factory=list)
+    base_values: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)  # replaced base tensors
 
 
 # ---- public API ----------------------------------------------------------------------------
@@ -59,11 +62,58 @@ def add_adapter(model: nn.Module, name: str, config: LoraConfig) -> nn.Module:
     exclude = list(config.modules_to_save) + _saved_module_paths(model)
     modules = resolve_targets(model, config.targets, config.layers, exclude=exclude)
     # Nothing inside a module trained in full gets an adapter as well.
-    whole = _saved_module_paths(model) + _saved_paths(model, config.modules_to_save)
+    whole = _saved_module_paths(model) + saved_module_paths(model, config.modules_to_save)
     modules = [m for m in modules if not any(m.startswith(w + ".") for w in whole)]
     if not modules:
         raise ValueError(f"targets {config.targets!r} match only modules inside modules_to_save")
     _commit(model, _plan(model, name, config, modules))
+    return model
+
+
+def add_adapter_from_tensors(
+    model: nn.Module,
+    name: str,
+    config: LoraConfig,
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    *,
+    saved: dict[str, dict[str, torch.Tensor]] | None = None,
+    base: dict[str, torch.Tensor] | None = None,
+    trainable: bool = True,
+) -> nn.Module:
+    """Add adapter `name` with given weights, as one transaction.
+
+    `pairs`: module path -> (A, B), in PEFT's layout and of the rank `config` gives that module.
+    `saved`: module path -> state dict of its trained copy, one for each of config.modules_to_save.
+    `base`: parameter name -> a value that replaces a base parameter (trained biases, a whole
+    embedding table). Everything is checked before anything changes; a ValueError names the
+    module, parameter or tensor at fault. The adapter becomes active if no other adapter is.
+    """
+    _check_new_name(model, name)
+    _refuse_if_merged(model, "loading an adapter")
+    if not pairs:
+        raise ValueError("no LoRA weights given (pairs is empty)")
+    for path in pairs:
+        if not isinstance(path, str):
+            raise ValueError(f"pairs must be keyed by module path, got {path!r}")
+        _get_adapted(model, path)
+    order = {p: i for i, (p, _) in enumerate(model.named_modules())}
+    modules = sorted(pairs, key=lambda p: order[p])
+    plan = _plan(model, name, config, modules, tensors=pairs)
+    saved = saved or {}
+    for (_, clone), path in zip(plan.copies, plan.record.saved):
+        _load_copy(clone, saved.get(path), path)
+    unknown = sorted(set(saved) - set(plan.record.saved))
+    if unknown:
+        raise ValueError(f"saved: {unknown[0]!r} is not one of the modules_to_save {plan.record.saved}")
+    params = dict(model.named_parameters())
+    for pname, value in (base or {}).items():
+        if pname not in params:
+            raise ValueError(f"base: the model has no parameter named {pname!r}")
+        param = params[pname]
+        _check_shape(f"{pname!r}", value, param.shape)
+        plan.base_values.append((param, value.to(param.device, param.dtype)))
+    plan.record.trainable = trainable
+    _commit(model, plan)
     return model
 
 
@@ -208,7 +258,7 @@ def _plan(
             plan.wrappers.append((path, layer))
         rank, scaling = config.rank_for(path), config.scaling_for(path)
         if tensors is not None:
-            a, b = tensors[path]
+            a, b = _given_pair(layer, path, rank, tensors[path])
         elif config.init == "pissa":
             if layer.merged:
                 raise ValueError(f"module {path!r} has merged adapters; unmerge before a PiSSA init")
@@ -217,7 +267,7 @@ def _plan(
         else:
             a, b = layer.build_pair(rank, config.init)
         plan.pairs.append((layer, a, b, scaling, config.dropout))
-    for path in _saved_paths(model, config.modules_to_save):
+    for path in saved_module_paths(model, config.modules_to_save):
         module = _get(model, path)
         if isinstance(module, LoraLayer):
             raise ValueError(f"module {path!r} carries LoRA adapters and cannot also be in modules_to_save")
@@ -238,6 +288,8 @@ def _commit(model: nn.Module, plan: _Plan) -> None:
     with torch.no_grad():
         for layer, residual in plan.residuals:
             layer.base_layer.weight.copy_(residual)
+        for param, value in plan.base_values:
+            param.copy_(value)
     for layer, a, b, scaling, dropout in plan.pairs:
         layer.attach(plan.name, a, b, scaling, dropout)
     for saved, clone in plan.copies:
@@ -319,7 +371,7 @@ def _names_in(module: nn.Module) -> list[str]:
     return module.adapter_names if isinstance(module, LoraLayer) else list(module.copies)
 
 
-def _saved_paths(model: nn.Module, names: list[str]) -> list[str]:
+def saved_module_paths(model: nn.Module, names: list[str]) -> list[str]:
     """Module paths matching each modules_to_save entry (exact name or '.'-suffix)."""
     paths: list[str] = []
     wrappers = [p for p, m in model.named_modules() if isinstance(m, (LoraLayer, SavedModule))]
@@ -338,6 +390,57 @@ def _saved_paths(model: nn.Module, names: list[str]) -> list[str]:
 def _saved_module_paths(model: nn.Module) -> list[str]:
     """Paths of existing modules_to_save wrappers: never LoRA targets themselves."""
     return [p for p, m in model.named_modules() if isinstance(m, SavedModule)]
+
+
+def _given_pair(
+    layer: LoraLayer, path: str, rank: int, pair: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A given (A, B), checked against the layer and the rank, on the base weight's device and dtype."""
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(t, torch.Tensor) for t in pair)):
+        raise ValueError(f"module {path!r}: expected a pair of tensors (A, B)")
+    a, b = pair
+    given = a.shape[0] if a.dim() else 0
+    if given != rank:
+        raise ValueError(f"module {path!r}: A has rank {given}, but the config gives rank {rank} for {path!r}")
+    expect_a, expect_b = layer.pair_shapes(rank)
+    _check_shape(f"module {path!r}: A", a, expect_a)
+    _check_shape(f"module {path!r}: B", b, expect_b)
+    weight = layer.base_layer.weight
+    return a.to(weight.device, weight.dtype), b.to(weight.device, weight.dtype)
+
+
+def _load_copy(clone: nn.Module, state: dict[str, torch.Tensor] | None, path: str) -> None:
+    """Fill a modules_to_save copy from `state`, which must match it key for key and shape for shape."""
+    if state is None:
+        raise ValueError(f"saved: no weights given for {path!r} (modules_to_save)")
+    expected = clone.state_dict()
+    for k, v in expected.items():
+        if k not in state:
+            raise ValueError(f"missing key {path}.{k!r} (modules_to_save)")
+        _check_shape(f"'{path}.{k}'", state[k], v.shape)
+    for k in state:
+        if k not in expected:
+            raise ValueError(f"unexpected key {path}.{k!r} (modules_to_save {path!r})")
+    clone.load_state_dict(state)
+
+
+def _check_shape(what: str, tensor: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(
+            f"{what} has shape {tuple(tensor.shape)}, but this model needs {tuple(shape)} "
+            "(was the adapter trained on another base model?)"
+        )
+
+
+def _get_adapted(model: nn.Module, path: str) -> nn.Module:
+    """The module at `path`, which must exist and be able to carry an adapter."""
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        raise ValueError(f"the adapter names module {path!r}, which this model does not have") from None
+    if adaptable_kind(module) is None:
+        raise ValueError(f"module {path!r} ({type(module).__name__}) cannot carry a LoRA adapter")
+    return module
 
 
 def _get(model: nn.Module, path: str) -> nn.Module:

@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import IGNORE, Encoded
+from ..adapter_file import AdapterFileError
+from ..json_file import read_json
+from .data import IGNORE, Encoded, pad_id
 
 TASK_TYPES = {"classify": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}  # PEFT's task_type names
 TASK_OF_TYPE = {v: k for k, v in TASK_TYPES.items()}
@@ -76,9 +78,10 @@ def load_model(name: str, task: str, labels: list[str] | None = None) -> nn.Modu
 
     # float32 whatever the checkpoint holds: adapters train and merge exactly; --bf16 autocasts compute.
     kwargs: dict[str, Any] = dict(_source(name), dtype=torch.float32)
+    if task == "classify" and not labels:
+        raise ModelError(f"a classifier needs its label set to build the head of {name!r}")
     try:
         if task == "classify":
-            assert labels, "classify needs the label set"
             model = AutoModelForSequenceClassification.from_pretrained(
                 **kwargs,
                 num_labels=len(labels),
@@ -92,10 +95,8 @@ def load_model(name: str, task: str, labels: list[str] | None = None) -> nn.Modu
     return model
 
 
-def prepare(model: nn.Module, tokenizer: Any) -> None:
+def prepare_model(model: nn.Module, tokenizer: Any) -> None:
     """Tell the model the padding id (sequence classifiers on decoder models need it)."""
-    from .data import pad_id
-
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_id(tokenizer)
 
@@ -105,6 +106,27 @@ def head_name(model: nn.Module) -> str:
         if isinstance(getattr(model, name, None), nn.Module):
             return name
     raise ModelError(f"{type(model).__name__} has no classification head named {' or '.join(HEAD_NAMES)}")
+
+
+def labels_json(labels: list[str]) -> dict[str, Any]:
+    """What labels.json holds for the label set `labels` (in id order)."""
+    return {"id2label": {str(i): n for i, n in enumerate(labels)}, "label2id": {n: i for i, n in enumerate(labels)}}
+
+
+def read_labels(folder: str | Path) -> list[str] | None:
+    """The label names (in id order) from `folder`/labels.json, or None when there is no such file."""
+    file = Path(folder) / LABELS_FILE
+    if not file.is_file():
+        return None
+    raw = read_json(file, AdapterFileError)
+    id2label = raw.get("id2label") if isinstance(raw, dict) else None
+    try:
+        labels = [id2label[str(i)] for i in range(len(id2label))]
+    except (KeyError, TypeError):
+        labels = None
+    if not labels or not all(isinstance(n, str) for n in labels):
+        raise AdapterFileError(f'{file}: expected {{"id2label": {{"0": name, "1": name, ...}}}} with ids 0..n-1')
+    return labels
 
 
 def _short(err: Exception) -> str:
@@ -126,7 +148,8 @@ def loss_sum(task: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 
 
 def label_count(task: str, labels: torch.Tensor) -> int:
-    """How many predictions the loss covers."""
+    """How many predictions the loss covers: one per example (classify), one per completion token
+    after the first position (causal-lm)."""
     return labels.numel() if task == "classify" else int((labels[:, 1:] != IGNORE).sum())
 
 

@@ -24,8 +24,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .atomic import make_temp_dir, write_atomic, write_json_atomic
-from .checkpoint import adapter_state_dict, save_adapter
+from ..adapter_file import adapter_state_dict, save_adapter
+from ..atomic import make_temp_dir, write_atomic, write_json_atomic
+from ..json_file import read_json
+from ..peft_format import WEIGHTS_FILE
 from .metrics import write_metrics
 
 CHECKPOINTS = "checkpoints"
@@ -88,9 +90,9 @@ def load_checkpoint(
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Put the checkpoint's adapter and optimizer state into `model` / `optimizer` (freshly built
     with the run's settings); returns (trainer state, random states). Validates before changing."""
+    state = read_state(folder)
     try:
-        state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
-        weights = load_file(str(folder / "adapter_model.safetensors"))
+        weights = load_file(str(folder / WEIGHTS_FILE))
         opt_tensors = load_file(str(folder / OPTIMIZER_FILE))
         rng = load_file(str(folder / RNG_FILE))
     except (OSError, ValueError) as err:
@@ -98,10 +100,10 @@ def load_checkpoint(
     live = adapter_state_dict(model)
     if set(live) != set(weights):
         extra = sorted(set(weights) ^ set(live))[:3]
-        raise CheckpointError(f"{folder}/adapter_model.safetensors: keys do not match the run's adapter: {extra}")
+        raise CheckpointError(f"{folder / WEIGHTS_FILE}: keys do not match the run's adapter: {extra}")
     for key, tensor in live.items():
         if tensor.shape != weights[key].shape:
-            raise CheckpointError(f"{folder}/adapter_model.safetensors: {key!r} has shape {tuple(weights[key].shape)}, expected {tuple(tensor.shape)}")
+            raise CheckpointError(f"{folder / WEIGHTS_FILE}: {key!r} has shape {tuple(weights[key].shape)}, expected {tuple(tensor.shape)}")
     opt_state = _unflatten_optimizer(opt_tensors, state["optimizer"], names, folder)
     with torch.no_grad():
         for key, tensor in live.items():
@@ -109,6 +111,14 @@ def load_checkpoint(
     optimizer.load_state_dict(opt_state)
     random.setstate(_to_tuple(state["python_random"]))
     return state, rng
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    """A checkpoint's trainer_state.json."""
+    state = read_json(folder / STATE_FILE, CheckpointError)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{folder / STATE_FILE}: expected a JSON object")
+    return state
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[dict, dict]:

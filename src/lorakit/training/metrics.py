@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_bytes_atomic
+from ..atomic import write_bytes_atomic
+from .errors import TrainingError
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -18,9 +19,26 @@ def write_metrics(out: Path, metrics: list[dict[str, Any]]) -> None:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The lines of a metrics.jsonl file ([] when there is none); a broken line names file and line."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    metrics = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise TrainingError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("step"), int):
+            raise TrainingError(f"{path}:{number}: expected an object with an integer 'step'")
+        metrics.append(entry)
+    return metrics
+
+
+def evaluations(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The evaluation entries ({"step", "epoch", "eval": {...}}), in order."""
+    return [m for m in metrics if isinstance(m.get("eval"), dict)]
 
 
 def fmt_one(key: str, value: float) -> str:

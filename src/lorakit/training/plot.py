@@ -7,7 +7,17 @@ import io
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_bytes_atomic
+import numpy as np
+
+from ..atomic import write_bytes_atomic
+from .metrics import evaluations
+
+
+def trailing_mean(values: list[float] | tuple[float, ...], window: int) -> np.ndarray:
+    """The mean of each value and the window - 1 before it (fewer at the start)."""
+    sums = np.cumsum(np.asarray(values, dtype=float))
+    sums[window:] = sums[window:] - sums[:-window]
+    return sums / np.minimum(np.arange(1, len(sums) + 1), window)
 
 
 def plot_loss(metrics: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -17,7 +27,7 @@ def plot_loss(metrics: list[dict[str, Any]], path: Path, title: str) -> None:
     from matplotlib.figure import Figure
 
     train = [(m["step"], m["loss"]) for m in metrics if "loss" in m and "eval" not in m]
-    evals = [(m["step"], m["eval"]["loss"]) for m in metrics if "eval" in m]
+    evals = [(m["step"], m["eval"]["loss"]) for m in evaluations(metrics)]
     fig = Figure(figsize=(7, 4), dpi=110)
     ax = fig.subplots()
     if train:
@@ -25,8 +35,7 @@ def plot_loss(metrics: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.plot(steps, losses, color="#9ab", linewidth=0.8, label="training loss (per step)")
         window = max(1, len(losses) // 20)
         if window > 1:
-            smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
-            ax.plot(steps, smooth, color="#25a", linewidth=1.6, label=f"training loss (mean of {window})")
+            ax.plot(steps, trailing_mean(losses, window), color="#25a", linewidth=1.6, label=f"training loss (mean of {window})")
     if evals:
         steps, losses = zip(*evals)
         ax.plot(steps, losses, "o-", color="#d62", label="held-out loss")

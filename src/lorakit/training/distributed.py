@@ -74,8 +74,3 @@ def gather_rng(world: World, state: torch.Tensor) -> list[torch.Tensor]:
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
-
-
-def any_flag(world: World, flag: bool) -> bool:
-    """True on every rank when `flag` is true on any."""
-    return all_sum(world, 1.0 if flag else 0.0) > 0

@@ -1,0 +1,53 @@
+"""A trained adapter folder, read for the commands that use one (eval, generate, merge)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..adapter_file import AdapterFileError, load_adapter, read_adapter_config
+from ..peft_format import CONFIG_FILE
+from ..training.tasks import (
+    LABELS_FILE,
+    TASK_OF_TYPE,
+    load_model,
+    load_tokenizer,
+    prepare_model,
+    quiet_transformers,
+    read_labels,
+)
+
+
+def adapter_facts(folder: str | Path) -> dict[str, Any]:
+    """Task, base model and label names of an adapter folder, checked."""
+    folder = Path(folder)
+    config, facts = read_adapter_config(folder)
+    task_type = facts.get("task_type")
+    if task_type not in TASK_OF_TYPE:
+        raise AdapterFileError(
+            f"{folder / CONFIG_FILE}: task_type is {task_type!r}; lorakit runs {' or '.join(TASK_OF_TYPE)} adapters"
+        )
+    labels = None
+    if TASK_OF_TYPE[task_type] == "classify":
+        labels = read_labels(folder)
+        if labels is None:
+            raise AdapterFileError(f"{folder / LABELS_FILE}: missing; a classifier adapter needs its label names (id2label)")
+    return {"config": config, "task": TASK_OF_TYPE[task_type], "base": facts.get("base_model_name_or_path"),
+            "labels": labels, "facts": facts}
+
+
+def load_trained(folder: str, model_name: str | None, adapter: bool = True):
+    """(model, tokenizer, facts): the base model with the adapter loaded (or not)."""
+    facts = adapter_facts(folder)
+    base = model_name or facts["base"]
+    if not base:
+        raise AdapterFileError(f"{Path(folder) / CONFIG_FILE}: base_model_name_or_path is empty; pass --model")
+    quiet_transformers()
+    tokenizer = load_tokenizer(base)
+    model = load_model(base, facts["task"], facts["labels"])
+    prepare_model(model, tokenizer)
+    if adapter:
+        load_adapter(model, folder)
+    model.eval()
+    facts["base"] = base
+    return model, tokenizer, facts

@@ -1,0 +1,168 @@
+"""PEFT's adapter format, in one place: file names, tensor key names, and adapter_config.json.
+
+A PEFT LoRA adapter folder holds `adapter_config.json` and `adapter_model.safetensors`. Tensor
+keys are `base_model.model.<module path>.<suffix>`: `lora_A.weight` / `lora_B.weight` for a
+linear or convolution layer, `lora_embedding_A` / `lora_embedding_B` for an embedding,
+`base_layer.bias` for a trained bias of an adapted layer, `base_layer.weight` for a whole
+embedding table, and `<parameter>` for the trained copy of a module in modules_to_save.
+PEFT drops the adapter's name from every key; the file holds one adapter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import LoraConfig
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+# Key suffix of each of a layer's adapter tensors, by role, for the two families of layers.
+LINEAR_KEYS = {"A": "lora_A.weight", "B": "lora_B.weight"}
+EMBEDDING_KEYS = {"A": "lora_embedding_A", "B": "lora_embedding_B"}
+PAIR_SUFFIXES = tuple(LINEAR_KEYS.values()) + tuple(EMBEDDING_KEYS.values())
+BASE_WEIGHT = "base_layer.weight"  # a whole embedding table saved next to its adapter
+BASE_BIAS = "base_layer.bias"  # the trained bias of an adapted layer (bias="lora_only" / "all")
+
+
+def pair_keys(embedding: bool) -> dict[str, str]:
+    """Role ("A", "B") -> key suffix for a layer of this family."""
+    return EMBEDDING_KEYS if embedding else LINEAR_KEYS
+
+
+def key(module_path: str, suffix: str) -> str:
+    """The file key of tensor `suffix` of module `module_path`."""
+    return f"{PREFIX}{module_path}.{suffix}"
+
+
+def split_pair_key(rest: str) -> tuple[str, str] | None:
+    """(module path, suffix) when `rest` (a key without PREFIX) is half of a LoRA pair, else None."""
+    for suffix in PAIR_SUFFIXES:
+        if rest.endswith("." + suffix):
+            return rest[: -len(suffix) - 1], suffix
+    return None
+
+
+# ---- adapter_config.json ---------------------------------------------------------------------
+
+# Fields lorakit writes (PEFT's names) and the values it can honour when reading.
+_PEFT_FALSE_FIELDS = ("use_dora", "lora_bias", "use_qalora")
+_PEFT_NULL_FIELDS = (
+    "layer_replication",
+    "megatron_config",
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "trainable_token_indices",
+    "target_parameters",
+    "alora_invocation_tokens",
+    "arrow_config",
+)
+_PEFT_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa"}
+
+
+def to_peft_dict(
+    config: LoraConfig,
+    module_names: list[str],
+    *,
+    fan_in_fan_out: bool,
+    base_model_name_or_path: str | None,
+    task_type: str | None,
+) -> dict[str, Any]:
+    """PEFT's adapter_config.json for an adapter on exactly `module_names`.
+
+    target_modules is the exact list of adapted module paths (not the preset), so PEFT adapts
+    the same modules; `layers` is already applied to that list.
+    """
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": config.rank,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": sorted(module_names),
+        "exclude_modules": None,
+        "fan_in_fan_out": fan_in_fan_out,
+        "bias": config.bias,
+        "use_rslora": config.rslora,
+        "modules_to_save": list(config.modules_to_save) or None,
+        "init_lora_weights": _PEFT_INIT[config.init],
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": dict(config.rank_pattern),
+        "alpha_pattern": dict(config.alpha_pattern),
+        "use_dora": False,
+        "lora_bias": False,
+        "use_qalora": False,
+    }
+
+
+def from_peft_dict(raw: Any, where: str) -> tuple[LoraConfig, dict[str, Any]]:
+    """LoraConfig from a parsed adapter_config.json; `where` names the file for errors.
+
+    Returns the config and the raw fields lorakit keeps as facts (base model, task type,
+    target_modules as written). Anything asking for what lorakit does not do is an error.
+    """
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    peft_type = raw.get("peft_type")
+    if peft_type != "LORA":
+        raise ValueError(f"{where}: peft_type is {peft_type!r}; lorakit reads only 'LORA' adapters")
+    for key in _PEFT_FALSE_FIELDS:
+        if raw.get(key):
+            raise ValueError(f"{where}: {key}={raw[key]!r} is not supported by lorakit (only false)")
+    for key in _PEFT_NULL_FIELDS:
+        if raw.get(key):
+            raise ValueError(f"{where}: {key}={raw[key]!r} is not supported by lorakit (only null/empty)")
+    init = raw.get("init_lora_weights", True)
+    inits = {True: "default", False: "default", "gaussian": "gaussian", "pissa": "pissa"}
+    if not isinstance(init, (bool, str)) or init not in inits:
+        raise ValueError(
+            f"{where}: init_lora_weights={init!r} is not supported by lorakit "
+            "(true, false, 'gaussian' or 'pissa')"
+        )
+    if "r" not in raw:
+        raise ValueError(f"{where}: missing key 'r' (the adapter rank)")
+    targets = raw.get("target_modules")
+    if targets is None or targets == []:
+        targets = "all-linear"  # the real targets come from the weight file's keys
+    try:
+        config = LoraConfig(
+            rank=raw["r"],
+            alpha=raw.get("lora_alpha", 8),
+            dropout=raw.get("lora_dropout", 0.0) or 0.0,
+            targets=targets,
+            rslora=bool(raw.get("use_rslora", False)),
+            init=inits[init],
+            bias=raw.get("bias", "none"),
+            modules_to_save=list(raw.get("modules_to_save") or []),
+            rank_pattern=dict(raw.get("rank_pattern") or {}),
+            alpha_pattern=dict(raw.get("alpha_pattern") or {}),
+            layers=_layers(raw.get("layers_to_transform"), where),
+        )
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    exclude = raw.get("exclude_modules")
+    if exclude is not None and not (isinstance(exclude, list) and all(isinstance(e, str) for e in exclude)):
+        raise ValueError(f"{where}: exclude_modules={exclude!r} is not supported by lorakit (only a list of names)")
+    facts = {
+        "exclude_modules": exclude or [],
+        "base_model_name_or_path": raw.get("base_model_name_or_path"),
+        "task_type": raw.get("task_type"),
+        "fan_in_fan_out": bool(raw.get("fan_in_fan_out", False)),
+    }
+    return config, facts
+
+
+def _layers(value: Any, where: str) -> list[int] | None:
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, list):
+        return value
+    raise ValueError(f"{where}: layers_to_transform must be an integer or a list, got {value!r}")

@@ -1,0 +1,170 @@
+"""The options of a training run, defined once.
+
+`RunConfig` holds every option with its default and its command-line form; `add_run_options`
+builds the `lorakit train` options from it, `RunConfig.from_args` reads them back, and
+`run_config.json` in the output folder stores it, from which a run is resumed (`--resume`) or
+repeated (`--repeat`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..config import LoraConfig
+from ..json_file import read_json
+from . import data as data_mod
+from .errors import TrainingError
+
+RUN_FILE = "run_config.json"
+DEFAULT_OUT = "runs/sentiment"
+
+
+def _targets(value: str) -> str | list[str]:
+    """`q_proj,v_proj` is a list of names; anything else (a preset, a regex) stays one string."""
+    if "," in value and not any(c in value for c in "()[]|*+?\\^$"):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+def _names(value: str) -> list[str]:
+    return [x.strip() for x in value.split(",") if x.strip()]
+
+
+def option(default: Any, group: str, help: str, **cli: Any) -> Any:
+    """A RunConfig field and its command-line option (`--name-with-dashes`).
+
+    `cli` holds argparse's keywords (metavar, type, choices) and `exclusive`, the name of a group
+    of options of which one may be given.
+    """
+    return field(default=default, metadata={"group": group, "help": help, **cli})
+
+
+_WHAT, _LORA, _TRAINING, _OUTPUT = "what to train", "LoRA", "training", "output"
+
+
+@dataclass
+class RunConfig:
+    """Every option of a run; saved as run_config.json so the run can be repeated or resumed."""
+
+    model: str | None = option(None, _WHAT, "local Hugging Face model folder, or a hub id where the network "
+                               "allows (default: the bundled all-MiniLM-L6-v2)", metavar="FOLDER|HUB_ID")
+    data: str = option(data_mod.BUNDLED, _WHAT, "CSV/TSV (header line) or JSONL file; columns text,label | "
+                       f"prompt,completion | messages (default: {data_mod.BUNDLED})", metavar="FILE")
+    task: str | None = option(None, _WHAT, "default: inferred from the data's columns", choices=data_mod.TASKS)
+    labels: list[str] | None = option(None, _WHAT, "classify: the label set in id order, comma-separated "
+                                      "(default: the data's labels, sorted)", metavar="A,B,...", type=_names)
+    eval_data: str | None = option(None, _WHAT, "held-out file (same format and columns as --data)",
+                                   metavar="FILE", exclusive="held out")
+    eval_split: float = option(0.2, _WHAT, "fraction of --data held out, a fixed split (default: 0.2)",
+                               metavar="FRACTION", exclusive="held out")
+    rank: int = option(8, _LORA, "rank r of each adapter (default: 8)", metavar="R")
+    alpha: float = option(16.0, _LORA, "scale: alpha / rank (default: 16)", metavar="A")
+    targets: str | list[str] = option("attention", _LORA, "attention | attention+mlp | all-linear | "
+                                      "comma-separated module names | a regex (default: attention)",
+                                      metavar="WHICH", type=_targets)
+    dropout: float = option(0.0, _LORA, "dropout on the adapters' input (default: 0)", metavar="P")
+    rslora: bool = option(False, _LORA, "scale by alpha / sqrt(rank) (rank-stabilised LoRA)")
+    epochs: int = option(3, _TRAINING, "passes over the data (default: 3)", metavar="N")
+    max_steps: int | None = option(None, _TRAINING, "stop after this many optimizer steps (overrides --epochs)",
+                                   metavar="N", type=int)
+    lr: float = option(1e-3, _TRAINING, "peak learning rate (default: 1e-3)")
+    warmup: float = option(0.1, _TRAINING, "fraction of steps to warm up over (default: 0.1)", metavar="FRACTION")
+    weight_decay: float = option(0.0, _TRAINING, "AdamW weight decay (default: 0)", metavar="W")
+    batch_size: int = option(16, _TRAINING, "examples per process per micro-batch (default: 16)", metavar="N")
+    grad_accum: int = option(1, _TRAINING, "micro-batches per optimizer step (default: 1)", metavar="N")
+    max_length: int = option(128, _TRAINING, "tokens per example (default: 128)", metavar="TOKENS")
+    seed: int = option(0, _TRAINING, "seed for the initial weights, order and dropout (default: 0)", metavar="N")
+    bf16: bool = option(False, _TRAINING, "compute in bfloat16 (autocast)")
+    device: str = option("auto", _TRAINING, "default: cuda if available", choices=("auto", "cpu", "cuda"))
+    threads: int | None = option(None, _TRAINING, "CPU threads per process (default: the cores / processes)",
+                                 metavar="N", type=int)
+    save_every: int | None = option(None, _OUTPUT, "write a checkpoint every N optimizer steps",
+                                    metavar="N", type=int)
+    out: str = option(DEFAULT_OUT, _OUTPUT, f"output folder (default: {DEFAULT_OUT})", metavar="FOLDER")
+    extra: dict[str, Any] = field(default_factory=dict)  # facts found at start (model path, sizes); not an option
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str) -> RunConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise TrainingError(f"{where}: unknown run options {unknown}")
+        return cls(**raw)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> RunConfig:
+        """The RunConfig of parsed `lorakit train` options (see `add_run_options`)."""
+        return cls(**{f.name: getattr(args, f.name) for f in _option_fields()})
+
+    def check(self) -> None:
+        positive = {"rank": self.rank, "epochs": self.epochs, "batch-size": self.batch_size,
+                    "grad-accum": self.grad_accum, "max-length": self.max_length}
+        for name, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise TrainingError(f"--{name} must be an integer >= 1, got {value!r}")
+        for name, value in {"max-steps": self.max_steps, "save-every": self.save_every, "threads": self.threads}.items():
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise TrainingError(f"--{name} must be an integer >= 1, got {value!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise TrainingError(f"--lr must be a number > 0, got {self.lr!r}")
+        if not 0 <= self.warmup < 1:
+            raise TrainingError(f"--warmup must be in [0, 1), got {self.warmup!r}")
+        if self.task is not None and self.task not in data_mod.TASKS:
+            raise TrainingError(f"--task must be one of {', '.join(data_mod.TASKS)}, got {self.task!r}")
+
+    def lora(self, modules_to_save: list[str]) -> LoraConfig:
+        try:
+            return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets,
+                              rslora=self.rslora, modules_to_save=modules_to_save)
+        except ValueError as err:
+            raise TrainingError(f"LoRA options: {err}") from None
+
+    def to_json(self) -> dict[str, Any]:
+        """What run_config.json holds."""
+        return {"lorakit_run": 1, "config": asdict(self)}
+
+
+def _option_fields() -> list[Field]:
+    return [f for f in fields(RunConfig) if "group" in f.metadata]
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Add every RunConfig option to `parser`, in argument groups, with RunConfig's defaults;
+    returns the groups by title, for the caller's own options."""
+    groups: dict[str, Any] = {}
+    exclusive: dict[str, Any] = {}
+    for f in _option_fields():
+        meta = dict(f.metadata)
+        group_name, help_text = meta.pop("group"), meta.pop("help")
+        if group_name not in groups:
+            groups[group_name] = parser.add_argument_group(group_name)
+        target = groups[group_name]
+        together = meta.pop("exclusive", None)
+        if together is not None:
+            if together not in exclusive:
+                exclusive[together] = target.add_mutually_exclusive_group()
+            target = exclusive[together]
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        if isinstance(default, bool):
+            target.add_argument(flag, action="store_true", help=help_text)
+            continue
+        if "type" not in meta and "choices" not in meta and default is not None:
+            meta["type"] = type(default)
+        target.add_argument(flag, default=default, help=help_text, **meta)
+    return groups
+
+
+def read_run(out: str | Path) -> RunConfig:
+    """The RunConfig saved in a run folder (for --resume and for eval's defaults)."""
+    file = Path(out) / RUN_FILE
+    if not file.is_file():
+        raise TrainingError(f"{file}: missing; {out} is not a lorakit run folder")
+    raw = read_json(file, TrainingError)
+    if not isinstance(raw, dict) or not isinstance(raw.get("config"), dict):
+        raise TrainingError(f"{file}: expected an object with a 'config' object")
+    return RunConfig.from_dict(raw["config"], str(file))

@@ -1,0 +1,112 @@
+"""Everything a run needs before its first step, done before anything is written: the data read
+and checked, the tokenizer and model loaded, the adapter added; and the output folder checked."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..model import inject
+from ..peft_format import CONFIG_FILE
+from . import data as data_mod
+from .distributed import World
+from .errors import TrainingError
+from .options import RUN_FILE, RunConfig
+from .tasks import default_model, head_name, load_model, load_tokenizer, prepare_model, quiet_transformers
+
+SPLIT_SEED = 0  # the held-out split is fixed by the data, not by --seed
+
+
+@dataclass
+class Setup:
+    task: str
+    train: data_mod.Encoded
+    held_out: data_mod.Encoded
+    labels: list[str] | None
+    model_name: str  # the base model's folder (absolute) or hub id, as the adapter names it
+    model: torch.nn.Module
+    describe: dict[str, Any]  # what to tell the user: "data", "model", "saved" (heads trained in full)
+
+
+def held_out_set(config: RunConfig) -> data_mod.Dataset:
+    """The run's held-out set, as training builds it (also what `lorakit eval` rebuilds)."""
+    if config.eval_data:
+        return data_mod.read_dataset(config.eval_data)
+    return data_mod.split(data_mod.read_dataset(config.data), config.eval_split, SPLIT_SEED)[1]
+
+
+def prepare(config: RunConfig, world: World) -> Setup:
+    """Read and check the data, load model and tokenizer, add the adapter: all before any write."""
+    train_set = data_mod.read_dataset(config.data)
+    task = config.task or data_mod.infer_task(train_set)
+    data_mod.validate(train_set, task)
+    if config.eval_data:
+        held_set = data_mod.read_dataset(config.eval_data)
+        data_mod.validate(held_set, task)
+        how = f"from {config.eval_data}"
+    else:
+        train_set, held_set = data_mod.split(train_set, config.eval_split, SPLIT_SEED)
+        how = f"a fixed {config.eval_split:.0%} split"
+    labels = _labels(config, task, train_set, held_set)
+    global_batch = config.batch_size * config.grad_accum * world.size
+    if len(train_set) < global_batch:
+        raise TrainingError(
+            f"{train_set.source}: {len(train_set)} training examples, fewer than one global batch "
+            f"({config.batch_size} x {config.grad_accum} x {world.size} processes)"
+        )
+    model_name = config.model or default_model()
+    if Path(model_name).is_dir():
+        model_name = str(Path(model_name).resolve())  # the adapter names its base wherever it is read
+    quiet_transformers()
+    tokenizer = load_tokenizer(model_name)
+    train_enc = data_mod.encode(train_set, task, tokenizer, config.max_length, labels)
+    held_enc = data_mod.encode(held_set, task, tokenizer, config.max_length, labels)
+    torch.manual_seed(config.seed)  # the new classifier head's initial weights
+    model = load_model(model_name, task, labels)  # float32 weights; --bf16 autocasts the compute
+    prepare_model(model, tokenizer)
+    saved = [head_name(model)] if task == "classify" else []
+    lora = config.lora(saved)
+    try:
+        inject(model, lora)
+    except ValueError as err:
+        raise TrainingError(f"--targets {config.targets!r}: {err}") from None
+    model.to(world.device)
+    describe = {
+        "data": f"{train_set.source}: {len(train_set)} training examples, {len(held_set)} held out ({how})",
+        "model": f"{model_name if config.model else 'all-MiniLM-L6-v2 (bundled)'} ({type(model).__name__})",
+        "saved": saved,
+    }
+    return Setup(task, train_enc, held_enc, labels, model_name, model, describe)
+
+
+def _labels(config: RunConfig, task: str, train_set: data_mod.Dataset, held_set: data_mod.Dataset) -> list[str] | None:
+    """classify: the label set (from --labels or the training data), checked against both sets."""
+    if task != "classify":
+        return None
+    labels = [data_mod.label_name(x) for x in config.labels] if config.labels else data_mod.label_set(train_set)
+    if len(set(labels)) != len(labels) or len(labels) < 2:
+        raise TrainingError(f"--labels must name at least 2 different labels, got {labels}")
+    origin = "--labels" if config.labels else f"the training data {train_set.source}"
+    data_mod.check_labels(train_set, labels, origin)
+    data_mod.check_labels(held_set, labels, origin)
+    return labels
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """A new run's --out must be new or empty, or (with --overwrite) a previous run."""
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise TrainingError(
+                f"--out {out} already exists and is not empty; pass --overwrite to replace it, "
+                f"or `lorakit train --resume {out}` to continue it"
+            )
+        if not ((out / RUN_FILE).exists() or (out / CONFIG_FILE).exists()):
+            raise TrainingError(
+                f"--out {out} holds files that are not a lorakit run (no {RUN_FILE}); "
+                "refusing to delete them even with --overwrite; choose another --out"
+            )
