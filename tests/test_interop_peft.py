@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import logits, randomize_adapter, tiny_bert, tiny_gpt2, tiny_llama
 
 import lorakit
-from conftest import logits, randomize_adapter, tiny_bert, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")
 

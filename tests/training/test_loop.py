@@ -1,5 +1,5 @@
-"""train.py and friends: the loop's outputs, the loss, accumulation, resume after kill -9,
-non-finite losses, output-folder safety, and DistributedDataParallel on two CPU processes."""
+"""training/loop.py: the run's outputs, training that learns, accumulation, the schedule,
+output-folder safety and non-finite losses."""
 
 from __future__ import annotations
 
@@ -7,44 +7,18 @@ import io
 import json
 import math
 import os
-import signal
 import stat
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from tiny_models import tiny  # noqa: F401  (fixture)
+from helpers import tensors
+from helpers import train_tiny as run
 
-from lorakit.training import data as D
-from lorakit.training.tasks import label_count, loss_sum
 from lorakit.training import RunConfig, TrainingError
+from lorakit.training import data as D
 from lorakit.training.loop import lr_at, train
 
-
-def run(tiny, out: Path, **options) -> dict:
-    """Train in this process on a tiny model; returns the summary."""
-    defaults = dict(model=str(tiny["bert"]), data=str(tiny["classify"]), out=str(out), batch_size=8,
-                    epochs=1, lr=1e-2, threads=1)
-    defaults.update(options)
-    overwrite = defaults.pop("overwrite", False)
-    return train(RunConfig(**defaults), overwrite=overwrite, stream=io.StringIO())
-
-
-def cli(*args: str, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, **kw)
-
-
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / "adapter_model.safetensors"))
-
-
-# ---- outputs -------------------------------------------------------------------------------
+# ---- outputs ---------------------------------------------------------------------------------
 
 
 def test_classify_run_writes_everything(tiny, tmp_path, capsys):
@@ -117,22 +91,7 @@ def test_chat_data_trains(tiny, tmp_path):
     assert summary["steps"] == 4 and "perplexity" in summary["after"]
 
 
-# ---- the loss ------------------------------------------------------------------------------
-
-
-def test_causal_loss_counts_completion_tokens_only():
-    torch.manual_seed(0)
-    labels = torch.tensor([[D.IGNORE, D.IGNORE, D.IGNORE, 5, 6, D.IGNORE]])  # 3 prompt tokens, 2 completion, 1 pad
-    logits = torch.randn(1, 6, 10, requires_grad=True)
-    loss = loss_sum("causal-lm", logits, labels)
-    loss.backward()
-    # Position t predicts token t+1: only positions 2 and 3 (predicting 5 and 6) carry gradient.
-    touched = logits.grad.abs().sum(-1)[0]
-    assert touched[2] > 0 and touched[3] > 0
-    assert touched[[0, 1, 4, 5]].eq(0).all()
-    expected = torch.nn.functional.cross_entropy(logits[0, 2:4], torch.tensor([5, 6]), reduction="sum")
-    torch.testing.assert_close(loss, expected)
-    assert label_count("causal-lm", labels) == 2
+# ---- the step --------------------------------------------------------------------------------
 
 
 def test_grad_accum_matches_one_big_batch(tiny, tmp_path):
@@ -155,7 +114,7 @@ def test_learning_rate_schedule():
     assert lr_at(0, 10, 2.0, 0.0) == pytest.approx(2.0)
 
 
-# ---- safety ---------------------------------------------------------------------------------
+# ---- safety ----------------------------------------------------------------------------------
 
 
 def test_existing_out_is_not_overwritten(tiny, tmp_path):
@@ -205,102 +164,3 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny, tmp_path):
     kept = tensors(checkpoints[0])
     assert all(torch.isfinite(v).all() for v in kept.values())
     assert not (out / "adapter_model.safetensors").exists()
-
-
-# ---- resume after kill -9 ------------------------------------------------------------------
-
-
-def test_resume_after_kill_matches_an_uninterrupted_run(tiny, tmp_path):
-    args = ["train", "--model", str(tiny["bert"]), "--data", str(tiny["classify"]), "--batch-size", "4",
-            "--max-steps", "64", "--save-every", "4", "--threads", "1", "--dropout", "0.2", "--lr", "5e-3"]
-    whole = cli(*args, "--out", str(tmp_path / "whole"))
-    assert whole.returncode == 0, whole.stderr
-
-    out = tmp_path / "killed"
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-m", "lorakit", *args, "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.monotonic() + 240
-    # Kill once a second checkpoint has replaced the first, mid-epoch (32 steps an epoch).
-    while proc.poll() is None and time.monotonic() < deadline:
-        if any(int(p.name[5:]) >= 8 for p in (out / "checkpoints").glob("step-*")):
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed; make it longer"
-    assert not (out / "adapter_model.safetensors").exists()
-    resumed = cli("train", "--resume", str(out))
-    assert resumed.returncode == 0, resumed.stderr
-    resumed_at = int(resumed.stdout.split("resuming from", 1)[1].split("(step ", 1)[1].split(" ", 1)[0])
-    assert 8 <= resumed_at < 64
-
-    a, b = tensors(tmp_path / "whole"), tensors(out)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key  # bitwise
-    losses = lambda d: [m["loss"] for m in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
-    assert losses(tmp_path / "whole") == losses(out)
-
-
-def test_resume_without_checkpoint_is_a_clear_error(tiny, tmp_path):
-    out = tmp_path / "plain"
-    run(tiny, out, max_steps=1)
-    result = cli("train", "--resume", str(out))
-    assert result.returncode == 2
-    assert "no checkpoint to resume from" in result.stderr
-
-
-# ---- two processes -------------------------------------------------------------------------
-
-
-def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tiny, tmp_path):
-    common = ["--model", str(tiny["llama"]), "--data", str(tiny["completion"]), "--max-steps", "4",
-              "--threads", "1", "--lr", "1e-2"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    ddp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "lorakit", "train", *common, "--batch-size", "4", "--save-every", "2", "--out", str(tmp_path / "ddp")],
-        capture_output=True, text=True, timeout=300, env=env,
-    )
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    assert "2 processes" in ddp.stdout
-    assert ddp.stdout.count("after training:") == 1  # only rank 0 prints
-    rng = load_file(str(tmp_path / "ddp" / "checkpoints" / "step-000004" / "rng.safetensors"))
-    assert sorted(rng) == ["cpu.rank0", "cpu.rank1"]  # each process's random state, for resuming
-    assert not torch.equal(rng["cpu.rank0"], rng["cpu.rank1"])
-    single = cli("train", *common, "--batch-size", "8", "--out", str(tmp_path / "one"))
-    assert single.returncode == 0, single.stderr
-    a, b = tensors(tmp_path / "ddp"), tensors(tmp_path / "one")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
-    assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
-
-
-# ---- the progress bar ----------------------------------------------------------------------
-
-
-def test_progress_bar_redraws_on_a_terminal_and_prints_tenths_otherwise():
-    from lorakit.training.progress import Progress
-
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
-    screen = Terminal()
-    bar = Progress(4, stream=screen)
-    for step in range(1, 5):
-        bar.update(step, 1.0 / step, 1e-3)
-        if step == 2:
-            bar.clear()
-            screen.write("epoch 1: ...\n")
-    text = screen.getvalue()
-    assert text.count("\n") == 2 and text.endswith("ETA 0s\n")  # one line redrawn, the epoch line kept apart
-    assert "\repoch 1: ...\n\rstep 3/4" in text
-    log = io.StringIO()
-    bar = Progress(100, stream=log)
-    for step in range(1, 101):
-        bar.update(step, 0.5, 1e-3)
-    lines = log.getvalue().splitlines()
-    assert len(lines) == 10 and lines[-1].startswith("step 100/100 [" + "#" * 24 + "] loss 0.5000")

@@ -6,7 +6,14 @@ import copy
 import json
 
 import pytest
-from tiny_models import chat_rows, classify_rows, completion_rows, make_tokenizer, write_csv, write_jsonl
+from helpers import (
+    chat_rows,
+    classify_rows,
+    completion_rows,
+    make_tokenizer,
+    write_csv,
+    write_jsonl,
+)
 
 from lorakit.training import data as D
 

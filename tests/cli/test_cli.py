@@ -10,7 +10,6 @@ import time
 
 import pytest
 import torch
-from tiny_models import tiny  # noqa: F401  (fixture)
 
 from lorakit.cli import build_parser, main
 from lorakit.cli.trained import load_trained
@@ -200,23 +199,6 @@ def test_errors_are_one_line_and_name_the_thing(tiny, tmp_path, capsys):
                            "--targets", "nothing_like_this", "--out", str(tmp_path / "o"))
     assert code == 2 and "nothing_like_this" in err
     assert not (tmp_path / "o").exists()
-
-
-def test_folder_written_atomically_or_not_at_all(tmp_path):
-    from lorakit.atomic import write_folder_atomic
-
-    def broken(folder):
-        (folder / "model.safetensors").write_bytes(b"half")
-        raise OSError("disk full")
-
-    with pytest.raises(OSError, match="disk full"):
-        write_folder_atomic(tmp_path / "merged", broken, overwrite=False)
-    assert list(tmp_path.iterdir()) == []  # no target, no leftovers
-    write_folder_atomic(tmp_path / "merged", lambda f: (f / "a.json").write_text("{}"), overwrite=False)
-    with pytest.raises(OSError, match="disk full"):
-        write_folder_atomic(tmp_path / "merged", broken, overwrite=True)
-    assert [p.name for p in tmp_path.iterdir()] == ["merged"]
-    assert [p.name for p in (tmp_path / "merged").iterdir()] == ["a.json"]  # the old folder, untouched
 
 
 def test_python_dash_m_runs_the_cli():

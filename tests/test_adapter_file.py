@@ -8,11 +8,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import (
+    assert_unchanged,
+    logits,
+    randomize_adapter,
+    snapshot,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+)
 from safetensors.torch import load_file, save_file
 
 import lorakit
 from lorakit.adapter_file import CONFIG_FILE, WEIGHTS_FILE, AdapterFileError
-from conftest import assert_unchanged, logits, randomize_adapter, snapshot, tiny_bert, tiny_gpt2, tiny_llama
 
 
 def _trained_bert(tmp_path: Path, **cfg) -> tuple[Path, torch.nn.Module]:

@@ -1,0 +1,210 @@
+"""What tests share: one factory of tiny random Transformers models (in memory, or saved as a
+folder with a word-level tokenizer), small data sets, and checks on models and adapters.
+
+Nothing is downloaded: every model is built from its config with a fixed seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+# ---- tiny models ---------------------------------------------------------------------------
+
+# kind -> (config class, keyword arguments); every model is 2 blocks of width 32.
+_CONFIGS = {
+    "bert": ("BertConfig", dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=64, max_position_embeddings=64)),
+    "gpt2": ("GPT2Config", dict(vocab_size=120, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+    "llama": ("LlamaConfig", dict(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)),
+}
+# (kind, head) -> model class; head "classify" is a sequence classifier, "base" the bare encoder.
+_CLASSES = {
+    ("bert", "classify"): "BertForSequenceClassification",
+    ("bert", "base"): "BertModel",
+    ("gpt2", "causal-lm"): "GPT2LMHeadModel",
+    ("llama", "causal-lm"): "LlamaForCausalLM",
+}
+_DEFAULT_HEAD = {"bert": "classify", "gpt2": "causal-lm", "llama": "causal-lm"}
+
+
+def tiny_model(kind: str, *, head: str | None = None, seed: int = 0, **config) -> torch.nn.Module:
+    """A tiny random `kind` model ("bert", "gpt2", "llama") in eval mode; `config` overrides
+    its configuration (e.g. num_labels, vocab_size)."""
+    import transformers
+
+    config_class, defaults = _CONFIGS[kind]
+    model_class = getattr(transformers, _CLASSES[(kind, head or _DEFAULT_HEAD[kind])])
+    torch.manual_seed(seed)
+    return model_class(getattr(transformers, config_class)(**(defaults | config))).eval()
+
+
+def tiny_bert(num_labels: int = 3, seed: int = 0):
+    return tiny_model("bert", seed=seed, num_labels=num_labels)
+
+
+def tiny_gpt2(seed: int = 0):
+    return tiny_model("gpt2", seed=seed)
+
+
+def tiny_llama(seed: int = 0):
+    return tiny_model("llama", seed=seed)
+
+
+MODELS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama}
+
+
+# ---- model checks --------------------------------------------------------------------------
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def randomize_adapter(model, name: str = "default", std: float = 0.2, seed: int = 1) -> None:
+    """Give adapter `name` non-zero A and B, so comparisons cannot pass trivially."""
+    import lorakit
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, lorakit.LoraLayer) and name in module.adapter_names:
+                for p in module.adapter_parameters(name).values():
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def snapshot(model) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """Module structure and every tensor, to check that a failed call changed nothing."""
+    structure = [f"{n}:{type(m).__name__}" for n, m in model.named_modules()]
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return structure, state
+
+
+def assert_unchanged(model, before: tuple[list[str], dict[str, torch.Tensor]]) -> None:
+    structure, state = snapshot(model)
+    assert structure == before[0]
+    assert state.keys() == before[1].keys()
+    for k in state:
+        assert torch.equal(state[k], before[1][k]), k
+
+
+# ---- model folders with a tokenizer --------------------------------------------------------
+
+POSITIVE = "good great nice lovely fine superb excellent happy".split()
+NEGATIVE = "bad awful poor terrible sad horrid dull broken".split()
+FILLER = "the film food phone was is very quite really and but so".split()
+DIGITS = [str(i) for i in range(20)]
+EXTRA = "count from to : next list please answer".split()
+SPECIAL = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
+VOCAB = SPECIAL + sorted(set(POSITIVE + NEGATIVE + FILLER + DIGITS + EXTRA))
+
+
+def make_tokenizer(folder: Path):
+    """A word-level tokenizer over VOCAB, saved in `folder`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]",
+                                  bos_token="[BOS]", eos_token="[EOS]")
+    tok.save_pretrained(folder)
+    return tok
+
+
+# Folder models: VOCAB-sized, no dropout, the tokenizer's special ids.
+_FOLDER_CONFIGS = {
+    "bert": dict(num_attention_heads=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0,
+                 initializer_range=0.2),
+    "llama": dict(pad_token_id=0, bos_token_id=2, eos_token_id=3),
+    "gpt2": dict(n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0, bos_token_id=2,
+                 eos_token_id=3),
+}
+
+
+def make_model(folder: Path, kind: str, seed: int = 0) -> Path:
+    """Save a tiny random `kind` ("bert" as a bare encoder, "llama", "gpt2") and the tokenizer in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    make_tokenizer(folder)
+    head = "base" if kind == "bert" else None
+    tiny_model(kind, head=head, seed=seed, vocab_size=len(VOCAB), **_FOLDER_CONFIGS[kind]).save_pretrained(folder)
+    return folder
+
+
+# ---- data ----------------------------------------------------------------------------------
+
+
+def classify_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        positive = rng.random() < 0.5
+        words = [rng.choice(FILLER) for _ in range(rng.randint(2, 6))]
+        words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if positive else NEGATIVE))
+        rows.append({"text": " ".join(words), "label": "pos" if positive else "neg"})
+    return rows
+
+
+def completion_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        start = rng.randint(0, 15)
+        rows.append({"prompt": f"count from {start} :", "completion": " ".join(str(start + k) for k in (1, 2, 3))})
+    return rows
+
+
+def chat_rows(n: int, seed: int = 0) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
+            for r in completion_rows(n, seed)]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_csv(path: Path, rows: list[dict], sep: str = ",") -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter=sep)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+# ---- running training ----------------------------------------------------------------------
+
+
+def train_tiny(tiny, out: Path, **options) -> dict:
+    """Train in this process on a tiny model; returns the summary."""
+    from lorakit.training import RunConfig, train
+
+    defaults = dict(model=str(tiny["bert"]), data=str(tiny["classify"]), out=str(out), batch_size=8,
+                    epochs=1, lr=1e-2, threads=1)
+    defaults.update(options)
+    overwrite = defaults.pop("overwrite", False)
+    return train(RunConfig(**defaults), overwrite=overwrite, stream=io.StringIO())
+
+
+def cli(*args: str, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
+    """`python -m lorakit ARGS` in a subprocess."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, **kw)
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter folder's weight file."""
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
