@@ -3,7 +3,13 @@
 The core (this namespace) needs only torch and safetensors and works on any nn.Module.
 """
 
-from .adapter_file import AdapterFileError, adapter_state_dict, load_adapter, read_adapter_config, save_adapter
+from .adapter_file import (
+    AdapterFileError,
+    adapter_state_dict,
+    load_adapter,
+    read_adapter_config,
+    save_adapter,
+)
 from .config import LoraConfig
 from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
 from .model import (

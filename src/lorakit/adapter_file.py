@@ -23,7 +23,9 @@ from . import peft_format as fmt
 from .atomic import make_temp_dir, write_atomic, write_json_atomic
 from .config import LoraConfig
 from .json_file import read_json
-from .model import adapters, add_adapter_from_tensors, base_biases, saved_module_paths
+from .model import add_adapter_from_tensors
+from .plan import saved_module_paths
+from .registry import adapters, base_biases
 from .targets import adaptable_kind, resolve_targets
 
 CONFIG_FILE = fmt.CONFIG_FILE

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..adapter_file import read_adapter_config, read_tensor_shapes
-from ..peft_format import WEIGHTS_FILE, PREFIX, split_pair_key
+from ..peft_format import PREFIX, WEIGHTS_FILE, split_pair_key
 from ..training.metrics import METRICS_FILE, evaluations, fmt_result, read_metrics
 from ..training.tasks import TASK_OF_TYPE, read_labels
 

@@ -36,12 +36,28 @@ from ..peft_format import CONFIG_FILE, WEIGHTS_FILE
 from . import distributed as dist_mod
 from .checkpoints import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from .errors import TrainingError
-from .metrics import METRICS_FILE, evaluations, fmt_one, fmt_result, fmt_size, read_metrics, write_metrics
+from .metrics import (
+    METRICS_FILE,
+    evaluations,
+    fmt_one,
+    fmt_result,
+    fmt_size,
+    read_metrics,
+    write_metrics,
+)
 from .options import RUN_FILE, RunConfig
 from .plot import plot_loss
 from .prepare import Setup, check_out, prepare
 from .progress import Progress, duration
-from .tasks import LABELS_FILE, TASK_TYPES, evaluate, forward, label_count, labels_json, loss_sum
+from .tasks import (
+    LABELS_FILE,
+    TASK_TYPES,
+    evaluate,
+    forward,
+    label_count,
+    labels_json,
+    loss_sum,
+)
 
 PLOT_FILE = "loss.png"
 

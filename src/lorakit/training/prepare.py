@@ -15,7 +15,14 @@ from . import data as data_mod
 from .distributed import World
 from .errors import TrainingError
 from .options import RUN_FILE, RunConfig
-from .tasks import default_model, head_name, load_model, load_tokenizer, prepare_model, quiet_transformers
+from .tasks import (
+    default_model,
+    head_name,
+    load_model,
+    load_tokenizer,
+    prepare_model,
+    quiet_transformers,
+)
 
 SPLIT_SEED = 0  # the held-out split is fixed by the data, not by --seed
 

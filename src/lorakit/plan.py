@@ -1,0 +1,174 @@
+"""Adding an adapter as a transaction: validate and build everything aside (`plan`), then swap
+it in (`commit`), so a bad request leaves the model as it was."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import LoraConfig
+from .layers import LoraLayer, wrapper_for
+from .registry import AdapterRecord, activate, active_adapters, register
+from .saved_modules import SavedModule
+from .targets import adaptable_kind
+
+
+@dataclass
+class Plan:
+    name: str
+    record: AdapterRecord
+    wrappers: list[tuple[str, nn.Module]] = field(default_factory=list)  # (path, new wrapper)
+    pairs: list[tuple[LoraLayer, torch.Tensor, torch.Tensor, float, float]] = field(default_factory=list)
+    residuals: list[tuple[LoraLayer, torch.Tensor]] = field(default_factory=list)  # PiSSA bases
+    copies: list[tuple[SavedModule, nn.Module]] = field(default_factory=list)
+    base_values: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)  # replaced base tensors
+
+
+def build_plan(
+    model: nn.Module,
+    name: str,
+    config: LoraConfig,
+    modules: list[str],
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> Plan:
+    """Validate and build adapter `name` on `modules` without touching the model.
+
+    `tensors` (path -> (A, B)) gives the weights (loading); otherwise they are initialised.
+    """
+    record = AdapterRecord(config=config, modules=list(modules))
+    plan = Plan(name=name, record=record)
+    for path in modules:
+        module = get_module(model, path)
+        kind = adaptable_kind(module)
+        if kind is None:
+            raise ValueError(f"module {path!r} ({type(module).__name__}) cannot carry a LoRA adapter")
+        if isinstance(module, LoraLayer):
+            layer = module
+        else:
+            layer = wrapper_for(kind)(module)
+            plan.wrappers.append((path, layer))
+        rank, scaling = config.rank_for(path), config.scaling_for(path)
+        if tensors is not None:
+            a, b = given_pair(layer, path, rank, tensors[path])
+        elif config.init == "pissa":
+            if layer.merged:
+                raise ValueError(f"module {path!r} has merged adapters; unmerge before a PiSSA init")
+            a, b, residual = layer.pissa(rank, scaling)
+            plan.residuals.append((layer, residual))
+        else:
+            a, b = layer.build_pair(rank, config.init)
+        plan.pairs.append((layer, a, b, scaling, config.dropout))
+    for path in saved_module_paths(model, config.modules_to_save):
+        module = get_module(model, path)
+        if isinstance(module, LoraLayer):
+            raise ValueError(f"module {path!r} carries LoRA adapters and cannot also be in modules_to_save")
+        saved = module if isinstance(module, SavedModule) else SavedModule(module)
+        if saved is not module:
+            plan.wrappers.append((path, saved))
+        plan.copies.append((saved, saved.new_copy()))
+        record.saved.append(path)
+    return plan
+
+
+def commit(model: nn.Module, plan: Plan) -> None:
+    """Swap in what `build_plan` built; nothing here can fail on valid input."""
+    register(model, plan.name, plan.record)
+    for path, wrapper in plan.wrappers:
+        replace_module(model, path, wrapper)
+    with torch.no_grad():
+        for layer, residual in plan.residuals:
+            layer.base_layer.weight.copy_(residual)
+        for param, value in plan.base_values:
+            param.copy_(value)
+    for layer, a, b, scaling, dropout in plan.pairs:
+        layer.attach(plan.name, a, b, scaling, dropout)
+    for saved, clone in plan.copies:
+        saved.copies[plan.name] = clone
+    activate(model, active_adapters(model) or [plan.name])
+
+
+def saved_module_paths(model: nn.Module, names: list[str]) -> list[str]:
+    """Module paths matching each modules_to_save entry (exact name or '.'-suffix)."""
+    paths: list[str] = []
+    wrappers = [p for p, m in model.named_modules() if isinstance(m, (LoraLayer, SavedModule))]
+    for entry in names:
+        found = [
+            p
+            for p, m in model.named_modules()
+            if p and (p == entry or p.endswith("." + entry)) and not any(p.startswith(w + ".") for w in wrappers)
+        ]
+        if not found:
+            raise ValueError(f"modules_to_save entry {entry!r} matches no module of the model")
+        paths += [p for p in found if p not in paths]
+    return paths
+
+
+def saved_wrapper_paths(model: nn.Module) -> list[str]:
+    """Paths of existing modules_to_save wrappers: never LoRA targets themselves."""
+    return [p for p, m in model.named_modules() if isinstance(m, SavedModule)]
+
+
+def given_pair(
+    layer: LoraLayer, path: str, rank: int, pair: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A given (A, B), checked against the layer and the rank, on the base weight's device and dtype."""
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(t, torch.Tensor) for t in pair)):
+        raise ValueError(f"module {path!r}: expected a pair of tensors (A, B)")
+    a, b = pair
+    given = a.shape[0] if a.dim() else 0
+    if given != rank:
+        raise ValueError(f"module {path!r}: A has rank {given}, but the config gives rank {rank} for {path!r}")
+    expect_a, expect_b = layer.pair_shapes(rank)
+    check_shape(f"module {path!r}: A", a, expect_a)
+    check_shape(f"module {path!r}: B", b, expect_b)
+    weight = layer.base_layer.weight
+    return a.to(weight.device, weight.dtype), b.to(weight.device, weight.dtype)
+
+
+def load_copy(clone: nn.Module, state: dict[str, torch.Tensor] | None, path: str) -> None:
+    """Fill a modules_to_save copy from `state`, which must match it key for key and shape for shape."""
+    if state is None:
+        raise ValueError(f"saved: no weights given for {path!r} (modules_to_save)")
+    expected = clone.state_dict()
+    for k, v in expected.items():
+        if k not in state:
+            raise ValueError(f"missing key {path}.{k!r} (modules_to_save)")
+        check_shape(f"'{path}.{k}'", state[k], v.shape)
+    for k in state:
+        if k not in expected:
+            raise ValueError(f"unexpected key {path}.{k!r} (modules_to_save {path!r})")
+    clone.load_state_dict(state)
+
+
+def check_shape(what: str, tensor: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(
+            f"{what} has shape {tuple(tensor.shape)}, but this model needs {tuple(shape)} "
+            "(was the adapter trained on another base model?)"
+        )
+
+
+def get_adapted(model: nn.Module, path: str) -> nn.Module:
+    """The module at `path`, which must exist and be able to carry an adapter."""
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        raise ValueError(f"the adapter names module {path!r}, which this model does not have") from None
+    if adaptable_kind(module) is None:
+        raise ValueError(f"module {path!r} ({type(module).__name__}) cannot carry a LoRA adapter")
+    return module
+
+
+def get_module(model: nn.Module, path: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise ValueError(f"the model has no module named {path!r}") from None
+
+
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, new)
