@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import lorakit
 
@@ -18,3 +20,21 @@ def test_public_api_is_exported():
     for name in ("LoraConfig", "inject", "trainable_parameters", "save_adapter", "load_adapter", "add_adapter",
                  "set_adapter", "delete_adapter", "disabled", "merge", "unmerge", "unload"):
         assert name in lorakit.__all__ and callable(getattr(lorakit, name))
+
+
+def test_readme_documents_every_public_name_once():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme.split("## The public API", 1)[1].split("\n\n", 3)[2]
+    documented = []
+    for row in table.splitlines()[2:]:
+        first = row.split("|")[1]
+        documented += re.findall(r"`(\w+)[(`]", first)
+    assert sorted(documented) == sorted(set(documented))  # once each
+    assert set(documented) == set(lorakit.__all__)
+
+
+def test_the_training_wing_is_imported_only_when_asked():
+    code = ("import sys, lorakit; before = 'transformers' in sys.modules; cb = lorakit.SaveAdapterCallback; "
+            "print(before, 'transformers' in sys.modules, cb.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True", "SaveAdapterCallback"]

@@ -29,6 +29,19 @@ from .model import (
 
 __version__ = "0.1.0"
 
+# Names of the training wing, imported on first use so that `import lorakit` needs only torch
+# and safetensors.
+_TRAINING = {"SaveAdapterCallback": "lorakit.training.trainer_callback"}
+
+
+def __getattr__(name: str):
+    if name in _TRAINING:
+        import importlib
+
+        return getattr(importlib.import_module(_TRAINING[name]), name)
+    raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
+
+
 __all__ = [
     "AdapterFileError",
     "LoraConfig",
@@ -36,6 +49,7 @@ __all__ = [
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",
+    "SaveAdapterCallback",
     "active_adapters",
     "adapter_state_dict",
     "adapters",
