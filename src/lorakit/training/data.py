@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..json_file import jsonl_objects
 
 TASKS = ("classify", "causal-lm")
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
@@ -109,15 +110,7 @@ def _read_delimited(text: str, where: str, fmt: str) -> tuple[list[dict], list[s
 
 def _read_jsonl(text: str, where: str, fmt: str) -> tuple[list[dict], list[str]]:
     records, lines = [], []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{where}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{where}:{number}: expected a JSON object, got {type(record).__name__}")
+    for number, record in jsonl_objects(text, where, DataError):
         records.append(record)
         lines.append(f"{where}:{number}")
     return records, lines

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_bytes_atomic
+from ..json_file import jsonl_objects
 from .errors import TrainingError
 
 METRICS_FILE = "metrics.jsonl"
@@ -23,14 +24,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     metrics = []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise TrainingError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-        if not isinstance(entry, dict) or not isinstance(entry.get("step"), int):
+    for number, entry in jsonl_objects(path.read_text(encoding="utf-8", errors="replace"), str(path), TrainingError):
+        if not isinstance(entry.get("step"), int):
             raise TrainingError(f"{path}:{number}: expected an object with an integer 'step'")
         metrics.append(entry)
     return metrics
