@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cases as C  # noqa: E402
 import report  # noqa: E402
+from sections import write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                                  r["setting"]["variants"])}))
                    for r in saved["results"]]
         out = Path(args.out or ROOT / "BENCHMARKS.md")
-        out.write_text(report.markdown(results, saved["machine"], saved["reps"], saved["argv"]))
+        write_section("core", report.markdown(results, saved["machine"], saved["reps"], saved["argv"]), out)
         print(f"wrote {out}")
         return 0
 
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report.targets_table(results[0]))
     if out is not None:
-        out.write_text(report.markdown(results, machine, reps, sys.argv[1:]))
+        write_section("core", report.markdown(results, machine, reps, sys.argv[1:]), out)
         raw = out.with_suffix(".json")
         raw.write_text(json.dumps({"machine": machine, "reps": reps, "argv": sys.argv[1:], "results": [
             dict(r, setting=dataclasses.asdict(r["setting"])) for r in results]}, indent=1))
