@@ -174,10 +174,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         saved_paths = saved_module_paths(model, config.modules_to_save)
     except ValueError as err:
         raise AdapterFileError(f"{where}: {err}") from None
-    pairs, base, saved = _sort_keys(model, config, tensors, saved_paths, where)
+    pairs, magnitudes, base, saved = _sort_keys(model, config, tensors, saved_paths, where)
     _check_targets(model, config, facts, pairs, where)
     try:
-        add_adapter_from_tensors(model, name, config, pairs, saved=saved, base=base, trainable=trainable)
+        add_adapter_from_tensors(model, name, config, pairs, saved=saved, base=base, magnitudes=magnitudes or None,
+                                 trainable=trainable)
     except ValueError as err:
         raise AdapterFileError(f"{where}: {err}") from None
     return model
@@ -185,9 +186,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
 
 def _sort_keys(
     model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], saved_paths: list[str], where: str
-) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
-    """Split the file's keys into LoRA pairs (by module), base tensors (by parameter name: trained
-    biases, embedding tables) and modules_to_save states (by module); every key must find a place."""
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor], dict[str, torch.Tensor],
+           dict[str, dict[str, torch.Tensor]]]:
+    """Split the file's keys into LoRA pairs and DoRA magnitudes (by module), base tensors (by
+    parameter name: trained biases, embedding tables) and modules_to_save states (by module);
+    every key must find a place."""
     halves: dict[str, dict[str, torch.Tensor]] = {}
     base: dict[str, torch.Tensor] = {}
     saved: dict[str, dict[str, torch.Tensor]] = {p: {} for p in saved_paths}
@@ -213,15 +216,22 @@ def _sort_keys(
             base[name] = tensors[key]
         else:
             raise AdapterFileError(f"{where}: unexpected key {key!r}")
-    pairs = {module: _pair(model, module, half, where) for module, half in halves.items()}
-    return pairs, base, saved
+    pairs = {module: _pair(model, module, half, config.use_dora, where) for module, half in halves.items()}
+    magnitudes = {module: half[fmt.MAGNITUDE] for module, half in halves.items() if fmt.MAGNITUDE in half}
+    return pairs, magnitudes, base, saved
 
 
-def _pair(model: nn.Module, path: str, half: dict[str, torch.Tensor], where: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) from the two halves the file holds for module `path`, of the family the module needs."""
-    embedding = any(k in fmt.EMBEDDING_KEYS.values() for k in half)
-    keys = fmt.pair_keys(embedding)
+def _pair(
+    model: nn.Module, path: str, half: dict[str, torch.Tensor], use_dora: bool, where: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) from the tensors the file holds for module `path`, of the family the module needs;
+    a DoRA adapter (`use_dora`) also holds the magnitude, any other must not."""
+    embedding = any(k in fmt.EMBEDDING_KEYS.values() for k in half if k != fmt.MAGNITUDE)
+    keys = {role: k for role, k in fmt.pair_keys(embedding).items() if role != "m" or use_dora}
     for suffix in list(keys.values()) + list(half):
+        if suffix == fmt.MAGNITUDE and not use_dora and suffix in half:
+            raise AdapterFileError(f"{where}: unexpected key {fmt.key(path, suffix)} (a DoRA magnitude, but the "
+                                   f"config has use_dora false)")
         if suffix not in half or suffix not in keys.values():
             missing = suffix not in half
             raise AdapterFileError(f"{where}: {'missing' if missing else 'unexpected'} key {fmt.key(path, suffix)}")

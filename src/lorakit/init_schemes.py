@@ -6,6 +6,9 @@
 - "gaussian": A ~ N(0, 1/r), B zero.
 - "pissa": A and B from the top-r singular triplets of the base weight, and the base weight
   replaced by the residual, so the sum is unchanged (Meng et al., 2024, arXiv:2404.02948).
+- "olora": A and B from the QR decomposition of the base weight, B the first r orthonormal
+  columns of Q and A the first r rows of R, and the base weight replaced by the residual
+  W - s B A, as with PiSSA (Büyükakyüz, 2024, arXiv:2406.01775).
 """
 
 from __future__ import annotations
@@ -42,5 +45,22 @@ def pissa_pair(weight: torch.Tensor, rank: int, scaling: float) -> tuple[torch.T
     root = (s[:rank] / scaling).sqrt()
     a = root[:, None] * vh[:rank]  # (r, in)
     b = u[:, :rank] * root[None, :]  # (out, r)
+    residual = weight.float() - scaling * (b @ a)
+    return a.to(weight.dtype), b.to(weight.dtype), residual.to(weight.dtype)
+
+
+@torch.no_grad()
+def olora_pair(weight: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A, B, residual) for a (out, in) weight: scaling * B A + residual == weight (up to rounding).
+
+    W = Q R; B = Q[:, :r] (orthonormal columns), A = R[:r]. Unlike PiSSA the factors are not
+    divided by the scaling (PEFT's choice, kept so that its OLoRA adapters mean the same here):
+    the residual is W - s Q_r R_r.
+    """
+    most = min(weight.shape)
+    if rank > most:
+        raise ValueError(f"init='olora' needs rank <= {most} for a {tuple(weight.shape)} weight (QR has {most} columns), got {rank}")
+    q, r = torch.linalg.qr(weight.float())  # reduced: Q (out, k), R (k, in)
+    a, b = r[:rank].contiguous(), q[:, :rank].contiguous()
     residual = weight.float() - scaling * (b @ a)
     return a.to(weight.dtype), b.to(weight.dtype), residual.to(weight.dtype)

@@ -3,8 +3,9 @@
 A PEFT LoRA adapter folder holds `adapter_config.json` and `adapter_model.safetensors`. Tensor
 keys are `base_model.model.<module path>.<suffix>`: `lora_A.weight` / `lora_B.weight` for a
 linear or convolution layer, `lora_embedding_A` / `lora_embedding_B` for an embedding,
-`base_layer.bias` for a trained bias of an adapted layer, `base_layer.weight` for a whole
-embedding table, and `<parameter>` for the trained copy of a module in modules_to_save.
+`lora_magnitude_vector` for a DoRA adapter's magnitude (any layer kind), `base_layer.bias` for a
+trained bias of an adapted layer, `base_layer.weight` for a whole embedding table, and
+`<parameter>` for the trained copy of a module in modules_to_save.
 PEFT drops the adapter's name from every key; the file holds one adapter.
 """
 
@@ -18,16 +19,18 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
-# Key suffix of each of a layer's adapter tensors, by role, for the two families of layers.
-LINEAR_KEYS = {"A": "lora_A.weight", "B": "lora_B.weight"}
-EMBEDDING_KEYS = {"A": "lora_embedding_A", "B": "lora_embedding_B"}
-PAIR_SUFFIXES = tuple(LINEAR_KEYS.values()) + tuple(EMBEDDING_KEYS.values())
+# Key suffix of each of a layer's adapter tensors, by role, for the two families of layers
+# ("m": DoRA's magnitude vector, only in DoRA adapters).
+MAGNITUDE = "lora_magnitude_vector"
+LINEAR_KEYS = {"A": "lora_A.weight", "B": "lora_B.weight", "m": MAGNITUDE}
+EMBEDDING_KEYS = {"A": "lora_embedding_A", "B": "lora_embedding_B", "m": MAGNITUDE}
+PAIR_SUFFIXES = tuple(dict.fromkeys([*LINEAR_KEYS.values(), *EMBEDDING_KEYS.values()]))
 BASE_WEIGHT = "base_layer.weight"  # a whole embedding table saved next to its adapter
 BASE_BIAS = "base_layer.bias"  # the trained bias of an adapted layer (bias="lora_only" / "all")
 
 
 def pair_keys(embedding: bool) -> dict[str, str]:
-    """Role ("A", "B") -> key suffix for a layer of this family."""
+    """Role ("A", "B", "m") -> key suffix for a layer of this family."""
     return EMBEDDING_KEYS if embedding else LINEAR_KEYS
 
 
@@ -37,7 +40,8 @@ def key(module_path: str, suffix: str) -> str:
 
 
 def split_pair_key(rest: str) -> tuple[str, str] | None:
-    """(module path, suffix) when `rest` (a key without PREFIX) is half of a LoRA pair, else None."""
+    """(module path, suffix) when `rest` (a key without PREFIX) is one of a layer's adapter tensors
+    (A, B, or a DoRA magnitude), else None."""
     for suffix in PAIR_SUFFIXES:
         if rest.endswith("." + suffix):
             return rest[: -len(suffix) - 1], suffix
@@ -47,7 +51,7 @@ def split_pair_key(rest: str) -> tuple[str, str] | None:
 # ---- adapter_config.json ---------------------------------------------------------------------
 
 # Fields lorakit writes (PEFT's names) and the values it can honour when reading.
-_PEFT_FALSE_FIELDS = ("use_dora", "lora_bias", "use_qalora")
+_PEFT_FALSE_FIELDS = ("lora_bias", "use_qalora")
 _PEFT_NULL_FIELDS = (
     "layer_replication",
     "megatron_config",
@@ -59,7 +63,7 @@ _PEFT_NULL_FIELDS = (
     "alora_invocation_tokens",
     "arrow_config",
 )
-_PEFT_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa"}
+_PEFT_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
 
 
 def to_peft_dict(
@@ -95,7 +99,7 @@ def to_peft_dict(
         "layers_pattern": None,
         "rank_pattern": dict(config.rank_pattern),
         "alpha_pattern": dict(config.alpha_pattern),
-        "use_dora": False,
+        "use_dora": config.use_dora,
         "lora_bias": False,
         "use_qalora": False,
     }
@@ -119,12 +123,15 @@ def from_peft_dict(raw: Any, where: str) -> tuple[LoraConfig, dict[str, Any]]:
         if raw.get(key):
             raise ValueError(f"{where}: {key}={raw[key]!r} is not supported by lorakit (only null/empty)")
     init = raw.get("init_lora_weights", True)
-    inits = {True: "default", False: "default", "gaussian": "gaussian", "pissa": "pissa"}
+    inits = {True: "default", False: "default", "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
     if not isinstance(init, (bool, str)) or init not in inits:
         raise ValueError(
             f"{where}: init_lora_weights={init!r} is not supported by lorakit "
-            "(true, false, 'gaussian' or 'pissa')"
+            "(true, false, 'gaussian', 'pissa' or 'olora')"
         )
+    use_dora = raw.get("use_dora") or False  # PEFT's older files may hold null
+    if not isinstance(use_dora, bool):
+        raise ValueError(f"{where}: use_dora={use_dora!r} must be true or false")
     if "r" not in raw:
         raise ValueError(f"{where}: missing key 'r' (the adapter rank)")
     targets = raw.get("target_modules")
@@ -143,6 +150,7 @@ def from_peft_dict(raw: Any, where: str) -> tuple[LoraConfig, dict[str, Any]]:
             rank_pattern=dict(raw.get("rank_pattern") or {}),
             alpha_pattern=dict(raw.get("alpha_pattern") or {}),
             layers=_layers(raw.get("layers_to_transform"), where),
+            use_dora=use_dora,
         )
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None

@@ -21,7 +21,8 @@ class Plan:
     record: AdapterRecord
     wrappers: list[tuple[str, nn.Module]] = field(default_factory=list)  # (path, new wrapper)
     pairs: list[tuple[LoraLayer, torch.Tensor, torch.Tensor, float, float]] = field(default_factory=list)
-    residuals: list[tuple[LoraLayer, torch.Tensor]] = field(default_factory=list)  # PiSSA bases
+    residuals: list[tuple[LoraLayer, torch.Tensor]] = field(default_factory=list)  # PiSSA / OLoRA bases
+    magnitudes: dict[int, torch.Tensor] = field(default_factory=dict)  # DoRA: index in `pairs` -> m
     copies: list[tuple[SavedModule, nn.Module]] = field(default_factory=list)
     base_values: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)  # replaced base tensors
 
@@ -32,10 +33,12 @@ def build_plan(
     config: LoraConfig,
     modules: list[str],
     tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    magnitudes: dict[str, torch.Tensor] | None = None,
 ) -> Plan:
     """Validate and build adapter `name` on `modules` without touching the model.
 
-    `tensors` (path -> (A, B)) gives the weights (loading); otherwise they are initialised.
+    `tensors` (path -> (A, B)) gives the weights (loading), with `magnitudes` (path -> m) for a
+    DoRA adapter; otherwise they are initialised.
     """
     record = AdapterRecord(config=config, modules=list(modules))
     plan = Plan(name=name, record=record)
@@ -50,15 +53,24 @@ def build_plan(
             layer = wrapper_for(kind)(module)
             plan.wrappers.append((path, layer))
         rank, scaling = config.rank_for(path), config.scaling_for(path)
+        residual = None
         if tensors is not None:
             a, b = given_pair(layer, path, rank, tensors[path])
-        elif config.init == "pissa":
+        elif config.init in ("pissa", "olora"):
             if layer.merged:
-                raise ValueError(f"module {path!r} has merged adapters; unmerge before a PiSSA init")
-            a, b, residual = layer.pissa(rank, scaling)
+                raise ValueError(f"module {path!r} has merged adapters; unmerge before a {config.init} init")
+            try:
+                a, b, residual = layer.pissa(rank, scaling) if config.init == "pissa" else layer.olora(rank, scaling)
+            except ValueError as err:
+                raise ValueError(f"module {path!r}: {err}") from None
             plan.residuals.append((layer, residual))
         else:
             a, b = layer.build_pair(rank, config.init)
+        if config.use_dora:
+            if magnitudes is not None:
+                plan.magnitudes[len(plan.pairs)] = given_magnitude(layer, path, magnitudes.get(path))
+            else:
+                plan.magnitudes[len(plan.pairs)] = layer.initial_magnitude(a, b, scaling, residual)
         plan.pairs.append((layer, a, b, scaling, config.dropout))
     for path in saved_module_paths(model, config.modules_to_save):
         module = get_module(model, path)
@@ -82,8 +94,8 @@ def commit(model: nn.Module, plan: Plan) -> None:
             layer.base_layer.weight.copy_(residual)
         for param, value in plan.base_values:
             param.copy_(value)
-    for layer, a, b, scaling, dropout in plan.pairs:
-        layer.attach(plan.name, a, b, scaling, dropout)
+    for i, (layer, a, b, scaling, dropout) in enumerate(plan.pairs):
+        layer.attach(plan.name, a, b, scaling, dropout, plan.magnitudes.get(i))
     for saved, clone in plan.copies:
         saved.copies[plan.name] = clone
     activate(model, active_adapters(model) or [plan.name])
@@ -125,6 +137,15 @@ def given_pair(
     check_shape(f"module {path!r}: B", b, expect_b)
     weight = layer.base_layer.weight
     return a.to(weight.device, weight.dtype), b.to(weight.device, weight.dtype)
+
+
+def given_magnitude(layer: LoraLayer, path: str, magnitude: torch.Tensor | None) -> torch.Tensor:
+    """A given DoRA magnitude vector, checked against the layer, on the base weight's device and dtype."""
+    if not isinstance(magnitude, torch.Tensor):
+        raise ValueError(f"module {path!r}: no DoRA magnitude given (the config has use_dora)")
+    check_shape(f"module {path!r}: the DoRA magnitude", magnitude, layer.magnitude_shape())
+    weight = layer.base_layer.weight
+    return magnitude.to(weight.device, weight.dtype)
 
 
 def load_copy(clone: nn.Module, state: dict[str, torch.Tensor] | None, path: str) -> None:
