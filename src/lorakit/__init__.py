@@ -12,6 +12,7 @@ from .adapter_file import (
 )
 from .config import LoraConfig
 from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
+from .loraplus import param_groups
 from .model import (
     active_adapters,
     adapters,
@@ -60,6 +61,7 @@ __all__ = [
     "inject",
     "load_adapter",
     "merge",
+    "param_groups",
     "read_adapter_config",
     "save_adapter",
     "set_adapter",
