@@ -10,6 +10,7 @@ from .adapter_file import (
     read_adapter_config,
     save_adapter,
 )
+from .arithmetic import CombineReport, combine
 from .config import LoraConfig
 from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
 from .loraplus import param_groups
@@ -45,6 +46,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "AdapterFileError",
+    "CombineReport",
     "LoraConfig",
     "LoraConv",
     "LoraEmbedding",
@@ -56,6 +58,7 @@ __all__ = [
     "adapters",
     "add_adapter",
     "add_adapter_from_tensors",
+    "combine",
     "delete_adapter",
     "disabled",
     "inject",

@@ -65,7 +65,7 @@ def test_help_lists_every_subcommand(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for command in ("train", "eval", "generate", "merge", "inspect"):
+    for command in ("train", "eval", "generate", "merge", "inspect", "combine"):
         assert command in out
 
 
