@@ -75,7 +75,7 @@ def run_one(name: str, options: list[str], out: Path) -> dict:
     evals = [m["eval"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval" in m]
     trainable = next(line for line in done.stdout.splitlines() if line.startswith("trainable parameters"))
     return {"name": name, "options": " ".join(options), "accuracy": evals[-1]["accuracy"], "loss": evals[-1]["loss"],
-            "epochs": [e["accuracy"] for e in evals[1:]], "seconds": seconds, "cpu": cpu,
+            "before": evals[0]["accuracy"], "epochs": [e["accuracy"] for e in evals[1:]], "seconds": seconds, "cpu": cpu,
             "trainable": trainable.split(":", 1)[1].split(" of ")[0].strip()}
 
 
@@ -106,7 +106,21 @@ differences of a few tenths of a percent (one or two of 400 sentences) are withi
 seed would change.
 
 {chr(10).join(lines)}
-"""
+{_notes(rows)}"""
+
+
+def _notes(rows: list[dict]) -> str:
+    """What a reader must know about a row that did not learn (a figure alone would mislead)."""
+    notes = []
+    for r in rows:
+        if r["accuracy"] <= r["before"]:
+            why = ""
+            if "--loraplus-ratio" in r["options"]:
+                why = (f" Its B factors step at {r['options'].split()[-1]} x the default peak lr of 1e-3, which was "
+                       "chosen for plain LoRA (LoRA+'s paper tunes the base rate and the ratio together).")
+            notes.append(f"\n{r['name']} did not learn: held-out accuracy {r['accuracy']:.2%} after training, "
+                         f"{r['before']:.2%} before.{why}\n")
+    return "".join(notes)
 
 
 if __name__ == "__main__":
