@@ -29,6 +29,7 @@ from .peft_targets import targeted_modules
 from .pissa import as_plain_lora
 from .plan import check_values, get_adapted, saved_module_paths
 from .registry import adapters, base_biases
+from .saved_modules import SavedModule
 from .targets import adaptable_kind
 
 CONFIG_FILE = fmt.CONFIG_FILE
@@ -233,7 +234,8 @@ def _sort_keys(
         rest = key[len(fmt.PREFIX) :]
         pair_key = fmt.split_pair_key(rest)
         owner = next((p for p in saved_paths if rest.startswith(p + ".")), None)
-        _check_values(key, tensors[key], where, floats=owner is None or pair_key is not None)
+        like = _saved_tensor(model, owner, rest) if owner is not None and pair_key is None else None
+        _check_values(key, tensors[key], where, like)
         if pair_key is not None:
             module, suffix = pair_key
             halves.setdefault(module, {})[suffix] = tensors[key]
@@ -270,11 +272,18 @@ def _pair(model: nn.Module, path: str, half: dict[str, torch.Tensor], where: str
     return half[keys["A"]], half[keys["B"]]
 
 
-def _check_values(key: str, tensor: torch.Tensor, where: str, floats: bool) -> None:
+def _check_values(key: str, tensor: torch.Tensor, where: str, like: torch.Tensor | None) -> None:
     try:
-        check_values(f"key {key!r}", tensor, like=None if floats else tensor)
+        check_values(f"key {key!r}", tensor, like=like)
     except ValueError as err:
         raise AdapterFileError(f"{where}: {err}") from None
+
+
+def _saved_tensor(model: nn.Module, owner: str, rest: str) -> torch.Tensor | None:
+    """The model's own tensor that a modules_to_save key replaces (an integer buffer may stay integer)."""
+    module = model.get_submodule(owner)
+    module = module.original if isinstance(module, SavedModule) else module  # another adapter's wrapper
+    return module.state_dict().get(rest[len(owner) + 1 :])
 
 
 def _check_targets(model: nn.Module, config: LoraConfig, facts: dict, pairs: dict, where: str) -> None:

@@ -47,7 +47,9 @@ def pissa_pair(weight: torch.Tensor, rank: int, scaling: float) -> tuple[torch.T
         )
     u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
     root = (s[:rank] / scaling).sqrt()
-    a = root[:, None] * vh[:rank]  # (r, in)
-    b = u[:, :rank] * root[None, :]  # (out, r)
+    # contiguous: the SVD hands out column-major factors, and a parameter's layout picks the matmul
+    # kernel, so a reloaded (row-major) adapter would round differently from the trained one.
+    a = (root[:, None] * vh[:rank]).contiguous()  # (r, in)
+    b = (u[:, :rank] * root[None, :]).contiguous()  # (out, r)
     residual = weight.float() - (scaling * b) @ a  # PEFT's order of operations, so both agree bitwise
     return a, b, residual.to(weight.dtype)

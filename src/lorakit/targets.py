@@ -108,9 +108,9 @@ def layer_index(name: str, pattern: str | list[str] | None = None) -> int | None
     """
     if pattern is not None:
         for entry in [pattern] if isinstance(pattern, str) else pattern:
-            found = re.match(rf"(?:^|.*?\.){entry}\.(\d+)\.", name)
-            if found:
-                return int(found.group(1))
+            found = re.match(rf"(?:^|.*?\.){entry}\.(?P<index>\d+)\.", name)
+            if found:  # (a pattern with a bare "|" can match without the index: PEFT then has none)
+                return int(found["index"]) if found["index"] is not None else None
         return None
     parts = name.split(".")
     numbered = [i for i, part in enumerate(parts) if part.isdecimal()]
