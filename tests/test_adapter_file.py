@@ -421,6 +421,25 @@ def test_replaced_embedding_table_comes_back(how, tmp_path, ids):
     assert torch.equal(logits(model, ids), base)
 
 
+def test_biases_a_file_brings_come_back(tmp_path, ids):
+    model = tiny_gpt2()
+    lorakit.inject(model, lorakit.LoraConfig(rank=4, targets=["c_attn"], bias="all"))
+    randomize_adapter(model)
+    with torch.no_grad():
+        for _, p in lorakit.registry.base_biases(model):
+            p.add_(0.2)
+    lorakit.save_adapter(model, tmp_path / "a")
+    fresh = tiny_gpt2()
+    original = {n: p.detach().clone() for n, p in fresh.named_parameters()}
+    base = logits(fresh, ids)
+    lorakit.load_adapter(fresh, tmp_path / "a")
+    assert not torch.equal(fresh.transformer.ln_f.bias, original["transformer.ln_f.bias"])
+    plain = lorakit.unload(fresh, merge=False)
+    for n, p in plain.named_parameters():
+        assert torch.equal(p, original[n]), n
+    assert torch.equal(logits(plain, ids), base)
+
+
 def test_two_adapters_cannot_both_replace_a_base_tensor(tmp_path):
     folder, table = _peft_embedding_adapter(tmp_path)
     model = tiny_llama()

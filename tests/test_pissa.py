@@ -76,14 +76,20 @@ def test_peft_pissa_adapter_loads_to_the_trained_model(case, tmp_path, ids):
         assert torch.equal(ours[name], theirs[name]), name
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_lorakit_pissa_adapter_loads_in_peft_and_lorakit(case, tmp_path, ids):
+def _saved_lorakit_pissa(case: str, folder, ids, **save) -> torch.Tensor:
+    """Inject a PiSSA adapter for `case`, train it a little, save it; the trained logits."""
     make, _, ours = CASES[case]
     model = make()
     lorakit.inject(model, lorakit.LoraConfig(init="pissa", **ours))
     _train_lorakit(model)
-    trained = logits(model, ids)
-    lorakit.save_adapter(model, tmp_path)
+    lorakit.save_adapter(model, folder, **save)
+    return logits(model, ids)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_lorakit_pissa_adapter_loads_in_peft_and_lorakit(case, tmp_path, ids):
+    make = CASES[case][0]
+    trained = _saved_lorakit_pissa(case, tmp_path, ids)
     assert json.loads((tmp_path / CONFIG_FILE).read_text())["init_lora_weights"] == "pissa"
     reference = peft.PeftModel.from_pretrained(make(), tmp_path).eval()
     torch.testing.assert_close(logits(reference, ids), trained, rtol=0, atol=1e-6)
@@ -110,11 +116,7 @@ def test_low_precision_pissa_reload_is_bitwise(dtype, tmp_path, ids):
 @pytest.mark.parametrize("case", list(CASES))
 def test_as_lora_reproduces_the_trained_model_on_the_original_base(case, tmp_path, ids):
     make, _, ours = CASES[case]
-    model = make()
-    lorakit.inject(model, lorakit.LoraConfig(init="pissa", **ours))
-    _train_lorakit(model)
-    trained = logits(model, ids)
-    lorakit.save_adapter(model, tmp_path, as_lora=True)
+    trained = _saved_lorakit_pissa(case, tmp_path, ids, as_lora=True)
     config = json.loads((tmp_path / CONFIG_FILE).read_text())
     assert config["init_lora_weights"] is True and config["r"] == 2 * ours["rank"]
     scale = trained.abs().max().item()
@@ -282,3 +284,18 @@ def test_peft_pissa_file_with_an_embedding_keeps_it_plain(tmp_path, ids):
     torch.testing.assert_close(logits(converted, ids), trained, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="needs a linear layer"):
         lorakit.inject(tiny_llama(), lorakit.LoraConfig(**{"rank": 4, "targets": ["embed_tokens"], "init": "pissa"}))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_base_comes_back_to_the_rounding_of_the_residual(dtype):
+    model = tiny_llama().to(dtype)
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lorakit.inject(model, lorakit.LoraConfig(rank=4, targets="attention", init="pissa"))
+    model = lorakit.unload(model, merge=False)
+    changed = 0
+    for n, p in model.named_parameters():
+        w = original[n].float()
+        error = (p.float() - w).abs().max()
+        assert error <= torch.finfo(dtype).eps * w.abs().max(), n  # the residual was stored rounded to dtype
+        changed += bool(error > 0)
+    assert changed  # (so the bound is what is tested, not bitwise equality)

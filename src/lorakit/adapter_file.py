@@ -96,7 +96,7 @@ def save_adapter(
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     fan_in_fan_out = any(getattr(model.get_submodule(p), "fan_in_fan_out", False) for p in record.modules)
-    config = fmt.to_peft_dict(
+    peft_config = fmt.to_peft_dict(
         config,
         record.modules,
         fan_in_fan_out=fan_in_fan_out,
@@ -117,7 +117,7 @@ def save_adapter(
         write_atomic(target / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
         for fname, obj in (extra_files or {}).items():
             write_json_atomic(target / fname, obj)
-        write_json_atomic(target / CONFIG_FILE, config)
+        write_json_atomic(target / CONFIG_FILE, peft_config)
         if target != folder:
             os.rename(target, folder)
     except BaseException:
