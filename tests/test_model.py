@@ -352,11 +352,11 @@ def _three_adapters():
     return model
 
 
-@pytest.mark.parametrize("names", [["a", "a"], ["a", "b", "a"], ("b", "b"), [], ["a", 3]])
+@pytest.mark.parametrize("names", [["a", "a"], ["a", "b", "a"], ("b", "b"), [], ["a", 3], None, {"a"}])
 def test_set_adapter_refuses_repeats_and_nothing(names):
     model = _three_adapters()
     before = snapshot(model)
-    with pytest.raises(ValueError, match="more than once|at least one|no adapter named"):
+    with pytest.raises(ValueError, match="more than once|at least one|no adapter named|a list of them"):
         lorakit.set_adapter(model, names)
     assert_unchanged(model, before)
     assert lorakit.active_adapters(model) == ["a"]

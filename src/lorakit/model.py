@@ -126,6 +126,8 @@ def set_adapter(model: nn.Module, names: str | list[str]) -> None:
 
     At least one name, each once: the base model alone is `disabled(model)`.
     """
+    if not isinstance(names, (str, list, tuple)):
+        raise ValueError(f"set_adapter takes an adapter name or a list of them, got {names!r}")
     names = [names] if isinstance(names, str) else list(names)
     known = adapters(model)
     if not names:
