@@ -4,7 +4,7 @@ Loading compares this set with the modules the weight file holds pairs for, both
 the config does not target (PEFT would skip it without a word) and a target without weights are
 both refused. lorakit's own `targets` (targets.py) choose modules for a new adapter and may be
 smarter; a file on disk means what PEFT makes of it. PEFT's rules (its
-`check_target_module_exists` and all-linear expansion, 0.17 to 0.21), restated:
+`check_target_module_exists` and all-linear expansion, as of 0.21), restated:
 
 - `exclude_modules`: a string is a regex over the whole module name; a list names a module by
   its whole name or by a dotted suffix. Modules inside `modules_to_save` are never targets.
