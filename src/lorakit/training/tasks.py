@@ -117,7 +117,7 @@ def position_limit(model: nn.Module) -> tuple[int, str] | None:
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             if getattr(config, "model_type", None) in _OFFSET_POSITIONS:
                 value -= (getattr(config, "pad_token_id", None) or 0) + 1
-            return value, key
+            return value, getattr(config, "attribute_map", {}).get(key, key)  # the name config.json uses
     return None
 
 
