@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 from helpers import classify_rows, files_of, write_csv
@@ -83,12 +84,13 @@ def test_out_dot_from_inside_a_run_folder(tiny, previous_run, capsys, monkeypatc
     assert (previous_run / "adapter_model.safetensors").is_file()
 
 
-def test_data_inside_the_out_folder_is_kept_or_refused(tiny, previous_run, capsys):
+def test_data_and_model_inside_the_out_folder_are_kept_or_refused(tiny, previous_run, capsys):
     data = write_csv(previous_run / "train.csv", classify_rows(40, seed=3))
-    code, _, err = lorakit(capsys, "train", "--model", str(tiny["bert"]), "--data", str(data), "--out",
+    model = shutil.copytree(tiny["bert"], previous_run / "model")
+    code, _, err = lorakit(capsys, "train", "--model", str(model), "--data", str(data), "--out",
                            str(previous_run), "--overwrite", "--batch-size", "8", "--max-steps", "1", "--threads", "1")
     assert code == 0, err
-    assert data.is_file()
+    assert data.is_file() and files_of(model) == files_of(tiny["bert"])
     # A data file that has the name of a file the run writes would be replaced: refused first.
     clash = previous_run / "metrics.jsonl"
     clash.write_text("\n".join(json.dumps(r) for r in classify_rows(40, seed=3)) + "\n")
