@@ -126,7 +126,7 @@ class _Run:
         self.metrics: list[dict[str, Any]] = []
         self.before: dict[str, float] = {}
         self.lock = RunLock(self.out)  # rank 0 holds it from the first write to the end of the run
-        self.wrote = False  # whether this run has written to its folder (a refused one has not)
+        self.claimed = False  # whether this run has begun to change its folder (a refused one has not)
 
     def say(self, *parts: Any) -> None:
         if self.world.main:
@@ -175,7 +175,7 @@ class _Run:
             restored, damaged = choose_checkpoint(out, setup.model, self.optimizer, self.names, world.size,
                                                   world.device)
             restored.apply(setup.model, self.optimizer)
-            self.wrote = True
+            self.claimed = True
             checkpoint, self.step, self.metrics = restored.folder, restored.state["step"], restored.metrics
             _restore_rng(restored.rng, world)
             notices += damaged
@@ -209,15 +209,15 @@ class _Run:
 
     def _write_start(self) -> None:
         try:
+            self.claimed = True
             clear_previous_run(self.out)
-            self.wrote = True
             write_json_atomic(self.out / RUN_FILE, self.config.to_json())
         except OSError as err:
             raise TrainingError(f"--out {self.out}: cannot write there ({err})") from None
 
     def close(self) -> None:
         """Let go of the folder; a run that never wrote there leaves no trace of itself."""
-        self.lock.release(abandon=not self.wrote)
+        self.lock.release(abandon=not self.claimed)
 
     def _announce(self, notices: list[str]) -> None:
         """What is about to be trained, as a person wants to read it."""
