@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("adapter", help="adapter folder")
     m.add_argument("--out", required=True, help="the merged model folder to write")
     m.add_argument("--model", help="base model (default: the one named in adapter_config.json)")
-    m.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing model folder (one with config.json)")
 
 
 def check_out(out: Path, adapter: Path, base: str | None, overwrite: bool) -> None:
