@@ -77,6 +77,6 @@ def test_residual_inits_with_dora_keep_outputs(ids):
 def test_olora_rank_above_the_layer_is_refused():
     model = tiny_llama()
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"module 'model.layers.0.self_attn.k_proj': init='olora' needs rank <= 16"):
+    with pytest.raises(ValueError, match=r"module 'model.layers.0.self_attn.k_proj': OLoRA rank 20 is above the layer's size.*rank <= 16"):
         lorakit.inject(model, lorakit.LoraConfig(rank=20, targets=["k_proj"], init="olora"))
     assert_unchanged(model, before)

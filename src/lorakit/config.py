@@ -30,6 +30,9 @@ class LoraConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)  # module-name pattern -> rank
     alpha_pattern: dict[str, float] = field(default_factory=dict)  # module-name pattern -> alpha
     layers: list[int] | None = None  # transformer block indices to adapt; None: all
+    # With `layers`: the name of the block list whose index counts ("blocks" in Swin's
+    # layers.N.blocks.M), or several tried in order; PEFT's layers_pattern. None: the first block list.
+    layers_pattern: str | list[str] | None = None
     use_dora: bool = False  # DoRA: W' = m (W + s B A) / ||W + s B A||, m trained per output feature
 
     def __post_init__(self) -> None:
@@ -65,6 +68,8 @@ class LoraConfig:
             if not all(isinstance(i, int) and i >= 0 for i in self.layers):
                 raise ValueError(f"layers must be a list of block indices >= 0, got {self.layers!r}")
             self.layers = list(self.layers)
+        if self.layers_pattern is not None:
+            self.layers_pattern = _check_layers_pattern(self.layers_pattern, self.layers)
         self.modules_to_save = list(self.modules_to_save or [])
 
     def rank_for(self, module_name: str) -> int:
@@ -86,6 +91,20 @@ def _check_rank(value: Any, what: str) -> None:
 def _check_alpha(value: Any, what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
         raise ValueError(f"{what} must be a number > 0, got {value!r}")
+
+
+def _check_layers_pattern(value: Any, layers: list[int] | None) -> str | list[str]:
+    patterns = [value] if isinstance(value, str) else value
+    if not (isinstance(patterns, (list, tuple)) and patterns and all(isinstance(p, str) and p for p in patterns)):
+        raise ValueError(f"layers_pattern must be a block-list name or a non-empty list of them, got {value!r}")
+    if layers is None:
+        raise ValueError(f"layers_pattern={value!r} needs layers (the block indices it counts)")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"layers_pattern {pattern!r} is not a valid regex: {err}") from None
+    return value if isinstance(value, str) else list(value)
 
 
 def _pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:

@@ -77,7 +77,9 @@ def to_peft_dict(
     """PEFT's adapter_config.json for an adapter on exactly `module_names`.
 
     target_modules is the exact list of adapted module paths (not the preset), so PEFT adapts
-    the same modules; `layers` is already applied to that list.
+    the same modules; `layers` is already applied to that list, and written as
+    layers_to_transform / layers_pattern for the record (PEFT takes a whole module name in
+    target_modules as it is, without the layer filter).
     """
     return {
         "peft_type": "LORA",
@@ -95,8 +97,8 @@ def to_peft_dict(
         "use_rslora": config.rslora,
         "modules_to_save": list(config.modules_to_save) or None,
         "init_lora_weights": _PEFT_INIT[config.init],
-        "layers_to_transform": None,
-        "layers_pattern": None,
+        "layers_to_transform": config.layers,
+        "layers_pattern": config.layers_pattern,
         "rank_pattern": dict(config.rank_pattern),
         "alpha_pattern": dict(config.alpha_pattern),
         "use_dora": config.use_dora,
@@ -124,6 +126,14 @@ def from_peft_dict(raw: Any, where: str) -> tuple[LoraConfig, dict[str, Any]]:
             raise ValueError(f"{where}: {key}={raw[key]!r} is not supported by lorakit (only null/empty)")
     init = raw.get("init_lora_weights", True)
     inits = {True: "default", False: "default", "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+    if isinstance(init, str) and init.startswith("pissa_niter_"):
+        raise ValueError(
+            f"{where}: init_lora_weights={init!r} (PiSSA from a randomized SVD) cannot be loaded onto the "
+            "original base: the residual it trained on depends on the random state at the time, and PEFT "
+            "too rebuilds a different one. Convert it to plain LoRA where it was trained (PEFT: "
+            "save_pretrained(..., path_initial_model_for_weight_conversion=...); lorakit: "
+            "save_adapter(..., as_lora=True))"
+        )
     if not isinstance(init, (bool, str)) or init not in inits:
         raise ValueError(
             f"{where}: init_lora_weights={init!r} is not supported by lorakit "
@@ -151,12 +161,15 @@ def from_peft_dict(raw: Any, where: str) -> tuple[LoraConfig, dict[str, Any]]:
             alpha_pattern=dict(raw.get("alpha_pattern") or {}),
             layers=_layers(raw.get("layers_to_transform"), where),
             use_dora=use_dora,
+            layers_pattern=_layers_pattern(raw.get("layers_pattern"), raw.get("layers_to_transform")),
         )
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
     exclude = raw.get("exclude_modules")
-    if exclude is not None and not (isinstance(exclude, list) and all(isinstance(e, str) for e in exclude)):
-        raise ValueError(f"{where}: exclude_modules={exclude!r} is not supported by lorakit (only a list of names)")
+    if exclude is not None and not isinstance(exclude, str) and not (
+        isinstance(exclude, list) and all(isinstance(e, str) for e in exclude)
+    ):
+        raise ValueError(f"{where}: exclude_modules={exclude!r} must be a regex or a list of module names")
     facts = {
         "exclude_modules": exclude or [],
         "base_model_name_or_path": raw.get("base_model_name_or_path"),
@@ -167,10 +180,15 @@ def from_peft_dict(raw: Any, where: str) -> tuple[LoraConfig, dict[str, Any]]:
 
 
 def _layers(value: Any, where: str) -> list[int] | None:
-    if value is None:
+    if value is None or value == []:  # PEFT: every block
         return None
     if isinstance(value, int) and not isinstance(value, bool):
         return [value]
     if isinstance(value, list):
         return value
     raise ValueError(f"{where}: layers_to_transform must be an integer or a list, got {value!r}")
+
+
+def _layers_pattern(value: Any, layers: Any) -> str | list[str] | None:
+    # PEFT treats "" and [] as no pattern, and a pattern without layers_to_transform as nothing to count.
+    return value if value and layers not in (None, []) else None

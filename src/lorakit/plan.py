@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import pissa
 from .config import LoraConfig
 from .layers import LoraLayer, wrapper_for
-from .registry import AdapterRecord, activate, active_adapters, register
+from .registry import AdapterRecord, activate, active_adapters, disabled_depth, register
 from .saved_modules import SavedModule
 from .targets import adaptable_kind
 
@@ -38,7 +39,9 @@ def build_plan(
     """Validate and build adapter `name` on `modules` without touching the model.
 
     `tensors` (path -> (A, B)) gives the weights (loading), with `magnitudes` (path -> m) for a
-    DoRA adapter; otherwise they are initialised.
+    DoRA adapter; otherwise they are initialised. A PiSSA or OLoRA adapter's base weights get
+    their residual either way (pissa.py); in a given adapter an embedding stays plain LoRA, as
+    PEFT trains it.
     """
     record = AdapterRecord(config=config, modules=list(modules))
     plan = Plan(name=name, record=record)
@@ -53,17 +56,16 @@ def build_plan(
             layer = wrapper_for(kind)(module)
             plan.wrappers.append((path, layer))
         rank, scaling = config.rank_for(path), config.scaling_for(path)
+        pissa.check_alone(model, layer, path, config)
         residual = None
-        if tensors is not None:
-            a, b = given_pair(layer, path, rank, tensors[path])
-        elif config.init in ("pissa", "olora"):
-            if layer.merged:
-                raise ValueError(f"module {path!r} has merged adapters; unmerge before a {config.init} init")
-            try:
-                a, b, residual = layer.pissa(rank, scaling) if config.init == "pissa" else layer.olora(rank, scaling)
-            except ValueError as err:
-                raise ValueError(f"module {path!r}: {err}") from None
+        if config.init in pissa.RESIDUAL_INITS and not (tensors is not None and layer.lookup_table):
+            a0, b0, residual = pissa.start(layer, path, rank, scaling, config.init)
             plan.residuals.append((layer, residual))
+            record.initial[path] = (a0.to("cpu", copy=True), b0.to("cpu", copy=True))
+            dtype = layer.base_layer.weight.dtype
+            a, b = given_pair(layer, path, rank, tensors[path]) if tensors is not None else (a0.to(dtype), b0.to(dtype))
+        elif tensors is not None:
+            a, b = given_pair(layer, path, rank, tensors[path])
         else:
             a, b = layer.build_pair(rank, config.init)
         if config.use_dora:
@@ -88,6 +90,7 @@ def commit(model: nn.Module, plan: Plan) -> None:
     """Swap in what `build_plan` built; nothing here can fail on valid input."""
     register(model, plan.name, plan.record)
     for path, wrapper in plan.wrappers:
+        wrapper.enabled = disabled_depth(model) == 0  # inside lorakit.disabled, new wrappers are off too
         replace_module(model, path, wrapper)
     with torch.no_grad():
         for layer, residual in plan.residuals:
@@ -135,6 +138,8 @@ def given_pair(
     expect_a, expect_b = layer.pair_shapes(rank)
     check_shape(f"module {path!r}: A", a, expect_a)
     check_shape(f"module {path!r}: B", b, expect_b)
+    check_values(f"module {path!r}: A", a)
+    check_values(f"module {path!r}: B", b)
     weight = layer.base_layer.weight
     return a.to(weight.device, weight.dtype), b.to(weight.device, weight.dtype)
 
@@ -144,6 +149,7 @@ def given_magnitude(layer: LoraLayer, path: str, magnitude: torch.Tensor | None)
     if not isinstance(magnitude, torch.Tensor):
         raise ValueError(f"module {path!r}: no DoRA magnitude given (the config has use_dora)")
     check_shape(f"module {path!r}: the DoRA magnitude", magnitude, layer.magnitude_shape())
+    check_values(f"module {path!r}: the DoRA magnitude", magnitude)
     weight = layer.base_layer.weight
     return magnitude.to(weight.device, weight.dtype)
 
@@ -157,6 +163,7 @@ def load_copy(clone: nn.Module, state: dict[str, torch.Tensor] | None, path: str
         if k not in state:
             raise ValueError(f"missing key {path}.{k!r} (modules_to_save)")
         check_shape(f"'{path}.{k}'", state[k], v.shape)
+        check_values(f"'{path}.{k}'", state[k], like=v)
     for k in state:
         if k not in expected:
             raise ValueError(f"unexpected key {path}.{k!r} (modules_to_save {path!r})")
@@ -169,6 +176,16 @@ def check_shape(what: str, tensor: torch.Tensor, shape: torch.Size | tuple[int, 
             f"{what} has shape {tuple(tensor.shape)}, but this model needs {tuple(shape)} "
             "(was the adapter trained on another base model?)"
         )
+
+
+def check_values(what: str, tensor: torch.Tensor, like: torch.Tensor | None = None) -> None:
+    """Refuse integer or boolean values where the model holds floats (`like`: the tensor they
+    replace; default a float one), and NaN or infinite values anywhere."""
+    if (like is None or like.is_floating_point()) and not tensor.is_floating_point():
+        raise ValueError(f"{what} has dtype {tensor.dtype}, but this model needs floating-point values")
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(f"{what} holds {bad} NaN or infinite value{'s' if bad > 1 else ''}")
 
 
 def get_adapted(model: nn.Module, path: str) -> nn.Module:

@@ -15,7 +15,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Train a LoRA adapter. With no options: the bundled all-MiniLM-L6-v2 as a "
                                    "sentence classifier on the bundled sentiment sentences, 20% held out.")
     out = add_run_options(t)["output"]
-    out.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    out.add_argument("--overwrite", action="store_true", help="replace a previous run in --out (removes only the "
+                     "files a run writes; your own files there stay)")
     again = out.add_mutually_exclusive_group()
     again.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its last checkpoint "
                                                        "(its saved options are used; others are ignored)")
