@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, options in chosen.items():
-            rows.append(run_one(name, options, Path(tmp) / name.split()[0]))
+            rows.append(run_one(name, options, Path(tmp) / re.sub(r"[^A-Za-z0-9]+", "-", name)))
             print(f"{name:18s} accuracy {rows[-1]['accuracy']:.2%}  loss {rows[-1]['loss']:.4f}  "
                   f"{rows[-1]['seconds']:.0f} s wall, {rows[-1]['cpu']:.0f} s CPU", flush=True)
     machine["load"] = f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after (1-min load average)"
@@ -118,6 +119,10 @@ def _notes(rows: list[dict]) -> str:
             if "--loraplus-ratio" in r["options"]:
                 why = (f" Its B factors step at {r['options'].split()[-1]} x the default peak lr of 1e-3, which was "
                        "chosen for plain LoRA (LoRA+'s paper tunes the base rate and the ratio together).")
+            if "--rslora" in r["options"]:
+                why = (" rsLoRA scales the update by alpha / sqrt(rank) = 16 / sqrt(8) = 5.7 instead of alpha / rank "
+                       "= 2, so at the same lr its steps are 2.8 x larger; the default lr was chosen for plain LoRA "
+                       "(with rsLoRA one lowers alpha or the lr).")
             notes.append(f"\n{r['name']} did not learn: held-out accuracy {r['accuracy']:.2%} after training, "
                          f"{r['before']:.2%} before.{why}\n")
     return "".join(notes)
