@@ -26,8 +26,8 @@ from . import peft_format as fmt
 from .atomic import make_temp_dir, write_atomic, write_json_atomic
 from .config import LoraConfig
 from .json_file import read_json
-from .model import add_adapter_from_tensors
 from .layers import LoraLayer
+from .model import add_adapter_from_tensors
 from .peft_targets import peft_saved_modules, targeted_modules
 from .pissa import as_plain_lora
 from .plan import TensorError, check_shape, check_values, get_adapted, saved_module_paths
