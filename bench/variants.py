@@ -86,8 +86,9 @@ def training_cases() -> dict:
 
 
 def inference_cases() -> dict:
-    import lorakit
     from peft.helpers import DoraCaching
+
+    import lorakit
 
     base = C.load_model(SETTING.model, "cpu", torch.float32)
     ids = C.make_inputs(SETTING, base, "cpu")

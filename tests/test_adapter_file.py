@@ -448,3 +448,94 @@ def test_two_adapters_cannot_both_replace_a_base_tensor(tmp_path):
     with pytest.raises(AdapterFileError, match="already holds the value adapter 'one' brought"):
         lorakit.load_adapter(model, folder, name="two")
     assert_unchanged(model, before)
+
+
+# ---- the file's keys: named in every error; what a file must hold --------------------------------
+
+KEY_VALUE = "base_model.model.bert.encoder.layer.1.attention.self.value.lora_B.weight"
+KEY_EMBEDDING = "base_model.model.bert.embeddings.word_embeddings.lora_embedding_A"
+
+
+@pytest.mark.parametrize(("key", "shape"), [
+    (QUERY_A, (4, 33)),
+    (QUERY_A, (5, 32)),  # the rank the config does not give
+    (KEY_VALUE, (32, 3)),
+    (KEY_VALUE, (128,)),
+    (KEY_EMBEDDING, (4, 7)),
+])
+def test_a_tensor_of_the_wrong_shape_is_named_by_its_key(key, shape, tmp_path):
+    folder, _ = _trained_bert(tmp_path, targets=["query", "value", "word_embeddings"])
+    tensors = load_file(folder / WEIGHTS_FILE)
+    tensors[key] = torch.zeros(shape)
+    save_file(tensors, folder / WEIGHTS_FILE)
+    model = tiny_bert()
+    before = snapshot(model)
+    with pytest.raises(AdapterFileError) as caught:
+        lorakit.load_adapter(model, folder)
+    assert str(caught.value).startswith(f"{folder / WEIGHTS_FILE}: key {key!r}")
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize(("bias", "drop"), [
+    ("lora_only", "base_model.model.bert.encoder.layer.0.attention.self.query.base_layer.bias"),
+    ("all", "base_model.model.bert.encoder.layer.1.output.LayerNorm.bias"),
+    ("all", "base_model.model.bert.encoder.layer.0.attention.self.query.base_layer.bias"),
+])
+def test_a_trained_bias_missing_from_the_file_is_refused(bias, drop, tmp_path):
+    folder, _ = _trained_bert(tmp_path, targets=["query"], bias=bias)
+    tensors = load_file(folder / WEIGHTS_FILE)
+    del tensors[drop]
+    save_file(tensors, folder / WEIGHTS_FILE)
+    model = tiny_bert()
+    before = snapshot(model)
+    with pytest.raises(AdapterFileError, match=f"missing key '{drop}' \\(bias='{bias}' trains it\\)"):
+        lorakit.load_adapter(model, folder)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("inside", ["modules_to_save", "original_module"])
+def test_peft_second_copies_of_a_saved_modules_tensor_must_agree(inside, tmp_path, ids):
+    # PEFT's bias="all" writes a trained head's bias also as classifier.modules_to_save.bias (the
+    # copy again) and classifier.original_module.bias (the untouched original).
+    folder, model = _trained_bert(tmp_path, bias="all")
+    expected = logits(model, ids)
+    tensors = load_file(folder / WEIGHTS_FILE)
+    same = tensors["base_model.model.classifier.bias"] if inside == "modules_to_save" else tiny_bert().classifier.bias
+    key = f"base_model.model.classifier.{inside}.bias"
+    tensors[key] = same.detach().clone()
+    save_file(tensors, folder / WEIGHTS_FILE)
+    fresh = tiny_bert()
+    lorakit.load_adapter(fresh, folder)
+    torch.testing.assert_close(logits(fresh, ids), expected, rtol=0, atol=0)
+    tensors[key] = tensors[key] + 1
+    save_file(tensors, folder / WEIGHTS_FILE)
+    model = tiny_bert()
+    before = snapshot(model)
+    with pytest.raises(AdapterFileError, match=f"key '{key}' differs from"):
+        lorakit.load_adapter(model, folder)
+    assert_unchanged(model, before)
+
+
+# ---- saving: checked before anything is written ---------------------------------------------
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), [
+    (dict(extra_files={"labels.json": {"x": object()}}), ValueError, "extra file 'labels.json': not JSON"),
+    (dict(extra_files={"labels.json": {"x": {1, 2}}}), ValueError, "extra file 'labels.json': not JSON"),
+    (dict(extra_files={"../labels.json": {}}), ValueError, "must be a plain '*.json' name"),
+    (dict(path=123), TypeError, "an adapter folder is a path (str or os.PathLike), got int 123"),
+])
+def test_a_refused_save_leaves_the_folder_as_it_was(kwargs, error, message, tmp_path):
+    folder, model = _trained_bert(tmp_path)
+    randomize_adapter(model, seed=7)  # new weights that must not reach the folder
+    before = {f: (folder / f).read_bytes() for f in os.listdir(folder)}
+    with pytest.raises(error) as caught:
+        lorakit.save_adapter(model, **({"path": folder} | kwargs))
+    assert message in str(caught.value)
+    assert {f: (folder / f).read_bytes() for f in os.listdir(folder)} == before
+
+
+def test_load_path_of_the_wrong_type():
+    model = tiny_bert()
+    with pytest.raises(TypeError, match="an adapter folder is a path"):
+        lorakit.load_adapter(model, None)

@@ -348,7 +348,7 @@ def test_file_errors(tmp_path):
     with pytest.raises(lorakit.AdapterFileError, match=f"missing key {key}"):
         lorakit.load_adapter(tiny_llama(), tmp_path)
     save_file(dict(state, **{key: state[key][:-1]}), str(weights))
-    with pytest.raises(lorakit.AdapterFileError, match="DoRA magnitude has shape"):
+    with pytest.raises(lorakit.AdapterFileError, match=f"key '{key}': .*DoRA magnitude has shape"):
         lorakit.load_adapter(tiny_llama(), tmp_path)
     save_file(state, str(weights))
     config = json.loads(config_file.read_text())

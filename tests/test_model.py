@@ -214,6 +214,20 @@ def test_bad_requests_change_nothing():
         ({"bias": "some"}, "none, all, lora_only"),
         ({"targets": "("}, "not a valid regex"),
         ({"rank_pattern": {"q": -1}}, "rank_pattern"),
+        # Values of the wrong type: refused rather than read some other way.
+        ({"rslora": "no"}, "rslora must be True or False"),  # a non-empty string is true
+        ({"rslora": 1}, "rslora must be True or False"),
+        ({"dropout": True}, r"dropout must be in \[0, 1\)"),
+        ({"modules_to_save": "classifier"}, "modules_to_save must be a list"),  # not ['c', 'l', ...]
+        ({"modules_to_save": [1]}, "modules_to_save must be a list"),
+        ({"modules_to_save": {"classifier": 1}}, "modules_to_save must be a list"),
+        ({"rank_pattern": None}, "rank_pattern must be a dict"),
+        ({"rank_pattern": [("q", 2)]}, "rank_pattern must be a dict"),
+        ({"rank_pattern": {"q(": 2}}, "rank_pattern key 'q\\(' is not a valid regex"),
+        ({"alpha_pattern": {3: 2.0}}, "alpha_pattern key 3 must be a non-empty string"),
+        ({"layers": 5}, "layers must be a list of block indices"),
+        ({"layers": [True]}, "layers must be a list of block indices"),
+        ({"layers": "1"}, "layers must be a list of block indices"),
     ],
 )
 def test_config_validation(kwargs, message):
@@ -391,3 +405,59 @@ def test_deleting_the_active_adapter_activates_the_oldest_left(ids):
     lorakit.delete_adapter(model, "c")  # another active one is left: it stays the only one
     assert lorakit.active_adapters(model) == ["a"]
     assert torch.equal(logits(model, ids), only_a)
+
+
+# ---- misuse of the API: a clear error before anything changes --------------------------------
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda m: lorakit.inject(m, {"rank": 4}), TypeError, "config must be a lorakit.LoraConfig, got dict"),
+        (lambda m: lorakit.inject(m, None), TypeError, "config must be a lorakit.LoraConfig, got NoneType"),
+        (lambda m: lorakit.add_adapter(m, lorakit.LoraConfig(), "b"), ValueError, "adapter name must be"),
+        (lambda m: lorakit.add_adapter_from_tensors(m, "b", "attention", {}), TypeError, "config must be"),
+        (lambda m: lorakit.inject("model", lorakit.LoraConfig()), TypeError, "model must be a torch.nn.Module, got str"),
+        # Names nn.ModuleDict / nn.ParameterDict cannot hold: these failed halfway through, wrappers in place.
+        *[(lambda m, n=n: lorakit.inject(m, lorakit.LoraConfig(targets=["query", "word_embeddings"]), name=n),
+           ValueError, f"adapter name {n!r} is the name of an attribute")
+          for n in ("training", "forward", "keys", "update", "to", "__class__")],
+    ],
+)
+def test_misuse_is_a_clear_error_and_changes_nothing(call, error, message):
+    model = tiny_bert()
+    lorakit.inject(model, lorakit.LoraConfig(rank=4, targets=["value"]), name="a")
+    before = snapshot(model)
+    with pytest.raises(error) as caught:
+        call(model)
+    assert message in str(caught.value)
+    assert_unchanged(model, before)
+    assert list(lorakit.adapters(model)) == ["a"]
+
+
+def _eval_model_with(how):
+    model = tiny_llama()  # eval mode
+    cfg = lorakit.LoraConfig(rank=4, targets=["q_proj", "v_proj", "embed_tokens"], dropout=0.5)
+    if how == "inject":
+        lorakit.inject(model, cfg)
+    elif how == "add second":
+        lorakit.inject(model, lorakit.LoraConfig(rank=4, targets=["q_proj"]), name="first")
+        lorakit.add_adapter(model, "default", cfg)
+        lorakit.set_adapter(model, "default")
+    else:
+        source = tiny_llama()
+        lorakit.inject(source, cfg)
+        lorakit.save_adapter(source, how)
+        lorakit.load_adapter(model, how)
+    return model
+
+
+@pytest.mark.parametrize("how", ["inject", "add second", "load"])
+def test_new_wrappers_take_the_mode_of_the_module_they_wrap(how, ids, tmp_path):
+    # A new nn.Module trains: in an eval-mode model, the adapters' dropout was on at inference.
+    model = _eval_model_with(tmp_path / "adapter" if how == "load" else how)
+    randomize_adapter(model)
+    assert not any(m.training for m in model.modules())
+    assert torch.equal(logits(model, ids), logits(model, ids))
+    model.train()
+    assert all(m.training for m in model.modules())

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import lorakit
 from lorakit.adapter_file import CONFIG_FILE, WEIGHTS_FILE, AdapterFileError
-from lorakit.peft_targets import targeted_modules
+from lorakit.peft_targets import peft_saved_modules, targeted_modules
 
 peft = pytest.importorskip("peft")
 
@@ -60,6 +60,25 @@ def test_targeted_modules_are_those_peft_adapts(case):
         modules_to_save=kwargs.get("modules_to_save", []),
     )
     assert sorted(got) == expected
+
+
+def _saved_by_peft(model) -> list[str]:
+    wrapper = peft.utils.other.ModulesToSaveWrapper
+    return sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, wrapper))
+
+
+@pytest.mark.parametrize(("make", "entries"), [
+    (tiny_llama, ["norm"]),  # every ...layernorm too: a plain suffix, not a dotted one
+    (tiny_llama, ["lm_head", "embed_tokens"]),
+    (tiny_llama, ["layernorm"]),
+    (tiny_llama, ["layers.1"]),  # a whole block, its insides not again
+    (tiny_bert, ["classifier", "pooler"]),
+    (tiny_bert, ["dense"]),
+])
+def test_saved_modules_are_those_peft_trains_in_full(make, entries):
+    expected = _saved_by_peft(peft.get_peft_model(make(), peft.LoraConfig(r=2, target_modules=["k_proj", "key"],
+                                                                          modules_to_save=entries)))
+    assert sorted(peft_saved_modules(make(), entries)) == expected
 
 
 @pytest.mark.parametrize("case", [c for c in CONFIGS if c.startswith("swin")])

@@ -9,6 +9,8 @@ by file (weights first, config last); a new folder appears whole.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import re
 import shutil
@@ -24,16 +26,18 @@ from . import peft_format as fmt
 from .atomic import make_temp_dir, write_atomic, write_json_atomic
 from .config import LoraConfig
 from .json_file import read_json
+from .layers import LoraLayer
 from .model import add_adapter_from_tensors
-from .peft_targets import targeted_modules
+from .peft_targets import peft_saved_modules, targeted_modules
 from .pissa import RESIDUAL_INITS, as_plain_lora
-from .plan import check_values, get_adapted, saved_module_paths
+from .plan import TensorError, check_shape, check_values, get_adapted, saved_module_paths
 from .registry import adapters, base_biases
 from .saved_modules import SavedModule
 from .targets import adaptable_kind
 
 CONFIG_FILE = fmt.CONFIG_FILE
 WEIGHTS_FILE = fmt.WEIGHTS_FILE
+_PEFT_SAVED_INSIDE = ("modules_to_save.", "original_module.")  # PEFT's names inside its modules_to_save wrapper
 
 
 class AdapterFileError(ValueError):
@@ -66,6 +70,13 @@ def _state(model: nn.Module, name: str, record) -> dict[str, torch.Tensor]:
     for path in record.saved:
         for key, value in model.get_submodule(path).copies[name].state_dict().items():
             state[fmt.key(path, key)] = value
+    # PEFT trains in full every module whose name ends with an entry (DistilBERT's pre_classifier
+    # for "classifier") and needs its weights: those the adapter leaves alone go in as they are.
+    for path in peft_saved_modules(model, record.saved):
+        if path not in record.saved:
+            module = model.get_submodule(path)
+            for key, value in getattr(module, "original", module).state_dict().items():
+                state[fmt.key(path, key)] = value
     return {k: v.detach() for k, v in state.items()}
 
 
@@ -89,10 +100,19 @@ def save_adapter(
     Returns the folder. A new folder appears whole (built aside, then renamed); in an existing
     one each file is replaced atomically.
     """
+    _check_path(path)
     record = _record(model, name)
     config, state = record.config, _state(model, name, record)
+    for fname, obj in (extra_files or {}).items():
+        try:
+            json.dumps(obj)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"extra file {fname!r}: not JSON ({err})") from None
     if as_lora and config.init in RESIDUAL_INITS:
         config, state = as_plain_lora(model, record, state)
+    # The modules trained in full by their exact names: PEFT's suffix rule would read "norm" as
+    # every "...layernorm" too.
+    config = dataclasses.replace(config, modules_to_save=list(record.saved))
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     fan_in_fan_out = any(getattr(model.get_submodule(p), "fan_in_fan_out", False) for p in record.modules)
@@ -202,19 +222,25 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     config targets on this model (PEFT's matching rules, peft_targets.py), every value finite
     and floating-point. A PiSSA adapter gets its residual base weights back (pissa.py).
     """
+    _check_path(path)
     config, facts = read_adapter_config(path)
     tensors = read_adapter_tensors(path)
     where = str(Path(path) / WEIGHTS_FILE)
-    config.modules_to_save = _present_saved_modules(model, config, tensors)
     try:
+        config.modules_to_save = _saved_paths(model, _present_saved_modules(model, config, tensors), tensors)
         saved_paths = saved_module_paths(model, config.modules_to_save)
     except ValueError as err:
         raise AdapterFileError(f"{where}: {err}") from None
     pairs, magnitudes, base, saved = _sort_keys(model, config, tensors, saved_paths, where)
     _check_targets(model, config, facts, pairs, where)
+    _check_biases(model, config, pairs, base, saved_paths, where)
     try:
         add_adapter_from_tensors(model, name, config, pairs, saved=saved, base=base, magnitudes=magnitudes or None,
                                  trainable=trainable)
+    except TensorError as err:  # say which key of the file it is
+        embedding = adaptable_kind(model.get_submodule(err.module)) == "embedding"
+        key = fmt.key(err.module, fmt.pair_keys(embedding)[err.role])
+        raise AdapterFileError(f"{where}: key {key!r}: {err}") from None
     except ValueError as err:
         raise AdapterFileError(f"{where}: {err}") from None
     return model
@@ -230,7 +256,8 @@ def _sort_keys(
     halves: dict[str, dict[str, torch.Tensor]] = {}
     base: dict[str, torch.Tensor] = {}
     saved: dict[str, dict[str, torch.Tensor]] = {p: {} for p in saved_paths}
-    params = dict(model.named_parameters())
+    repeated: dict[str, tuple[str, str, str]] = {}  # key -> (module, tensor, where in PEFT's wrapper)
+    params = dict(model.named_parameters(remove_duplicate=False))  # a tied lm_head.weight has its own name
     for key in sorted(tensors):
         if not key.startswith(fmt.PREFIX):
             raise AdapterFileError(f"{where}: unexpected key {key!r} (PEFT keys start with {fmt.PREFIX!r})")
@@ -242,6 +269,11 @@ def _sort_keys(
         if pair_key is not None:
             module, suffix = pair_key
             halves.setdefault(module, {})[suffix] = tensors[key]
+        elif owner is not None and rest[len(owner) + 1 :].startswith(_PEFT_SAVED_INSIDE):
+            # bias="all" makes PEFT write the trained copy's biases twice ("modules_to_save.") and
+            # the untrained original's ("original_module."): each must equal what it duplicates.
+            inside, _, tensor_name = rest[len(owner) + 1 :].partition(".")
+            repeated[key] = (owner, tensor_name, inside)
         elif owner is not None:
             saved[owner][rest[len(owner) + 1 :]] = tensors[key]
         elif rest.endswith("." + fmt.BASE_WEIGHT) or (rest.endswith("bias") and config.bias != "none"):
@@ -251,9 +283,21 @@ def _sort_keys(
             name = rest if rest in params else plain
             if name not in params:
                 raise AdapterFileError(f"{where}: key {key!r} names no parameter of this model")
+            try:
+                check_shape(f"key {key!r}", tensors[key], params[name].shape)
+            except ValueError as err:
+                raise AdapterFileError(f"{where}: {err}") from None
             base[name] = tensors[key]
         else:
             raise AdapterFileError(f"{where}: unexpected key {key!r}")
+    for key, (owner, tensor_name, inside) in repeated.items():
+        if inside == "modules_to_save":
+            same = saved[owner].get(tensor_name)
+        else:
+            same = _saved_tensor(model, owner, f"{owner}.{tensor_name}")
+        if same is None or same.shape != tensors[key].shape or not torch.equal(same.to(tensors[key].dtype), tensors[key]):
+            what = "the trained copy's value" if inside == "modules_to_save" else "the model's own value"
+            raise AdapterFileError(f"{where}: key {key!r} differs from {what} for {owner}.{tensor_name} (modules_to_save)")
     pairs = {module: _pair(model, module, half, config.use_dora, where) for module, half in halves.items()}
     magnitudes = {module: half[fmt.MAGNITUDE] for module, half in halves.items() if fmt.MAGNITUDE in half}
     return pairs, magnitudes, base, saved
@@ -316,7 +360,8 @@ def _check_targets(model: nn.Module, config: LoraConfig, facts: dict, pairs: dic
             task_type=facts.get("task_type"),
         )
     except re.error as err:
-        raise AdapterFileError(f"{where}: target_modules or exclude_modules is not a valid regex: {err}") from None
+        config_file = Path(where).with_name(CONFIG_FILE)
+        raise AdapterFileError(f"{config_file}: target_modules or exclude_modules is not a valid regex: {err}") from None
     if expected is None:
         return
     config_file = Path(where).with_name(CONFIG_FILE)
@@ -335,6 +380,53 @@ def _check_targets(model: nn.Module, config: LoraConfig, facts: dict, pairs: dic
     if missing:
         suffix = fmt.pair_keys(adaptable_kind(model.get_submodule(missing[0])) == "embedding")["A"]
         raise AdapterFileError(f"{where}: missing key {fmt.key(missing[0], suffix)} (the config targets {missing[0]!r})")
+
+
+def _check_biases(
+    model: nn.Module, config: LoraConfig, pairs: dict, base: dict[str, torch.Tensor], saved_paths: list[str], where: str
+) -> None:
+    """A file that trained biases holds each one it trained: bias="lora_only" those of the adapted
+    layers, bias="all" every bias of the model (those of modules_to_save come with their copies)."""
+    if config.bias == "none":
+        return
+    if config.bias == "lora_only":
+        wanted = [f"{p}.bias" for p in pairs if getattr(_base_module(model, p), "bias", None) is not None]
+    else:
+        wanted = [n for n, _ in base_biases(model) if not any(n.startswith(s + ".") for s in saved_paths)]
+    for name in wanted:
+        plain = name.replace(".base_layer.", ".")
+        if name not in base and plain not in base:
+            module = plain.rsplit(".", 1)[0]
+            key = fmt.key(module, fmt.BASE_BIAS) if module in pairs else fmt.PREFIX + plain
+            raise AdapterFileError(f"{where}: missing key {key!r} (bias={config.bias!r} trains it)")
+
+
+def _base_module(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        return None
+    return module.base_layer if isinstance(module, LoraLayer) else module
+
+
+def _saved_paths(model: nn.Module, entries: list[str], tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The modules the file's modules_to_save entries name, by PEFT's suffix rule (peft_targets);
+    one that only that rule finds and the file holds nothing for is dropped (lorakit wrote the
+    file before it wrote exact names)."""
+    own = []
+    for entry in entries:
+        try:
+            own += saved_module_paths(model, [entry])
+        except ValueError:
+            if not peft_saved_modules(model, [entry]):
+                raise
+    held = [k[len(fmt.PREFIX):] for k in tensors if k.startswith(fmt.PREFIX)]
+    return [p for p in peft_saved_modules(model, entries) if p in own or any(k.startswith(p + ".") for k in held)]
+
+
+def _check_path(path: Any) -> None:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"an adapter folder is a path (str or os.PathLike), got {type(path).__name__} {path!r}")
 
 
 def _targets_text(config: LoraConfig, facts: dict) -> str:
@@ -357,9 +449,8 @@ def _present_saved_modules(model: nn.Module, config: LoraConfig, tensors: dict[s
     names = [p for p, _ in model.named_modules() if p]
     keys = [k[len(fmt.PREFIX):] for k in tensors if k.startswith(fmt.PREFIX)]
 
-    def known(entry: str) -> bool:
-        found = lambda p: p == entry or p.endswith("." + entry)
-        return any(found(p) for p in names) or any(found(k.rsplit(".", 1)[0]) for k in keys)
+    def known(entry: str) -> bool:  # PEFT's rule: a plain suffix of the name (peft_targets.py)
+        return any(p.endswith(entry) for p in names) or any(k.rsplit(".", 1)[0].endswith(entry) for k in keys)
 
     return [e for e in config.modules_to_save if known(e)]
 

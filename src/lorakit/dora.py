@@ -34,7 +34,6 @@ import torch.nn.functional as F
 
 from .fused import _fold_pays, _folded_weight, _grad_a, _grad_b, _project, _recipe
 
-
 # ---- the norm --------------------------------------------------------------------------------
 
 

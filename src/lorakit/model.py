@@ -55,6 +55,7 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
 def add_adapter(model: nn.Module, name: str, config: LoraConfig) -> nn.Module:
     """Add adapter `name` (active only if no other adapter is); see `set_adapter`."""
     _check_new_name(model, name)
+    _check_config(config)
     _refuse_if_merged(model, "adding an adapter")
     exclude = list(config.modules_to_save) + saved_wrapper_paths(model)
     modules = resolve_targets(model, config.targets, config.layers, exclude=exclude, layers_pattern=config.layers_pattern)
@@ -90,6 +91,7 @@ def add_adapter_from_tensors(
     becomes active if no other adapter is.
     """
     _check_new_name(model, name)
+    _check_config(config)
     _refuse_if_merged(model, "loading an adapter")
     if not pairs:
         raise ValueError("no LoRA weights given (pairs is empty)")
@@ -111,7 +113,7 @@ def add_adapter_from_tensors(
     unknown = sorted(set(saved) - set(plan.record.saved))
     if unknown:
         raise ValueError(f"saved: {unknown[0]!r} is not one of the modules_to_save {plan.record.saved}")
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # a tied weight answers to each of its names
     for pname, value in (base or {}).items():
         if pname not in params:
             raise ValueError(f"base: the model has no parameter named {pname!r}")
@@ -255,10 +257,23 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def _check_new_name(model: nn.Module, name: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
+    # Each wrapper keeps its adapters in an nn.ModuleDict / nn.ParameterDict keyed by name, and
+    # those refuse the names of their own attributes; caught here, before anything changes.
+    taken = next((d for d in (nn.ModuleDict(), nn.ParameterDict()) if hasattr(d, name)), None)
+    if taken is not None:
+        raise ValueError(f"adapter name {name!r} is the name of an attribute of torch's {type(taken).__name__}, "
+                         "which holds each layer's adapters by name; pick another name")
     if name in adapters(model):
         raise ValueError(f"the model already has an adapter named {name!r}; delete_adapter it or pick another name")
+
+
+def _check_config(config: LoraConfig) -> None:
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a lorakit.LoraConfig, got {type(config).__name__} {config!r}"[:200])
 
 
 def _refuse_if_merged(model: nn.Module, doing: str) -> None:

@@ -57,6 +57,24 @@ def targeted_modules(
     return [n for n in chosen if not _excluded(n, exclude, modules_to_save)]
 
 
+def peft_saved_modules(model: nn.Module, entries: list[str]) -> list[str]:
+    """The modules PEFT trains in full for `modules_to_save` entries, in model order.
+
+    PEFT's rule is a plain string suffix: "classifier" takes DistilBERT's "pre_classifier" too, and
+    "norm" every "...layernorm". Where such modules nest, the outer one is taken (PEFT wraps it
+    first). Nothing inside a lorakit wrapper counts.
+    """
+    chosen: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(c + ".") for c in chosen):
+            continue
+        if any(name.endswith(entry) for entry in entries):
+            chosen.append(name)
+    wrappers = [n for n, m in model.named_modules() if getattr(type(m), "is_lora_layer", False)
+                or getattr(type(m), "is_saved_module", False)]
+    return [c for c in chosen if not any(c.startswith(w + ".") for w in wrappers)]
+
+
 def _listed(name: str, entries: list[str], layers: list[int] | None, pattern: str | list[str] | None) -> bool:
     if name in entries:
         return True  # a whole name: no layer filter

@@ -34,7 +34,6 @@ from .config import LoraConfig
 from .layers import LoraLayer
 from .registry import AdapterRecord, adapters
 
-
 RESIDUAL_INITS = {"pissa": "PiSSA", "olora": "OLoRA"}  # the inits whose base weight holds a residual
 
 

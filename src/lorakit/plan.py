@@ -16,6 +16,14 @@ from .saved_modules import SavedModule
 from .targets import adaptable_kind
 
 
+class TensorError(ValueError):
+    """A given A, B or DoRA magnitude ("m") that does not fit its module; `module` and `role` say which."""
+
+    def __init__(self, message: str, module: str, role: str) -> None:
+        super().__init__(message)
+        self.module, self.role = module, role
+
+
 @dataclass
 class Plan:
     name: str
@@ -99,6 +107,8 @@ def commit(model: nn.Module, plan: Plan) -> None:
             param.copy_(value)
     for i, (layer, a, b, scaling, dropout) in enumerate(plan.pairs):
         layer.attach(plan.name, a, b, scaling, dropout, plan.magnitudes.get(i))
+        # New modules train; in an eval-mode model the adapter's dropout would then act at inference.
+        layer.train(layer.base_layer.training)
     for saved, clone in plan.copies:
         saved.copies[plan.name] = clone
     activate(model, active_adapters(model) or [plan.name])
@@ -134,12 +144,13 @@ def given_pair(
     a, b = pair
     given = a.shape[0] if a.dim() else 0
     if given != rank:
-        raise ValueError(f"module {path!r}: A has rank {given}, but the config gives rank {rank} for {path!r}")
-    expect_a, expect_b = layer.pair_shapes(rank)
-    check_shape(f"module {path!r}: A", a, expect_a)
-    check_shape(f"module {path!r}: B", b, expect_b)
-    check_values(f"module {path!r}: A", a)
-    check_values(f"module {path!r}: B", b)
+        raise TensorError(f"module {path!r}: A has rank {given}, but the config gives rank {rank} for {path!r}", path, "A")
+    for role, tensor, shape in zip(("A", "B"), (a, b), layer.pair_shapes(rank)):
+        try:
+            check_shape(f"module {path!r}: {role}", tensor, shape)
+            check_values(f"module {path!r}: {role}", tensor)
+        except ValueError as err:
+            raise TensorError(str(err), path, role) from None
     weight = layer.base_layer.weight
     return a.to(weight.device, weight.dtype), b.to(weight.device, weight.dtype)
 
@@ -148,8 +159,11 @@ def given_magnitude(layer: LoraLayer, path: str, magnitude: torch.Tensor | None)
     """A given DoRA magnitude vector, checked against the layer, on the base weight's device and dtype."""
     if not isinstance(magnitude, torch.Tensor):
         raise ValueError(f"module {path!r}: no DoRA magnitude given (the config has use_dora)")
-    check_shape(f"module {path!r}: the DoRA magnitude", magnitude, layer.magnitude_shape())
-    check_values(f"module {path!r}: the DoRA magnitude", magnitude)
+    try:
+        check_shape(f"module {path!r}: the DoRA magnitude", magnitude, layer.magnitude_shape())
+        check_values(f"module {path!r}: the DoRA magnitude", magnitude)
+    except ValueError as err:
+        raise TensorError(str(err), path, "m") from None
     weight = layer.base_layer.weight
     return magnitude.to(weight.device, weight.dtype)
 

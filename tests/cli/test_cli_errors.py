@@ -192,3 +192,54 @@ def test_eval_checks_its_numbers_first(option, value, adapter, capsys):
 def test_generate_checks_max_new_tokens(adapter, capsys):
     code, _, err = lorakit_cli(capsys, "generate", str(adapter), "--prompt", "good", "--max-new-tokens", "0")
     assert one_line_error(code, err) and "--max-new-tokens must be an integer >= 1" in err
+
+
+# ---- what the user's files and options can hold: one line, nothing written -------------------
+
+
+def _edit_config(folder: Path, **fields) -> None:
+    file = folder / "adapter_config.json"
+    file.write_text(json.dumps(json.loads(file.read_text()) | fields))
+
+
+@pytest.mark.parametrize("command", ["eval", "generate", "merge", "inspect"])
+@pytest.mark.parametrize(("fields", "says"), [
+    (dict(task_type=["SEQ_CLS"]), "task_type=['SEQ_CLS'] must be a string"),  # was: unhashable type 'list'
+    (dict(base_model_name_or_path=5), "base_model_name_or_path=5 must be a string"),
+    (dict(use_rslora="false"), "use_rslora='false' must be true or false"),
+    (dict(base_model_name_or_path="/nonexistent/base"), "base_model_name_or_path /nonexistent/base is not a folder"),
+])
+def test_an_adapter_config_a_command_cannot_use_is_one_line(command, fields, says, adapter, tmp_path, capsys):
+    if command == "inspect" and "nonexistent" in str(fields):
+        pytest.skip("inspect loads no model")
+    folder = shutil.copytree(adapter, tmp_path / "adapter")
+    _edit_config(folder, **fields)
+    extra = {"generate": ["--prompt", "good"], "merge": ["--out", str(tmp_path / "merged")]}.get(command, [])
+    before = files_of(tmp_path)
+    code, _, err = lorakit_cli(capsys, command, str(folder), *extra)
+    assert one_line_error(code, err) and f"{folder}/adapter_config.json: {says}" in err
+    assert files_of(tmp_path) == before
+
+
+@pytest.mark.parametrize(("options", "says"), [
+    (["--targets", "nope"], "targets 'nope'"),  # a message that lists the model's modules, folded to one line
+    (["--rank", "5000"], "--rank 5000 is above the size of every layer it adapts (the largest is 32)"),
+    (["--labels", ""], "--labels must be a list of names, got []"),
+    (["--out-link"], "is a symbolic link to"),
+    (["--model-damaged"], "could not load"),
+])
+def test_train_options_and_folders_the_run_cannot_use(options, says, tiny, tmp_path, capsys):
+    out, model = tmp_path / "run", tiny["bert"]
+    if options == ["--out-link"]:
+        out = tmp_path / "link"
+        out.symlink_to(tmp_path / "missing")
+        options = []
+    if options == ["--model-damaged"]:
+        model = shutil.copytree(tiny["bert"], tmp_path / "model")
+        (model / "model.safetensors").write_bytes(b"not safetensors")
+        options = []
+    before = files_of(tmp_path)
+    code, _, err = lorakit_cli(capsys, "train", "--model", str(model), "--data", str(tiny["classify"]),
+                               "--out", str(out), "--max-steps", "1", "--threads", "1", *options)
+    assert one_line_error(code, err) and says in err
+    assert files_of(tmp_path) == before and not (tmp_path / "missing").exists() and not (tmp_path / "run").exists()

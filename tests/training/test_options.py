@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from dataclasses import asdict, fields
 
 import pytest
@@ -151,3 +152,34 @@ def test_run_config_json_round_trip_and_unknown_keys(tmp_path):
     with pytest.raises(TrainingError, match=r"run_config.json: unknown run options \['rnak'\]"):
         read_run(tmp_path)
     assert set(asdict(config)) == {f.name for f in fields(RunConfig)}
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"targets": 5}, "--targets must be a preset, a regex or a list of module names, got 5"),
+    ({"targets": ["query", 5]}, "--targets must be a preset, a regex or a list of module names"),
+    ({"labels": []}, "--labels must be a list of names, got []"),
+])
+def test_check_covers_the_list_options(changes, message, tmp_path, capsys):
+    with pytest.raises(TrainingError, match=re.escape(message)):
+        RunConfig(**changes).check()
+    run = tmp_path / "edited"  # the same in a hand-edited run_config.json, which is named
+    run.mkdir()
+    (run / "run_config.json").write_text(json.dumps(RunConfig(**changes).to_json()))
+    code = main(["train", "--repeat", str(run), "--out", str(tmp_path / "again")])
+    assert code == 2 and f"run_config.json: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "again").exists()
+
+
+@pytest.mark.parametrize("mode", ["--resume", "--repeat"])
+@pytest.mark.parametrize("options", [["--epochs", "5"], ["--rank", "2", "--lr", "0.1"]])
+def test_resume_and_repeat_refuse_options_they_would_ignore(mode, options, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run_config.json").write_text(json.dumps(RunConfig().to_json()))
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    out = ["--out", str(tmp_path / "again")] if mode == "--repeat" else []
+    code = main(["train", mode, str(run), *out, *options])
+    err = capsys.readouterr().err
+    flags = ", ".join(o for o in options if o.startswith("--"))
+    assert code == 2 and f"{mode} uses every option saved in its run_config.json, so {flags} would be ignored" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before and not (tmp_path / "again").exists()

@@ -74,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
 def _one_line(err: BaseException) -> str:
     if isinstance(err, OSError) and err.filename is not None:  # "path: Permission denied", not "[Errno 13] ..."
         return f"{err.filename}: {err.strerror or err}"
-    return str(err)
+    # Some messages list what exists (a model's adaptable modules) one per line: fold them.
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return "".join(line + ("" if i == len(lines) - 1 else " " if line.endswith((".", ":")) else "; ")
+                   for i, line in enumerate(lines))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from ..adapter_file import adapter_state_dict, save_adapter
 from ..atomic import make_temp_dir, write_atomic, write_json_atomic
 from ..json_file import read_json
 from ..peft_format import WEIGHTS_FILE
+
 # CheckpointError is defined with the checks; it is imported from here too (cli/main.py).
 from .checkpoint_check import CheckpointError, check_rng, check_state, optimizer_state, python_random
 from .errors import TrainingError

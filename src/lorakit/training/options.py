@@ -127,8 +127,11 @@ class RunConfig:
             elif kind in (str, bool) and not (isinstance(value, kind) or (optional and value is None)):
                 raise TrainingError(f"{flag} must be {'a string' if kind is str else 'true or false'}, got {value!r}")
         names = self.labels
-        if names is not None and not (isinstance(names, list) and all(isinstance(x, str) for x in names)):
+        if names is not None and not (isinstance(names, list) and names and all(isinstance(x, str) for x in names)):
             raise TrainingError(f"--labels must be a list of names, got {self.labels!r}")
+        targets = self.targets
+        if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+            raise TrainingError(f"--targets must be a preset, a regex or a list of module names, got {targets!r}")
 
     def lora(self, modules_to_save: list[str]) -> LoraConfig:
         try:

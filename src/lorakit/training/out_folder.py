@@ -33,6 +33,8 @@ def check_destination(out: Path, option: str = "--out") -> None:
     """`out` is a folder or can be made one: the nearest part of the path that exists is a
     writable folder (checked without writing anything)."""
     out = Path(out)
+    if out.is_symlink() and not out.exists():
+        raise TrainingError(f"{option} {out} is a symbolic link to {os.readlink(out)}, which does not exist")
     if out.exists() and not out.is_dir():
         raise TrainingError(f"{option} {out} is a file, not a folder")
     nearest = next((p for p in [out, *out.parents] if p.exists() or p.is_symlink()), Path("."))

@@ -10,7 +10,9 @@ from typing import Any
 
 import torch
 
+from ..config import LoraConfig
 from ..model import inject
+from ..targets import resolve_targets
 from . import data as data_mod
 from .distributed import World
 from .errors import TrainingError
@@ -79,6 +81,7 @@ def prepare(config: RunConfig, world: World) -> Setup:
     held_enc = data_mod.encode(held_set, task, tokenizer, max_length, labels)
     saved = [head_name(model)] if task == "classify" else []
     lora = config.lora(saved)
+    _check_rank(model, lora)
     try:
         inject(model, lora)
     except ValueError as err:
@@ -92,6 +95,19 @@ def prepare(config: RunConfig, world: World) -> Setup:
         "notices": [notice] if notice else [],
     }
     return Setup(task, train_enc, held_enc, labels, model_name, model, describe)
+
+
+def _check_rank(model: torch.nn.Module, lora: LoraConfig) -> None:
+    """--rank above the size of every layer it adapts: each pair would hold more numbers than its
+    weight (and a slip like --rank 100000000 would allocate until the machine runs out)."""
+    try:
+        modules = resolve_targets(model, lora.targets, exclude=lora.modules_to_save)
+    except ValueError:
+        return  # inject says what is wrong with the targets
+    widest = max(max(model.get_submodule(m).weight.shape) for m in modules)
+    if lora.rank > widest:
+        raise TrainingError(f"--rank {lora.rank} is above the size of every layer it adapts (the largest is {widest}); "
+                            f"a LoRA pair that large holds more numbers than its weight: use --rank <= {widest}")
 
 
 def _labels(config: RunConfig, task: str, train_set: data_mod.Dataset, held_set: data_mod.Dataset) -> list[str] | None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 
 from ..adapter_file import AdapterFileError
@@ -90,7 +91,7 @@ def load_model(name: str, task: str, labels: list[str] | None = None) -> nn.Modu
             )
         else:
             model = AutoModelForCausalLM.from_pretrained(**kwargs)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # a damaged weight file raises the last two
         raise ModelError(f"could not load {name!r} as a {task} model: {_short(err)}") from None
     return model
 
