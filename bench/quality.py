@@ -1,6 +1,6 @@
 """The variants side by side on the bundled task: held-out accuracy and wall time, same budget.
 
-    python bench/quality.py           # writes the `quality` section of BENCHMARKS.md (about 6 minutes)
+    python bench/quality.py           # writes the `quality` section of BENCHMARKS.md (about 7 minutes on 2 cores)
 
 Each row is one real `lorakit train` run (a subprocess, the command shown in the table): the
 default run (bundled MiniLM, bundled sentiment set, 3 epochs, rank 8, alpha 16, attention

@@ -1,6 +1,6 @@
 """DoRA's cost: lorakit's DoRA against its LoRA, PEFT's DoRA and the base model (issue 11's targets).
 
-    python bench/variants.py            # writes the `variants` section of BENCHMARKS.md (about 8 minutes)
+    python bench/variants.py            # writes the `variants` section of BENCHMARKS.md (about 2 minutes on 2 cores)
     python bench/variants.py --quick    # fewer repetitions, prints only
 
 The setting is bench/run.py's main case: MiniLM, batch 32 x 64 tokens, rank 8 (alpha 16) on every

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_unchanged, logits, randomize_adapter, snapshot, tiny_bert, tiny_gpt2, tiny_llama
-from torch import nn
+from helpers import ConvToy, assert_unchanged, logits, randomize_adapter, snapshot, tiny_bert, tiny_gpt2, tiny_llama
 
 import lorakit
 from lorakit.arithmetic import _keep_largest, _ties
@@ -139,23 +138,11 @@ def test_refused_sources():
 peft = pytest.importorskip("peft")
 
 
-class _Convs(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.emb = nn.Embedding(30, 12)
-        self.lin = nn.Linear(12, 16)
-        self.conv = nn.Conv2d(1, 6, 3, padding=1)
-
-    def forward(self, ids):
-        return self.conv(torch.relu(self.lin(self.emb(ids)))[:, None])
-
-
 PEFT_CASES = {
     # name: (model factory, targets of a1, targets of a2, fan_in_fan_out)
     "llama": (tiny_llama, ["q_proj", "v_proj", "embed_tokens"], ["q_proj", "embed_tokens"], False),
     "gpt2-conv1d": (tiny_gpt2, ["c_attn", "c_fc"], ["c_attn"], True),
-    "conv2d": (_Convs, ["conv", "lin"], ["conv", "lin"], False),
+    "conv2d": (ConvToy, ["conv2", "lin"], ["conv2", "lin"], False),
 }
 # ours -> (PEFT's combination_type, keyword arguments for both)
 PEFT_METHODS = {

@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import logits, randomize_adapter, tiny_gpt2, tiny_llama
+from helpers import ConvToy, logits, randomize_adapter, tiny_gpt2, tiny_llama
 from torch import nn
 
 import lorakit
@@ -365,30 +365,13 @@ def test_file_errors(tmp_path):
 peft = pytest.importorskip("peft")
 
 
-class _Toy(nn.Module):
-    """Every layer kind PEFT's DoRA supports, in one model taking token ids."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.emb = nn.Embedding(30, 12)
-        self.lin = nn.Linear(12, 16)
-        self.conv2 = nn.Conv2d(1, 4, 3, padding=1)
-        self.conv1 = nn.Conv1d(4, 5, 3, padding=1)
-
-    def forward(self, ids):
-        h = torch.relu(self.lin(self.emb(ids)))  # (batch, seq, 16)
-        h = self.conv2(h[:, None])  # (batch, 4, seq, 16)
-        return self.conv1(h.mean(2))  # (batch, 5, 16)
-
-
 DORA_CASES = {
     # name: (model factory, PEFT LoraConfig kwargs, lorakit LoraConfig kwargs)
     "llama": (tiny_llama, dict(target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]),
               dict(targets=["q_proj", "v_proj", "gate_proj", "down_proj"])),
     "gpt2-conv1d": (tiny_gpt2, dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
                     dict(targets=["c_attn", "c_fc"])),
-    "conv-embedding": (_Toy, dict(target_modules=["emb", "lin", "conv2", "conv1"]),
+    "conv-embedding": (ConvToy, dict(target_modules=["emb", "lin", "conv2", "conv1"]),
                        dict(targets=["emb", "lin", "conv2", "conv1"])),
 }
 

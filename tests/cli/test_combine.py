@@ -6,16 +6,11 @@ import json
 
 import pytest
 import torch
+from helpers import cli_here as lorakit_cli
 
 import lorakit
 from lorakit.cli import main
 from lorakit.cli.trained import load_trained
-
-
-def lorakit_cli(capsys, *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
