@@ -27,10 +27,11 @@ from torch import nn
 class Variant:
     targets: str  # lorakit preset; PEFT gets the exact module list lorakit resolved
     rank: int
+    dora: bool = False  # DoRA (bench/variants.py)
 
     @property
     def label(self) -> str:
-        return f"{self.targets} r{self.rank}"
+        return f"{self.targets} r{self.rank}" + (" dora" if self.dora else "")
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,8 @@ def lorakit_model(base: nn.Module, variant: Variant) -> nn.Module:
     import lorakit
 
     model = copy.deepcopy(base)
-    lorakit.inject(model, lorakit.LoraConfig(rank=variant.rank, alpha=2 * variant.rank, targets=variant.targets))
+    lorakit.inject(model, lorakit.LoraConfig(rank=variant.rank, alpha=2 * variant.rank, targets=variant.targets,
+                                             use_dora=variant.dora))
     # B starts at zero; a nonzero B makes the outputs comparison below meaningful.
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
@@ -129,12 +131,14 @@ def lora_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def peft_model_like(base: nn.Module, ours: nn.Module, variant: Variant) -> nn.Module:
-    """PEFT's LoRA on exactly the modules lorakit adapted, with the same A and B values."""
-    import lorakit
+    """PEFT's LoRA (or DoRA) on exactly the modules lorakit adapted, with the same A, B (and m) values."""
     from peft import LoraConfig, get_peft_model
 
+    import lorakit
+
     paths = [n for n, m in ours.named_modules() if isinstance(m, lorakit.LoraLayer)]
-    config = LoraConfig(r=variant.rank, lora_alpha=2 * variant.rank, lora_dropout=0.0, target_modules=paths)
+    config = LoraConfig(r=variant.rank, lora_alpha=2 * variant.rank, lora_dropout=0.0, target_modules=paths,
+                        use_dora=variant.dora)
     model = get_peft_model(copy.deepcopy(base), config)
     ours_layers = dict(ours.named_modules())
     with torch.no_grad():
@@ -143,6 +147,8 @@ def peft_model_like(base: nn.Module, ours: nn.Module, variant: Variant) -> nn.Mo
             theirs = model.base_model.model.get_submodule(path)
             theirs.lora_A["default"].weight.copy_(a)
             theirs.lora_B["default"].weight.copy_(b)
+            if variant.dora:
+                theirs.lora_magnitude_vector["default"].weight.copy_(ours_layers[path].lora_magnitude["default"])
     return model
 
 

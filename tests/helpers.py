@@ -94,6 +94,25 @@ class SwinLike(torch.nn.Module):
         return self.head(x)
 
 
+class ConvToy(torch.nn.Module):
+    """Token ids through an Embedding, a Linear, a Conv2d (3x3) and a Conv1d: every layer kind
+    PEFT's DoRA and add_weighted_adapter handle, in one small model."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        nn = torch.nn
+        self.emb = nn.Embedding(30, 12)
+        self.lin = nn.Linear(12, 16)
+        self.conv2 = nn.Conv2d(1, 6, 3, padding=1)  # 6 outputs: room for PEFT's rank-5 SVD (its conv reshape)
+        self.conv1 = nn.Conv1d(6, 5, 3, padding=1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.lin(self.emb(ids)))  # (batch, seq, 16)
+        h = self.conv2(h[:, None])  # (batch, 6, seq, 16)
+        return self.conv1(h.mean(2))  # (batch, 5, 16)
+
+
 # ---- model checks --------------------------------------------------------------------------
 
 
@@ -232,6 +251,15 @@ def cli(*args: str, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, **kw)
+
+
+def cli_here(capsys, *args: str) -> tuple[int, str, str]:
+    """`lorakit ARGS` in this process: (exit status, stdout, stderr)."""
+    from lorakit.cli import main
+
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:

@@ -152,10 +152,10 @@ def _corrupt(folder: Path, case: str) -> str:
     if case == "bad json":
         cfg_path.write_text('{"peft_type": "LORA",\n  "r": 4,,}')
         return f"{CONFIG_FILE}: invalid JSON at line 2"
-    if case == "dora":
+    if case == "dora":  # the config says DoRA, the file holds no magnitudes
         config["use_dora"] = True
         cfg_path.write_text(json.dumps(config))
-        return "use_dora=True is not supported"
+        return "missing key .*lora_magnitude_vector"
     if case == "not lora":
         config["peft_type"] = "IA3"
         cfg_path.write_text(json.dumps(config))

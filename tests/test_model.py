@@ -210,7 +210,7 @@ def test_bad_requests_change_nothing():
         ({"rank": 0}, "rank must be an integer >= 1"),
         ({"alpha": 0}, "alpha must be a number > 0"),
         ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
-        ({"init": "olora"}, "default, gaussian, pissa"),
+        ({"init": "loftq"}, "default, gaussian, pissa, olora"),
         ({"bias": "some"}, "none, all, lora_only"),
         ({"targets": "("}, "not a valid regex"),
         ({"rank_pattern": {"q": -1}}, "rank_pattern"),

@@ -1,6 +1,6 @@
 """pissa.py: PiSSA adapters load to the model that was trained (the residual recomputed, as PEFT
 does), convert to plain LoRA for the original base, give the base back, and refuse what cannot
-be reproduced. Pinned to PEFT both ways."""
+be reproduced. Pinned to PEFT both ways. OLoRA adapters (the same mechanism) at the end."""
 
 from __future__ import annotations
 
@@ -56,16 +56,21 @@ def _train_lorakit(model, seed: int = 3) -> None:
                     p.add_(torch.randn(p.shape, generator=gen) * 0.1)
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_peft_pissa_adapter_loads_to_the_trained_model(case, tmp_path, ids):
+# PEFT's own OLoRA fails on GPT-2's Conv1D (it factors the stored (in, out) matrix).
+RESIDUAL_CASES = [("pissa", case) for case in CASES] + [("olora", "llama"), ("olora", "llama-rslora-patterns")]
+
+
+@pytest.mark.parametrize("init, case", RESIDUAL_CASES)
+def test_peft_residual_adapter_loads_to_the_trained_model(init, case, tmp_path, ids):
     make, peft_kwargs, _ = CASES[case]
-    reference = peft.get_peft_model(make(), peft.LoraConfig(init_lora_weights="pissa", **peft_kwargs)).eval()
+    reference = peft.get_peft_model(make(), peft.LoraConfig(init_lora_weights=init, **peft_kwargs)).eval()
     _train_peft(reference)
     trained = logits(reference, ids)
     reference.save_pretrained(tmp_path)
     model = make()
     base = logits(model, ids)
     lorakit.load_adapter(model, tmp_path)
+    assert lorakit.adapters(model)["default"].config.init == init
     assert (trained - base).abs().max() > 1e-2
     torch.testing.assert_close(logits(model, ids), trained, rtol=0, atol=1e-6)
     # The residual is the same computation as PEFT's, to the bit.
@@ -299,3 +304,33 @@ def test_low_precision_base_comes_back_to_the_rounding_of_the_residual(dtype):
         assert error <= torch.finfo(dtype).eps * w.abs().max(), n  # the residual was stored rounded to dtype
         changed += bool(error > 0)
     assert changed  # (so the bound is what is tested, not bitwise equality)
+
+
+# ---- OLoRA: the same residual mechanism, its factors from a QR ----------------------------------
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dora", [False, True])
+def test_olora_reloads_converts_and_gives_the_base_back(case, dora, tmp_path, ids):
+    make, _, ours = CASES[case]
+    model = make()
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lorakit.inject(model, lorakit.LoraConfig(init="olora", use_dora=dora, **ours))
+    _train_lorakit(model)
+    trained = logits(model, ids)
+    lorakit.save_adapter(model, tmp_path / "olora")
+    lorakit.save_adapter(model, tmp_path / "plain", as_lora=True)
+    assert json.loads((tmp_path / "olora" / CONFIG_FILE).read_text())["init_lora_weights"] == "olora"
+    fresh = make()
+    lorakit.load_adapter(fresh, tmp_path / "olora")
+    torch.testing.assert_close(logits(fresh, ids), trained, rtol=0, atol=1e-6)
+    plain = make()
+    lorakit.load_adapter(plain, tmp_path / "plain")
+    assert lorakit.adapters(plain)["default"].initial == {}  # the original base weights, untouched
+    torch.testing.assert_close(logits(plain, ids), trained, rtol=0, atol=2e-6 * trained.abs().max().item())
+    if case == "llama" and not dora:
+        theirs = peft.PeftModel.from_pretrained(make(), tmp_path / "olora").eval()
+        torch.testing.assert_close(logits(theirs, ids), trained, rtol=0, atol=1e-6)
+    lorakit.delete_adapter(model, "default")
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p, original[n], rtol=0, atol=1e-6)

@@ -10,8 +10,10 @@ from .adapter_file import (
     read_adapter_config,
     save_adapter,
 )
+from .arithmetic import CombineReport, combine
 from .config import LoraConfig
 from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
+from .loraplus import param_groups
 from .model import (
     active_adapters,
     adapters,
@@ -44,6 +46,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "AdapterFileError",
+    "CombineReport",
     "LoraConfig",
     "LoraConv",
     "LoraEmbedding",
@@ -55,11 +58,13 @@ __all__ = [
     "adapters",
     "add_adapter",
     "add_adapter_from_tensors",
+    "combine",
     "delete_adapter",
     "disabled",
     "inject",
     "load_adapter",
     "merge",
+    "param_groups",
     "read_adapter_config",
     "save_adapter",
     "set_adapter",

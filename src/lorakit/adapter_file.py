@@ -29,7 +29,7 @@ from .json_file import read_json
 from .layers import LoraLayer
 from .model import add_adapter_from_tensors
 from .peft_targets import peft_saved_modules, targeted_modules
-from .pissa import as_plain_lora
+from .pissa import RESIDUAL_INITS, as_plain_lora
 from .plan import TensorError, check_shape, check_values, get_adapted, saved_module_paths
 from .registry import adapters, base_biases
 from .saved_modules import SavedModule
@@ -51,7 +51,7 @@ def adapter_state_dict(model: nn.Module, name: str = "default", *, as_lora: bool
     """Adapter `name`'s tensors under PEFT's key names (what save_adapter writes); `as_lora` as there."""
     record = _record(model, name)
     state = _state(model, name, record)
-    return as_plain_lora(model, record, state)[1] if as_lora and record.config.init == "pissa" else state
+    return as_plain_lora(model, record, state)[1] if as_lora and record.config.init in RESIDUAL_INITS else state
 
 
 def _state(model: nn.Module, name: str, record) -> dict[str, torch.Tensor]:
@@ -92,9 +92,9 @@ def save_adapter(
 ) -> Path:
     """Write adapter `name` to folder `path` in PEFT's layout; `extra_files` are more JSON files.
 
-    `as_lora=True` writes a PiSSA adapter as a plain LoRA adapter of twice the rank that
+    `as_lora=True` writes a PiSSA or OLoRA adapter as a plain LoRA adapter of twice the rank that
     reproduces the trained model on the original base weights (by lorakit or PEFT; pissa.py);
-    saved as it is, a PiSSA adapter is the trained A, B, loaded by recomputing the residual.
+    saved as it is, such an adapter is the trained A, B, loaded by recomputing the residual.
     For any other adapter it changes nothing.
 
     Returns the folder. A new folder appears whole (built aside, then renamed); in an existing
@@ -108,7 +108,7 @@ def save_adapter(
             json.dumps(obj)
         except (TypeError, ValueError) as err:
             raise ValueError(f"extra file {fname!r}: not JSON ({err})") from None
-    if as_lora and config.init == "pissa":
+    if as_lora and config.init in RESIDUAL_INITS:
         config, state = as_plain_lora(model, record, state)
     # The modules trained in full by their exact names: PEFT's suffix rule would read "norm" as
     # every "...layernorm" too.
@@ -231,11 +231,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         saved_paths = saved_module_paths(model, config.modules_to_save)
     except ValueError as err:
         raise AdapterFileError(f"{where}: {err}") from None
-    pairs, base, saved = _sort_keys(model, config, tensors, saved_paths, where)
+    pairs, magnitudes, base, saved = _sort_keys(model, config, tensors, saved_paths, where)
     _check_targets(model, config, facts, pairs, where)
     _check_biases(model, config, pairs, base, saved_paths, where)
     try:
-        add_adapter_from_tensors(model, name, config, pairs, saved=saved, base=base, trainable=trainable)
+        add_adapter_from_tensors(model, name, config, pairs, saved=saved, base=base, magnitudes=magnitudes or None,
+                                 trainable=trainable)
     except TensorError as err:  # say which key of the file it is
         embedding = adaptable_kind(model.get_submodule(err.module)) == "embedding"
         key = fmt.key(err.module, fmt.pair_keys(embedding)[err.role])
@@ -247,9 +248,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
 
 def _sort_keys(
     model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], saved_paths: list[str], where: str
-) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
-    """Split the file's keys into LoRA pairs (by module), base tensors (by parameter name: trained
-    biases, embedding tables) and modules_to_save states (by module); every key must find a place."""
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor], dict[str, torch.Tensor],
+           dict[str, dict[str, torch.Tensor]]]:
+    """Split the file's keys into LoRA pairs and DoRA magnitudes (by module), base tensors (by
+    parameter name: trained biases, embedding tables) and modules_to_save states (by module);
+    every key must find a place."""
     halves: dict[str, dict[str, torch.Tensor]] = {}
     base: dict[str, torch.Tensor] = {}
     saved: dict[str, dict[str, torch.Tensor]] = {p: {} for p in saved_paths}
@@ -295,15 +298,22 @@ def _sort_keys(
         if same is None or same.shape != tensors[key].shape or not torch.equal(same.to(tensors[key].dtype), tensors[key]):
             what = "the trained copy's value" if inside == "modules_to_save" else "the model's own value"
             raise AdapterFileError(f"{where}: key {key!r} differs from {what} for {owner}.{tensor_name} (modules_to_save)")
-    pairs = {module: _pair(model, module, half, where) for module, half in halves.items()}
-    return pairs, base, saved
+    pairs = {module: _pair(model, module, half, config.use_dora, where) for module, half in halves.items()}
+    magnitudes = {module: half[fmt.MAGNITUDE] for module, half in halves.items() if fmt.MAGNITUDE in half}
+    return pairs, magnitudes, base, saved
 
 
-def _pair(model: nn.Module, path: str, half: dict[str, torch.Tensor], where: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) from the two halves the file holds for module `path`, of the family the module needs."""
-    embedding = any(k in fmt.EMBEDDING_KEYS.values() for k in half)
-    keys = fmt.pair_keys(embedding)
+def _pair(
+    model: nn.Module, path: str, half: dict[str, torch.Tensor], use_dora: bool, where: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) from the tensors the file holds for module `path`, of the family the module needs;
+    a DoRA adapter (`use_dora`) also holds the magnitude, any other must not."""
+    embedding = any(k in fmt.EMBEDDING_KEYS.values() for k in half if k != fmt.MAGNITUDE)
+    keys = {role: k for role, k in fmt.pair_keys(embedding).items() if role != "m" or use_dora}
     for suffix in list(keys.values()) + list(half):
+        if suffix == fmt.MAGNITUDE and not use_dora and suffix in half:
+            raise AdapterFileError(f"{where}: unexpected key {fmt.key(path, suffix)} (a DoRA magnitude, but the "
+                                   f"config has use_dora false)")
         if suffix not in half or suffix not in keys.values():
             missing = suffix not in half
             raise AdapterFileError(f"{where}: {'missing' if missing else 'unexpected'} key {fmt.key(path, suffix)}")

@@ -2,6 +2,7 @@
 
 LoRA (Hu et al., 2021, arXiv:2106.09685) writes a weight update as delta W = B A with rank r,
 scaled by alpha / r; rsLoRA (Kalajdzievskiy, 2023, arXiv:2312.03732) scales by alpha / sqrt(r).
+DoRA (Liu et al., 2024, arXiv:2402.09353) adds a trained magnitude per output feature (dora.py).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-INIT_MODES = ("default", "gaussian", "pissa")
+INIT_MODES = ("default", "gaussian", "pissa", "olora")
 BIAS_MODES = ("none", "all", "lora_only")
 PRESETS = ("attention", "attention+mlp", "all-linear")
 
@@ -23,7 +24,7 @@ class LoraConfig:
     dropout: float = 0.0  # dropout on the adapter's input, in [0, 1)
     targets: str | list[str] = "attention"  # suffix list, regex, or a preset name
     rslora: bool = False  # scale by alpha / sqrt(rank)
-    init: str = "default"  # "default" (A kaiming, B zero), "gaussian", "pissa"
+    init: str = "default"  # "default" (A kaiming, B zero), "gaussian", "pissa", "olora"
     bias: str = "none"  # which base biases train: "none", "all", "lora_only"
     modules_to_save: list[str] = field(default_factory=list)  # trained in full, saved with the adapter
     rank_pattern: dict[str, int] = field(default_factory=dict)  # module-name pattern -> rank
@@ -32,6 +33,7 @@ class LoraConfig:
     # With `layers`: the name of the block list whose index counts ("blocks" in Swin's
     # layers.N.blocks.M), or several tried in order; PEFT's layers_pattern. None: the first block list.
     layers_pattern: str | list[str] | None = None
+    use_dora: bool = False  # DoRA: W' = m (W + s B A) / ||W + s B A||, m trained per output feature
 
     def __post_init__(self) -> None:
         _check_rank(self.rank, "rank")
@@ -42,6 +44,8 @@ class LoraConfig:
             raise ValueError(f"rslora must be True or False, got {self.rslora!r}")
         if self.init not in INIT_MODES:
             raise ValueError(f"init must be one of {', '.join(INIT_MODES)}; got {self.init!r}")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"use_dora must be true or false, got {self.use_dora!r}")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {', '.join(BIAS_MODES)}; got {self.bias!r}")
         if isinstance(self.targets, (list, tuple)):

@@ -3,7 +3,8 @@
 output = base(x) + sum over active adapters of scaling * B(A(dropout(x)))   (Hu et al., 2021)
 
 Each wrapper holds the original module as `base_layer` and knows its adapters by name. Merge
-is explicit: `merge()` adds scaling * B A into the base weight, `unmerge()` takes it out.
+is explicit: `merge()` adds scaling * B A into the base weight, `unmerge()` takes it out. A DoRA
+adapter also has a magnitude vector (`lora_magnitude`); its math is in dora.py.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dora
 from .fused import Adapter, autocast_on, lora_linear
-from .init_schemes import init_pair, pissa_pair
+from .init_schemes import init_pair, olora_pair, pissa_pair
 from .targets import adaptable_kind
 
 
@@ -22,6 +24,8 @@ class LoraLayer(nn.Module):
 
     is_lora_layer = True  # how targets.py knows a wrapper without importing this file
     lookup_table = False  # A is indexed by token ids (embeddings), which changes its init and file keys
+    out_dim = 0  # the base weight's axis of output features (DoRA's norm is one per output)
+    channels_first = False  # outputs carry their features on axis 1 (convolutions), not last
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -31,6 +35,8 @@ class LoraLayer(nn.Module):
         self.active: list[str] = []
         self.merged: list[str] = []
         self.enabled = True
+        self.dora_norms = dora.NormCache()  # DoRA: each adapter's weight norm, while unchanged
+        self.dora_merged: dict[str, torch.Tensor] = {}  # DoRA: g of each merged adapter, for unmerge
 
     # -- per-kind pieces -------------------------------------------------------------------
     def pair_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -47,11 +53,16 @@ class LoraLayer(nn.Module):
         """The (A, B) parameters of adapter `name`, in PEFT's layout."""
         raise NotImplementedError
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        """scaling * B A in the base weight's layout (float32)."""
+    def delta_from(self, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+        """scaling * B A in the base weight's layout (float32, or float64 for a float64 layer)."""
         raise NotImplementedError
 
-    def _delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def lora_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """scaling * B(A(x)) of adapter `name`, no dropout: what it adds to the output."""
+        raise NotImplementedError
+
+    def base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's output on `x` without its bias (DoRA rescales it)."""
         raise NotImplementedError
 
     # -- shared ------------------------------------------------------------------------------
@@ -65,6 +76,39 @@ class LoraLayer(nn.Module):
 
     def rank(self, name: str) -> int:
         return self.pair(name)[0].shape[0]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """scaling * B A of adapter `name` in the base weight's layout (see `delta_from`)."""
+        a, b = self.pair(name)
+        return self.delta_from(a, b, self.scaling[name])
+
+    def _delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """What adapter `name` adds to the output, its dropout applied while training."""
+        p = self.dropout[name] if self.training and not self.lookup_table else 0.0  # no dropout on token ids
+        if p:
+            x = F.dropout(x.to(self.pair(name)[0].dtype), p, True)
+        return self.lora_delta(x, name)
+
+    # -- DoRA --------------------------------------------------------------------------------
+    @property
+    def lora_magnitude(self) -> nn.ParameterDict:
+        """DoRA adapters' magnitude vectors by name (created with the first one)."""
+        if "lora_magnitude" not in self._modules:
+            return nn.ParameterDict()
+        return self._modules["lora_magnitude"]
+
+    def is_dora(self, name: str) -> bool:
+        return name in self.lora_magnitude
+
+    def magnitude_shape(self) -> tuple[int, ...]:
+        """The shape of a DoRA magnitude vector on this layer (PEFT's file shape)."""
+        return (self.base_layer.weight.shape[self.out_dim],)
+
+    def initial_magnitude(self, a: torch.Tensor, b: torch.Tensor, scaling: float,
+                          base_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """DoRA's m for a new (A, B): ||W + s B A|| per output, W the base weight (or `base_weight`)."""
+        weight = self.base_layer.weight if base_weight is None else base_weight
+        return dora.initial_magnitude(self, a, b, scaling, weight)
 
     def _new_pair(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Empty (A, B) tensors of this layer's shapes, on the base weight's device and dtype."""
@@ -81,20 +125,35 @@ class LoraLayer(nn.Module):
         """(A, B, residual base weight) for PiSSA init; the caller swaps the residual in."""
         raise ValueError(f"init='pissa' needs a linear layer, not {type(self.base_layer).__name__}")
 
-    def attach(self, name: str, a: torch.Tensor, b: torch.Tensor, scaling: float, dropout: float) -> None:
-        """Add adapter `name` from ready tensors (no validation: the caller checked)."""
+    def olora(self, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A, B, residual base weight) for OLoRA init; the caller swaps the residual in."""
+        raise ValueError(f"init='olora' needs a linear layer, not {type(self.base_layer).__name__}")
+
+    def attach(self, name: str, a: torch.Tensor, b: torch.Tensor, scaling: float, dropout: float,
+               magnitude: torch.Tensor | None = None) -> None:
+        """Add adapter `name` from ready tensors (no validation: the caller checked); with a
+        `magnitude` it is a DoRA adapter."""
         self._store_pair(name, a, b)
         self.scaling[name] = scaling
         self.dropout[name] = dropout
+        if magnitude is not None:
+            if "lora_magnitude" not in self._modules:
+                self.lora_magnitude = nn.ParameterDict()
+            self.lora_magnitude[name] = nn.Parameter(magnitude)
 
     def detach_adapter(self, name: str) -> None:
         self._drop_pair(name)
         del self.scaling[name], self.dropout[name]
+        if self.is_dora(name):
+            del self.lora_magnitude[name]
         self.active = [n for n in self.active if n != name]
+        self.dora_norms.clear()
 
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
-        """Adapter `name`'s parameters by role ("A", "B"); peft_format maps roles to file keys."""
+        """Adapter `name`'s parameters by role ("A", "B", DoRA's "m"); peft_format maps roles to file keys."""
         a, b = self.pair(name)
+        if self.is_dora(name):
+            return {"A": a, "B": b, "m": self.lora_magnitude[name]}
         return {"A": a, "B": b}
 
     def _live(self) -> list[str]:
@@ -109,31 +168,45 @@ class LoraLayer(nn.Module):
         if not self.merged and weight.dtype != torch.float32:
             # Half-precision rounding would keep merge + unmerge from giving the weight back.
             self._unmerged_weight = weight.detach().clone()
-        for name in self.active:
-            if name not in self.merged:
+        todo = [n for n in self.active if n not in self.merged]
+        # DoRA's norms come from the weight before anything is folded in, as in forward.
+        unmerged = _precise(weight.detach()).clone() if any(self.is_dora(n) for n in todo) else None
+        for name in todo:
+            if self.is_dora(name):
+                dora.merge(self, name, unmerged)
+            else:
                 self._add_to_base(self.delta_weight(name))
-                self.merged.append(name)
+            self.merged.append(name)
+        self.dora_norms.clear()
 
     @torch.no_grad()
     def unmerge(self) -> None:
         while self.merged:
-            self._add_to_base(-self.delta_weight(self.merged.pop()))
+            name = self.merged.pop()
+            if name in self.dora_merged:
+                dora.unmerge(self, name)
+            else:
+                self._add_to_base(-self.delta_weight(name))
         saved = self.__dict__.pop("_unmerged_weight", None)
         if saved is not None:
             self.base_layer.weight.copy_(saved)
+        self.dora_norms.clear()
 
     def _add_to_base(self, delta: torch.Tensor) -> None:
         weight = self.base_layer.weight
         if weight.dtype == torch.float32:
             weight.data.add_(delta)
         else:  # add in float32, round once
-            weight.data.copy_(weight.data.float() + delta)
+            weight.data.copy_(_precise(weight.data) + delta)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The plain computation the fast path must reproduce."""
         result = self.base_layer(x)
         for name in self._live():
-            result = result + self._delta(x, name)
+            if self.is_dora(name):
+                result = dora.reference_step(self, name, x, result)
+            else:
+                result = result + self._delta(x, name)
         return result
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -141,7 +214,8 @@ class LoraLayer(nn.Module):
 
     def extra_repr(self) -> str:
         ranks = {n: self.rank(n) for n in self.adapter_names}
-        return f"adapters={ranks}, active={self.active}, merged={self.merged}"
+        doras = [n for n in self.adapter_names if self.is_dora(n)]
+        return f"adapters={ranks}, active={self.active}, merged={self.merged}" + (f", dora={doras}" if doras else "")
 
 
 class LoraLinear(LoraLayer):
@@ -152,6 +226,7 @@ class LoraLinear(LoraLayer):
         self.fan_in_fan_out = adaptable_kind(base_layer) == "conv1d_transposed"
         weight = base_layer.weight
         self.out_features, self.in_features = weight.shape[::-1] if self.fan_in_fan_out else weight.shape
+        self.out_dim = 1 if self.fan_in_fan_out else 0
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
@@ -176,21 +251,27 @@ class LoraLinear(LoraLayer):
         a, b, residual = pissa_pair(self._base_weight_oi(), rank, scaling)
         return a, b, (residual.T.contiguous() if self.fan_in_fan_out else residual)
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        a, b = self.pair(name)
-        delta = (b.float() @ a.float()) * self.scaling[name]  # (out, in)
+    def olora(self, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        a, b, residual = olora_pair(self._base_weight_oi(), rank, scaling)
+        return a, b, (residual.T.contiguous() if self.fan_in_fan_out else residual)
+
+    def delta_from(self, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+        delta = (_precise(b) @ _precise(a)) * scaling  # (out, in)
         return delta.T if self.fan_in_fan_out else delta
 
-    def _delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def lora_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
         a, b = self.pair(name)
-        x = x.to(a.dtype)
-        x = F.dropout(x, self.dropout[name], self.training) if self.dropout[name] else x
-        return F.linear(F.linear(x, a), b) * self.scaling[name]
+        return F.linear(F.linear(x.to(a.dtype), a), b) * self.scaling[name]
+
+    def base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self._base_weight_oi())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         live = self._live()
         if not live:
             return self.base_layer(x)
+        if any(self.is_dora(n) for n in live):
+            return self._dora_forward(live, x)
         adapters = self._fast_adapters(live, x)
         if adapters is None:
             return self.reference_forward(x)
@@ -217,11 +298,19 @@ class LoraLinear(LoraLayer):
             adapters.append(Adapter(a, b, self.scaling[name], self.dropout[name]))
         return adapters
 
+    def _dora_forward(self, live: list[str], x: torch.Tensor) -> torch.Tensor:
+        """DoRA's fast path (dora.py) for one live DoRA adapter without dropout; otherwise the reference."""
+        name = live[0]
+        if len(live) == 1 and not (self.training and self.dropout[name]) and self._fast_adapters(live, x):
+            return dora.linear_forward(self, name, x)
+        return self.reference_forward(x)
+
 
 class LoraEmbedding(LoraLayer):
     """nn.Embedding: A (r, num_embeddings) is looked up like the table, B (dim, r) expands it."""
 
     lookup_table = True
+    out_dim = 1  # the table is (num_embeddings, dim): DoRA's norm is per dimension
 
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__(base_layer)
@@ -242,12 +331,10 @@ class LoraEmbedding(LoraLayer):
     def pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_embedding_A[name], self.lora_embedding_B[name]
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        a, b = self.pair(name)
-        return (b.float() @ a.float()).T * self.scaling[name]  # (num, dim)
+    def delta_from(self, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+        return (_precise(b) @ _precise(a)).T * scaling  # (num, dim)
 
-    def _delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        # Dropout does not apply: the input is token ids.
+    def lora_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
         a, b = self.pair(name)
         base = self.base_layer
         rows = F.embedding(x, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
@@ -256,6 +343,8 @@ class LoraEmbedding(LoraLayer):
 
 class LoraConv(LoraLayer):
     """nn.Conv1d / nn.Conv2d: A is a conv with the base's kernel into r channels, B a 1x1 conv."""
+
+    channels_first = True
 
     def __init__(self, base_layer: nn.Conv1d | nn.Conv2d) -> None:
         super().__init__(base_layer)
@@ -295,15 +384,25 @@ class LoraConv(LoraLayer):
     def pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_A[name].weight, self.lora_B[name].weight
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        a, b = self.pair(name)
-        b2 = b.float().flatten(1)  # (out, r): B is 1x1
-        return torch.einsum("or,r...->o...", b2, a.float()) * self.scaling[name]
+    def delta_from(self, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+        b2 = _precise(b).flatten(1)  # (out, r): B is 1x1
+        return torch.einsum("or,r...->o...", b2, _precise(a)) * scaling
 
-    def _delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def lora_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
         x = x.to(self.pair(name)[0].dtype)
-        x = F.dropout(x, self.dropout[name], self.training) if self.dropout[name] else x
         return self.lora_B[name](self.lora_A[name](x)) * self.scaling[name]
+
+    def base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer._conv_forward(x, self.base_layer.weight, None)
+
+    def magnitude_shape(self) -> tuple[int, ...]:
+        w = self.base_layer.weight  # PEFT keeps a conv's magnitude as (1, out, 1, ...)
+        return (1, w.shape[0]) + (1,) * (w.dim() - 2)
+
+
+def _precise(t: torch.Tensor) -> torch.Tensor:
+    """`t` in float32, or float64 if it is float64: the precision deltas and merges are computed in."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _linear_holding(weight: torch.Tensor) -> nn.Linear:

@@ -76,11 +76,13 @@ def add_adapter_from_tensors(
     *,
     saved: dict[str, dict[str, torch.Tensor]] | None = None,
     base: dict[str, torch.Tensor] | None = None,
+    magnitudes: dict[str, torch.Tensor] | None = None,
     trainable: bool = True,
 ) -> nn.Module:
     """Add adapter `name` with given weights, as one transaction.
 
     `pairs`: module path -> (A, B), in PEFT's layout and of the rank `config` gives that module.
+    `magnitudes`: module path -> DoRA magnitude vector, for each of `pairs`, when config.use_dora.
     `saved`: module path -> state dict of its trained copy, one for each of config.modules_to_save.
     `base`: parameter name -> a value that replaces a base parameter (trained biases, a whole
     embedding table); the value it replaces is kept, and `delete_adapter` / `unload(merge=False)`
@@ -97,9 +99,14 @@ def add_adapter_from_tensors(
         if not isinstance(path, str):
             raise ValueError(f"pairs must be keyed by module path, got {path!r}")
         get_adapted(model, path)
+    if magnitudes and not config.use_dora:
+        raise ValueError(f"magnitudes given for {sorted(magnitudes)[0]!r}, but the config has use_dora=False")
+    unknown = sorted(set(magnitudes or {}) - set(pairs))
+    if unknown:
+        raise ValueError(f"magnitudes: {unknown[0]!r} has no (A, B) pair in pairs")
     order = {p: i for i, (p, _) in enumerate(model.named_modules())}
     modules = sorted(pairs, key=lambda p: order[p])
-    plan = build_plan(model, name, config, modules, tensors=pairs)
+    plan = build_plan(model, name, config, modules, tensors=pairs, magnitudes=(magnitudes or {}) if config.use_dora else None)
     saved = saved or {}
     for (_, clone), path in zip(plan.copies, plan.record.saved):
         load_copy(clone, saved.get(path), path)

@@ -3,8 +3,9 @@
 A PEFT LoRA adapter folder holds `adapter_config.json` and `adapter_model.safetensors`. Tensor
 keys are `base_model.model.<module path>.<suffix>`: `lora_A.weight` / `lora_B.weight` for a
 linear or convolution layer, `lora_embedding_A` / `lora_embedding_B` for an embedding,
-`base_layer.bias` for a trained bias of an adapted layer, `base_layer.weight` for a whole
-embedding table, and `<parameter>` for the trained copy of a module in modules_to_save.
+`lora_magnitude_vector` for a DoRA adapter's magnitude (any layer kind), `base_layer.bias` for a
+trained bias of an adapted layer, `base_layer.weight` for a whole embedding table, and
+`<parameter>` for the trained copy of a module in modules_to_save.
 PEFT drops the adapter's name from every key; the file holds one adapter.
 """
 
@@ -20,16 +21,18 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
-# Key suffix of each of a layer's adapter tensors, by role, for the two families of layers.
-LINEAR_KEYS = {"A": "lora_A.weight", "B": "lora_B.weight"}
-EMBEDDING_KEYS = {"A": "lora_embedding_A", "B": "lora_embedding_B"}
-PAIR_SUFFIXES = tuple(LINEAR_KEYS.values()) + tuple(EMBEDDING_KEYS.values())
+# Key suffix of each of a layer's adapter tensors, by role, for the two families of layers
+# ("m": DoRA's magnitude vector, only in DoRA adapters).
+MAGNITUDE = "lora_magnitude_vector"
+LINEAR_KEYS = {"A": "lora_A.weight", "B": "lora_B.weight", "m": MAGNITUDE}
+EMBEDDING_KEYS = {"A": "lora_embedding_A", "B": "lora_embedding_B", "m": MAGNITUDE}
+PAIR_SUFFIXES = tuple(dict.fromkeys([*LINEAR_KEYS.values(), *EMBEDDING_KEYS.values()]))
 BASE_WEIGHT = "base_layer.weight"  # a whole embedding table saved next to its adapter
 BASE_BIAS = "base_layer.bias"  # the trained bias of an adapted layer (bias="lora_only" / "all")
 
 
 def pair_keys(embedding: bool) -> dict[str, str]:
-    """Role ("A", "B") -> key suffix for a layer of this family."""
+    """Role ("A", "B", "m") -> key suffix for a layer of this family."""
     return EMBEDDING_KEYS if embedding else LINEAR_KEYS
 
 
@@ -39,7 +42,8 @@ def key(module_path: str, suffix: str) -> str:
 
 
 def split_pair_key(rest: str) -> tuple[str, str] | None:
-    """(module path, suffix) when `rest` (a key without PREFIX) is half of a LoRA pair, else None."""
+    """(module path, suffix) when `rest` (a key without PREFIX) is one of a layer's adapter tensors
+    (A, B, or a DoRA magnitude), else None."""
     for suffix in PAIR_SUFFIXES:
         if rest.endswith("." + suffix):
             return rest[: -len(suffix) - 1], suffix
@@ -49,7 +53,7 @@ def split_pair_key(rest: str) -> tuple[str, str] | None:
 # ---- adapter_config.json ---------------------------------------------------------------------
 
 # Fields lorakit writes (PEFT's names) and the values it can honour when reading.
-_PEFT_FALSE_FIELDS = ("use_dora", "lora_bias", "use_qalora")
+_PEFT_FALSE_FIELDS = ("lora_bias", "use_qalora")
 _PEFT_NULL_FIELDS = (
     "layer_replication",
     "megatron_config",
@@ -61,13 +65,14 @@ _PEFT_NULL_FIELDS = (
     "alora_invocation_tokens",
     "arrow_config",
 )
-_PEFT_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa"}
+_PEFT_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
 # PEFT inits that only choose where A and B start and leave the base weights alone: an adapter
 # trained from them is plain LoRA (eva's eva_config only says how its start was computed).
 _PEFT_PLAIN_INITS = ("orthogonal", "mica", "eva")
 # Fields whose value, when not null, must have a JSON type (a string "false" would read as true).
 _PEFT_TYPED_FIELDS = (
     ("use_rslora", bool, "true or false"),
+    ("use_dora", bool, "true or false"),
     ("fan_in_fan_out", bool, "true or false"),
     ("task_type", str, "a string (e.g. 'CAUSAL_LM', 'SEQ_CLS')"),
     ("base_model_name_or_path", str, "a string (a model folder or hub id)"),
@@ -112,7 +117,7 @@ def to_peft_dict(
         "layers_to_transform": config.layers,
         "layers_pattern": config.layers_pattern,
         **_written_patterns(config, module_names),
-        "use_dora": False,
+        "use_dora": config.use_dora,
         "lora_bias": False,
         "use_qalora": False,
     }
@@ -156,7 +161,7 @@ def from_peft_dict(raw: Any, where: str) -> tuple[LoraConfig, dict[str, Any]]:
     for key in _PEFT_NULL_FIELDS:
         if raw.get(key) and not (key == "eva_config" and init == "eva"):
             raise ValueError(f"{where}: {key}={raw[key]!r} is not supported by lorakit (only null/empty)")
-    inits = {True: "default", False: "default", "gaussian": "gaussian", "pissa": "pissa"}
+    inits = {True: "default", False: "default", "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
     inits |= {name: "default" for name in _PEFT_PLAIN_INITS}
     if isinstance(init, str) and init.startswith("pissa_niter_"):
         raise ValueError(
@@ -169,7 +174,7 @@ def from_peft_dict(raw: Any, where: str) -> tuple[LoraConfig, dict[str, Any]]:
     if not isinstance(init, (bool, str)) or init not in inits:
         raise ValueError(
             f"{where}: init_lora_weights={init!r} is not supported by lorakit "
-            f"(true, false, 'gaussian', 'pissa' or {', '.join(map(repr, _PEFT_PLAIN_INITS))})"
+            f"(true, false, 'gaussian', 'pissa', 'olora' or {', '.join(map(repr, _PEFT_PLAIN_INITS))})"
         )
     for key, kinds, wanted in _PEFT_TYPED_FIELDS:
         if raw.get(key) is not None and not isinstance(raw[key], kinds):
@@ -192,6 +197,7 @@ def from_peft_dict(raw: Any, where: str) -> tuple[LoraConfig, dict[str, Any]]:
             rank_pattern=raw.get("rank_pattern") or {},
             alpha_pattern=raw.get("alpha_pattern") or {},
             layers=_layers(raw.get("layers_to_transform")),
+            use_dora=raw.get("use_dora") or False,  # PEFT's older files may hold null
             layers_pattern=_layers_pattern(raw.get("layers_pattern"), raw.get("layers_to_transform")),
         )
     except ValueError as err:

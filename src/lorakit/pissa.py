@@ -1,8 +1,11 @@
-"""PiSSA adapters: the base weight holds a residual (Meng et al., 2024, arXiv:2404.02948).
+"""PiSSA and OLoRA adapters: the base weight holds a residual (Meng et al., 2024, arXiv:2404.02948;
+Büyükakyüz, 2024, arXiv:2406.01775).
 
 A PiSSA adapter starts from the top-r singular triplets of the base weight W: scaling * B0 A0 is
 the best rank-r part of W (init_schemes.pissa_pair), and the base weight is replaced by the
-residual W - scaling * B0 A0, so the model starts where it was. What that means later, in one place:
+residual W - scaling * B0 A0, so the model starts where it was. An OLoRA adapter is the same with
+B0, A0 the first r columns of Q and rows of R of W's QR (init_schemes.olora_pair); everything
+below holds for both ("PiSSA" stands for either). What that means later, in one place:
 
 - Loading: an adapter file holds only the trained A and B. The residual is computed again from
   the fresh base weight, as PEFT does; it depends on W alone (the SVD's sign choices cancel in
@@ -31,6 +34,8 @@ from .config import LoraConfig
 from .layers import LoraLayer
 from .registry import AdapterRecord, adapters
 
+RESIDUAL_INITS = {"pissa": "PiSSA", "olora": "OLoRA"}  # the inits whose base weight holds a residual
+
 
 def check_alone(model: nn.Module, layer: LoraLayer, path: str, config: LoraConfig) -> None:
     """Refuse a PiSSA adapter on a module that has adapters, and any adapter on a PiSSA module."""
@@ -40,23 +45,28 @@ def check_alone(model: nn.Module, layer: LoraLayer, path: str, config: LoraConfi
     owner = next((n for n in others if path in adapters(model)[n].initial), None)
     if owner is not None:
         raise ValueError(
-            f"module {path!r} carries PiSSA adapter {owner!r}, whose residual replaced its base weight; "
+            f"module {path!r} carries {RESIDUAL_INITS.get(adapters(model)[owner].config.init, 'PiSSA')} adapter "
+            f"{owner!r}, whose residual replaced its base weight; "
             f"another adapter there would act on that residual, not on the base it was made for "
             f"(write {owner!r} as plain LoRA with save_adapter(..., as_lora=True) and load that instead)"
         )
-    if config.init == "pissa":
+    if config.init in RESIDUAL_INITS:
         raise ValueError(
-            f"module {path!r} already carries adapters {others}; a PiSSA adapter replaces the base weight "
-            "by its residual, which they would then act on. Put the PiSSA adapter on a model of its own"
+            f"module {path!r} already carries adapters {others}; a {RESIDUAL_INITS[config.init]} adapter replaces "
+            f"the base weight by its residual, which they would then act on. Put the {RESIDUAL_INITS[config.init]} "
+            "adapter on a model of its own"
         )
 
 
-def start(layer: LoraLayer, path: str, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(A0, B0, residual) of `layer`'s base weight; A0, B0 in float32, the residual in the weight's dtype."""
+def start(
+    layer: LoraLayer, path: str, rank: int, scaling: float, init: str = "pissa"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A0, B0, residual) of `layer`'s base weight for `init` ("pissa" or "olora"); A0, B0 in
+    float32, the residual in the weight's dtype."""
     if layer.merged:
-        raise ValueError(f"module {path!r} has merged adapters; unmerge before adding a PiSSA adapter")
+        raise ValueError(f"module {path!r} has merged adapters; unmerge before adding a {RESIDUAL_INITS[init]} adapter")
     try:
-        return layer.pissa(rank, scaling)
+        return layer.pissa(rank, scaling) if init == "pissa" else layer.olora(rank, scaling)
     except ValueError as err:
         raise ValueError(f"module {path!r}: {err}") from None
 

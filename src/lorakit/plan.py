@@ -17,7 +17,7 @@ from .targets import adaptable_kind
 
 
 class TensorError(ValueError):
-    """A given A or B tensor that does not fit its module; `module` and `role` say which."""
+    """A given A, B or DoRA magnitude ("m") that does not fit its module; `module` and `role` say which."""
 
     def __init__(self, message: str, module: str, role: str) -> None:
         super().__init__(message)
@@ -30,7 +30,8 @@ class Plan:
     record: AdapterRecord
     wrappers: list[tuple[str, nn.Module]] = field(default_factory=list)  # (path, new wrapper)
     pairs: list[tuple[LoraLayer, torch.Tensor, torch.Tensor, float, float]] = field(default_factory=list)
-    residuals: list[tuple[LoraLayer, torch.Tensor]] = field(default_factory=list)  # PiSSA bases
+    residuals: list[tuple[LoraLayer, torch.Tensor]] = field(default_factory=list)  # PiSSA / OLoRA bases
+    magnitudes: dict[int, torch.Tensor] = field(default_factory=dict)  # DoRA: index in `pairs` -> m
     copies: list[tuple[SavedModule, nn.Module]] = field(default_factory=list)
     base_values: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)  # replaced base tensors
 
@@ -41,12 +42,14 @@ def build_plan(
     config: LoraConfig,
     modules: list[str],
     tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    magnitudes: dict[str, torch.Tensor] | None = None,
 ) -> Plan:
     """Validate and build adapter `name` on `modules` without touching the model.
 
-    `tensors` (path -> (A, B)) gives the weights (loading); otherwise they are initialised. A
-    PiSSA adapter's base weights get their residual either way (pissa.py); in a given adapter an
-    embedding stays plain LoRA, as PEFT trains it.
+    `tensors` (path -> (A, B)) gives the weights (loading), with `magnitudes` (path -> m) for a
+    DoRA adapter; otherwise they are initialised. A PiSSA or OLoRA adapter's base weights get
+    their residual either way (pissa.py); in a given adapter an embedding stays plain LoRA, as
+    PEFT trains it.
     """
     record = AdapterRecord(config=config, modules=list(modules))
     plan = Plan(name=name, record=record)
@@ -62,8 +65,9 @@ def build_plan(
             plan.wrappers.append((path, layer))
         rank, scaling = config.rank_for(path), config.scaling_for(path)
         pissa.check_alone(model, layer, path, config)
-        if config.init == "pissa" and not (tensors is not None and layer.lookup_table):
-            a0, b0, residual = pissa.start(layer, path, rank, scaling)
+        residual = None
+        if config.init in pissa.RESIDUAL_INITS and not (tensors is not None and layer.lookup_table):
+            a0, b0, residual = pissa.start(layer, path, rank, scaling, config.init)
             plan.residuals.append((layer, residual))
             record.initial[path] = (a0.to("cpu", copy=True), b0.to("cpu", copy=True))
             dtype = layer.base_layer.weight.dtype
@@ -72,6 +76,11 @@ def build_plan(
             a, b = given_pair(layer, path, rank, tensors[path])
         else:
             a, b = layer.build_pair(rank, config.init)
+        if config.use_dora:
+            if magnitudes is not None:
+                plan.magnitudes[len(plan.pairs)] = given_magnitude(layer, path, magnitudes.get(path))
+            else:
+                plan.magnitudes[len(plan.pairs)] = layer.initial_magnitude(a, b, scaling, residual)
         plan.pairs.append((layer, a, b, scaling, config.dropout))
     for path in saved_module_paths(model, config.modules_to_save):
         module = get_module(model, path)
@@ -96,8 +105,8 @@ def commit(model: nn.Module, plan: Plan) -> None:
             layer.base_layer.weight.copy_(residual)
         for param, value in plan.base_values:
             param.copy_(value)
-    for layer, a, b, scaling, dropout in plan.pairs:
-        layer.attach(plan.name, a, b, scaling, dropout)
+    for i, (layer, a, b, scaling, dropout) in enumerate(plan.pairs):
+        layer.attach(plan.name, a, b, scaling, dropout, plan.magnitudes.get(i))
         # New modules train; in an eval-mode model the adapter's dropout would then act at inference.
         layer.train(layer.base_layer.training)
     for saved, clone in plan.copies:
@@ -144,6 +153,19 @@ def given_pair(
             raise TensorError(str(err), path, role) from None
     weight = layer.base_layer.weight
     return a.to(weight.device, weight.dtype), b.to(weight.device, weight.dtype)
+
+
+def given_magnitude(layer: LoraLayer, path: str, magnitude: torch.Tensor | None) -> torch.Tensor:
+    """A given DoRA magnitude vector, checked against the layer, on the base weight's device and dtype."""
+    if not isinstance(magnitude, torch.Tensor):
+        raise ValueError(f"module {path!r}: no DoRA magnitude given (the config has use_dora)")
+    try:
+        check_shape(f"module {path!r}: the DoRA magnitude", magnitude, layer.magnitude_shape())
+        check_values(f"module {path!r}: the DoRA magnitude", magnitude)
+    except ValueError as err:
+        raise TensorError(str(err), path, "m") from None
+    weight = layer.base_layer.weight
+    return magnitude.to(weight.device, weight.dtype)
 
 
 def load_copy(clone: nn.Module, state: dict[str, torch.Tensor] | None, path: str) -> None:

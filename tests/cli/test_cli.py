@@ -10,15 +10,10 @@ import time
 
 import pytest
 import torch
+from helpers import cli_here as lorakit
 
 from lorakit.cli import build_parser, main
 from lorakit.cli.trained import load_trained
-
-
-def lorakit(capsys, *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +60,7 @@ def test_help_lists_every_subcommand(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for command in ("train", "eval", "generate", "merge", "inspect"):
+    for command in ("train", "eval", "generate", "merge", "inspect", "combine"):
         assert command in out
 
 

@@ -10,18 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import cli_here as lorakit_cli
 from helpers import files_of, make_model, randomize_adapter
 from helpers import train_tiny as run
 
 import lorakit
-from lorakit.cli import main
 from lorakit.cli.trained import load_trained
-
-
-def lorakit_cli(capsys, *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def one_line_error(code: int, err: str) -> bool:

@@ -106,6 +106,48 @@ def test_grad_accum_matches_one_big_batch(tiny, tmp_path):
     assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a if "lora_B" in k)
 
 
+def test_loraplus_ratio_one_is_the_plain_optimizer_bitwise(tiny, tmp_path):
+    """Without --loraplus-ratio the optimizer is one plain AdamW group; ratio 1 splits the groups
+    without changing a bit; ratio 16 changes B's updates."""
+    runs = {}
+    for label, ratio in (("off", None), ("one", 1.0), ("sixteen", 16.0)):
+        run(tiny, tmp_path / label, max_steps=4, save_every=4, loraplus_ratio=ratio)
+        runs[label] = tensors(tmp_path / label)
+    assert all(torch.equal(runs["off"][k], runs["one"][k]) for k in runs["off"])
+    assert any(not torch.equal(runs["off"][k], runs["sixteen"][k]) for k in runs["off"] if "lora_B" in k)
+    state = lambda label: json.loads((tmp_path / label / "checkpoints/step-000004/trainer_state.json").read_text())
+    assert len(state("off")["optimizer"]["param_groups"]) == 1
+    groups = state("sixteen")["optimizer"]["param_groups"]
+    assert [g["lr_scale"] for g in groups] == [1.0, 16.0, 1.0]
+    assert groups[1]["lr"] == pytest.approx(16 * groups[0]["lr"])  # the schedule keeps the ratio
+
+
+def test_dora_loraplus_run_resumes_bitwise(tiny, tmp_path, monkeypatch):
+    from lorakit.training import loop
+    from lorakit.training.options import read_run
+
+    options = dict(max_steps=6, save_every=3, dora=True, loraplus_ratio=4.0, init="olora", targets="all-linear")
+    run(tiny, tmp_path / "whole", **options)
+    real = loop._Run._save_checkpoint
+
+    def stop_after_saving(self):
+        real(self)
+        raise KeyboardInterrupt  # as if killed right after the checkpoint at step 3
+
+    monkeypatch.setattr(loop._Run, "_save_checkpoint", stop_after_saving)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny, tmp_path / "cut", **options)
+    monkeypatch.undo()
+    config = read_run(tmp_path / "cut")
+    train(config, resume=True, stream=io.StringIO())
+    whole, resumed = tensors(tmp_path / "whole"), tensors(tmp_path / "cut")
+    assert whole.keys() == resumed.keys() and any(k.endswith("lora_magnitude_vector") for k in whole)
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key
+    saved = json.loads((tmp_path / "whole" / "adapter_config.json").read_text())
+    assert saved["use_dora"] is True and saved["init_lora_weights"] == "olora"
+
+
 def test_learning_rate_schedule():
     assert lr_at(0, 100, 1.0, 0.1) == pytest.approx(0.1)
     assert lr_at(9, 100, 1.0, 0.1) == pytest.approx(1.0)

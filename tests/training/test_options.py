@@ -129,6 +129,19 @@ def test_parsed_values_reach_the_config_typed():
     assert isinstance(config.alpha, float) and isinstance(config.rank, int)
 
 
+def test_variant_options_reach_the_lora_config():
+    args = _parser().parse_args(["--dora", "--init", "pissa", "--loraplus-ratio", "16"])
+    config = RunConfig.from_args(args)
+    assert (config.dora, config.init, config.loraplus_ratio) == (True, "pissa", 16.0)
+    lora = config.lora([])
+    assert (lora.use_dora, lora.init) == (True, "pissa")
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--init", "loftq"])
+    for bad in ("0", "-1", "nan"):
+        with pytest.raises(TrainingError, match="--loraplus-ratio must be a number > 0"):
+            RunConfig.from_args(_parser().parse_args(["--loraplus-ratio", bad])).check()
+
+
 def test_run_config_json_round_trip_and_unknown_keys(tmp_path):
     config = RunConfig(rank=4, targets=["query"], out=str(tmp_path))
     (tmp_path / RUN_FILE).write_text(json.dumps(config.to_json()))

@@ -34,6 +34,8 @@ def inspect_adapter(folder: str | Path) -> dict[str, Any]:
         "rank": config.rank,
         "alpha": config.alpha,
         "rslora": config.rslora,
+        "dora": config.use_dora,
+        "init": config.init,
         "dropout": config.dropout,
         "targets": sorted({m.rsplit(".", 1)[-1] for m in modules}) if isinstance(modules, list) else modules,
         "target_modules": len(modules) if isinstance(modules, list) else modules,
@@ -67,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     rows = [
         ("base model", info["base_model"]),
         ("task", f"{info['task_type']} ({TASK_OF_TYPE.get(info['task_type'], '?')})"),
-        ("LoRA", f"rank {info['rank']}, alpha {info['alpha']:g}{', rsLoRA' if info['rslora'] else ''}, "
+        ("LoRA", f"rank {info['rank']}, alpha {info['alpha']:g}{', rsLoRA' if info['rslora'] else ''}"
+                 f"{', DoRA' if info['dora'] else ''}{', ' + info['init'] + ' init' if info['init'] != 'default' else ''}, "
                  f"dropout {info['dropout']:g}"),
         ("targets", f"{info['target_modules']} modules: {targets}"),
         ("trained in full", ", ".join(info["modules_to_save"]) or "-"),

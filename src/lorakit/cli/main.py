@@ -1,4 +1,4 @@
-"""The `lorakit` command: train | eval | generate | merge | inspect.
+"""The `lorakit` command: train | eval | generate | merge | inspect | combine.
 
     lorakit train                      LoRA-fine-tune the bundled MiniLM on the bundled sentiment set
     lorakit train --model M --data F   the general command (see `lorakit train --help`)
@@ -6,6 +6,7 @@
     lorakit generate OUT --prompt P    run a prompt through base + adapter
     lorakit merge OUT --out MERGED     a full model folder (safetensors) with the adapter folded in
     lorakit inspect OUT                base model, targets, rank, parameters, file size
+    lorakit combine A B --out C        one adapter from weighted trained ones (cat, svd, ties, dare, ...)
 
 Each subcommand is a module of this package with `add_parser(subparsers)` and `run(args)`.
 Errors the user can fix (bad data, bad options, a missing folder) print one line and exit 2;
@@ -18,7 +19,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("train", "eval", "generate", "merge", "inspect")
+COMMANDS = ("train", "eval", "generate", "merge", "inspect", "combine")
 
 
 def _command(name: str):

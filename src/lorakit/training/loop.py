@@ -30,6 +30,7 @@ import torch
 
 from ..adapter_file import save_adapter
 from ..atomic import write_json_atomic
+from ..loraplus import param_groups
 from ..model import adapters, trainable_parameters
 from ..peft_format import CONFIG_FILE, WEIGHTS_FILE
 from . import distributed as dist_mod
@@ -160,9 +161,10 @@ class _Run:
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
         }
-        trained = [(n, p) for n, p in setup.model.named_parameters() if p.requires_grad]
-        self.names = [n for n, _ in trained]
-        self.optimizer = torch.optim.AdamW([p for _, p in trained], lr=config.lr, weight_decay=config.weight_decay)
+        groups = param_groups(setup.model, config.lr, config.loraplus_ratio, config.weight_decay)
+        name_of = {id(p): n for n, p in setup.model.named_parameters() if p.requires_grad}
+        self.names = [name_of[id(p)] for g in groups for p in g["params"]]  # the optimizer's order
+        self.optimizer = torch.optim.AdamW(groups)
         self.global_batch = config.batch_size * config.grad_accum * world.size
         self.per_epoch = len(setup.train) // self.global_batch
         self.total = config.max_steps or config.epochs * self.per_epoch
@@ -230,7 +232,10 @@ class _Run:
         if s.labels:
             self.say(f"labels: {', '.join(s.labels)}")
         head = f"; {', '.join(s.describe['saved'])} trained in full" if s.describe["saved"] else ""
-        self.say(f"LoRA: rank {config.rank}, alpha {config.alpha:g}{' (rsLoRA)' if config.rslora else ''} on "
+        variant = "".join([" (rsLoRA)" if config.rslora else "", ", DoRA" if config.dora else "",
+                           f", {config.init} init" if config.init != "default" else "",
+                           f", LoRA+ ratio {config.loraplus_ratio:g}" if config.loraplus_ratio else ""])
+        self.say(f"LoRA: rank {config.rank}, alpha {config.alpha:g}{variant} on "
                  f"{len(record.modules)} modules ({', '.join(kinds)}){head}")
         self.say(f"trainable parameters: {trainable:,} of {everything:,} ({100 * trainable / everything:.2f}%)")
         processes = f", {self.world.size} processes" if self.world.distributed else ""
@@ -268,7 +273,7 @@ class _Run:
                 self._stop(step_loss)
             lr = lr_at(self.step, self.total, config.lr, config.warmup)
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)  # LoRA+: B's group runs at a multiple
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1

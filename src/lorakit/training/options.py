@@ -13,7 +13,7 @@ from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..config import LoraConfig
+from ..config import INIT_MODES, LoraConfig
 from ..json_file import read_json
 from . import data as data_mod
 from .errors import TrainingError
@@ -69,6 +69,9 @@ class RunConfig:
                                       metavar="WHICH", type=_targets)
     dropout: float = option(0.0, _LORA, "dropout on the adapters' input (default: 0)", metavar="P", valid="[0, 1)")
     rslora: bool = option(False, _LORA, "scale by alpha / sqrt(rank) (rank-stabilised LoRA)")
+    dora: bool = option(False, _LORA, "DoRA: also train a magnitude per output feature (weight-decomposed LoRA)")
+    init: str = option("default", _LORA, "how A and B start; pissa / olora take the top of the base weight's "
+                       "SVD / QR and leave the residual in the base (default: default)", choices=INIT_MODES)
     epochs: int = option(3, _TRAINING, "passes over the data (default: 3)", metavar="N", valid=">= 1")
     max_steps: int | None = option(None, _TRAINING, "stop after this many optimizer steps (overrides --epochs)",
                                    metavar="N", type=int, valid=">= 1")
@@ -76,6 +79,8 @@ class RunConfig:
     warmup: float = option(0.1, _TRAINING, "fraction of steps to warm up over (default: 0.1)", metavar="FRACTION",
                            valid="[0, 1)")
     weight_decay: float = option(0.0, _TRAINING, "AdamW weight decay (default: 0)", metavar="W", valid=">= 0")
+    loraplus_ratio: float | None = option(None, _TRAINING, "LoRA+: B's learning rate is R x --lr (the paper "
+                                          "suggests 16; default: off, one rate)", metavar="R", type=float, valid="> 0")
     batch_size: int = option(16, _TRAINING, "examples per process per micro-batch (default: 16)", metavar="N",
                              valid=">= 1")
     grad_accum: int = option(1, _TRAINING, "micro-batches per optimizer step (default: 1)", metavar="N", valid=">= 1")
@@ -131,7 +136,7 @@ class RunConfig:
     def lora(self, modules_to_save: list[str]) -> LoraConfig:
         try:
             return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets,
-                              rslora=self.rslora, modules_to_save=modules_to_save)
+                              rslora=self.rslora, use_dora=self.dora, init=self.init, modules_to_save=modules_to_save)
         except ValueError as err:
             raise TrainingError(f"LoRA options: {err}") from None
 
