@@ -12,6 +12,7 @@ from .adapter_file import (
 )
 from .config import LoraConfig
 from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
+from .mixed import MixedBatch, mixed_batch
 from .model import (
     active_adapters,
     adapters,
@@ -49,6 +50,7 @@ __all__ = [
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",
+    "MixedBatch",
     "SaveAdapterCallback",
     "active_adapters",
     "adapter_state_dict",
@@ -60,6 +62,7 @@ __all__ = [
     "inject",
     "load_adapter",
     "merge",
+    "mixed_batch",
     "read_adapter_config",
     "save_adapter",
     "set_adapter",

@@ -8,6 +8,8 @@ is explicit: `merge()` adds scaling * B A into the base weight, `unmerge()` take
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,15 +24,49 @@ class LoraLayer(nn.Module):
 
     is_lora_layer = True  # how targets.py knows a wrapper without importing this file
     lookup_table = False  # A is indexed by token ids (embeddings), which changes its init and file keys
+    routing = None  # inside lorakit.mixed_batch: the batch's per-row routes (mixed.MixedBatch)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
+        self._prepared = None  # what forward needs for the live adapters, built once per change
         self.active: list[str] = []
         self.merged: list[str] = []
         self.enabled = True
+        # Parameters replaced by load_state_dict(assign=True) must not stay in the cache.
+        self.register_load_state_dict_post_hook(_loaded)
+
+    # -- what forward caches, and what clears it ---------------------------------------------
+    @property
+    def active(self) -> list[str]:
+        return self._active
+
+    @active.setter
+    def active(self, names: list[str]) -> None:
+        self._active = names
+        self._changed()
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, on: bool) -> None:
+        self._enabled = on
+        self._changed()
+
+    def _changed(self) -> None:
+        """The adapters, the active set, the merge state or the tensors changed: rebuild on next forward."""
+        self._prepared = None
+
+    def _apply(self, fn, recurse: bool = True):
+        self._changed()  # .to(), .half(), .cuda() may give new tensors of another dtype
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__, _prepared=None)  # a copy holds its own tensors, not these
 
     # -- per-kind pieces -------------------------------------------------------------------
     def pair_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -86,11 +122,12 @@ class LoraLayer(nn.Module):
         self._store_pair(name, a, b)
         self.scaling[name] = scaling
         self.dropout[name] = dropout
+        self._changed()
 
     def detach_adapter(self, name: str) -> None:
         self._drop_pair(name)
         del self.scaling[name], self.dropout[name]
-        self.active = [n for n in self.active if n != name]
+        self.active = [n for n in self.active if n != name]  # clears the cache too
 
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
         """Adapter `name`'s parameters by role ("A", "B"); peft_format maps roles to file keys."""
@@ -113,6 +150,7 @@ class LoraLayer(nn.Module):
             if name not in self.merged:
                 self._add_to_base(self.delta_weight(name))
                 self.merged.append(name)
+        self._changed()
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -121,6 +159,7 @@ class LoraLayer(nn.Module):
         saved = self.__dict__.pop("_unmerged_weight", None)
         if saved is not None:
             self.base_layer.weight.copy_(saved)
+        self._changed()
 
     def _add_to_base(self, delta: torch.Tensor) -> None:
         weight = self.base_layer.weight
@@ -137,6 +176,8 @@ class LoraLayer(nn.Module):
         return result
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.routing is not None:
+            return self.routing.forward(self, x)
         return self.reference_forward(x)
 
     def extra_repr(self) -> str:
@@ -188,34 +229,42 @@ class LoraLinear(LoraLayer):
         return F.linear(F.linear(x, a), b) * self.scaling[name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        live = self._live()
-        if not live:
+        if self.routing is not None:
+            return self.routing.forward(self, x)
+        prepared = self._prepared or self._prepare()
+        if not prepared.live:
             return self.base_layer(x)
-        adapters = self._fast_adapters(live, x)
-        if adapters is None:
-            return self.reference_forward(x)
         base = self.base_layer
+        adapters = prepared.adapters
+        if (
+            adapters is None
+            or x.dtype != prepared.dtype
+            or base._forward_hooks
+            or base._forward_pre_hooks
+            or autocast_on(x.device.type)
+        ):
+            return self.reference_forward(x)
         return lora_linear(x, base.weight, base.bias, adapters, self.fan_in_fan_out, self.training)
 
-    def _fast_adapters(self, live: list[str], x: torch.Tensor) -> list[Adapter] | None:
-        """The live adapters for `fused.lora_linear`, or None where only the reference is exact:
-        a base class other than Linear / Conv1D (its own forward), hooks on the base layer, mixed
-        dtypes, autocast."""
+    def _prepare(self) -> _Prepared:
+        """The live adapters, and for `fused.lora_linear` their tensors, or None where only the
+        reference is exact: a base class other than Linear / Conv1D (its own forward), or adapters
+        of another dtype than the base weight. Hooks, the input's dtype and autocast are checked
+        on every call."""
+        live = self._live()
         base = self.base_layer
-        if type(base) is not nn.Linear and not self.fan_in_fan_out:
-            return None
-        if base._forward_hooks or base._forward_pre_hooks:
-            return None
         dtype = base.weight.dtype
-        if x.dtype != dtype or autocast_on(x.device.type):
-            return None
-        adapters = []
-        for name in live:
+        adapters: list[Adapter] | None = []
+        if type(base) is not nn.Linear and not self.fan_in_fan_out:
+            adapters = None
+        for name in live if adapters is not None else ():
             a, b = self.lora_A[name].weight, self.lora_B[name].weight
             if a.dtype != dtype or b.dtype != dtype:
-                return None
+                adapters = None
+                break
             adapters.append(Adapter(a, b, self.scaling[name], self.dropout[name]))
-        return adapters
+        self._prepared = _Prepared(live, adapters, dtype)
+        return self._prepared
 
 
 class LoraEmbedding(LoraLayer):
@@ -304,6 +353,18 @@ class LoraConv(LoraLayer):
         x = x.to(self.pair(name)[0].dtype)
         x = F.dropout(x, self.dropout[name], self.training) if self.dropout[name] else x
         return self.lora_B[name](self.lora_A[name](x)) * self.scaling[name]
+
+
+def _loaded(module: LoraLayer, _keys) -> None:
+    module._changed()
+
+
+class _Prepared(NamedTuple):
+    """What LoraLinear.forward needs, built when the adapters or their state change."""
+
+    live: list[str]
+    adapters: list[Adapter] | None  # None: only the reference path is exact
+    dtype: torch.dtype
 
 
 def _linear_holding(weight: torch.Tensor) -> nn.Linear:

@@ -79,7 +79,31 @@ def base_biases(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def lora_layers(model: nn.Module) -> list[LoraLayer]:
-    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+    return [m for _, m in wrappers(model) if isinstance(m, LoraLayer)]
+
+
+def wrappers(model: nn.Module) -> list[tuple[str, LoraLayer | SavedModule]]:
+    """(path, wrapper) for every lorakit wrapper, in module order.
+
+    Walks the base model only: a wrapper's adapters are not entered, so the walk costs the same
+    with one adapter loaded or a thousand.
+    """
+    found: list[tuple[str, LoraLayer | SavedModule]] = []
+    seen: set[int] = set()
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for child_name, child in module._modules.items():
+            if child is None or id(child) in seen:
+                continue
+            seen.add(id(child))
+            path = prefix + child_name
+            if isinstance(child, (LoraLayer, SavedModule)):
+                found.append((path, child))
+            else:
+                walk(child, path + ".")
+
+    walk(model, "")
+    return found
 
 
 def names_in(module: nn.Module) -> list[str]:
