@@ -25,7 +25,7 @@ from .config import LoraConfig
 from .json_file import read_json
 from .model import add_adapter_from_tensors
 from .plan import saved_module_paths
-from .registry import adapters, base_biases
+from .registry import adapters, base_biases, named_base_modules
 from .targets import adaptable_kind, resolve_targets
 
 CONFIG_FILE = fmt.CONFIG_FILE
@@ -191,7 +191,7 @@ def _sort_keys(
     halves: dict[str, dict[str, torch.Tensor]] = {}
     base: dict[str, torch.Tensor] = {}
     saved: dict[str, dict[str, torch.Tensor]] = {p: {} for p in saved_paths}
-    params = dict(model.named_parameters())
+    params: dict[str, nn.Parameter] = {}  # filled on the first base key: most files have none
     for key in sorted(tensors):
         if not key.startswith(fmt.PREFIX):
             raise AdapterFileError(f"{where}: unexpected key {key!r} (PEFT keys start with {fmt.PREFIX!r})")
@@ -207,6 +207,7 @@ def _sort_keys(
             # PEFT saves a whole embedding table next to its adapter when the vocabulary may have
             # changed; it replaces the base table on load. Trained biases replace the base biases.
             plain = rest.replace(".base_layer.", ".")
+            params = params or dict(model.named_parameters())
             name = rest if rest in params else plain
             if name not in params:
                 raise AdapterFileError(f"{where}: key {key!r} names no parameter of this model")
@@ -257,7 +258,7 @@ def _present_saved_modules(model: nn.Module, config: LoraConfig, tensors: dict[s
     PEFT writes both `classifier` and `score` for any sequence-classification adapter; the one
     the model lacks (and the file has no weights for) is dropped, as PEFT does.
     """
-    names = [p for p, _ in model.named_modules() if p]
+    names = [p for p, _ in named_base_modules(model) if p]
     keys = [k[len(fmt.PREFIX):] for k in tensors if k.startswith(fmt.PREFIX)]
 
     def known(entry: str) -> bool:

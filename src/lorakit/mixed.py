@@ -10,14 +10,17 @@ Transformers' `generate` works inside the block: when it grows the batch by a wh
 How an adapted linear layer computes it (`_linear`):
 - the base output for the whole batch, exactly as the base model computes it, so a base row
   is bitwise the base model's;
-- the rows that have adapters are gathered, sorted by adapter (the sort is made once per batch
-  shape, not per layer call), and pushed through one segment matmul per rank:
-  x_s A_g^T, then (s_g B_g)^T, with `torch._grouped_mm` (on CPU a C++ loop of mm over the
-  segments, exact) or, where that is missing, a Python loop of the same products;
-- the deltas are added back to their rows (`index_add_`).
-Each adapter keeps its own rank; a rank is only rounded up to the grouped matmul's alignment
-(4 floats, 8 halves) with zero rows, which add exact zeros. The weight stacks are built once
-per context and reused by every later forward (the steps of `generate`).
+- each row's own low-rank pair, gathered once per batch shape (every step of `generate` reuses
+  it) into per-row stacks A (rows, r, in) and w s B (rows, out, r), the route's weight and the
+  adapter's scaling riding on B;
+- two batched matmuls, x A^T then (.) (w s B)^T, accumulated into the base output in place
+  when every row has an adapter there (`baddbmm_`), else over the gathered rows and added back
+  (`index_add_`).
+Rows are batched by rank, so each adapter keeps its own rank (nothing is padded to the
+largest). Measured on a 2-core CPU at MiniLM's and at hidden-2048 shapes (bench/serving.py),
+the per-row batched matmul beats sorting rows by adapter into segments (`torch._grouped_mm`,
+on CPU a C++ loop of one mm per segment, or a Python loop): the rank-r products of one short
+segment each are too small for the matmul kernel, while one batched call keeps it busy.
 
 Embeddings, convolutions and other cases (autocast, dtypes that differ) take the plain path:
 per adapter, its rows through the layer's own delta. Trained copies of modules_to_save (a
@@ -36,14 +39,11 @@ from torch import nn
 
 from .fused import Adapter, autocast_on, lora_linear
 from .layers import LoraLayer, LoraLinear
-from .registry import adapters, wrappers
+from .registry import adapters, cached_wrappers
 from .saved_modules import SavedModule
 
 Route = Union[str, None, Mapping[str, float]]
 _Normal = tuple[tuple[str, float], ...]  # a route as ((name, weight), ...), sorted; () is the base
-
-_GROUPED_MM = getattr(torch, "_grouped_mm", None)
-_ALIGN_BYTES = 16  # what the grouped matmul needs of every leading dimension
 
 
 @contextlib.contextmanager
@@ -60,18 +60,18 @@ def mixed_batch(model: nn.Module, routes: Sequence[Route]) -> Iterator[MixedBatc
     if model.training:
         raise RuntimeError("mixed_batch is for inference: call model.eval() first (dropout and gradients "
                            "would need a per-row training path)")
-    found = [m for _, m in wrappers(model)]
+    found = cached_wrappers(model)
     if any(isinstance(m, LoraLayer) and m.merged for m in found):
         raise ValueError("adapters are merged into the weights; call lorakit.unmerge(model) before mixed_batch")
     if any(m.routing is not None for m in found):
         raise RuntimeError("mixed_batch: the model is already inside a mixed_batch block")
-    for m in found:
-        m.routing = batch
+    for m in found:  # a plain attribute: nn.Module.__setattr__ would cost microseconds a module
+        m.__dict__["routing"] = batch
     try:
         yield batch
     finally:
         for m in found:
-            m.routing = None
+            m.__dict__.pop("routing", None)
 
 
 class MixedBatch:
@@ -81,10 +81,11 @@ class MixedBatch:
         self._known = adapters(model)
         self.routes = self._normalise(routes)
         self._plans: dict[int, _RowPlan] = {}  # by the number of rows a forward sees
-        self._stacks: dict[tuple[int, int, bool], _Stack] = {}  # by (layer, padded rank, grouped)
+        self._uniform_cache: dict[int, tuple[_Normal, list[Adapter] | None]] = {}  # by layer
+        self._fast: dict[tuple[int, torch.dtype], bool] = {}  # by (layer, input dtype): see _fast_ok
 
     def reroute(self, routes: Sequence[Route]) -> None:
-        """New routes for the following forwards (the weight stacks are kept where they fit)."""
+        """New routes for the following forwards (e.g. after rows left a generation batch)."""
         self.routes = self._normalise(routes)
         self._plans.clear()
 
@@ -132,84 +133,63 @@ class MixedBatch:
             raise ValueError("adapters are merged into the weights; call lorakit.unmerge(model) before mixed_batch")
         if not layer.enabled or x.dim() == 0:
             return layer.base_layer(x)
-        plan = self._plan(x.shape[0], layer)
+        plan = self._plans.get(x.shape[0]) or self._plan(x.shape[0], layer)
+        fast = isinstance(layer, LoraLinear) and self._fast_ok(layer, x)
         if plan.uniform is not None:
-            return self._uniform(layer, x, plan.uniform)
+            return self._uniform(layer, x, plan.uniform, fast)
         groups = [g for g in plan.groups if g.name in layer.scaling]
         if not groups:
             return layer.base_layer(x)
-        if isinstance(layer, LoraLinear) and self._fast_ok(layer, x):
+        if fast:
             return self._linear(layer, x, plan, groups)
         return _plain(layer, x, groups)
 
-    def _uniform(self, layer: LoraLayer, x: torch.Tensor, route: _Normal) -> torch.Tensor:
+    def _uniform(self, layer: LoraLayer, x: torch.Tensor, route: _Normal, fast: bool) -> torch.Tensor:
         """Every row has the same route: the layer's own path for those adapters."""
-        live = [(n, w) for n, w in route if n in layer.scaling]
-        if not live:
+        cached = self._uniform_cache.get(id(layer))
+        if cached is None or cached[0] != route:
+            live = [(n, layer.pair(n), layer.scaling[n] * w) for n, w in route if n in layer.scaling]
+            cached = (route, [Adapter(a, b, s, 0.0) for _, (a, b), s in live] if live else None)
+            self._uniform_cache[id(layer)] = cached
+        adapters_ = cached[1]
+        if adapters_ is None:
             return layer.base_layer(x)
-        if isinstance(layer, LoraLinear) and self._fast_ok(layer, x):
-            key = (id(layer), 0, False)  # the uniform path's Adapter list, kept like the stacks
-            stack = self._stacks.get(key)
-            if stack is None or stack.names != tuple(live):
-                fast = [Adapter(*layer.pair(n), layer.scaling[n] * w, 0.0) for n, w in live]
-                stack = self._stacks[key] = _Stack(tuple(live), fast, None, 0)
+        if fast:
             base = layer.base_layer
-            return lora_linear(x, base.weight, base.bias, stack.a, layer.fan_in_fan_out, False)
+            return lora_linear(x, base.weight, base.bias, adapters_, layer.fan_in_fan_out, False)
         result = layer.base_layer(x)
-        for name, weight in live:
+        for name, weight in ((n, w) for n, w in route if n in layer.scaling):
             delta = layer._delta(x, name)
             result = result + (delta if weight == 1.0 else delta * weight)
         return result
 
-    @staticmethod
-    def _fast_ok(layer: LoraLinear, x: torch.Tensor) -> bool:
-        """Whether the linear's grouped path is exact here (as LoraLinear.forward decides for its own)."""
+    def _fast_ok(self, layer: LoraLinear, x: torch.Tensor) -> bool:
+        """Whether the linear's batched path is exact here (as LoraLinear.forward decides for its
+        own): a plain Linear / Conv1D, no hooks, no autocast, the input in the weight's dtype."""
+        key = (id(layer), x.dtype)
+        static = self._fast.get(key)
+        if static is None:
+            base = layer.base_layer
+            static = self._fast[key] = (type(base) is nn.Linear or layer.fan_in_fan_out) and x.dtype == base.weight.dtype
         base = layer.base_layer
-        if type(base) is not nn.Linear and not layer.fan_in_fan_out:
-            return False
-        if base._forward_hooks or base._forward_pre_hooks or autocast_on(x.device.type):
-            return False
-        return x.dtype == base.weight.dtype
+        return static and not (base._forward_hooks or base._forward_pre_hooks or autocast_on(x.device.type))
 
     # -- the adapted linear ------------------------------------------------------------------
     def _linear(self, layer: LoraLinear, x: torch.Tensor, plan: _RowPlan, groups: list[_Group]) -> torch.Tensor:
         y = layer.base_layer(x).contiguous()
         rows = x.shape[0]
         x3 = x.reshape(rows, -1, x.shape[-1])  # (rows, tokens per row, in)
-        per_row = x3.shape[1]
-        for segments in self._segments(layer, plan, groups, x):
-            xs = x3.index_select(0, segments.rows).reshape(-1, x3.shape[-1])  # (entries * tokens, in)
-            delta = segments.delta(xs, per_row)  # (entries * tokens, out)
-            y.view(rows, -1).index_add_(0, segments.rows, delta.view(segments.rows.numel(), -1))
+        y3 = y.view(rows, x3.shape[1], -1)  # (rows, tokens per row, out)
+        segments = plan.segments.get(id(layer))
+        if segments is None:
+            segments = plan.segments[id(layer)] = _segments(layer, plan, groups, x.device)
+        for seg in segments:
+            if seg.rows is None:  # every row: no gather, the delta accumulates into y in place
+                y3.baddbmm_(torch.bmm(x3, seg.a.transpose(1, 2)), seg.b.transpose(1, 2))
+            else:
+                xa = torch.bmm(x3.index_select(0, seg.rows), seg.a.transpose(1, 2))  # (n, tokens, r)
+                y3.index_add_(0, seg.rows, torch.bmm(xa, seg.b.transpose(1, 2)))
         return y
-
-    def _segments(self, layer: LoraLinear, plan: _RowPlan, groups: list[_Group], x: torch.Tensor) -> list[_Segments]:
-        """The layer's adapter rows, one `_Segments` per padded rank, made once per batch shape."""
-        cached = plan.segments.get(id(layer))
-        if cached is not None:
-            return cached
-        align = _ALIGN_BYTES // x.element_size()
-        grouped = (
-            _GROUPED_MM is not None
-            and x.device.type == "cpu"
-            and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and layer.in_features % align == 0
-            and layer.out_features % align == 0
-        )
-        by_rank: dict[int, list[_Group]] = {}
-        for g in groups:
-            rank = layer.rank(g.name)
-            by_rank.setdefault(-(-rank // align) * align if grouped else rank, []).append(g)
-        found = []
-        for padded, members in sorted(by_rank.items()):
-            names = tuple(g.name for g in members)
-            key = (id(layer), padded, grouped)
-            stack = self._stacks.get(key)
-            if stack is None or not set(names) <= set(stack.names):
-                stack = self._stacks[key] = _build_stack(layer, names, padded if grouped else 0)
-            found.append(_Segments(stack, members, grouped, x.device))
-        plan.segments[id(layer)] = found
-        return found
 
     # -- modules_to_save ---------------------------------------------------------------------
     def forward_saved(self, module: SavedModule, args: tuple, kwargs: dict) -> Any:
@@ -267,6 +247,7 @@ class _RowPlan:
     """One batch shape's routes: the same for every row (uniform), or rows grouped by adapter."""
 
     def __init__(self, routes: list[_Normal]) -> None:
+        self.routes = routes
         self.uniform = routes[0] if all(r == routes[0] for r in routes) else None
         members: dict[str, tuple[list[int], list[float], bool]] = {}
         for row, route in enumerate(routes):
@@ -277,78 +258,40 @@ class _RowPlan:
                 if len(route) > 1 or weight != 1.0:
                     members[name] = (rows, weights, False)
         self.groups = [_Group(n, *members[n]) for n in sorted(members)]
-        self.segments: dict[int, list[_Segments]] = {}  # by layer, made on its first forward
+        self.segments: dict[int, list[_Segment]] = {}  # by layer, made on its first forward
 
 
-class _Stack:
-    """One layer's adapters of one padded rank as stacked weights: A (G, r_pad, in) and s*B
-    (G, out, r_pad), zero-padded; for the loop, lists of A and s*B; for the uniform path, the
-    Adapter list in `a`."""
+class _Segment:
+    """Rows of one pass and one rank with their own weights: A (n, r, in) and w s B (n, out, r),
+    row j's adapter in slot j; `rows` None means every row of the batch, in order."""
 
-    def __init__(self, names: tuple, a: Any, b: Any, padded: int) -> None:
-        self.names, self.a, self.b, self.padded = names, a, b, padded
+    def __init__(self, rows: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.rows, self.a, self.b = rows, a, b
 
 
-def _build_stack(layer: LoraLinear, names: tuple[str, ...], padded: int) -> _Stack:
-    """A (G, r_pad, in) and s*B (G, out, r_pad) for the grouped matmul; with padded=0, the
-    per-adapter (A, s*B) pairs for the loop."""
-    if not padded:
-        pairs = [layer.pair(n) for n in names]
-        return _Stack(names, [a for a, _ in pairs], [b * layer.scaling[n] for (_, b), n in zip(pairs, names)], 0)
-    weight = layer.lora_A[names[0]].weight
-    a = weight.new_zeros(len(names), padded, layer.in_features)
-    b = weight.new_zeros(len(names), layer.out_features, padded)
+def _segments(layer: LoraLinear, plan: _RowPlan, groups: list[_Group], device: torch.device) -> list[_Segment]:
+    """The layer's per-row weights, made once per batch shape (every step of generate reuses them).
+
+    Rows are taken one adapter at a time (pass 0: each row's first adapter on this layer, pass
+    1: its second, for weighted mixes), and within a pass by rank, so that each batched matmul
+    has one rank and no adapter is padded to another's. The row's weight and the adapter's
+    scaling ride on B's copy.
+    """
+    pairs = {g.name: layer.pair(g.name) for g in groups}
+    by_key: dict[tuple[int, int], list[tuple[int, str, float]]] = {}
+    for row, route in enumerate(plan.routes):
+        for depth, (name, weight) in enumerate((n, w) for n, w in route if n in pairs):
+            by_key.setdefault((depth, pairs[name][0].shape[0]), []).append((row, name, weight))
+    found = []
     with torch.no_grad():
-        for g, name in enumerate(names):
-            pa, pb = layer.pair(name)
-            a[g, : pa.shape[0]] = pa
-            torch.mul(pb, layer.scaling[name], out=b[g, :, : pb.shape[1]])
-    return _Stack(names, a, b, padded)
-
-
-class _Segments:
-    """The rows of the adapters of one stack, sorted by adapter, and how to get their deltas."""
-
-    def __init__(self, stack: _Stack, groups: list[_Group], grouped: bool, device: torch.device) -> None:
-        self.stack, self.grouped = stack, grouped
-        by_name = {g.name: g for g in groups}
-        ordered = [by_name.get(n) for n in stack.names]  # stack order; None: not in this batch
-        self.sizes = [g.rows.numel() if g is not None else 0 for g in ordered]
-        present = [g for g in ordered if g is not None]
-        self.rows = torch.cat([g.rows for g in present]).to(device)
-        weights = [w for g in present for w in g.weights]
-        self.weights = None if all(w == 1.0 for w in weights) else torch.tensor(weights)
-        self._per_tokens: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-
-    def _by_tokens(self, per_row: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(cumulative segment ends in tokens, int32; weight per token or None) for rows of `per_row` tokens."""
-        if per_row not in self._per_tokens:
-            ends = torch.tensor(self.sizes, dtype=torch.int64).cumsum(0).mul_(per_row).to(torch.int32)
-            weights = None
-            if self.weights is not None:
-                weights = self.weights.to(like.dtype).repeat_interleave(per_row).view(-1, 1).to(like.device)
-            self._per_tokens[per_row] = (ends, weights)
-        return self._per_tokens[per_row]
-
-    def delta(self, xs: torch.Tensor, per_row: int) -> torch.Tensor:
-        """(entries * tokens, out): each entry's tokens through its adapter, scaled and weighted."""
-        ends, weights = self._by_tokens(per_row, xs)
-        stack = self.stack
-        if self.grouped:
-            xa = _GROUPED_MM(xs, stack.a.transpose(1, 2), offs=ends)  # (tokens, r_pad)
-            if weights is not None:
-                xa.mul_(weights)
-            return _GROUPED_MM(xa, stack.b.transpose(1, 2), offs=ends)
-        out = xs.new_empty(xs.shape[0], stack.b[0].shape[0])
-        start = 0
-        for a, b, end in zip(stack.a, stack.b, ends.tolist()):
-            if end > start:
-                xa = xs[start:end] @ a.t()
-                if weights is not None:
-                    xa.mul_(weights[start:end])
-                torch.mm(xa, b.t(), out=out[start:end])
-            start = end
-        return out
+        for entries in by_key.values():
+            a = torch.stack([pairs[name][0] for _, name, _ in entries])
+            factors = torch.tensor([layer.scaling[name] * w for _, name, w in entries], dtype=a.dtype, device=a.device)
+            b = torch.stack([pairs[name][1] for _, name, _ in entries]).mul_(factors.view(-1, 1, 1))
+            every = len(entries) == len(plan.routes)  # then the rows are 0..n-1, in order
+            rows = None if every else torch.tensor([row for row, _, _ in entries], dtype=torch.long, device=device)
+            found.append(_Segment(rows, a, b))
+    return found
 
 
 def _plain(layer: LoraLayer, x: torch.Tensor, groups: list[_Group]) -> torch.Tensor:

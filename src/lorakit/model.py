@@ -33,8 +33,10 @@ from .registry import (
     adapters,
     forget,
     lora_layers,
+    named_base_modules,
     refresh_trainable,
     set_active,
+    wrappers,
 )
 from .saved_modules import SavedModule
 from .targets import resolve_targets
@@ -90,7 +92,7 @@ def add_adapter_from_tensors(
         if not isinstance(path, str):
             raise ValueError(f"pairs must be keyed by module path, got {path!r}")
         get_adapted(model, path)
-    order = {p: i for i, (p, _) in enumerate(model.named_modules())}
+    order = {p: i for i, (p, _) in enumerate(named_base_modules(model))}
     modules = sorted(pairs, key=lambda p: order[p])
     plan = build_plan(model, name, config, modules, tensors=pairs)
     saved = saved or {}
@@ -99,7 +101,7 @@ def add_adapter_from_tensors(
     unknown = sorted(set(saved) - set(plan.record.saved))
     if unknown:
         raise ValueError(f"saved: {unknown[0]!r} is not one of the modules_to_save {plan.record.saved}")
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters()) if base else {}
     for pname, value in (base or {}).items():
         if pname not in params:
             raise ValueError(f"base: the model has no parameter named {pname!r}")
@@ -119,7 +121,7 @@ def set_adapter(model: nn.Module, names: str | list[str]) -> None:
         if n not in known:
             raise ValueError(f"no adapter named {n!r}; the model has {sorted(known) or 'none'}")
     _refuse_if_merged(model, "switching adapters")
-    for path, module in model.named_modules():
+    for path, module in wrappers(model):
         if isinstance(module, SavedModule) and sum(n in module.copies for n in names) > 1:
             raise ValueError(
                 f"adapters {[n for n in names if n in module.copies]} each train their own copy of {path!r} "
@@ -135,7 +137,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         raise ValueError(f"no adapter named {name!r}; the model has {sorted(known) or 'none'}")
     if any(name in m.merged for m in lora_layers(model)):
         raise ValueError(f"adapter {name!r} is merged into the weights; call lorakit.unmerge(model) first")
-    for path, module in list(model.named_modules()):
+    for path, module in wrappers(model):
         if isinstance(module, LoraLayer) and name in module.adapter_names:
             module.detach_adapter(name)
             if not module.adapter_names:
@@ -146,24 +148,25 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             if not len(module.copies):
                 replace_module(model, path, module.original)
     del known[name]
+    was_active = name in active_adapters(model)
     set_active(model, [n for n in active_adapters(model) if n != name])
-    if known:
-        refresh_trainable(model)
-    else:
+    if not known:
         forget(model)
+    elif was_active:  # an inactive adapter's going changes no one's requires_grad
+        refresh_trainable(model)
 
 
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model is exactly the base model."""
     _refuse_if_merged(model, "disabling adapters")
-    wrappers = [m for m in model.modules() if isinstance(m, (LoraLayer, SavedModule))]
-    for m in wrappers:
+    found = [m for _, m in wrappers(model)]
+    for m in found:
         m.enabled = False
     try:
         yield model
     finally:
-        for m in wrappers:
+        for m in found:
             m.enabled = True
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .layers import LoraLayer, wrapper_for
-from .registry import AdapterRecord, activate, active_adapters, register
+from .registry import AdapterRecord, activate, active_adapters, named_base_modules, register, structure_changed
 from .saved_modules import SavedModule
 from .targets import adaptable_kind
 
@@ -86,17 +86,27 @@ def commit(model: nn.Module, plan: Plan) -> None:
         layer.attach(plan.name, a, b, scaling, dropout)
     for saved, clone in plan.copies:
         saved.copies[plan.name] = clone
-    activate(model, active_adapters(model) or [plan.name])
+    if active_adapters(model):
+        # The active set stays as it is, so only the new, inactive adapter's flags change:
+        # O(its size), however many adapters the model holds.
+        for layer, *_ in plan.pairs:
+            for p in layer.adapter_parameters(plan.name).values():
+                p.requires_grad_(False)
+        for _, clone in plan.copies:
+            clone.requires_grad_(False)
+    else:
+        activate(model, [plan.name])
 
 
 def saved_module_paths(model: nn.Module, names: list[str]) -> list[str]:
     """Module paths matching each modules_to_save entry (exact name or '.'-suffix)."""
     paths: list[str] = []
-    wrappers = [p for p, m in model.named_modules() if isinstance(m, (LoraLayer, SavedModule))]
+    modules = named_base_modules(model)
+    wrappers = [p for p, m in modules if isinstance(m, (LoraLayer, SavedModule))]
     for entry in names:
         found = [
             p
-            for p, m in model.named_modules()
+            for p, m in modules
             if p and (p == entry or p.endswith("." + entry)) and not any(p.startswith(w + ".") for w in wrappers)
         ]
         if not found:
@@ -107,7 +117,7 @@ def saved_module_paths(model: nn.Module, names: list[str]) -> list[str]:
 
 def saved_wrapper_paths(model: nn.Module) -> list[str]:
     """Paths of existing modules_to_save wrappers: never LoRA targets themselves."""
-    return [p for p, m in model.named_modules() if isinstance(m, SavedModule)]
+    return [p for p, m in named_base_modules(model) if isinstance(m, SavedModule)]
 
 
 def given_pair(
@@ -172,3 +182,4 @@ def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, child, new)
+    structure_changed(model)

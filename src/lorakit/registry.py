@@ -18,6 +18,7 @@ from .saved_modules import SavedModule
 _REGISTRY = "_lorakit_adapters"  # attribute on the user's model: name -> AdapterRecord
 _ACTIVE = "_lorakit_active"  # attribute on the user's model: active adapter names
 _GRAD = "_lorakit_requires_grad"  # parameter name -> requires_grad before the first adapter
+_WRAPPERS = "_lorakit_wrappers"  # the wrappers, found once per change of the module tree
 
 
 @dataclass
@@ -39,9 +40,8 @@ def active_adapters(model: nn.Module) -> list[str]:
 
 def activate(model: nn.Module, names: list[str]) -> None:
     object.__setattr__(model, _ACTIVE, names)
-    for module in model.modules():
-        if isinstance(module, (LoraLayer, SavedModule)):
-            module.active = [n for n in names if n in names_in(module)]
+    for _, module in wrappers(model):
+        module.active = [n for n in names if n in names_in(module)]
     refresh_trainable(model)
 
 
@@ -82,30 +82,6 @@ def lora_layers(model: nn.Module) -> list[LoraLayer]:
     return [m for _, m in wrappers(model) if isinstance(m, LoraLayer)]
 
 
-def wrappers(model: nn.Module) -> list[tuple[str, LoraLayer | SavedModule]]:
-    """(path, wrapper) for every lorakit wrapper, in module order.
-
-    Walks the base model only: a wrapper's adapters are not entered, so the walk costs the same
-    with one adapter loaded or a thousand.
-    """
-    found: list[tuple[str, LoraLayer | SavedModule]] = []
-    seen: set[int] = set()
-
-    def walk(module: nn.Module, prefix: str) -> None:
-        for child_name, child in module._modules.items():
-            if child is None or id(child) in seen:
-                continue
-            seen.add(id(child))
-            path = prefix + child_name
-            if isinstance(child, (LoraLayer, SavedModule)):
-                found.append((path, child))
-            else:
-                walk(child, path + ".")
-
-    walk(model, "")
-    return found
-
-
 def names_in(module: nn.Module) -> list[str]:
     return module.adapter_names if isinstance(module, LoraLayer) else list(module.copies)
 
@@ -115,7 +91,7 @@ def forget(model: nn.Module) -> None:
     flags = getattr(model, _GRAD, {})
     for pname, p in model.named_parameters():
         p.requires_grad_(flags.get(pname, True))
-    for attr in (_REGISTRY, _ACTIVE, _GRAD):
+    for attr in (_REGISTRY, _ACTIVE, _GRAD, _WRAPPERS):
         if hasattr(model, attr):
             object.__delattr__(model, attr)
 
@@ -132,3 +108,49 @@ def register(model: nn.Module, name: str, record: AdapterRecord) -> None:
 def set_active(model: nn.Module, names: list[str]) -> None:
     """The model-level active list (the layers' own lists are set by `activate`)."""
     object.__setattr__(model, _ACTIVE, names)
+
+
+def wrappers(model: nn.Module) -> list[tuple[str, LoraLayer | SavedModule]]:
+    """(path, wrapper) for every lorakit wrapper, in module order."""
+    return [(p, m) for p, m in named_base_modules(model) if isinstance(m, (LoraLayer, SavedModule))]
+
+
+def cached_wrappers(model: nn.Module) -> list[LoraLayer | SavedModule]:
+    """The wrappers, remembered until lorakit next swaps a module (`structure_changed`): for
+    what runs per batch (mixed_batch), not a walk each time."""
+    found = model.__dict__.get(_WRAPPERS)
+    if found is None:
+        found = [m for _, m in wrappers(model)]
+        object.__setattr__(model, _WRAPPERS, found)
+    return found
+
+
+def structure_changed(model: nn.Module) -> None:
+    model.__dict__.pop(_WRAPPERS, None)
+
+
+def named_base_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """`model.named_modules()` without the adapters' own modules (A, B, trained copies).
+
+    Walking only the base model (and the wrappers themselves) costs the same with one adapter
+    loaded or a thousand, which keeps adding, loading and deleting an adapter O(its size).
+    """
+    found: list[tuple[str, nn.Module]] = [("", model)]
+    seen: set[int] = {id(model)}
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        if isinstance(module, LoraLayer):
+            children = {"base_layer": module.base_layer}
+        elif isinstance(module, SavedModule):
+            children = {"original": module.original}
+        else:
+            children = module._modules
+        for child_name, child in children.items():
+            if child is None or id(child) in seen:
+                continue
+            seen.add(id(child))
+            found.append((prefix + child_name, child))
+            walk(child, prefix + child_name + ".")
+
+    walk(model, "")
+    return found

@@ -1,4 +1,4 @@
-"""The `lorakit` command: train | eval | generate | merge | inspect.
+"""The `lorakit` command: train | eval | generate | merge | inspect | serve.
 
     lorakit train                      LoRA-fine-tune the bundled MiniLM on the bundled sentiment set
     lorakit train --model M --data F   the general command (see `lorakit train --help`)
@@ -6,6 +6,7 @@
     lorakit generate OUT --prompt P    run a prompt through base + adapter
     lorakit merge OUT --out MERGED     a full model folder (safetensors) with the adapter folded in
     lorakit inspect OUT                base model, targets, rank, parameters, file size
+    lorakit serve OUT...               base model + adapters over HTTP (vLLM's endpoints)
 
 Each subcommand is a module of this package with `add_parser(subparsers)` and `run(args)`.
 Errors the user can fix (bad data, bad options, a missing folder) print one line and exit 2;
@@ -18,7 +19,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("train", "eval", "generate", "merge", "inspect")
+COMMANDS = ("train", "eval", "generate", "merge", "inspect", "serve")
 
 
 def _command(name: str):
@@ -41,12 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean a mistake the user can fix: one line, exit status 2."""
     from ..adapter_file import AdapterFileError
+    from ..serving.deps import ServeError
     from ..training.checkpoints import CheckpointError
     from ..training.data import DataError
     from ..training.errors import TrainingError
     from ..training.tasks import ModelError
 
-    return (DataError, ModelError, AdapterFileError, TrainingError, CheckpointError, FileExistsError,
+    return (DataError, ModelError, AdapterFileError, TrainingError, CheckpointError, ServeError, FileExistsError,
             FileNotFoundError)
 
 
