@@ -200,8 +200,8 @@ class LoraLinear(LoraLayer):
         return (rank, self.in_features), (self.out_features, rank)
 
     def _store_pair(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
-        self.lora_A[name] = _linear_holding(a)
-        self.lora_B[name] = _linear_holding(b)
+        self.lora_A[name] = _linear_holding(a).train(self.training)
+        self.lora_B[name] = _linear_holding(b).train(self.training)
 
     def _drop_pair(self, name: str) -> None:
         del self.lora_A[name], self.lora_B[name]
@@ -335,8 +335,8 @@ class LoraConv(LoraLayer):
         return (rank, w.shape[1], *w.shape[2:]), (w.shape[0], rank, *ones)
 
     def _store_pair(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
-        self.lora_A[name] = self._conv(a, like_base=True)
-        self.lora_B[name] = self._conv(b, like_base=False)
+        self.lora_A[name] = self._conv(a, like_base=True).train(self.training)
+        self.lora_B[name] = self._conv(b, like_base=False).train(self.training)
 
     def _drop_pair(self, name: str) -> None:
         del self.lora_A[name], self.lora_B[name]

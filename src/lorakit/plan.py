@@ -76,6 +76,7 @@ def commit(model: nn.Module, plan: Plan) -> None:
     """Swap in what `build_plan` built; nothing here can fail on valid input."""
     register(model, plan.name, plan.record)
     for path, wrapper in plan.wrappers:
+        wrapper.train(model.get_submodule(path).training)  # added to a model in eval mode, it is in eval mode
         replace_module(model, path, wrapper)
     with torch.no_grad():
         for layer, residual in plan.residuals:

@@ -10,7 +10,8 @@ import shutil
 
 import pytest
 import torch
-from conftest import LABELS, build, client, make_adapter, run
+from helpers import LABELS, make_adapter
+from served import build, client, run
 
 from lorakit.cli.trained import load_trained
 from lorakit.serving.app import confine
