@@ -30,21 +30,25 @@ from .model import (
 
 __version__ = "0.1.0"
 
-# Names of the training wing, imported on first use so that `import lorakit` needs only torch
-# and safetensors.
-_TRAINING = {"SaveAdapterCallback": "lorakit.training.trainer_callback"}
+# Names of the wings, imported on first use so that `import lorakit` needs only torch and
+# safetensors (and never loads a wing).
+_WINGS = {
+    "SaveAdapterCallback": "lorakit.training.trainer_callback",
+    "AdapterStore": "lorakit.serving.store",
+}
 
 
 def __getattr__(name: str):
-    if name in _TRAINING:
+    if name in _WINGS:
         import importlib
 
-        return getattr(importlib.import_module(_TRAINING[name]), name)
+        return getattr(importlib.import_module(_WINGS[name]), name)
     raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
 
 
 __all__ = [
     "AdapterFileError",
+    "AdapterStore",
     "LoraConfig",
     "LoraConv",
     "LoraEmbedding",

@@ -132,7 +132,7 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
         if engine.task != "classify":
             raise Problem(404, "this server runs a causal language model: use /v1/completions or /v1/chat/completions")
         route, names, shown = resolve(body.model, body.adapters)
-        rows = [Row(token_ids(text), route, names) for text in body.inputs()]
+        rows = [Row(token_ids(text), route, names) for text in P.as_list(body.input)]
         _check_lengths(engine, rows, 0)
         futures = enqueue(rows, with_results=True)
         try:
@@ -149,7 +149,7 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: P.CompletionRequest) -> Response:
-        prompts = [token_ids(p) for p in body.prompts()]
+        prompts = [token_ids(p) for p in P.as_list(body.prompt)]
         return await generate("text", body, prompts, body.max_tokens)
 
     @app.post("/v1/chat/completions")

@@ -10,11 +10,28 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 _UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "best_of", "use_beam_search", "suffix", "prompt_logprobs")
+
+
+def _not_empty(value: Any) -> Any:
+    if isinstance(value, list) and not value:
+        raise ValueError("give at least one")
+    return value
+
+
+# One text or token-id list, or several: vLLM's `prompt` / `input`.
+Texts = Annotated[Union[str, list[str], list[int], list[list[int]]], AfterValidator(_not_empty)]
+
+
+def as_list(value: Any) -> list[str | list[int]]:
+    """The texts (or token-id lists) of a `Texts` field, one per row."""
+    if isinstance(value, str) or (value and isinstance(value[0], int)):
+        return [value]
+    return list(value)
 
 
 class _Body(BaseModel):
@@ -57,21 +74,8 @@ class StreamOptions(BaseModel):
 
 
 class CompletionRequest(_Generation):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: Texts
     max_tokens: int | None = Field(16, ge=1)
-
-    @field_validator("prompt")
-    @classmethod
-    def _some_prompt(cls, value):
-        if isinstance(value, list) and not value:
-            raise ValueError("give at least one prompt")
-        return value
-
-    def prompts(self) -> list[str | list[int]]:
-        p = self.prompt
-        if isinstance(p, str) or (p and isinstance(p[0], int)):
-            return [p]
-        return list(p)
 
 
 class ChatMessage(BaseModel):
@@ -102,20 +106,7 @@ class ChatRequest(_Generation):
 class ClassifyRequest(_Body):
     model: str | None = None
     adapters: dict[str, float] | None = None
-    input: Union[str, list[str], list[int], list[list[int]]]
-
-    @field_validator("input")
-    @classmethod
-    def _some_input(cls, value):
-        if isinstance(value, list) and not value:
-            raise ValueError("give at least one input")
-        return value
-
-    def inputs(self) -> list[str | list[int]]:
-        p = self.input
-        if isinstance(p, str) or (p and isinstance(p[0], int)):
-            return [p]
-        return list(p)
+    input: Texts
 
 
 class LoadRequest(_Body):
