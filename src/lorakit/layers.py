@@ -32,6 +32,8 @@ class LoraLayer(nn.Module):
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
         self._prepared = None  # what forward needs for the live adapters, built once per change
+        self._route_cache: dict = {}  # what mixed.py works out for this layer, kept across batches
+        self._pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {}  # see pairs()
         self.active: list[str] = []
         self.merged: list[str] = []
         self.enabled = True
@@ -60,13 +62,27 @@ class LoraLayer(nn.Module):
     def _changed(self) -> None:
         """The adapters, the active set, the merge state or the tensors changed: rebuild on next forward."""
         self._prepared = None
+        self._route_cache = {}
+
+    def _tensors_changed(self) -> None:
+        """The adapters' tensors may be new objects: forget every cached reference to them."""
+        self._pairs = None
+        self._changed()
 
     def _apply(self, fn, recurse: bool = True):
-        self._changed()  # .to(), .half(), .cuda() may give new tensors of another dtype
+        self._tensors_changed()  # .to(), .half(), .cuda() may give new tensors of another dtype
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict:
-        return dict(self.__dict__, _prepared=None)  # a copy holds its own tensors, not these
+        # A copy holds its own tensors, not these.
+        return dict(self.__dict__, _prepared=None, _pairs=None, _route_cache={})
+
+    def pairs(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Every adapter's (A, B) by name; kept up to date as adapters come and go, so that
+        reading it costs a dict lookup per adapter (what mixed_batch does per layer)."""
+        if self._pairs is None:
+            self._pairs = {name: self.pair(name) for name in self.scaling}
+        return self._pairs
 
     # -- per-kind pieces -------------------------------------------------------------------
     def pair_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -122,11 +138,15 @@ class LoraLayer(nn.Module):
         self._store_pair(name, a, b)
         self.scaling[name] = scaling
         self.dropout[name] = dropout
+        if self._pairs is not None:
+            self._pairs[name] = self.pair(name)
         self._changed()
 
     def detach_adapter(self, name: str) -> None:
         self._drop_pair(name)
         del self.scaling[name], self.dropout[name]
+        if self._pairs is not None:
+            self._pairs.pop(name, None)
         self.active = [n for n in self.active if n != name]  # clears the cache too
 
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
@@ -356,7 +376,7 @@ class LoraConv(LoraLayer):
 
 
 def _loaded(module: LoraLayer, _keys) -> None:
-    module._changed()
+    module._tensors_changed()
 
 
 class _Prepared(NamedTuple):

@@ -44,6 +44,7 @@ from .saved_modules import SavedModule
 
 Route = Union[str, None, Mapping[str, float]]
 _Normal = tuple[tuple[str, float], ...]  # a route as ((name, weight), ...), sorted; () is the base
+_MISSING = object()
 
 
 @contextlib.contextmanager
@@ -81,8 +82,6 @@ class MixedBatch:
         self._known = adapters(model)
         self.routes = self._normalise(routes)
         self._plans: dict[int, _RowPlan] = {}  # by the number of rows a forward sees
-        self._uniform_cache: dict[int, tuple[_Normal, list[Adapter] | None]] = {}  # by layer
-        self._fast: dict[tuple[int, torch.dtype], bool] = {}  # by (layer, input dtype): see _fast_ok
 
     def reroute(self, routes: Sequence[Route]) -> None:
         """New routes for the following forwards (e.g. after rows left a generation batch)."""
@@ -146,12 +145,11 @@ class MixedBatch:
 
     def _uniform(self, layer: LoraLayer, x: torch.Tensor, route: _Normal, fast: bool) -> torch.Tensor:
         """Every row has the same route: the layer's own path for those adapters."""
-        cached = self._uniform_cache.get(id(layer))
-        if cached is None or cached[0] != route:
-            live = [(n, layer.pair(n), layer.scaling[n] * w) for n, w in route if n in layer.scaling]
-            cached = (route, [Adapter(a, b, s, 0.0) for _, (a, b), s in live] if live else None)
-            self._uniform_cache[id(layer)] = cached
-        adapters_ = cached[1]
+        adapters_ = layer._route_cache.get(route, _MISSING)  # kept on the layer until its adapters change
+        if adapters_ is _MISSING:
+            pairs = layer.pairs()
+            live = [(pairs[n], layer.scaling[n] * w) for n, w in route if n in pairs]
+            adapters_ = layer._route_cache[route] = [Adapter(a, b, s, 0.0) for (a, b), s in live] or None
         if adapters_ is None:
             return layer.base_layer(x)
         if fast:
@@ -163,15 +161,16 @@ class MixedBatch:
             result = result + (delta if weight == 1.0 else delta * weight)
         return result
 
-    def _fast_ok(self, layer: LoraLinear, x: torch.Tensor) -> bool:
+    @staticmethod
+    def _fast_ok(layer: LoraLinear, x: torch.Tensor) -> bool:
         """Whether the linear's batched path is exact here (as LoraLinear.forward decides for its
         own): a plain Linear / Conv1D, no hooks, no autocast, the input in the weight's dtype."""
-        key = (id(layer), x.dtype)
-        static = self._fast.get(key)
-        if static is None:
-            base = layer.base_layer
-            static = self._fast[key] = (type(base) is nn.Linear or layer.fan_in_fan_out) and x.dtype == base.weight.dtype
+        key = ("fast", x.dtype)
+        static = layer._route_cache.get(key)
         base = layer.base_layer
+        if static is None:
+            static = layer._route_cache[key] = (
+                (type(base) is nn.Linear or layer.fan_in_fan_out) and x.dtype == base.weight.dtype)
         return static and not (base._forward_hooks or base._forward_pre_hooks or autocast_on(x.device.type))
 
     # -- the adapted linear ------------------------------------------------------------------
@@ -184,11 +183,13 @@ class MixedBatch:
         if segments is None:
             segments = plan.segments[id(layer)] = _segments(layer, plan, groups, x.device)
         for seg in segments:
+            xa = torch.bmm(x3 if seg.rows is None else x3.index_select(0, seg.rows), seg.a.transpose(1, 2))
+            if seg.factors is not None:  # (n, tokens, r): the scaling is cheapest on the rank-r side
+                xa.mul_(seg.factors)
             if seg.rows is None:  # every row: no gather, the delta accumulates into y in place
-                y3.baddbmm_(torch.bmm(x3, seg.a.transpose(1, 2)), seg.b.transpose(1, 2))
+                y3.baddbmm_(xa, seg.b.transpose(1, 2), alpha=seg.scale)
             else:
-                xa = torch.bmm(x3.index_select(0, seg.rows), seg.a.transpose(1, 2))  # (n, tokens, r)
-                y3.index_add_(0, seg.rows, torch.bmm(xa, seg.b.transpose(1, 2)))
+                y3.index_add_(0, seg.rows, torch.bmm(xa, seg.b.transpose(1, 2)), alpha=seg.scale)
         return y
 
     # -- modules_to_save ---------------------------------------------------------------------
@@ -259,14 +260,19 @@ class _RowPlan:
                     members[name] = (rows, weights, False)
         self.groups = [_Group(n, *members[n]) for n in sorted(members)]
         self.segments: dict[int, list[_Segment]] = {}  # by layer, made on its first forward
+        self.layouts: dict[tuple, list] = {}  # by the adapters (name, rank, scaling) a layer holds
 
 
 class _Segment:
-    """Rows of one pass and one rank with their own weights: A (n, r, in) and w s B (n, out, r),
-    row j's adapter in slot j; `rows` None means every row of the batch, in order."""
+    """Rows of one pass and one rank with their own weights: A (n, r, in) and B (n, out, r), row
+    j's adapter in slot j; `rows` None means every row of the batch, in order. Each row's factor
+    (its adapter's scaling times its weight) is `scale` when they are all equal, else `factors`."""
 
-    def __init__(self, rows: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> None:
+    def __init__(self, rows: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, factors: list[float]) -> None:
         self.rows, self.a, self.b = rows, a, b
+        uniform = all(f == factors[0] for f in factors)
+        self.scale = factors[0] if uniform else 1.0
+        self.factors = None if uniform else torch.tensor(factors, dtype=a.dtype, device=a.device).view(-1, 1, 1)
 
 
 def _segments(layer: LoraLinear, plan: _RowPlan, groups: list[_Group], device: torch.device) -> list[_Segment]:
@@ -274,24 +280,33 @@ def _segments(layer: LoraLinear, plan: _RowPlan, groups: list[_Group], device: t
 
     Rows are taken one adapter at a time (pass 0: each row's first adapter on this layer, pass
     1: its second, for weighted mixes), and within a pass by rank, so that each batched matmul
-    has one rank and no adapter is padded to another's. The row's weight and the adapter's
-    scaling ride on B's copy.
+    has one rank and no adapter is padded to another's. Which row goes where is worked out once
+    per batch for all the layers that hold the same adapters; the stacks are copies (rows x the
+    adapter's size), most of what a mixed batch costs beyond its matmuls.
     """
-    pairs = {g.name: layer.pair(g.name) for g in groups}
-    by_key: dict[tuple[int, int], list[tuple[int, str, float]]] = {}
-    for row, route in enumerate(plan.routes):
-        for depth, (name, weight) in enumerate((n, w) for n, w in route if n in pairs):
-            by_key.setdefault((depth, pairs[name][0].shape[0]), []).append((row, name, weight))
-    found = []
+    pairs = layer.pairs()
+    key = tuple((g.name, pairs[g.name][0].shape[0], layer.scaling[g.name]) for g in groups)
+    layout = plan.layouts.get(key)
+    if layout is None:
+        layout = plan.layouts[key] = _layout(plan.routes, key, device)
     with torch.no_grad():
-        for entries in by_key.values():
-            a = torch.stack([pairs[name][0] for _, name, _ in entries])
-            factors = torch.tensor([layer.scaling[name] * w for _, name, w in entries], dtype=a.dtype, device=a.device)
-            b = torch.stack([pairs[name][1] for _, name, _ in entries]).mul_(factors.view(-1, 1, 1))
-            every = len(entries) == len(plan.routes)  # then the rows are 0..n-1, in order
-            rows = None if every else torch.tensor([row for row, _, _ in entries], dtype=torch.long, device=device)
-            found.append(_Segment(rows, a, b))
-    return found
+        return [_Segment(rows, torch.stack([pairs[n][0] for n in names]), torch.stack([pairs[n][1] for n in names]),
+                         factors) for names, rows, factors in layout]
+
+
+def _layout(routes: list[_Normal], key: tuple, device: torch.device) -> list[tuple[list[str], Any, list[float]]]:
+    """(adapter per row, the rows or None for all, factor per row) for each pass and rank."""
+    rank = {name: (r, scaling) for name, r, scaling in key}
+    by_key: dict[tuple[int, int], list[tuple[int, str, float]]] = {}
+    for row, route in enumerate(routes):
+        for depth, (name, weight) in enumerate((n, w) for n, w in route if n in rank):
+            by_key.setdefault((depth, rank[name][0]), []).append((row, name, weight * rank[name][1]))
+    layout = []
+    for entries in by_key.values():
+        every = len(entries) == len(routes)  # then the rows are 0..n-1, in order
+        rows = None if every else torch.tensor([row for row, _, _ in entries], dtype=torch.long, device=device)
+        layout.append(([name for _, name, _ in entries], rows, [f for _, _, f in entries]))
+    return layout
 
 
 def _plain(layer: LoraLayer, x: torch.Tensor, groups: list[_Group]) -> torch.Tensor:
