@@ -115,7 +115,7 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
     # -- endpoints ---------------------------------------------------------------------------
     @app.get("/health")
     async def health() -> Response:
-        return Response(status_code=200)
+        return Response(status_code=200 if batcher.alive else 503)
 
     @app.get("/metrics")
     async def metrics_text() -> Response:

@@ -44,6 +44,11 @@ class Batcher:
                 await self._task
         self._pool.shutdown(wait=True)
 
+    @property
+    def alive(self) -> bool:
+        """Whether batches still run (the loop has not stopped on an error)."""
+        return self._task is not None and not self._task.done()
+
     # -- submitting --------------------------------------------------------------------------
     def room(self) -> int:
         return self.max_queue - (self._queue.qsize() if self._queue is not None else 0)
