@@ -1,5 +1,9 @@
 """`lorakit merge`: a full model folder (safetensors, config, tokenizer) with the adapter folded
-into the weights, which Transformers loads with no LoRA code."""
+into the weights, which Transformers loads with no LoRA code.
+
+`--out` is checked before the model is loaded: it may not be the adapter folder, hold it or lie
+inside it, nor be or hold the base model's folder; with `--overwrite` it replaces only a model
+folder (one with config.json), never some other folder of the user's."""
 
 from __future__ import annotations
 
@@ -9,7 +13,8 @@ from pathlib import Path
 from ..atomic import write_folder_atomic
 from ..model import unload
 from ..training import TrainingError
-from .trained import load_trained
+from ..training.out_folder import check_destination
+from .trained import adapter_facts, load_trained
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -17,13 +22,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("adapter", help="adapter folder")
     m.add_argument("--out", required=True, help="the merged model folder to write")
     m.add_argument("--model", help="base model (default: the one named in adapter_config.json)")
-    m.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing model folder (one with config.json)")
+
+
+def check_out(out: Path, adapter: Path, base: str | None, overwrite: bool) -> None:
+    """The merged folder may replace neither the adapter nor the base model, nor a user's folder."""
+    check_destination(out)
+    where, source = out.resolve(), adapter.resolve()
+    if where == source or where in source.parents or source in where.parents:
+        relation = "is" if where == source else "holds" if where in source.parents else "is inside"
+        raise TrainingError(f"--out {out} {relation} the adapter folder {adapter}; write the merged model elsewhere")
+    if base and Path(base).is_dir():
+        model = Path(base).resolve()
+        if where == model or where in model.parents:
+            raise TrainingError(f"--out {out} {'is' if where == model else 'holds'} the base model folder {base}; "
+                                "write the merged model elsewhere")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise TrainingError(f"--out {out} holds files but no config.json, so it is not a model folder; "
+                            "refusing to replace it even with --overwrite; choose another --out")
 
 
 def run(args: argparse.Namespace) -> int:
     target = Path(args.out)
-    if target.exists() and not args.overwrite:
-        raise FileExistsError(f"{target} already exists; pass --overwrite to replace it")
+    check_out(target, Path(args.adapter), args.model or adapter_facts(args.adapter)["base"], args.overwrite)
     model, tokenizer, facts = load_trained(args.adapter, args.model)
     try:
         plain = unload(model, merge=True)
