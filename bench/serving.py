@@ -97,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
 def twin_models(base, count: int):
     """lorakit and PEFT models with the same `count` adapters a0..: rank 8 on every linear layer,
     A as initialised, B random (so that every adapter changes the output)."""
-    import lorakit
     from peft import LoraConfig, get_peft_model
+
+    import lorakit
 
     ours = copy.deepcopy(base)
     for i in range(count):
@@ -222,8 +223,9 @@ def layer_strategies(reps: int) -> dict[str, dict[str, float]]:
 def load_times(base, count: int, peft_loads: int) -> dict:
     """Seconds for each of `count` loads of an adapter folder onto one model (lorakit), and of
     `peft_loads` loads with PEFT's load_adapter; every adapter stays loaded."""
-    import lorakit
     from peft import PeftModel
+
+    import lorakit
 
     folder = Path(tempfile.mkdtemp(prefix="lorakit-bench-"))
     ours_src, _ = twin_models(base, 1)

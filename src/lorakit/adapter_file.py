@@ -29,7 +29,7 @@ from .json_file import read_json
 from .layers import LoraLayer
 from .model import add_adapter_from_tensors
 from .peft_targets import peft_saved_modules, targeted_modules
-from .pissa import as_plain_lora
+from .pissa import as_plain_lora, plain_pairs
 from .plan import TensorError, check_shape, check_values, get_adapted, saved_module_paths
 from .registry import adapters, base_biases, named_base_modules
 from .saved_modules import SavedModule
@@ -214,13 +214,17 @@ def _exists(file: Path) -> bool:
         return False
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", *, trainable: bool = False) -> nn.Module:
+def load_adapter(
+    model: nn.Module, path: str | os.PathLike, name: str = "default", *, trainable: bool = False, as_lora: bool = False
+) -> nn.Module:
     """Load a PEFT-layout adapter folder onto `model` as adapter `name`.
 
     The adapter becomes active if no other adapter is. Everything is validated first: on any
     error the model is left exactly as it was. The file's pairs must be exactly the modules its
     config targets on this model (PEFT's matching rules, peft_targets.py), every value finite
-    and floating-point. A PiSSA adapter gets its residual base weights back (pissa.py).
+    and floating-point. A PiSSA adapter gets its residual base weights back (pissa.py); with
+    `as_lora=True` it is loaded instead as the plain LoRA adapter of twice the rank that acts the
+    same on the unchanged base, which other adapters can then share.
     """
     _check_path(path)
     config, facts = read_adapter_config(path)
@@ -235,6 +239,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     _check_targets(model, config, facts, pairs, where)
     _check_biases(model, config, pairs, base, saved_paths, where)
     try:
+        if as_lora and config.init == "pissa":
+            config, pairs = plain_pairs(model, config, pairs)
         add_adapter_from_tensors(model, name, config, pairs, saved=saved, base=base, trainable=trainable)
     except TensorError as err:  # say which key of the file it is
         embedding = adaptable_kind(model.get_submodule(err.module)) == "embedding"

@@ -24,7 +24,9 @@ segment each are too small for the matmul kernel, while one batched call keeps i
 
 Embeddings, convolutions and other cases (autocast, dtypes that differ) take the plain path:
 per adapter, its rows through the layer's own delta. Trained copies of modules_to_save (a
-classifier head per adapter) are routed per row too.
+classifier head per adapter) are routed per row too. A PiSSA adapter loaded as such has put its
+residual into the base weights, which every row then sees (as `disabled` does); to serve one
+beside others, load it with `load_adapter(..., as_lora=True)`, as the adapter store does.
 """
 
 from __future__ import annotations

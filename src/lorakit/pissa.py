@@ -28,8 +28,9 @@ from torch import nn
 
 from . import peft_format as fmt
 from .config import LoraConfig
-from .layers import LoraLayer
+from .layers import LoraLayer, wrapper_for
 from .registry import AdapterRecord, adapters
+from .targets import adaptable_kind
 
 
 def check_alone(model: nn.Module, layer: LoraLayer, path: str, config: LoraConfig) -> None:
@@ -94,6 +95,31 @@ def as_plain_lora(
         converted[key_a] = torch.cat([a, a0], dim=0)  # (2r, ...)
         converted[key_b] = torch.cat([b, b0], dim=1)  # (out, 2r, ...)
     return plain_config(record.config), converted
+
+
+def plain_pairs(
+    model: nn.Module, config: LoraConfig, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[LoraConfig, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """A PiSSA adapter's trained pairs as plain LoRA over the model's base weights as they are:
+    as_plain_lora's [A; A0], [B, -B0], with A0, B0 worked out from each base weight as loading
+    would. The base is left unchanged, so other adapters and the base model itself can share it
+    (`load_adapter(..., as_lora=True)`, which lorakit serve uses). Each given pair is checked
+    against its module first (plan.TensorError names the module and A or B)."""
+    from .plan import get_adapted, given_pair  # plan imports this file
+
+    converted = {}
+    for path, pair in pairs.items():
+        module = get_adapted(model, path)
+        layer = module if isinstance(module, LoraLayer) else wrapper_for(adaptable_kind(module))(module)
+        rank, scaling = config.rank_for(path), config.scaling_for(path)
+        a, b = given_pair(layer, path, rank, pair)
+        if layer.lookup_table:  # an embedding of a PiSSA adapter stays plain LoRA (build_plan)
+            a0, b0 = torch.zeros_like(a), torch.zeros_like(b)
+        else:
+            a0, b0, _ = start(layer, path, rank, scaling)
+            a0, b0 = a0.to(a.dtype), -b0.to(b.dtype)
+        converted[path] = (torch.cat([a, a0], dim=0), torch.cat([b, b0], dim=1))
+    return plain_config(config), converted
 
 
 def plain_config(config: LoraConfig) -> LoraConfig:

@@ -11,7 +11,15 @@ from torch import nn
 from . import pissa
 from .config import LoraConfig
 from .layers import LoraLayer, wrapper_for
-from .registry import AdapterRecord, activate, active_adapters, disabled_depth, named_base_modules, register, structure_changed
+from .registry import (
+    AdapterRecord,
+    activate,
+    active_adapters,
+    disabled_depth,
+    named_base_modules,
+    register,
+    structure_changed,
+)
 from .saved_modules import SavedModule
 from .targets import adaptable_kind
 

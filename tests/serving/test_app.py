@@ -298,6 +298,21 @@ def test_the_api_key_guards_every_endpoint_but_health(adapters):
     assert right.status_code == 200 and health.status_code == 200 and health.content == b""
 
 
+def test_health_and_requests_say_503_once_batches_no_longer_run(adapters):
+    app, _ = build([adapters["a"]], None)
+
+    async def go():
+        async with client(app) as c:
+            before = await c.get("/health")
+            app.state.batcher._task.cancel()  # as if the loop had died
+            await asyncio.sleep(0.01)
+            return before, await c.get("/health"), await c.post("/v1/classify", json={"model": "a", "input": "good"})
+
+    before, after, request = run(go())
+    assert before.status_code == 200 and after.status_code == 503
+    assert request.status_code == 503 and "batch loop has stopped" in request.json()["error"]["message"]
+
+
 def test_metrics_in_prometheus_text(adapters):
     app, _ = build([adapters["a"]], None)
 

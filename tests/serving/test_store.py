@@ -9,12 +9,13 @@ import shutil
 
 import pytest
 import torch
-from helpers import LABELS, assert_unchanged, snapshot
+from helpers import LABELS, assert_unchanged, randomize_adapter, snapshot
 from torch import nn
 
 import lorakit
 from lorakit.serving import AdapterStore
 from lorakit.training.tasks import load_model
+
 
 @pytest.fixture
 def model(adapters):
@@ -147,3 +148,28 @@ def test_loaded_adapters_serve_mixed_batches(model, adapters):
         lorakit.set_adapter(model, "a")
         alone = model(input_ids=ids).logits
     torch.testing.assert_close(mixed[1], alone[1], rtol=0, atol=1e-5 * alone.abs().max().item())
+
+
+def test_a_pissa_adapter_serves_beside_others_on_the_unchanged_base(model, adapters, tmp_path):
+    """The store loads a PiSSA adapter as the plain LoRA it equals: its rows match the trained
+    model, base rows stay the base model's to the bit, and other adapters still load."""
+    trained = load_model(str(adapters["bert"]), "classify", list(LABELS)).eval()
+    lorakit.inject(trained, lorakit.LoraConfig(rank=4, targets=["query", "value"], init="pissa",
+                                               modules_to_save=["classifier"]))
+    randomize_adapter(trained, std=0.05, seed=9)
+    lorakit.save_adapter(trained, tmp_path / "p", task_type="SEQ_CLS")
+    ids = torch.randint(4, 60, (3, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = trained(input_ids=ids).logits
+        base = model(input_ids=ids).logits
+    store = AdapterStore(model)
+    store.register("p", tmp_path / "p")
+    store.register("a", adapters["a"])
+    assert store.acquire(["p", "a"]) == {}
+    with torch.no_grad(), lorakit.mixed_batch(model, ["p", None, "a"]):
+        mixed = model(input_ids=ids).logits
+    torch.testing.assert_close(mixed[0], expected[0], rtol=0, atol=1e-5 * expected.abs().max().item())
+    assert torch.equal(mixed[1], base[1])
+    store.unregister("p")
+    with torch.no_grad(), lorakit.mixed_batch(model, [None, None, None]):
+        assert torch.equal(model(input_ids=ids).logits, base)

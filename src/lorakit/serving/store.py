@@ -6,7 +6,9 @@ so thousands of folders register in moments. Loading is `load_adapter`'s transac
 folder fails its own load with an AdapterFileError naming the file, and nothing else changes.
 The budget is in bytes, not a count: adapters' sizes differ by orders of magnitude with rank.
 Loading and evicting cost O(the adapter's size), however many adapters are loaded (the model
-walks in lorakit skip the adapters' own modules; see registry.named_base_modules).
+walks in lorakit skip the adapters' own modules; see registry.named_base_modules). A PiSSA
+adapter is loaded as the plain LoRA adapter it equals (`load_adapter(as_lora=True)`): its
+residual must not replace base weights that every other adapter and base request shares.
 
 Torch only, like the core: the HTTP server (app.py) drives a store, and so can any program.
 """
@@ -14,6 +16,7 @@ Torch only, like the core: the HTTP server (app.py) drives a store, and so can a
 from __future__ import annotations
 
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -26,8 +29,8 @@ from .. import peft_format as fmt
 from ..adapter_file import AdapterFileError, adapter_state_dict, load_adapter, read_adapter_config, read_tensor_shapes
 from ..config import LoraConfig
 from ..model import delete_adapter
+from ..peft_targets import targeted_modules
 from ..registry import adapters
-from ..targets import resolve_targets
 
 # check(folder, config, facts) -> extra facts kept with the entry (e.g. label names); raises
 # AdapterFileError when the adapter does not fit what is being served.
@@ -81,11 +84,17 @@ class AdapterStore:
             raise AdapterFileError(
                 f"{where}: bias={config.bias!r} trains the base model's biases; adapters served together share "
                 "one base model, so only bias='none' can be served")
-        exclude = list(config.modules_to_save) + list(facts.get("exclude_modules") or [])
-        try:
-            resolve_targets(self.model, config.targets, config.layers, exclude=exclude)
-        except ValueError as err:
-            raise AdapterFileError(f"{where}: the adapter does not fit this base model: {err}") from None
+        try:  # the modules loading will want, by PEFT's rules (peft_targets.py)
+            found = targeted_modules(
+                self.model, facts.get("target_modules"), layers=config.layers, layers_pattern=config.layers_pattern,
+                exclude=facts.get("exclude_modules"), modules_to_save=config.modules_to_save,
+                task_type=facts.get("task_type"))
+        except re.error as err:
+            raise AdapterFileError(f"{where}: target_modules or exclude_modules is not a valid regex: {err}") from None
+        if found == []:
+            raise AdapterFileError(
+                f"{where}: the adapter does not fit this base model: target_modules={facts.get('target_modules')!r}"
+                f"{'' if config.layers is None else f', layers_to_transform={config.layers}'} selects none of its modules")
         if self.check is not None:
             facts = {**facts, **self.check(folder, config, facts)}
         weights = folder / fmt.WEIGHTS_FILE
@@ -138,7 +147,7 @@ class AdapterStore:
             return entry
         try:
             _refuse_base_tensors(entry.folder)
-            load_adapter(self.model, entry.folder, name)
+            load_adapter(self.model, entry.folder, name, as_lora=True)  # a PiSSA adapter leaves the shared base as it is
         except AdapterFileError as err:
             entry.error = str(err)
             self.failures += 1
