@@ -107,32 +107,38 @@ def test_a_uniform_batch_takes_the_single_adapter_path_bitwise():
     assert torch.equal(got, _alone(model, "a", {"input_ids": ids}))
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_generate_routes_every_step(kind):
+def _lm(kind: str = "llama", b_rank: int = 8, b_targets: str = "attention"):
+    """A tiny causal LM with adapters a (rank 4, every linear layer) and b."""
     model = tiny_model(kind)
     _add(model, "a", 1, rank=4, targets="all-linear")
-    _add(model, "b", 2, rank=8, targets="attention")
-    model.eval()
+    _add(model, "b", 2, rank=b_rank, targets=b_targets)
+    return model.eval()
+
+
+def _generated_alone(model, route, ids: torch.Tensor, kw: dict, seed: int | None = None) -> torch.Tensor:
+    """`generate` with only `route` applied (None: the base model)."""
+    with lorakit.disabled(model) if route is None else contextlib.nullcontext():
+        if route is not None:
+            lorakit.set_adapter(model, route)
+        if seed is not None:
+            torch.manual_seed(seed)
+        return model.generate(ids, **kw)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_generate_routes_every_step(kind):
+    model = _lm(kind)
     ids = torch.randint(4, 120, (3, 5), generator=torch.Generator().manual_seed(4))
     routes = ["b", None, "a"]
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     with lorakit.mixed_batch(model, routes):
         got = model.generate(ids, **kw)
     for row, route in enumerate(routes):
-        if route is None:
-            with lorakit.disabled(model):
-                want = model.generate(ids, **kw)
-        else:
-            lorakit.set_adapter(model, route)
-            want = model.generate(ids, **kw)
-        assert torch.equal(got[row], want[row]), (row, route)
+        assert torch.equal(got[row], _generated_alone(model, route, ids, kw)[row]), (row, route)
 
 
 def test_sampling_with_copies_follows_each_rows_route():
-    model = tiny_model("llama")
-    _add(model, "a", 1, rank=4, targets="all-linear")
-    _add(model, "b", 2, rank=2, targets="all-linear")
-    model.eval()
+    model = _lm(b_rank=2, b_targets="all-linear")
     ids = torch.randint(4, 120, (2, 5), generator=torch.Generator().manual_seed(5))
     kw = dict(max_new_tokens=5, do_sample=True, top_k=0, num_return_sequences=3, pad_token_id=0)
     torch.manual_seed(11)
@@ -140,18 +146,12 @@ def test_sampling_with_copies_follows_each_rows_route():
         got = model.generate(ids, **kw)
     assert got.shape[0] == 6
     for row, route in enumerate(["a", "b"]):
-        lorakit.set_adapter(model, route)
-        torch.manual_seed(11)
-        want = model.generate(ids, **kw)
         copies = slice(3 * row, 3 * row + 3)
-        assert torch.equal(got[copies], want[copies]), route
+        assert torch.equal(got[copies], _generated_alone(model, route, ids, kw, seed=11)[copies]), route
 
 
 def test_beam_search_keeps_each_rows_beams_on_its_route():
-    model = tiny_model("llama")
-    _add(model, "a", 1, rank=4, targets="all-linear")
-    _add(model, "b", 2, rank=8, targets="attention")
-    model.eval()
+    model = _lm()
     ids = torch.randint(4, 120, (3, 5), generator=torch.Generator().manual_seed(7))
     routes = ["a", "b", None]
     kw = dict(max_new_tokens=5, do_sample=False, num_beams=3, num_return_sequences=2, pad_token_id=0)
@@ -159,12 +159,8 @@ def test_beam_search_keeps_each_rows_beams_on_its_route():
         got = model.generate(ids, **kw)
     assert got.shape[0] == 6
     for row, route in enumerate(routes):
-        with lorakit.disabled(model) if route is None else contextlib.nullcontext():
-            if route is not None:
-                lorakit.set_adapter(model, route)
-            want = model.generate(ids, **kw)
         copies = slice(2 * row, 2 * row + 2)
-        assert torch.equal(got[copies], want[copies]), route
+        assert torch.equal(got[copies], _generated_alone(model, route, ids, kw)[copies]), route
 
 
 def test_reroute_between_forwards():
