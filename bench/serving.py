@@ -294,14 +294,14 @@ def markdown(mixed: dict, layer: dict, load: dict, http: dict | None, m: dict, r
     table = ["| measure | target | lorakit | PEFT | met |", "| --- | --- | --- | --- | --- |"]
     table += [f"| {a} | {b} | {c} | {d} | {'yes' if ok else 'no'} |" for a, b, c, d, ok in rows]
 
-    details = ["| setting | base forward (ms) | lorakit / base | PEFT / base | lorakit / PEFT | max diff lorakit vs PEFT / max |y| |",
-               "| --- | --- | --- | --- | --- | --- |"]
+    details = ["| setting | base forward (ms) | lorakit / base | PEFT / base | lorakit / PEFT | max diff lorakit vs PEFT / max |y| "
+               "| max diff lorakit vs base / max |y| |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for label, *_ in SETTINGS:
         res = mixed[label]
         t = res["times"]
         details.append(f"| {label} | {report.med(t['base']) * 1e3:.1f} ({report.spread(t['base']):.0f}%) | "
                        f"{ratio(res, 'lorakit', 'base'):.3f} | {ratio(res, 'peft', 'base'):.3f} | "
-                       f"{ratio(res, 'lorakit', 'peft'):.3f} | {res['check']:.1e} |")
+                       f"{ratio(res, 'lorakit', 'peft'):.3f} | {res['check']:.1e} | {res['changed']:.1e} |")
     strategies = list(next(iter(layer.values())))
     layer_table = ["| layer (in -> out) | " + " | ".join(strategies) + " |", "|" + " --- |" * (len(strategies) + 1)]
     layer_table += [f"| {shape} | " + " | ".join(f"{v[s]:.2f}" for s in strategies) + " |" for shape, v in layer.items()]
@@ -335,7 +335,8 @@ Written by `python bench/serving.py{' ' + shown if shown else ''}`, {m['date']}.
 
 {chr(10).join(table)}
 
-Per setting (times are medians; in parentheses half the interquartile range):
+Per setting (times are medians; in parentheses half the interquartile range; the last column
+shows that the adapters do change the output, the one before that lorakit's rows equal PEFT's):
 
 {chr(10).join(details)}
 

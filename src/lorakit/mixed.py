@@ -23,7 +23,9 @@ on CPU a C++ loop of one mm per segment, or a Python loop): the rank-r products 
 segment each are too small for the matmul kernel, while one batched call keeps it busy.
 
 Embeddings, convolutions and other cases (autocast, dtypes that differ) take the plain path:
-per adapter, its rows through the layer's own delta. Trained copies of modules_to_save (a
+per adapter, its rows through the layer's own delta (`layer._delta`). That is also where an
+adapter that is not a plain scaling * B A delta plugs in: `_fast_ok`, the one gate of both
+batched paths, says no for it, and its layer's `_delta` gives its output change. Trained copies of modules_to_save (a
 classifier head per adapter) are routed per row too. A PiSSA adapter loaded as such has put its
 residual into the base weights, which every row then sees (as `disabled` does); to serve one
 beside others, load it with `load_adapter(..., as_lora=True)`, as the adapter store does.

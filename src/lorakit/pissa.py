@@ -34,11 +34,18 @@ from .targets import adaptable_kind
 
 
 def check_alone(model: nn.Module, layer: LoraLayer, path: str, config: LoraConfig) -> None:
-    """Refuse a PiSSA adapter on a module that has adapters, and any adapter on a PiSSA module."""
-    others = [n for n in layer.adapter_names if n in adapters(model)] if isinstance(layer, LoraLayer) else []
-    if not others:
+    """Refuse a PiSSA adapter on a module that has adapters, and any adapter on a PiSSA module.
+
+    O(1) per module however many adapters the model holds (a store loads thousands): a PiSSA
+    module holds its PiSSA adapter alone, so only a module with one adapter can be one.
+    """
+    if not isinstance(layer, LoraLayer) or not layer.scaling:
         return
-    owner = next((n for n in others if path in adapters(model)[n].initial), None)
+    known = adapters(model)
+    if not any(n in known for n in layer.scaling):
+        return
+    only = next(iter(layer.scaling)) if len(layer.scaling) == 1 else None
+    owner = only if only is not None and path in known[only].initial else None
     if owner is not None:
         raise ValueError(
             f"module {path!r} carries PiSSA adapter {owner!r}, whose residual replaced its base weight; "
@@ -47,8 +54,9 @@ def check_alone(model: nn.Module, layer: LoraLayer, path: str, config: LoraConfi
         )
     if config.init == "pissa":
         raise ValueError(
-            f"module {path!r} already carries adapters {others}; a PiSSA adapter replaces the base weight "
-            "by its residual, which they would then act on. Put the PiSSA adapter on a model of its own"
+            f"module {path!r} already carries adapters {[n for n in layer.scaling if n in known]}; a PiSSA "
+            "adapter replaces the base weight by its residual, which they would then act on. Put the PiSSA "
+            "adapter on a model of its own"
         )
 
 

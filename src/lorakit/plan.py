@@ -108,7 +108,10 @@ def commit(model: nn.Module, plan: Plan) -> None:
     for layer, a, b, scaling, dropout in plan.pairs:
         layer.attach(plan.name, a, b, scaling, dropout)
         # New modules train; in an eval-mode model the adapter's dropout would then act at inference.
-        layer.train(layer.base_layer.training)
+        # (_store_pair gives the new pair the layer's mode: a layer already right costs nothing more,
+        # where train() would walk every adapter the layer holds.)
+        if layer.training != layer.base_layer.training:
+            layer.train(layer.base_layer.training)
     for saved, clone in plan.copies:
         saved.copies[plan.name] = clone
     if active_adapters(model):

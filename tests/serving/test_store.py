@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -106,7 +107,8 @@ def test_unregister_unloads(model, adapters):
 
 def test_a_load_walks_the_same_modules_however_many_adapters_are_loaded(model, adapters, monkeypatch):
     """What made loads slow down with each adapter (walks over every module and parameter of the
-    model, adapters' own included) is gone: count the modules and parameters visited."""
+    model, adapters' own included; checks that loop over the adapters a layer holds) is gone:
+    count the modules and parameters visited, and the Python calls made."""
     store = AdapterStore(model)
     for i in range(12):
         store.register(f"a{i}", adapters["a"])
@@ -122,17 +124,29 @@ def test_a_load_walks_the_same_modules_however_many_adapters_are_loaded(model, a
 
     monkeypatch.setattr(nn.Module, "named_modules", counting(named_modules))
     monkeypatch.setattr(nn.Module, "named_parameters", counting(named_parameters))
-    counts = []
+    calls = [0]
+
+    def profile(_frame, event, _arg):  # every Python function call (and generator step)
+        if event == "call":
+            calls[0] += 1
+
+    counts, call_counts = [], []
     for i in range(12):
-        visited[0] = 0
-        store.load(f"a{i}")
+        visited[0] = calls[0] = 0
+        sys.setprofile(profile)
+        try:
+            store.load(f"a{i}")
+        finally:
+            sys.setprofile(None)
         counts.append(visited[0])
+        call_counts.append(calls[0])
     evictions = []
     for i in range(1, 12):  # and so does an eviction
         visited[0] = 0
         store.unregister(f"a{i}")
         evictions.append(visited[0])
     assert counts[2:] == [counts[2]] * 10, counts  # the first load also records the model's flags
+    assert call_counts[2:] == [call_counts[2]] * 10, call_counts  # no loop over the loaded adapters either
     assert evictions == [evictions[0]] * 11, evictions
 
 
