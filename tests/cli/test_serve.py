@@ -133,3 +133,16 @@ def test_the_core_and_the_store_import_without_the_web_libraries():
             "print(json.dumps(sorted(m for m in ('fastapi', 'uvicorn', 'starlette', 'httpx', 'pydantic') if m in sys.modules)))")
     out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
+
+
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_the_api_key_comes_from_the_flag_or_the_environment(adapters, monkeypatch, how):
+    import lorakit.serving.server as server
+
+    served = []
+    monkeypatch.setattr(server, "run", lambda app, host, port, announce: served.append(app))
+    monkeypatch.setenv("LORAKIT_API_KEY", "from-env")
+    args = ["serve", str(adapters["a"])] + (["--api-key", "from-flag"] if how == "flag" else [])
+    assert main(args) == 0
+    guard = next(m for m in served[0].user_middleware if m.cls.__name__ == "Guard")
+    assert guard.kwargs["api_key"] == ("from-flag" if how == "flag" else "from-env")
