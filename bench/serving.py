@@ -1,6 +1,6 @@
 """Serving benchmark: many adapters on one base model (writes the `serving` section of BENCHMARKS.md).
 
-    python bench/serving.py            # the full run (about 20 minutes on 2 CPU cores)
+    python bench/serving.py            # the full run (about 8 minutes on 2 CPU cores)
     python bench/serving.py --quick    # fewer repetitions and loads, no HTTP run, prints only
 
 all-MiniLM-L6-v2 (the encoder, no pooler), rank-8 adapters on every linear layer, inference in
