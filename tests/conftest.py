@@ -10,6 +10,7 @@ from helpers import (
     chat_rows,
     classify_rows,
     completion_rows,
+    make_adapter,
     make_model,
     write_csv,
     write_jsonl,
@@ -39,3 +40,20 @@ def tiny(tmp_path_factory):
         "completion": write_jsonl(root / "completion.jsonl", completion_rows(96)),
         "chat": write_jsonl(root / "chat.jsonl", chat_rows(64)),
     }
+
+
+@pytest.fixture(scope="session")
+def adapters(tiny, tmp_path_factory):
+    """Classifier adapters a, b (pinned: given by path) and c, d under a root; LM adapters x, y."""
+    root = tmp_path_factory.mktemp("adapters")
+    cls_root, lm_root = root / "cls", root / "lm"
+    found = {
+        "a": make_adapter(tiny["bert"], root / "pinned" / "a", "classify", seed=1, rank=4),
+        "b": make_adapter(tiny["bert"], root / "pinned" / "b", "classify", seed=2, rank=8, targets="attention"),
+        "c": make_adapter(tiny["bert"], cls_root / "c", "classify", seed=3, rank=2),
+        "d": make_adapter(tiny["bert"], cls_root / "d", "classify", seed=4, rank=6),
+        "x": make_adapter(tiny["llama"], lm_root / "x", "causal-lm", seed=5, rank=4),
+        "y": make_adapter(tiny["llama"], lm_root / "y", "causal-lm", seed=6, rank=8, targets="attention"),
+    }
+    found.update(root=root, cls_root=cls_root, lm_root=lm_root, bert=tiny["bert"], llama=tiny["llama"])
+    return found

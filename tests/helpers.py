@@ -191,6 +191,31 @@ def make_model(folder: Path, kind: str, seed: int = 0) -> Path:
     return folder
 
 
+# ---- adapter folders -----------------------------------------------------------------------
+
+LABELS = ("neg", "pos")
+
+
+def make_adapter(base: Path, out: Path, task: str, seed: int, rank: int = 4, targets="all-linear",
+                 labels: tuple[str, ...] = LABELS) -> Path:
+    """An adapter folder on `base` with random nonzero weights (and, for a classifier, its own head)."""
+    import lorakit
+    from lorakit.training.tasks import labels_json, load_model
+
+    model = load_model(str(base), task, list(labels) if task == "classify" else None)
+    saved = ["classifier"] if task == "classify" else []
+    lorakit.inject(model, lorakit.LoraConfig(rank=rank, alpha=2 * rank, targets=targets, modules_to_save=saved))
+    randomize_adapter(model, seed=seed)
+    if saved:
+        with torch.no_grad():
+            for p in model.classifier.copies["default"].parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+    extra = {"labels.json": labels_json(list(labels))} if task == "classify" else None
+    lorakit.save_adapter(model, out, base_model_name_or_path=str(base),
+                         task_type="SEQ_CLS" if task == "classify" else "CAUSAL_LM", extra_files=extra)
+    return out
+
+
 # ---- data ----------------------------------------------------------------------------------
 
 

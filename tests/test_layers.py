@@ -161,3 +161,38 @@ def test_cuda_matches_cpu(dtype):
     cpu = layer(x)
     gpu = layer.to("cuda", dtype)(x.to("cuda", dtype))
     torch.testing.assert_close(gpu.float().cpu(), cpu, rtol=2e-2, atol=2e-2)
+
+
+def test_what_forward_caches_follows_every_change():
+    """LoraLinear.forward builds its adapter list once per change; each kind of change shows."""
+    torch.manual_seed(0)
+    layer = _attach(LoraLinear(nn.Linear(12, 10)), scaling=0.5)
+    x = torch.randn(2, 3, 12)
+
+    def want() -> torch.Tensor:
+        return layer.reference_forward(x)
+
+    torch.testing.assert_close(layer(x), want(), rtol=0, atol=1e-6)
+    _attach(layer, "b", seed=1)  # a new adapter, active
+    torch.testing.assert_close(layer(x), want(), rtol=0, atol=1e-6)
+    layer.active = ["b"]
+    torch.testing.assert_close(layer(x), want(), rtol=0, atol=1e-6)
+    layer.enabled = False
+    assert torch.equal(layer(x), layer.base_layer(x))
+    layer.enabled = True
+    layer.detach_adapter("b")
+    assert torch.equal(layer(x), layer.base_layer(x))
+    layer.active = ["a"]
+    state = {k: v * 2 for k, v in layer.state_dict().items()}
+    layer.load_state_dict(state, assign=True)  # new Parameter objects
+    torch.testing.assert_close(layer(x), want(), rtol=0, atol=1e-6)
+    layer.double()
+    torch.testing.assert_close(layer(x.double()), layer.reference_forward(x.double()), rtol=0, atol=1e-12)
+
+
+def test_a_wrapper_added_to_a_model_in_eval_mode_is_in_eval_mode():
+    import lorakit
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    lorakit.inject(model, lorakit.LoraConfig(rank=2, targets=["0", "2"], dropout=0.5))
+    assert not any(m.training for m in model.modules())

@@ -135,6 +135,40 @@ def test_as_lora_reproduces_the_trained_model_on_the_original_base(case, tmp_pat
         torch.testing.assert_close(logits(base, ids), trained, rtol=0, atol=2e-6 * scale)
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_load_as_lora_leaves_the_base_weights_as_they_are(case, tmp_path, ids):
+    """load_adapter(as_lora=True): the PiSSA adapter as plain LoRA of twice the rank over the
+    untouched base (what lorakit serve needs: other adapters and base rows share that base)."""
+    make, _, ours = CASES[case]
+    trained = _saved_lorakit_pissa(case, tmp_path, ids)
+    model = make()
+    base = logits(model, ids)
+    lorakit.load_adapter(model, tmp_path, "p", as_lora=True)
+    record = lorakit.adapters(model)["p"]
+    assert record.initial == {} and record.config.init == "default" and record.config.rank == 2 * ours["rank"]
+    torch.testing.assert_close(logits(model, ids), trained, rtol=0, atol=2e-6 * trained.abs().max().item())
+    with lorakit.disabled(model):
+        assert torch.equal(logits(model, ids), base)
+    # A plain adapter may share its modules now (a residual would have refused it).
+    lorakit.add_adapter(model, "other", lorakit.LoraConfig(rank=2, targets=ours["targets"][:1]))
+    assert set(lorakit.adapters(model)) == {"p", "other"}
+
+
+def test_load_as_lora_names_the_key_of_a_bad_pair(tmp_path):
+    _saved_lorakit_pissa("llama", tmp_path, torch.zeros(1, 1, dtype=torch.long))
+    tensors = load_file(tmp_path / WEIGHTS_FILE)
+    key = next(k for k in sorted(tensors) if k.endswith("q_proj.lora_A.weight"))
+    tensors[key] = tensors[key][:3]
+    from safetensors.torch import save_file
+
+    save_file(tensors, tmp_path / WEIGHTS_FILE)
+    model = tiny_llama()
+    before = snapshot(model)
+    with pytest.raises(AdapterFileError, match=rf"key '{key}'.*A has rank 3, but the config gives rank 4"):
+        lorakit.load_adapter(model, tmp_path, as_lora=True)
+    assert_unchanged(model, before)
+
+
 @pytest.mark.parametrize(
     "peft_kwargs",
     [

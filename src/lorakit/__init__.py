@@ -14,6 +14,7 @@ from .arithmetic import CombineReport, combine
 from .config import LoraConfig
 from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
 from .loraplus import param_groups
+from .mixed import MixedBatch, mixed_batch
 from .model import (
     active_adapters,
     adapters,
@@ -31,27 +32,32 @@ from .model import (
 
 __version__ = "0.1.0"
 
-# Names of the training wing, imported on first use so that `import lorakit` needs only torch
-# and safetensors.
-_TRAINING = {"SaveAdapterCallback": "lorakit.training.trainer_callback"}
+# Names of the wings, imported on first use so that `import lorakit` needs only torch and
+# safetensors (and never loads a wing).
+_WINGS = {
+    "SaveAdapterCallback": "lorakit.training.trainer_callback",
+    "AdapterStore": "lorakit.serving.store",
+}
 
 
 def __getattr__(name: str):
-    if name in _TRAINING:
+    if name in _WINGS:
         import importlib
 
-        return getattr(importlib.import_module(_TRAINING[name]), name)
+        return getattr(importlib.import_module(_WINGS[name]), name)
     raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
 
 
 __all__ = [
     "AdapterFileError",
     "CombineReport",
+    "AdapterStore",
     "LoraConfig",
     "LoraConv",
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",
+    "MixedBatch",
     "SaveAdapterCallback",
     "active_adapters",
     "adapter_state_dict",
@@ -65,6 +71,7 @@ __all__ = [
     "load_adapter",
     "merge",
     "param_groups",
+    "mixed_batch",
     "read_adapter_config",
     "save_adapter",
     "set_adapter",

@@ -29,9 +29,9 @@ from .json_file import read_json
 from .layers import LoraLayer
 from .model import add_adapter_from_tensors
 from .peft_targets import peft_saved_modules, targeted_modules
-from .pissa import RESIDUAL_INITS, as_plain_lora
+from .pissa import RESIDUAL_INITS, as_plain_lora, plain_pairs
 from .plan import TensorError, check_shape, check_values, get_adapted, saved_module_paths
-from .registry import adapters, base_biases
+from .registry import adapters, base_biases, named_base_modules
 from .saved_modules import SavedModule
 from .targets import adaptable_kind
 
@@ -214,13 +214,17 @@ def _exists(file: Path) -> bool:
         return False
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", *, trainable: bool = False) -> nn.Module:
+def load_adapter(
+    model: nn.Module, path: str | os.PathLike, name: str = "default", *, trainable: bool = False, as_lora: bool = False
+) -> nn.Module:
     """Load a PEFT-layout adapter folder onto `model` as adapter `name`.
 
     The adapter becomes active if no other adapter is. Everything is validated first: on any
     error the model is left exactly as it was. The file's pairs must be exactly the modules its
     config targets on this model (PEFT's matching rules, peft_targets.py), every value finite
-    and floating-point. A PiSSA adapter gets its residual base weights back (pissa.py).
+    and floating-point. A PiSSA adapter gets its residual base weights back (pissa.py); with
+    `as_lora=True` it is loaded instead as the plain LoRA adapter of twice the rank that acts the
+    same on the unchanged base, which other adapters can then share.
     """
     _check_path(path)
     config, facts = read_adapter_config(path)
@@ -235,6 +239,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     _check_targets(model, config, facts, pairs, where)
     _check_biases(model, config, pairs, base, saved_paths, where)
     try:
+        if as_lora and config.init in RESIDUAL_INITS:
+            config, pairs = plain_pairs(model, config, pairs)
         add_adapter_from_tensors(model, name, config, pairs, saved=saved, base=base, magnitudes=magnitudes or None,
                                  trainable=trainable)
     except TensorError as err:  # say which key of the file it is
@@ -257,7 +263,7 @@ def _sort_keys(
     base: dict[str, torch.Tensor] = {}
     saved: dict[str, dict[str, torch.Tensor]] = {p: {} for p in saved_paths}
     repeated: dict[str, tuple[str, str, str]] = {}  # key -> (module, tensor, where in PEFT's wrapper)
-    params = dict(model.named_parameters(remove_duplicate=False))  # a tied lm_head.weight has its own name
+    params: dict[str, nn.Parameter] = {}  # filled on the first base key: most files have none
     for key in sorted(tensors):
         if not key.startswith(fmt.PREFIX):
             raise AdapterFileError(f"{where}: unexpected key {key!r} (PEFT keys start with {fmt.PREFIX!r})")
@@ -280,6 +286,7 @@ def _sort_keys(
             # PEFT saves a whole embedding table next to its adapter when the vocabulary may have
             # changed; it replaces the base table on load. Trained biases replace the base biases.
             plain = rest.replace(".base_layer.", ".")
+            params = params or dict(model.named_parameters(remove_duplicate=False))  # a tied lm_head.weight has its own name
             name = rest if rest in params else plain
             if name not in params:
                 raise AdapterFileError(f"{where}: key {key!r} names no parameter of this model")
@@ -446,7 +453,7 @@ def _present_saved_modules(model: nn.Module, config: LoraConfig, tensors: dict[s
     PEFT writes both `classifier` and `score` for any sequence-classification adapter; the one
     the model lacks (and the file has no weights for) is dropped, as PEFT does.
     """
-    names = [p for p, _ in model.named_modules() if p]
+    names = [p for p, _ in named_base_modules(model) if p]
     keys = [k[len(fmt.PREFIX):] for k in tensors if k.startswith(fmt.PREFIX)]
 
     def known(entry: str) -> bool:  # PEFT's rule: a plain suffix of the name (peft_targets.py)

@@ -147,6 +147,18 @@ def reference_step(layer, name: str, x: torch.Tensor, result: torch.Tensor) -> t
     return result + (g - 1) * base + g * layer.lora_delta(x, name)
 
 
+def output_change(layer, name: str, x: torch.Tensor) -> torch.Tensor:
+    """What DoRA adapter `name` alone adds to the base layer's output on `x`: (g - 1) W x + g s B A x
+    (the bias is not rescaled). A mixed batch adds it to the rows routed to `name`."""
+    delta = layer.lora_delta(x, name)
+    view = _output_view(layer, delta)
+    g = _scale(layer, name, weight_norm(layer, name)).view(view)
+    base, bias = layer.base_layer(x), getattr(layer.base_layer, "bias", None)
+    if bias is not None:
+        base = base - bias.view(view)
+    return (g - 1) * base.to(delta.dtype) + g * delta
+
+
 def _output_view(layer, result: torch.Tensor) -> tuple[int, ...]:
     """How a per-output vector broadcasts over the layer's output: last axis, or a conv's channels."""
     spatial = layer.base_layer.weight.dim() - 2 if layer.channels_first else 0

@@ -68,6 +68,8 @@ def lora_linear(
         or any(t.requires_grad for t in tensors)
     ):
         return _LoraLinear.apply(x, weight, bias, scalings, dropouts, fan_in_fan_out, fold, *tensors)
+    if not torch.is_grad_enabled():  # inference: no context to enter (a few microseconds a call)
+        return _forward(x, weight, bias, tensors, scalings, dropouts, fan_in_fan_out, fold, None, False)[0]
     with torch.no_grad():
         return _forward(x, weight, bias, tensors, scalings, dropouts, fan_in_fan_out, fold, None, False)[0]
 

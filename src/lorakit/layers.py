@@ -9,6 +9,8 @@ adapter also has a magnitude vector (`lora_magnitude`); its math is in dora.py.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,17 +28,67 @@ class LoraLayer(nn.Module):
     lookup_table = False  # A is indexed by token ids (embeddings), which changes its init and file keys
     out_dim = 0  # the base weight's axis of output features (DoRA's norm is one per output)
     channels_first = False  # outputs carry their features on axis 1 (convolutions), not last
+    routing = None  # inside lorakit.mixed_batch: the batch's per-row routes (mixed.MixedBatch)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
+        self._prepared = None  # what forward needs for the live adapters, built once per change
+        self._route_cache: dict = {}  # what mixed.py works out for this layer, kept across batches
+        self._pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {}  # see pairs()
+        self.dora_norms = dora.NormCache()  # DoRA: each adapter's weight norm, while unchanged
+        self.dora_merged: dict[str, torch.Tensor] = {}  # DoRA: g of each merged adapter, for unmerge
         self.active: list[str] = []
         self.merged: list[str] = []
         self.enabled = True
-        self.dora_norms = dora.NormCache()  # DoRA: each adapter's weight norm, while unchanged
-        self.dora_merged: dict[str, torch.Tensor] = {}  # DoRA: g of each merged adapter, for unmerge
+        # Parameters replaced by load_state_dict(assign=True) must not stay in the cache.
+        self.register_load_state_dict_post_hook(_loaded)
+
+    # -- what forward caches, and what clears it ---------------------------------------------
+    @property
+    def active(self) -> list[str]:
+        return self._active
+
+    @active.setter
+    def active(self, names: list[str]) -> None:
+        self._active = names
+        self._changed()
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, on: bool) -> None:
+        self._enabled = on
+        self._changed()
+
+    def _changed(self) -> None:
+        """The adapters, the active set, the merge state or the tensors changed: rebuild on next forward."""
+        self._prepared = None
+        self._route_cache = {}
+
+    def _tensors_changed(self) -> None:
+        """The adapters' tensors may be new objects: forget every cached reference to them."""
+        self._pairs = None
+        self._changed()
+
+    def _apply(self, fn, recurse: bool = True):
+        self._tensors_changed()  # .to(), .half(), .cuda() may give new tensors of another dtype
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        # A copy holds its own tensors, not these.
+        return dict(self.__dict__, _prepared=None, _pairs=None, _route_cache={})
+
+    def pairs(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Every adapter's (A, B) by name; kept up to date as adapters come and go, so that
+        reading it costs a dict lookup per adapter (what mixed_batch does per layer)."""
+        if self._pairs is None:
+            self._pairs = {name: self.pair(name) for name in self.scaling}
+        return self._pairs
 
     # -- per-kind pieces -------------------------------------------------------------------
     def pair_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -83,10 +135,13 @@ class LoraLayer(nn.Module):
         return self.delta_from(a, b, self.scaling[name])
 
     def _delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """What adapter `name` adds to the output, its dropout applied while training."""
+        """What adapter `name` alone adds to the base output, its dropout applied while training
+        (for DoRA the change of the whole output, dora.output_change: what mixed.py routes)."""
         p = self.dropout[name] if self.training and not self.lookup_table else 0.0  # no dropout on token ids
         if p:
             x = F.dropout(x.to(self.pair(name)[0].dtype), p, True)
+        if self.is_dora(name):
+            return dora.output_change(self, name, x)
         return self.lora_delta(x, name)
 
     # -- DoRA --------------------------------------------------------------------------------
@@ -140,13 +195,18 @@ class LoraLayer(nn.Module):
             if "lora_magnitude" not in self._modules:
                 self.lora_magnitude = nn.ParameterDict()
             self.lora_magnitude[name] = nn.Parameter(magnitude)
+        if self._pairs is not None:
+            self._pairs[name] = self.pair(name)
+        self._changed()
 
     def detach_adapter(self, name: str) -> None:
         self._drop_pair(name)
         del self.scaling[name], self.dropout[name]
         if self.is_dora(name):
             del self.lora_magnitude[name]
-        self.active = [n for n in self.active if n != name]
+        if self._pairs is not None:
+            self._pairs.pop(name, None)
+        self.active = [n for n in self.active if n != name]  # clears the cache too
         self.dora_norms.clear()
 
     def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
@@ -178,6 +238,7 @@ class LoraLayer(nn.Module):
                 self._add_to_base(self.delta_weight(name))
             self.merged.append(name)
         self.dora_norms.clear()
+        self._changed()
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -191,6 +252,7 @@ class LoraLayer(nn.Module):
         if saved is not None:
             self.base_layer.weight.copy_(saved)
         self.dora_norms.clear()
+        self._changed()
 
     def _add_to_base(self, delta: torch.Tensor) -> None:
         weight = self.base_layer.weight
@@ -210,6 +272,8 @@ class LoraLayer(nn.Module):
         return result
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.routing is not None:
+            return self.routing.forward(self, x)
         return self.reference_forward(x)
 
     def extra_repr(self) -> str:
@@ -234,8 +298,8 @@ class LoraLinear(LoraLayer):
         return (rank, self.in_features), (self.out_features, rank)
 
     def _store_pair(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
-        self.lora_A[name] = _linear_holding(a)
-        self.lora_B[name] = _linear_holding(b)
+        self.lora_A[name] = _linear_holding(a).train(self.training)
+        self.lora_B[name] = _linear_holding(b).train(self.training)
 
     def _drop_pair(self, name: str) -> None:
         del self.lora_A[name], self.lora_B[name]
@@ -267,41 +331,49 @@ class LoraLinear(LoraLayer):
         return F.linear(x, self._base_weight_oi())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        live = self._live()
-        if not live:
+        if self.routing is not None:
+            return self.routing.forward(self, x)
+        prepared = self._prepared or self._prepare()
+        if not prepared.live:
             return self.base_layer(x)
-        if any(self.is_dora(n) for n in live):
-            return self._dora_forward(live, x)
-        adapters = self._fast_adapters(live, x)
-        if adapters is None:
-            return self.reference_forward(x)
         base = self.base_layer
+        adapters = prepared.adapters
+        if (
+            adapters is None
+            or x.dtype != prepared.dtype
+            or base._forward_hooks
+            or base._forward_pre_hooks
+            or autocast_on(x.device.type)
+        ):
+            return self.reference_forward(x)
+        if prepared.dora:
+            return self._dora_forward(prepared.live, x)
         return lora_linear(x, base.weight, base.bias, adapters, self.fan_in_fan_out, self.training)
 
-    def _fast_adapters(self, live: list[str], x: torch.Tensor) -> list[Adapter] | None:
-        """The live adapters for `fused.lora_linear`, or None where only the reference is exact:
-        a base class other than Linear / Conv1D (its own forward), hooks on the base layer, mixed
-        dtypes, autocast."""
+    def _prepare(self) -> _Prepared:
+        """The live adapters, and for `fused.lora_linear` their tensors, or None where only the
+        reference is exact: a base class other than Linear / Conv1D (its own forward), or adapters
+        of another dtype than the base weight. Hooks, the input's dtype and autocast are checked
+        on every call."""
+        live = self._live()
         base = self.base_layer
-        if type(base) is not nn.Linear and not self.fan_in_fan_out:
-            return None
-        if base._forward_hooks or base._forward_pre_hooks:
-            return None
         dtype = base.weight.dtype
-        if x.dtype != dtype or autocast_on(x.device.type):
-            return None
-        adapters = []
-        for name in live:
+        adapters: list[Adapter] | None = []
+        if type(base) is not nn.Linear and not self.fan_in_fan_out:
+            adapters = None
+        for name in live if adapters is not None else ():
             a, b = self.lora_A[name].weight, self.lora_B[name].weight
             if a.dtype != dtype or b.dtype != dtype:
-                return None
+                adapters = None
+                break
             adapters.append(Adapter(a, b, self.scaling[name], self.dropout[name]))
-        return adapters
+        self._prepared = _Prepared(live, adapters, dtype, any(self.is_dora(n) for n in live))
+        return self._prepared
 
     def _dora_forward(self, live: list[str], x: torch.Tensor) -> torch.Tensor:
         """DoRA's fast path (dora.py) for one live DoRA adapter without dropout; otherwise the reference."""
         name = live[0]
-        if len(live) == 1 and not (self.training and self.dropout[name]) and self._fast_adapters(live, x):
+        if len(live) == 1 and not (self.training and self.dropout[name]):
             return dora.linear_forward(self, name, x)
         return self.reference_forward(x)
 
@@ -375,8 +447,8 @@ class LoraConv(LoraLayer):
         return (rank, w.shape[1], *w.shape[2:]), (w.shape[0], rank, *ones)
 
     def _store_pair(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
-        self.lora_A[name] = self._conv(a, like_base=True)
-        self.lora_B[name] = self._conv(b, like_base=False)
+        self.lora_A[name] = self._conv(a, like_base=True).train(self.training)
+        self.lora_B[name] = self._conv(b, like_base=False).train(self.training)
 
     def _drop_pair(self, name: str) -> None:
         del self.lora_A[name], self.lora_B[name]
@@ -403,6 +475,19 @@ class LoraConv(LoraLayer):
 def _precise(t: torch.Tensor) -> torch.Tensor:
     """`t` in float32, or float64 if it is float64: the precision deltas and merges are computed in."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _loaded(module: LoraLayer, _keys) -> None:
+    module._tensors_changed()
+
+
+class _Prepared(NamedTuple):
+    """What LoraLinear.forward needs, built when the adapters or their state change."""
+
+    live: list[str]
+    adapters: list[Adapter] | None  # None: only the reference path is exact
+    dtype: torch.dtype
+    dora: bool  # a live adapter is DoRA's: dora.linear_forward, not fused.lora_linear
 
 
 def _linear_holding(weight: torch.Tensor) -> nn.Linear:

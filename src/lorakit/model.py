@@ -37,7 +37,9 @@ from .registry import (
     disabled_depth,
     forget,
     lora_layers,
+    named_base_modules,
     set_disabled_depth,
+    wrappers,
 )
 from .saved_modules import SavedModule
 from .targets import resolve_targets
@@ -104,7 +106,7 @@ def add_adapter_from_tensors(
     unknown = sorted(set(magnitudes or {}) - set(pairs))
     if unknown:
         raise ValueError(f"magnitudes: {unknown[0]!r} has no (A, B) pair in pairs")
-    order = {p: i for i, (p, _) in enumerate(model.named_modules())}
+    order = {p: i for i, (p, _) in enumerate(named_base_modules(model))}
     modules = sorted(pairs, key=lambda p: order[p])
     plan = build_plan(model, name, config, modules, tensors=pairs, magnitudes=(magnitudes or {}) if config.use_dora else None)
     saved = saved or {}
@@ -113,7 +115,7 @@ def add_adapter_from_tensors(
     unknown = sorted(set(saved) - set(plan.record.saved))
     if unknown:
         raise ValueError(f"saved: {unknown[0]!r} is not one of the modules_to_save {plan.record.saved}")
-    params = dict(model.named_parameters(remove_duplicate=False))  # a tied weight answers to each of its names
+    params = dict(model.named_parameters(remove_duplicate=False)) if base else {}  # a tied weight answers to each of its names
     for pname, value in (base or {}).items():
         if pname not in params:
             raise ValueError(f"base: the model has no parameter named {pname!r}")
@@ -148,7 +150,7 @@ def set_adapter(model: nn.Module, names: str | list[str]) -> None:
         if n not in known:
             raise ValueError(f"no adapter named {n!r}; the model has {sorted(known) or 'none'}")
     _refuse_if_merged(model, "switching adapters")
-    for path, module in model.named_modules():
+    for path, module in wrappers(model):
         if isinstance(module, SavedModule) and sum(n in module.copies for n in names) > 1:
             raise ValueError(
                 f"adapters {[n for n in names if n in module.copies]} each train their own copy of {path!r} "
@@ -169,8 +171,9 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         raise ValueError(f"no adapter named {name!r}; the model has {sorted(known) or 'none'}")
     if any(name in m.merged for m in lora_layers(model)):
         raise ValueError(f"adapter {name!r} is merged into the weights; call lorakit.unmerge(model) first")
+    was_active = name in active_adapters(model)
     _give_back_base(model, known[name])
-    for path, module in list(model.named_modules()):
+    for path, module in wrappers(model):
         if isinstance(module, LoraLayer) and name in module.adapter_names:
             module.detach_adapter(name)
             if not module.adapter_names:
@@ -181,10 +184,11 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             if not len(module.copies):
                 replace_module(model, path, module.original)
     del known[name]
-    if known:
-        activate(model, [n for n in active_adapters(model) if n != name] or [next(iter(known))])
-    else:
+    if not known:
         forget(model)
+    elif was_active:  # the oldest remaining adapter takes over if none is left active (as in PEFT)
+        activate(model, [n for n in active_adapters(model) if n != name] or [next(iter(known))])
+    # An inactive adapter's going changes no active list and no requires_grad: nothing to redo.
 
 
 @contextlib.contextmanager
@@ -287,9 +291,8 @@ def _refuse_if_disabled(model: nn.Module, doing: str) -> None:
 
 
 def _set_enabled(model: nn.Module, enabled: bool) -> None:
-    for m in model.modules():
-        if isinstance(m, (LoraLayer, SavedModule)):
-            m.enabled = enabled
+    for _, m in wrappers(model):
+        m.enabled = enabled
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from typing import Any
 
 from torch import nn
 
+from .registry import named_base_modules
 from .targets import adaptable_modules, layer_index
 
 ALL_LINEAR = "all-linear"
@@ -65,12 +66,13 @@ def peft_saved_modules(model: nn.Module, entries: list[str]) -> list[str]:
     first). Nothing inside a lorakit wrapper counts.
     """
     chosen: list[str] = []
-    for name, module in model.named_modules():
+    modules = named_base_modules(model)  # not the adapters' own modules: O(the base), however many are loaded
+    for name, module in modules:
         if not name or any(name.startswith(c + ".") for c in chosen):
             continue
         if any(name.endswith(entry) for entry in entries):
             chosen.append(name)
-    wrappers = [n for n, m in model.named_modules() if getattr(type(m), "is_lora_layer", False)
+    wrappers = [n for n, m in modules if getattr(type(m), "is_lora_layer", False)
                 or getattr(type(m), "is_saved_module", False)]
     return [c for c in chosen if not any(c.startswith(w + ".") for w in wrappers)]
 
@@ -115,4 +117,4 @@ def _output_layers(model: nn.Module, task_type: str | None) -> set[str]:
         out = next((getattr(model, n) for n in _SEQ_CLS_HEADS if getattr(model, n, None) is not None), None)
     if not isinstance(out, nn.Module):
         return set()
-    return {name for name, module in model.named_modules() if module is out}
+    return {name for name, module in named_base_modules(model) if module is out}

@@ -31,18 +31,26 @@ from torch import nn
 
 from . import peft_format as fmt
 from .config import LoraConfig
-from .layers import LoraLayer
+from .layers import LoraLayer, wrapper_for
 from .registry import AdapterRecord, adapters
+from .targets import adaptable_kind
 
 RESIDUAL_INITS = {"pissa": "PiSSA", "olora": "OLoRA"}  # the inits whose base weight holds a residual
 
 
 def check_alone(model: nn.Module, layer: LoraLayer, path: str, config: LoraConfig) -> None:
-    """Refuse a PiSSA adapter on a module that has adapters, and any adapter on a PiSSA module."""
-    others = [n for n in layer.adapter_names if n in adapters(model)] if isinstance(layer, LoraLayer) else []
-    if not others:
+    """Refuse a PiSSA adapter on a module that has adapters, and any adapter on a PiSSA module.
+
+    O(1) per module however many adapters the model holds (a store loads thousands): a PiSSA
+    module holds its PiSSA adapter alone, so only a module with one adapter can be one.
+    """
+    if not isinstance(layer, LoraLayer) or not layer.scaling:
         return
-    owner = next((n for n in others if path in adapters(model)[n].initial), None)
+    known = adapters(model)
+    if not any(n in known for n in layer.scaling):
+        return
+    only = next(iter(layer.scaling)) if len(layer.scaling) == 1 else None
+    owner = only if only is not None and path in known[only].initial else None
     if owner is not None:
         raise ValueError(
             f"module {path!r} carries {RESIDUAL_INITS.get(adapters(model)[owner].config.init, 'PiSSA')} adapter "
@@ -52,7 +60,7 @@ def check_alone(model: nn.Module, layer: LoraLayer, path: str, config: LoraConfi
         )
     if config.init in RESIDUAL_INITS:
         raise ValueError(
-            f"module {path!r} already carries adapters {others}; a {RESIDUAL_INITS[config.init]} adapter replaces "
+            f"module {path!r} already carries adapters {[n for n in layer.scaling if n in known]}; a {RESIDUAL_INITS[config.init]} adapter replaces "
             f"the base weight by its residual, which they would then act on. Put the {RESIDUAL_INITS[config.init]} "
             "adapter on a model of its own"
         )
@@ -104,6 +112,31 @@ def as_plain_lora(
         converted[key_a] = torch.cat([a, a0], dim=0)  # (2r, ...)
         converted[key_b] = torch.cat([b, b0], dim=1)  # (out, 2r, ...)
     return plain_config(record.config), converted
+
+
+def plain_pairs(
+    model: nn.Module, config: LoraConfig, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[LoraConfig, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """A PiSSA (or OLoRA) adapter's trained pairs as plain LoRA over the model's base weights as they are:
+    as_plain_lora's [A; A0], [B, -B0], with A0, B0 worked out from each base weight as loading
+    would. The base is left unchanged, so other adapters and the base model itself can share it
+    (`load_adapter(..., as_lora=True)`, which lorakit serve uses). Each given pair is checked
+    against its module first (plan.TensorError names the module and A or B)."""
+    from .plan import get_adapted, given_pair  # plan imports this file
+
+    converted = {}
+    for path, pair in pairs.items():
+        module = get_adapted(model, path)
+        layer = module if isinstance(module, LoraLayer) else wrapper_for(adaptable_kind(module))(module)
+        rank, scaling = config.rank_for(path), config.scaling_for(path)
+        a, b = given_pair(layer, path, rank, pair)
+        if layer.lookup_table:  # an embedding of a PiSSA adapter stays plain LoRA (build_plan)
+            a0, b0 = torch.zeros_like(a), torch.zeros_like(b)
+        else:
+            a0, b0, _ = start(layer, path, rank, scaling, config.init)
+            a0, b0 = a0.to(a.dtype), -b0.to(b.dtype)
+        converted[path] = (torch.cat([a, a0], dim=0), torch.cat([b, b0], dim=1))
+    return plain_config(config), converted
 
 
 def plain_config(config: LoraConfig) -> LoraConfig:

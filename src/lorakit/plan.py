@@ -11,7 +11,15 @@ from torch import nn
 from . import pissa
 from .config import LoraConfig
 from .layers import LoraLayer, wrapper_for
-from .registry import AdapterRecord, activate, active_adapters, disabled_depth, register
+from .registry import (
+    AdapterRecord,
+    activate,
+    active_adapters,
+    disabled_depth,
+    named_base_modules,
+    register,
+    structure_changed,
+)
 from .saved_modules import SavedModule
 from .targets import adaptable_kind
 
@@ -98,6 +106,7 @@ def commit(model: nn.Module, plan: Plan) -> None:
     """Swap in what `build_plan` built; nothing here can fail on valid input."""
     register(model, plan.name, plan.record)
     for path, wrapper in plan.wrappers:
+        wrapper.train(model.get_submodule(path).training)  # added to a model in eval mode, it is in eval mode
         wrapper.enabled = disabled_depth(model) == 0  # inside lorakit.disabled, new wrappers are off too
         replace_module(model, path, wrapper)
     with torch.no_grad():
@@ -108,20 +117,33 @@ def commit(model: nn.Module, plan: Plan) -> None:
     for i, (layer, a, b, scaling, dropout) in enumerate(plan.pairs):
         layer.attach(plan.name, a, b, scaling, dropout, plan.magnitudes.get(i))
         # New modules train; in an eval-mode model the adapter's dropout would then act at inference.
-        layer.train(layer.base_layer.training)
+        # (_store_pair gives the new pair the layer's mode: a layer already right costs nothing more,
+        # where train() would walk every adapter the layer holds.)
+        if layer.training != layer.base_layer.training:
+            layer.train(layer.base_layer.training)
     for saved, clone in plan.copies:
         saved.copies[plan.name] = clone
-    activate(model, active_adapters(model) or [plan.name])
+    if active_adapters(model):
+        # The active set stays as it is, so only the new, inactive adapter's flags change:
+        # O(its size), however many adapters the model holds.
+        for layer, *_ in plan.pairs:
+            for p in layer.adapter_parameters(plan.name).values():
+                p.requires_grad_(False)
+        for _, clone in plan.copies:
+            clone.requires_grad_(False)
+    else:
+        activate(model, [plan.name])
 
 
 def saved_module_paths(model: nn.Module, names: list[str]) -> list[str]:
     """Module paths matching each modules_to_save entry (exact name or '.'-suffix)."""
     paths: list[str] = []
-    wrappers = [p for p, m in model.named_modules() if isinstance(m, (LoraLayer, SavedModule))]
+    modules = named_base_modules(model)
+    wrappers = [p for p, m in modules if isinstance(m, (LoraLayer, SavedModule))]
     for entry in names:
         found = [
             p
-            for p, m in model.named_modules()
+            for p, m in modules
             if p and (p == entry or p.endswith("." + entry)) and not any(p.startswith(w + ".") for w in wrappers)
         ]
         if not found:
@@ -132,7 +154,7 @@ def saved_module_paths(model: nn.Module, names: list[str]) -> list[str]:
 
 def saved_wrapper_paths(model: nn.Module) -> list[str]:
     """Paths of existing modules_to_save wrappers: never LoRA targets themselves."""
-    return [p for p, m in model.named_modules() if isinstance(m, SavedModule)]
+    return [p for p, m in named_base_modules(model) if isinstance(m, SavedModule)]
 
 
 def given_pair(
@@ -224,3 +246,4 @@ def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, child, new)
+    structure_changed(model)

@@ -19,6 +19,7 @@ from .saved_modules import SavedModule
 _REGISTRY = "_lorakit_adapters"  # attribute on the user's model: name -> AdapterRecord
 _ACTIVE = "_lorakit_active"  # attribute on the user's model: active adapter names
 _GRAD = "_lorakit_requires_grad"  # parameter name -> requires_grad before the first adapter
+_WRAPPERS = "_lorakit_wrappers"  # the wrappers, found once per change of the module tree
 _DISABLED = "_lorakit_disabled"  # how many lorakit.disabled blocks are open on the model
 
 
@@ -47,9 +48,8 @@ def active_adapters(model: nn.Module) -> list[str]:
 
 def activate(model: nn.Module, names: list[str]) -> None:
     object.__setattr__(model, _ACTIVE, names)
-    for module in model.modules():
-        if isinstance(module, (LoraLayer, SavedModule)):
-            module.active = [n for n in names if n in names_in(module)]
+    for _, module in wrappers(model):
+        module.active = [n for n in names if n in names_in(module)]
     refresh_trainable(model)
 
 
@@ -87,7 +87,7 @@ def base_biases(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def lora_layers(model: nn.Module) -> list[LoraLayer]:
-    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+    return [m for _, m in wrappers(model) if isinstance(m, LoraLayer)]
 
 
 def names_in(module: nn.Module) -> list[str]:
@@ -99,7 +99,7 @@ def forget(model: nn.Module) -> None:
     flags = getattr(model, _GRAD, {})
     for pname, p in model.named_parameters():
         p.requires_grad_(flags.get(pname, True))
-    for attr in (_REGISTRY, _ACTIVE, _GRAD):
+    for attr in (_REGISTRY, _ACTIVE, _GRAD, _WRAPPERS):
         if hasattr(model, attr):
             object.__delattr__(model, attr)
 
@@ -111,6 +111,52 @@ def register(model: nn.Module, name: str, record: AdapterRecord) -> None:
     registry = adapters(model)
     registry[name] = record
     object.__setattr__(model, _REGISTRY, registry)
+
+
+def wrappers(model: nn.Module) -> list[tuple[str, LoraLayer | SavedModule]]:
+    """(path, wrapper) for every lorakit wrapper, in module order."""
+    return [(p, m) for p, m in named_base_modules(model) if isinstance(m, (LoraLayer, SavedModule))]
+
+
+def cached_wrappers(model: nn.Module) -> list[LoraLayer | SavedModule]:
+    """The wrappers, remembered until lorakit next swaps a module (`structure_changed`): for
+    what runs per batch (mixed_batch), not a walk each time."""
+    found = model.__dict__.get(_WRAPPERS)
+    if found is None:
+        found = [m for _, m in wrappers(model)]
+        object.__setattr__(model, _WRAPPERS, found)
+    return found
+
+
+def structure_changed(model: nn.Module) -> None:
+    model.__dict__.pop(_WRAPPERS, None)
+
+
+def named_base_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """`model.named_modules()` without the adapters' own modules (A, B, trained copies).
+
+    Walking only the base model (and the wrappers themselves) costs the same with one adapter
+    loaded or a thousand, which keeps adding, loading and deleting an adapter O(its size).
+    """
+    found: list[tuple[str, nn.Module]] = [("", model)]
+    seen: set[int] = {id(model)}
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        if isinstance(module, LoraLayer):
+            children = {"base_layer": module.base_layer}
+        elif isinstance(module, SavedModule):
+            children = {"original": module.original}
+        else:
+            children = module._modules
+        for child_name, child in children.items():
+            if child is None or id(child) in seen:
+                continue
+            seen.add(id(child))
+            found.append((prefix + child_name, child))
+            walk(child, prefix + child_name + ".")
+
+    walk(model, "")
+    return found
 
 
 def disabled_depth(model: nn.Module) -> int:

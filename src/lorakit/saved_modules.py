@@ -14,6 +14,7 @@ from torch import nn
 
 class SavedModule(nn.Module):
     is_saved_module = True
+    routing = None  # inside lorakit.mixed_batch: the batch's per-row routes (mixed.MixedBatch)
 
     def __init__(self, original: nn.Module) -> None:
         super().__init__()
@@ -38,6 +39,8 @@ class SavedModule(nn.Module):
         return self.original
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.routing is not None:
+            return self.routing.forward_saved(self, args, kwargs)
         return self.current(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -45,6 +48,6 @@ class SavedModule(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name.startswith("_") or name in ("original", "copies", "active", "enabled"):
+            if name.startswith("_") or name in ("original", "copies", "active", "enabled", "routing"):
                 raise
             return getattr(self.current, name)

@@ -1,4 +1,4 @@
-"""The `lorakit` command: train | eval | generate | merge | inspect | combine.
+"""The `lorakit` command: train | eval | generate | merge | inspect | combine | serve.
 
     lorakit train                      LoRA-fine-tune the bundled MiniLM on the bundled sentiment set
     lorakit train --model M --data F   the general command (see `lorakit train --help`)
@@ -7,6 +7,7 @@
     lorakit merge OUT --out MERGED     a full model folder (safetensors) with the adapter folded in
     lorakit inspect OUT                base model, targets, rank, parameters, file size
     lorakit combine A B --out C        one adapter from weighted trained ones (cat, svd, ties, dare, ...)
+    lorakit serve OUT...               base model + adapters over HTTP (vLLM's endpoints)
 
 Each subcommand is a module of this package with `add_parser(subparsers)` and `run(args)`.
 Errors the user can fix (bad data, bad options, a missing folder) print one line and exit 2;
@@ -19,7 +20,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("train", "eval", "generate", "merge", "inspect", "combine")
+COMMANDS = ("train", "eval", "generate", "merge", "inspect", "combine", "serve")
 
 
 def _command(name: str):
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean a mistake the user can fix: one line, exit status 2."""
     from ..adapter_file import AdapterFileError
+    from ..serving.deps import ServeError
     from ..training.checkpoints import CheckpointError
     from ..training.data import DataError
     from ..training.errors import TrainingError
@@ -49,7 +51,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     # The file-system errors a user's paths cause (a folder they cannot read, a file where a
     # folder should be) name the path; they are shown as one line, not a traceback.
-    return (DataError, ModelError, AdapterFileError, TrainingError, CheckpointError, FileExistsError,
+    return (DataError, ModelError, AdapterFileError, TrainingError, CheckpointError, ServeError, FileExistsError,
             FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 

@@ -1,0 +1,120 @@
+"""Dynamic batching for `lorakit serve`: rows from many requests, whatever their adapters, run
+as one mixed batch on the single model thread.
+
+The first row that arrives opens a batch; rows arriving within `max_wait` join it, up to
+`max_batch`; then the batch runs (engine.py) while the next one gathers. Rows wait in a queue
+of at most `max_queue` rows: a request whose rows do not all fit is turned away whole (429),
+never half queued. All model work, including loading and unloading adapters, goes through one
+thread, so nothing else touches the model while a batch runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from .engine import Engine, Row
+from .metrics import Metrics
+
+
+class Batcher:
+    def __init__(self, engine: Engine, max_batch: int, max_wait_s: float, max_queue: int, metrics: Metrics) -> None:
+        self.engine, self.metrics = engine, metrics
+        self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue
+        self._queue: asyncio.Queue[tuple[Row, asyncio.Future | None]] | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-model")
+        self._task: asyncio.Task | None = None
+        self._running = 0  # rows in the batch on the model thread
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        """Run what is queued, then stop (Ctrl-C drains the queue)."""
+        while self._queue is not None and (self._queue.qsize() or self._running):
+            await asyncio.sleep(0.01)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._pool.shutdown(wait=True)
+
+    @property
+    def alive(self) -> bool:
+        """Whether batches still run (the loop has not stopped on an error)."""
+        return self._task is not None and not self._task.done()
+
+    # -- submitting --------------------------------------------------------------------------
+    def room(self) -> int:
+        return self.max_queue - (self._queue.qsize() if self._queue is not None else 0)
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize() if self._queue is not None else 0
+
+    def submit(self, rows: list[Row], with_results: bool) -> list[asyncio.Future] | None:
+        """Queue `rows` (the caller checked `room()` first, with no await in between, so the
+        check and the puts are one step of the event loop). Classify rows get a future each."""
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in rows] if with_results else [None] * len(rows)
+        for row, future in zip(rows, futures):
+            self._queue.put_nowait((row, future))
+        self.metrics.queue_depth = self.depth
+        return futures if with_results else None
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn(*args)` on the model thread, between batches."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    # -- the loop ----------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            deadline = loop.time() + self.max_wait_s
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), left))
+                except asyncio.TimeoutError:
+                    break
+            self.metrics.queue_depth = self.depth
+            batch = [(row, fut) for row, fut in batch if not row.cancelled and not (fut is not None and fut.done())]
+            if not batch:
+                continue
+            self._running = len(batch)
+            self.metrics.batch(len(batch))
+            try:
+                await self._run(batch)
+            finally:
+                self._running = 0
+
+    async def _run(self, batch: list[tuple[Row, asyncio.Future | None]]) -> None:
+        rows = [row for row, _ in batch]
+        loop = asyncio.get_running_loop()
+        if self.engine.task == "classify":
+            try:
+                results = await loop.run_in_executor(self._pool, self.engine.classify, rows)
+            except Exception as err:  # the batch failed as a whole; every row says why
+                results = [err] * len(rows)
+            for (_, future), result in zip(batch, results):
+                if not future.done():
+                    (future.set_exception if isinstance(result, Exception) else future.set_result)(result)
+            return
+        try:
+            await loop.run_in_executor(self._pool, self.engine.generate, rows)
+        except Exception as err:
+            for row in rows:
+                row.emit(("error", err))

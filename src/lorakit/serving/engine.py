@@ -1,0 +1,253 @@
+"""The model side of `lorakit serve`: rows of many requests through one base model and its adapters.
+
+Everything here runs on the server's single model thread (batcher.py); nothing knows HTTP. A
+*row* is one input (a sentence to classify, a prompt to continue) with its route: an adapter
+name, None (the base model) or {name: weight}. A batch of rows runs as one `mixed_batch`:
+
+- classify: one forward; each row gets its class probabilities and label;
+- generate: a prefill, then one decoding step at a time for the whole batch; a row that
+  finishes (end of text, a stop string, its max_tokens) leaves the batch at once (its rows of
+  the KV cache are dropped) and the others go on.
+
+A row whose adapter fails to load gets the error (the file and the reason); the other rows of
+the batch run as if it had never been there.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapter_file import AdapterFileError
+from ..mixed import Route, mixed_batch
+from .store import AdapterStore
+
+
+class RowError(Exception):
+    """A row that cannot run: an HTTP status and the message for the client."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass
+class Row:
+    """One input row and what to do with it."""
+
+    ids: list[int]
+    route: Route
+    names: tuple[str, ...]  # the adapters the route needs
+    # Generation only:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    emit: Callable[[tuple], None] | None = None  # events to the request, called from the model thread
+    cancelled: bool = False  # the client went away: drop the row at the next chance
+    out: list[int] = field(default_factory=list)  # generated token ids
+    sent: str = ""  # text already emitted
+
+
+class Engine:
+    """A base model, its tokenizer and its adapter store; runs batches of rows."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        store: AdapterStore,
+        task: str,
+        base_id: str,
+        base_labels: list[str] | None = None,
+        render_chat: Callable[[list[dict[str, str]]], str] | None = None,
+    ) -> None:
+        self.model, self.tokenizer, self.store, self.task = model.eval(), tokenizer, store, task
+        self.base_id, self.base_labels, self.render_chat = base_id, base_labels, render_chat
+        config = getattr(model, "config", None)
+        self.max_length = _max_positions(config, tokenizer)
+        self.pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None))
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos = eos if eos is not None else tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+    # -- text in -----------------------------------------------------------------------------
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """A chat's prompt: the tokenizer's chat template, else the plain rendering lorakit trains with."""
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return self.encode(text, special=False)
+        if self.render_chat is None:
+            raise RowError(400, "this model has no chat template; use /v1/completions")
+        return self.encode(self.render_chat(messages))
+
+    def labels_for(self, route: Route) -> list[str] | None:
+        """Label names for a classify row: its adapter's, else the base model's."""
+        if isinstance(route, str):
+            return self.store.entries[route].facts.get("labels") or self.base_labels
+        return self.base_labels
+
+    # -- batches -----------------------------------------------------------------------------
+    def classify(self, rows: list[Row]) -> list[Any]:
+        """Per row: (probabilities, label) or a RowError."""
+        results: list[Any] = [None] * len(rows)
+        live = self._acquire(rows, results)
+        if not live:
+            return results
+        ids, mask = _pad([rows[i].ids for i in live], self.pad_id, left=False)
+        with torch.inference_mode(), mixed_batch(self.model, [rows[i].route for i in live]):
+            logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+        probs = logits.softmax(-1) if logits.shape[-1] > 1 else logits.sigmoid()
+        for j, i in enumerate(live):
+            p = probs[j].tolist()
+            labels = self.labels_for(rows[i].route)
+            best = max(range(len(p)), key=p.__getitem__)
+            results[i] = (p, labels[best] if labels and best < len(labels) else None)
+        return results
+
+    def generate(self, rows: list[Row]) -> None:
+        """Run the rows to their ends, one decoding step at a time; events go through row.emit:
+        ("text", delta), ("done", finish_reason, stop_reason), ("error", RowError)."""
+        errors: list[Any] = [None] * len(rows)
+        live = [rows[i] for i in self._acquire(rows, errors)]
+        for row, err in zip(rows, errors):
+            if err is not None:
+                row.emit(("error", err))
+        live = [r for r in live if not r.cancelled]
+        if not live:
+            return
+        ids, mask = _pad([r.ids for r in live], self.pad_id, left=True)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        generators = [_generator(r.seed) for r in live]
+        past = None
+        with torch.inference_mode(), mixed_batch(self.model, [r.route for r in live]) as batch:
+            while True:
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                 past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                logits = out.logits[:, -1, :].float()
+                tokens = [_pick(logits[j], r.temperature, r.top_p, generators[j]) for j, r in enumerate(live)]
+                keep = [j for j, (r, t) in enumerate(zip(live, tokens)) if not self._step(r, t)]
+                if not keep:
+                    return
+                if len(keep) < len(live):  # finished rows leave: drop their cache rows
+                    index = torch.tensor(keep)
+                    _select_rows(past, index)
+                    mask, positions = mask[index], positions[index]
+                    live = [live[j] for j in keep]
+                    generators = [generators[j] for j in keep]
+                    tokens = [tokens[j] for j in keep]
+                    batch.reroute([r.route for r in live])
+                ids = torch.tensor(tokens).view(-1, 1)
+                mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+                positions = positions[:, -1:] + 1
+
+    def _step(self, row: Row, token: int) -> bool:
+        """Take the row's next token; emit its new text; True when the row is finished."""
+        if row.cancelled:
+            return True
+        if token in self.eos_ids:
+            return self._finish(row, "stop", None)
+        row.out.append(token)
+        text = self.tokenizer.decode(row.out, skip_special_tokens=True)
+        for stop in row.stop:
+            at = text.find(stop)
+            if at >= 0:
+                self._emit_text(row, text[:at], hold=0)
+                return self._finish(row, "stop", stop)
+        if len(row.out) >= row.max_tokens or len(row.ids) + len(row.out) >= self.max_length:
+            self._emit_text(row, text, hold=0)
+            return self._finish(row, "length", None)
+        # Hold back what could be the start of a stop string, and a half-decoded character.
+        self._emit_text(row, text, hold=max((len(s) - 1 for s in row.stop), default=0))
+        return False
+
+    def _emit_text(self, row: Row, text: str, hold: int) -> None:
+        ready = text[: len(text) - hold] if hold else text
+        if ready.endswith("\ufffd"):
+            ready = ready.rstrip("\ufffd")
+        if len(ready) > len(row.sent) and ready.startswith(row.sent):
+            row.emit(("text", ready[len(row.sent) :]))
+            row.sent = ready
+
+    def _finish(self, row: Row, reason: str, stop: str | None) -> bool:
+        if reason != "stop" or stop is None:
+            text = self.tokenizer.decode(row.out, skip_special_tokens=True)
+            self._emit_text(row, text, hold=0)
+        row.emit(("done", reason, stop))
+        return True
+
+    def _acquire(self, rows: list[Row], results: list[Any]) -> list[int]:
+        """Load the adapters the rows need; rows whose adapter failed get the error. The indices
+        of the rows that can run."""
+        names = {n for r in rows if not r.cancelled for n in r.names}
+        missing = {n for n in names if n not in self.store.entries}
+        failed: dict[str, AdapterFileError] = self.store.acquire(sorted(names - missing))
+        live = []
+        for i, row in enumerate(rows):
+            gone = [n for n in row.names if n in missing]
+            bad = [n for n in row.names if n in failed]
+            if gone:
+                results[i] = RowError(404, f"the adapter {gone[0]!r} was unloaded before this request ran")
+            elif bad:
+                results[i] = RowError(422, f"adapter {bad[0]!r} failed to load: {failed[bad[0]]}")
+            elif not row.cancelled:
+                live.append(i)
+        return live
+
+
+def _max_positions(config: Any, tokenizer: Any) -> int:
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    return value if isinstance(value, int) and 0 < value < 1_000_000 else 2048
+
+
+def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of the rows padded to the longest."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        cols = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, cols] = torch.tensor(s, dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    """A row's own random stream: the same seed gives the same text whatever else is in the batch."""
+    return torch.Generator().manual_seed(seed if seed is not None else random.getrandbits(63))
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    """The next token: greedy at temperature 0, else sampled from the top-p nucleus."""
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = (logits / temperature).softmax(-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # Keep the smallest set of tokens whose mass reaches top_p (always at least the first).
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _select_rows(past: Any, index: torch.Tensor) -> None:
+    """Keep only rows `index` of a Transformers KV cache, in place."""
+    if hasattr(past, "batch_select_indices"):
+        past.batch_select_indices(index)
+    else:
+        past.reorder_cache(index)
