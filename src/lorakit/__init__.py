@@ -26,6 +26,8 @@ from .model import (
     unload,
     unmerge,
 )
+from .quantize import dequantize, quantize
+from .quantized_layer import LoraQuantLinear
 
 __version__ = "0.1.0"
 
@@ -49,6 +51,7 @@ __all__ = [
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",
+    "LoraQuantLinear",
     "SaveAdapterCallback",
     "active_adapters",
     "adapter_state_dict",
@@ -56,10 +59,12 @@ __all__ = [
     "add_adapter",
     "add_adapter_from_tensors",
     "delete_adapter",
+    "dequantize",
     "disabled",
     "inject",
     "load_adapter",
     "merge",
+    "quantize",
     "read_adapter_config",
     "save_adapter",
     "set_adapter",

@@ -135,6 +135,14 @@ def _forward(x, weight, bias, tensors, scalings, dropouts, fan_in_fan_out, fold,
     w = _folded_weight(weight, tensors, scalings, dropouts, fan_in_fan_out) if fold else weight
     w_t = w if fan_in_fan_out else w.t()  # (in, out)
     y = torch.addmm(bias, x2, w_t) if bias is not None else x2 @ w_t  # (tokens, out)
+    xas = add_deltas(y, x, x2, tensors, scalings, dropouts, fold, rng_states, keep_xa)
+    return y.view(*x.shape[:-1], y.shape[-1]), x2, xas
+
+
+def add_deltas(y, x, x2, tensors, scalings, dropouts, fold, rng_states, keep_xa) -> list[torch.Tensor | None]:
+    """Add the adapters not folded into the weight to y (tokens, out) in place; returns each
+    adapter's x A^T (tokens, r) where backward needs it, else None."""
+    k = len(scalings)
     xas: list[torch.Tensor | None] = [None] * k
     for i in range(k):
         a, b, p = tensors[i], tensors[k + i], dropouts[i]
@@ -151,7 +159,7 @@ def _forward(x, weight, bias, tensors, scalings, dropouts, fan_in_fan_out, fold,
         xa = _project(xd, a)
         y.addmm_(xa, b.t(), alpha=scalings[i])
         xas[i] = xa
-    return y.view(*x.shape[:-1], y.shape[-1]), x2, xas
+    return xas
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -198,29 +206,39 @@ class _LoraLinear(torch.autograd.Function):
             grad_w = x2.t() @ g if fifo else g.t() @ x2
         grad_bias = g.sum(0) if ctx.has_bias and need[2] else None
 
-        grad_a: list[torch.Tensor | None] = [None] * k
-        grad_b: list[torch.Tensor | None] = [None] * k
-        states = iter(ctx.rng_states)
-        for i in range(k):
-            a, b, xa, s, p = a_s[i], b_s[i], xas[i], scalings[i], dropouts[i]
-            need_a, need_b = need[7 + i], need[7 + k + i]
-            noise = _dropout_noise(next(states), ctx.x_shape, ctx.x_stride, p, g) if p else None
-            if need_b:
-                grad_b[i] = _grad_b(xa, g, s)
-            folded = ctx.fold and not p  # then x's gradient already holds this adapter's share
-            if need_a or (grad_x is not None and not folded):
-                gb = _project_grad(g, b, s)
-                if need_a:
-                    xd = x2 if noise is None else x2 * noise
-                    grad_a[i] = _grad_a(gb, xd)
-                if grad_x is not None and not folded:
-                    if noise is None:
-                        grad_x.addmm_(gb, a)
-                    else:
-                        grad_x.addcmul_(gb @ a, noise)
+        grad_a, grad_b = adapter_grads(ctx, g, x2, grad_x, a_s, b_s, xas, need[7 : 7 + k], need[7 + k :])
         if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape)
         return (grad_x, grad_w, grad_bias, None, None, None, None, *grad_a, *grad_b)
+
+
+def adapter_grads(ctx, g, x2, grad_x, a_s, b_s, xas, need_a, need_b):
+    """The adapters' gradients (lists of A's and B's, None where not needed); adds their share of
+    x's gradient into `grad_x` (tokens, in) in place, unless folded into the weight.
+
+    `ctx` carries scalings, dropouts, fold, rng_states, x_shape and x_stride of the forward.
+    """
+    k = len(ctx.scalings)
+    grad_a: list[torch.Tensor | None] = [None] * k
+    grad_b: list[torch.Tensor | None] = [None] * k
+    states = iter(ctx.rng_states)
+    for i in range(k):
+        a, b, xa, s, p = a_s[i], b_s[i], xas[i], ctx.scalings[i], ctx.dropouts[i]
+        noise = _dropout_noise(next(states), ctx.x_shape, ctx.x_stride, p, g) if p else None
+        if need_b[i]:
+            grad_b[i] = _grad_b(xa, g, s)
+        folded = ctx.fold and not p  # then x's gradient already holds this adapter's share
+        if need_a[i] or (grad_x is not None and not folded):
+            gb = _project_grad(g, b, s)
+            if need_a[i]:
+                xd = x2 if noise is None else x2 * noise
+                grad_a[i] = _grad_a(gb, xd)
+            if grad_x is not None and not folded:
+                if noise is None:
+                    grad_x.addmm_(gb, a)
+                else:
+                    grad_x.addcmul_(gb @ a, noise)
+    return grad_a, grad_b
 
 
 def _recipe(x: torch.Tensor):

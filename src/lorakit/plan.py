@@ -47,7 +47,10 @@ def build_plan(
         if isinstance(module, LoraLayer):
             layer = module
         else:
-            layer = wrapper_for(kind)(module)
+            try:
+                layer = wrapper_for(kind)(module)
+            except ValueError as err:  # a layer the wrapper cannot hold (grouped conv, unquantized 4-bit)
+                raise ValueError(f"module {path!r}: {err}") from None
             plan.wrappers.append((path, layer))
         rank, scaling = config.rank_for(path), config.scaling_for(path)
         if tensors is not None:
@@ -113,7 +116,7 @@ def saved_wrapper_paths(model: nn.Module) -> list[str]:
 def given_pair(
     layer: LoraLayer, path: str, rank: int, pair: tuple[torch.Tensor, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A given (A, B), checked against the layer and the rank, on the base weight's device and dtype."""
+    """A given (A, B), checked against the layer and the rank, where the layer keeps its adapters."""
     if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(t, torch.Tensor) for t in pair)):
         raise ValueError(f"module {path!r}: expected a pair of tensors (A, B)")
     a, b = pair
@@ -123,8 +126,8 @@ def given_pair(
     expect_a, expect_b = layer.pair_shapes(rank)
     check_shape(f"module {path!r}: A", a, expect_a)
     check_shape(f"module {path!r}: B", b, expect_b)
-    weight = layer.base_layer.weight
-    return a.to(weight.device, weight.dtype), b.to(weight.device, weight.dtype)
+    device, dtype = layer.adapter_placement()
+    return a.to(device, dtype), b.to(device, dtype)
 
 
 def load_copy(clone: nn.Module, state: dict[str, torch.Tensor] | None, path: str) -> None:
