@@ -184,6 +184,27 @@ def test_fast_path_matches_the_reference(kind, compute, tokens):
             assert_near(grads[n], p.grad, rel, n)
 
 
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_fast_path_on_a_bf16_model_with_float32_adapters(kind):
+    """Transformers' dtype=torch.bfloat16 with a bf16 compute dtype; PEFT keeps the adapters in float32."""
+    model = lorakit.quantize(tiny_llama().to(torch.bfloat16), kind, compute_dtype=torch.bfloat16)
+    lorakit.inject(model, lorakit.LoraConfig(rank=4, alpha=8, targets="attention+mlp"))
+    randomize_adapter(model)
+    assert model.model.layers[0].mlp.up_proj.lora_B["default"].weight.dtype == torch.float32
+    model.train()
+    ids = torch.randint(0, 120, (2, 9), generator=torch.Generator().manual_seed(0))
+    out = model(ids).logits
+    out.float().pow(2).mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    ref = reference_outputs(model, ids)
+    ref.float().pow(2).mean().backward()
+    assert torch.equal(out, ref)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert_near(grads[n], p.grad, 2e-2, n)
+
+
 def test_fast_path_with_dropout_draws_the_reference_masks():
     model = adapted("nf4", dropout=0.3)
     model.train()

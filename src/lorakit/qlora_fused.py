@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .fused import Adapter, _fold_pays, _recipe, add_deltas, adapter_grads
+from .fused import Adapter, _fold_pays, _grad_a, _grad_b, _project, _project_grad, _recipe, add_deltas, adapter_grads
 
 Dequantize = Callable[[torch.dtype], torch.Tensor]  # dtype -> a fresh (out, in) weight
 
@@ -43,7 +43,8 @@ def qlora_linear(
     adapters: Sequence[Adapter],
     training: bool = False,
 ) -> torch.Tensor:
-    """base(x) + the adapters' deltas; the adapters (and x) share one dtype.
+    """base(x) + the adapters' deltas, computed in the adapters' dtype (the same for all of them;
+    when it is not x's, no adapter may have dropout).
 
     `dequantize(dtype)` gives the base weight, (out, in), as a new tensor the caller may write.
     """
@@ -70,7 +71,7 @@ def _forward(x, bias, dequantize, compute_dtype, tensors, scalings, dropouts, rn
     """(y, x as (tokens, in), [rank-r intermediates or None], folded)."""
     x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
     w = dequantize(compute_dtype)  # (out, in), ours to write
-    fold = compute_dtype == x.dtype and _fold_pays(x2, w, dropouts)
+    fold = compute_dtype == x.dtype == tensors[0].dtype and _fold_pays(x2, w, dropouts)
     if fold:
         _fold(w, tensors, scalings, dropouts)
     xc = x2 if x2.dtype == compute_dtype else x2.to(compute_dtype)
@@ -79,8 +80,44 @@ def _forward(x, bias, dequantize, compute_dtype, tensors, scalings, dropouts, rn
     del w
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
-    xas = add_deltas(y, x, x2, tensors, scalings, dropouts, fold, rng_states, keep_xa)
+    if tensors[0].dtype == x.dtype:
+        xas = add_deltas(y, x, x2, tensors, scalings, dropouts, fold, rng_states, keep_xa)
+    else:
+        xas = _add_cast_deltas(y, x2, tensors, scalings)
     return y.view(*x.shape[:-1], y.shape[-1]), x2, xas, fold
+
+
+# Adapters in another dtype than x (float32 adapters on a bf16 model, PEFT's default): each delta
+# is computed in the adapters' dtype from x cast to it, then cast to the output's dtype and added,
+# as the reference does. The cast of x is not kept: backward casts again (exact). No dropout here.
+
+
+def _add_cast_deltas(y, x2, tensors, scalings) -> list[torch.Tensor]:
+    k = len(scalings)
+    xc = x2.to(tensors[0].dtype)
+    xas = []
+    for i in range(k):
+        xa = _project(xc, tensors[i])
+        y.add_(torch.mm(xa, tensors[k + i].t()).mul_(scalings[i]).to(y.dtype))
+        xas.append(xa)
+    return xas
+
+
+def _cast_adapter_grads(ctx, g, x2, grad_x, a_s, b_s, xas, need_a, need_b):
+    """adapter_grads (fused.py) for adapters in another dtype than x."""
+    gc = g.to(a_s[0].dtype)
+    xc = x2.to(a_s[0].dtype) if any(need_a) else None
+    grad_a, grad_b = [None] * len(a_s), [None] * len(a_s)
+    for i, (a, b, xa, s) in enumerate(zip(a_s, b_s, xas, ctx.scalings)):
+        if need_b[i]:
+            grad_b[i] = _grad_b(xa, gc, s)
+        if need_a[i] or grad_x is not None:
+            gb = _project_grad(gc, b, s)
+            if need_a[i]:
+                grad_a[i] = _grad_a(gb, xc)
+            if grad_x is not None:
+                grad_x.add_((gb @ a).to(grad_x.dtype))
+    return grad_a, grad_b
 
 
 class _QLoraLinear(torch.autograd.Function):
@@ -129,7 +166,8 @@ class _QLoraLinear(torch.autograd.Function):
                 grad_x = grad_x.to(grad_y.dtype)
         grad_bias = g.sum(0).to(ctx.bias_dtype) if need[1] else None
 
-        grad_a, grad_b = adapter_grads(ctx, g, x2, grad_x, a_s, b_s, xas, need[6 : 6 + k], need[6 + k :])
+        grads = adapter_grads if a_s[0].dtype == grad_y.dtype else _cast_adapter_grads
+        grad_a, grad_b = grads(ctx, g, x2, grad_x, a_s, b_s, xas, need[6 : 6 + k], need[6 + k :])
         if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape)
         return (grad_x, grad_bias, None, None, None, None, *grad_a, *grad_b)

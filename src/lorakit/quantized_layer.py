@@ -83,9 +83,9 @@ class LoraQuantLinear(LoraLinear):
 
     def _fast_adapters(self, live: list[str], x: torch.Tensor) -> list[Adapter] | None:
         """The live adapters for `qlora_fused.qlora_linear`, or None where only the reference is
-        exact: hooks on the base, autocast, an input of another dtype than the adapters, an 8-bit
-        layer in eval mode (bitsandbytes then multiplies in int8), a weight in bitsandbytes' CPU
-        inference layout."""
+        exact: hooks on the base, autocast, adapters of several dtypes, dropout on adapters of
+        another dtype than the input, an 8-bit layer in eval mode (bitsandbytes then multiplies
+        in int8), a weight in bitsandbytes' CPU inference layout."""
         base = self.base_layer
         if base._forward_hooks or base._forward_pre_hooks or autocast_on(x.device.type):
             return None
@@ -98,8 +98,10 @@ class LoraQuantLinear(LoraLinear):
         adapters = []
         for name in live:
             a, b = self.lora_A[name].weight, self.lora_B[name].weight
-            if a.dtype != x.dtype or b.dtype != x.dtype:
+            if a.dtype != b.dtype or a.dtype != self.lora_A[live[0]].weight.dtype:
                 return None
+            if a.dtype != x.dtype and self.training and self.dropout[name]:
+                return None  # the fast path casts x for the adapters only without dropout
             adapters.append(Adapter(a, b, self.scaling[name], self.dropout[name]))
         return adapters
 

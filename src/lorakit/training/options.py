@@ -16,6 +16,7 @@ from typing import Any
 
 from ..config import LoraConfig
 from ..json_file import read_json
+from ..quantize import KINDS as QUANTIZE_KINDS
 from . import data as data_mod
 from .errors import TrainingError
 
@@ -61,6 +62,9 @@ class RunConfig:
                                    metavar="FILE", exclusive="held out")
     eval_split: float = option(0.2, _WHAT, "fraction of --data held out, a fixed split (default: 0.2)",
                                metavar="FRACTION", exclusive="held out")
+    quantize: str | None = option(None, _WHAT, "QLoRA: quantize the base model's linear layers (the heads stay in "
+                                  "full precision); needs bitsandbytes (pip install 'lorakit[quant]')",
+                                  choices=QUANTIZE_KINDS)
     rank: int = option(8, _LORA, "rank r of each adapter (default: 8)", metavar="R")
     alpha: float = option(16.0, _LORA, "scale: alpha / rank (default: 16)", metavar="A")
     targets: str | list[str] = option("attention", _LORA, "attention | attention+mlp | all-linear | "
@@ -78,7 +82,8 @@ class RunConfig:
     grad_accum: int = option(1, _TRAINING, "micro-batches per optimizer step (default: 1)", metavar="N")
     max_length: int = option(128, _TRAINING, "tokens per example (default: 128)", metavar="TOKENS")
     seed: int = option(0, _TRAINING, "seed for the initial weights, order and dropout (default: 0)", metavar="N")
-    bf16: bool = option(False, _TRAINING, "compute in bfloat16 (autocast)")
+    bf16: bool = option(False, _TRAINING, "compute in bfloat16 (autocast; with --quantize also the 4-bit "
+                        "layers' compute dtype)")
     device: str = option("auto", _TRAINING, "default: cuda if available", choices=("auto", "cpu", "cuda"))
     threads: int | None = option(None, _TRAINING, "CPU threads per process (default: the cores / processes)",
                                  metavar="N", type=int)
@@ -113,6 +118,8 @@ class RunConfig:
             raise TrainingError(f"--lr must be a number > 0, got {self.lr!r}")
         if not 0 <= self.warmup < 1:
             raise TrainingError(f"--warmup must be in [0, 1), got {self.warmup!r}")
+        if self.quantize is not None and self.quantize not in QUANTIZE_KINDS:
+            raise TrainingError(f"--quantize must be one of {', '.join(QUANTIZE_KINDS)}, got {self.quantize!r}")
         if self.task is not None and self.task not in data_mod.TASKS:
             raise TrainingError(f"--task must be one of {', '.join(data_mod.TASKS)}, got {self.task!r}")
 

@@ -11,6 +11,8 @@ import torch
 
 from ..model import inject
 from ..peft_format import CONFIG_FILE
+from ..quantize import quantize
+from ..quantized import quantized_kind
 from . import data as data_mod
 from .distributed import World
 from .errors import TrainingError
@@ -74,6 +76,7 @@ def prepare(config: RunConfig, world: World) -> Setup:
     torch.manual_seed(config.seed)  # the new classifier head's initial weights
     model = load_model(model_name, task, labels)  # float32 weights; --bf16 autocasts the compute
     prepare_model(model, tokenizer)
+    quantized = quantize_base(model, config.quantize, config.bf16)
     saved = [head_name(model)] if task == "classify" else []
     lora = config.lora(saved)
     try:
@@ -83,10 +86,23 @@ def prepare(config: RunConfig, world: World) -> Setup:
     model.to(world.device)
     describe = {
         "data": f"{train_set.source}: {len(train_set)} training examples, {len(held_set)} held out ({how})",
-        "model": f"{model_name if config.model else 'all-MiniLM-L6-v2 (bundled)'} ({type(model).__name__})",
+        "model": f"{model_name if config.model else 'all-MiniLM-L6-v2 (bundled)'} ({type(model).__name__}){quantized}",
         "saved": saved,
     }
     return Setup(task, train_enc, held_enc, labels, model_name, model, describe)
+
+
+def quantize_base(model: torch.nn.Module, kind: str | None, bf16: bool) -> str:
+    """QLoRA (--quantize): quantize the base's linear layers, heads kept in full precision; the
+    4-bit layers compute in bf16 with --bf16, else float32. Returns what to tell the user."""
+    if kind is None:
+        return ""
+    try:
+        quantize(model, kind, compute_dtype=torch.bfloat16 if bf16 else torch.float32)
+    except ImportError as err:
+        raise TrainingError(f"--quantize {kind}: {err}") from None
+    count = sum(quantized_kind(m) is not None for m in model.modules())
+    return f", {count} linear layers quantized to {kind}"
 
 
 def _labels(config: RunConfig, task: str, train_set: data_mod.Dataset, held_set: data_mod.Dataset) -> list[str] | None:
