@@ -3,7 +3,7 @@
     python bench/qlora.py            # writes the `qlora` section of BENCHMARKS.md (about 12 minutes on 2 cores)
     python bench/qlora.py --quick    # smaller batches, 2 repetitions, no CLI runs; prints only
 
-Per model (a random Llama of 170M parameters built from its config, and the bundled MiniLM):
+Per model (a random Llama of 277M parameters built from its config, and the bundled MiniLM):
 the bytes of the 4-bit weights against the same weights in bf16; the peak memory of a QLoRA
 training step against a bf16 LoRA step, each in a fresh process (memory below); the QLoRA step
 time against a float32 LoRA step and against PEFT's QLoRA step on the same 4-bit base, their
@@ -35,13 +35,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import qlora_cases as Q  # noqa: E402
 import report  # noqa: E402
+from memory import _status_kb  # noqa: E402
 from report import med, paired, spread  # noqa: E402
 from run import time_cases  # noqa: E402
 from sections import write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMED = ["lora fp32", "qlora nf4 lorakit", "qlora nf4 peft", "qlora nf4 bf16 lorakit", "qlora nf4 bf16 peft"]
-MEMORY = ["lora bf16", "qlora nf4 bf16 lorakit", "qlora nf4 bf16 peft"]
+CKPT = Q.CHECKPOINTED
+MEMORY = ["lora bf16", "qlora nf4 bf16 lorakit", "lora bf16" + CKPT, "qlora nf4 bf16 lorakit" + CKPT,
+          "qlora nf4 bf16 peft" + CKPT]
 STEPS = 3
 
 
@@ -107,6 +110,17 @@ def weight_bytes(name: str) -> dict[str, tuple[int, int]]:
 def measure_memory(name: str, case: str, quick: str) -> dict[str, float]:
     """In this fresh process: the resident set a training step of `case` reaches, less the
     process before the model was built (see the module docstring)."""
+    import bitsandbytes  # noqa: F401  everything a case imports, imported before the baseline
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    import lorakit  # noqa: F401
+
+    if name.startswith("llama"):
+        from transformers import LlamaForCausalLM  # noqa: F401
+    else:
+        from transformers import BertModel  # noqa: F401
+    gc.collect()
     before = _status_kb("VmRSS")
     shape = (Q.QUICK if quick == "1" else Q.MODELS)[name]
     step = Q.training_cases(name, shape, [case])[case]
@@ -117,14 +131,6 @@ def measure_memory(name: str, case: str, quick: str) -> dict[str, float]:
     for _ in range(STEPS):
         step()
     return {"peak_mb": (_status_kb("VmHWM") - before) / 1024, "model_mb": (built - before) / 1024}
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def memory_cases(name: str, threads: int, quick: bool) -> dict[str, dict[str, float]]:
@@ -215,8 +221,10 @@ def _target_rows(name: str, res: dict) -> list[str]:
     q, b = res["bytes"]["nf4"]
     rows = [f"| {name} | quantized base weight bytes / the same weights in bf16 (NF4) | <= 0.27 | {q / b:.3f} |"]
     if mem:
-        peak = mem["qlora nf4 bf16 lorakit"]["peak_mb"] / mem["lora bf16"]["peak_mb"]
-        rows.append(f"| {name} | peak memory of a QLoRA training step / a bf16 LoRA step | <= 0.45 | {peak:.3f} |")
+        for suffix, how in (("", ""), (CKPT, ", both with gradient checkpointing")):
+            peak = mem["qlora nf4 bf16 lorakit" + suffix]["peak_mb"] / mem["lora bf16" + suffix]["peak_mb"]
+            rows.append(f"| {name} | peak memory of a QLoRA training step / a bf16 LoRA step{how} | <= 0.45 | "
+                        f"{peak:.3f} |")
     rows.append(f"| {name} | QLoRA step / fp32 LoRA step (fp32 compute) | report; aim <= 1.3 | "
                 f"{paired(t['qlora nf4 lorakit'], t['lora fp32']):.3f} |")
     rows.append(f"| {name} | QLoRA step / fp32 LoRA step (bf16 compute) | report | "

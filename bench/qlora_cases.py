@@ -28,10 +28,10 @@ class Model:
 
 # Small batches: the setting QLoRA is for, where the weights dominate memory.
 MODELS = {
-    "llama-170m": Model("llama-170m", 2, 64),
+    "llama-277m": Model("llama-277m", 2, 64),
     "minilm": Model("minilm", 8, 64),
 }
-QUICK = {"llama-170m": Model("llama-170m", 1, 32), "minilm": Model("minilm", 4, 32)}
+QUICK = {"llama-277m": Model("llama-277m", 1, 32), "minilm": Model("minilm", 4, 32)}
 
 # case -> (model dtype, quantization kind or None, 4-bit compute dtype, library)
 CASES = {
@@ -47,11 +47,14 @@ CASES = {
 def base_model(name: str) -> nn.Module:
     """float32, random (Llama, from its config) or pre-trained (MiniLM), seeded."""
     torch.manual_seed(0)
-    if name == "llama-170m":
+    if name == "llama-277m":
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        config = LlamaConfig(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=12,
-                             num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=512)
+        # 268M of the 277M parameters in the decoder's linear layers; input and output embeddings
+        # tied, as in the small Llama-family models (Llama 3.2 1B, Qwen2.5 0.5B).
+        config = LlamaConfig(vocab_size=8192, hidden_size=1024, intermediate_size=4096, num_hidden_layers=16,
+                             num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=512,
+                             tie_word_embeddings=True)
         return LlamaForCausalLM(config)
     return C.load_model("minilm", "cpu", torch.float32)
 
@@ -70,9 +73,8 @@ def variant(base: nn.Module, case: str) -> nn.Module:
 def adapted(base: nn.Module, case: str, like: nn.Module | None = None) -> nn.Module:
     """The case's model with adapters: lorakit's, or PEFT's with the values of lorakit's `like`."""
     model = variant(base, case)
-    v = C.Variant(TARGETS, RANK)
     if CASES[case][3] == "peft":
-        return peft_like(model, like, v)
+        return C.peft_model_like(model, like, C.Variant(TARGETS, RANK))
     import lorakit
 
     lorakit.inject(model, lorakit.LoraConfig(rank=RANK, alpha=2 * RANK, targets=TARGETS))
@@ -82,24 +84,6 @@ def adapted(base: nn.Module, case: str, like: nn.Module | None = None) -> nn.Mod
             _, b = layer.pair("default")
             b.copy_(torch.randn(b.shape, generator=g).mul_(0.02))
     return model
-
-
-def peft_like(model: nn.Module, ours: nn.Module, v) -> nn.Module:
-    """PEFT's LoRA on `model` (taken, not copied) on the modules lorakit adapted in `ours`, same values."""
-    import lorakit
-    from peft import LoraConfig, get_peft_model
-
-    paths = [n for n, m in ours.named_modules() if isinstance(m, lorakit.LoraLayer)]
-    peft_model = get_peft_model(model, LoraConfig(r=v.rank, lora_alpha=2 * v.rank, lora_dropout=0.0,
-                                                  target_modules=paths))
-    mine = dict(ours.named_modules())
-    with torch.no_grad():
-        for path in paths:
-            a, b = mine[path].pair("default")
-            theirs = peft_model.base_model.model.get_submodule(path)
-            theirs.lora_A["default"].weight.copy_(a)
-            theirs.lora_B["default"].weight.copy_(b)
-    return peft_model
 
 
 def inputs(model: nn.Module, shape: Model) -> torch.Tensor:
@@ -114,16 +98,22 @@ def quantized_bytes(model: nn.Module) -> tuple[int, int]:
     return sum(stored_bytes(m) for m in layers), sum(2 * m.in_features * m.out_features for m in layers)
 
 
+CHECKPOINTED = " + checkpointing"  # a case name ending so: the same with gradient checkpointing
+
+
 def training_cases(name: str, shape: Model, wanted: list[str]) -> dict[str, callable]:
     """Training-step callables for the `wanted` cases of model `name` (lorakit's built first,
     so that PEFT's copy their adapter values)."""
     base = base_model(name)
     ids = inputs(base, shape)
     models: dict[str, nn.Module] = {}
-    for case in sorted(wanted, key=lambda c: CASES[c][3] == "peft"):
+    for case in sorted(wanted, key=lambda c: CASES[c.removesuffix(CHECKPOINTED)][3] == "peft"):
+        plain = case.removesuffix(CHECKPOINTED)
         like = models.get(case.replace(" peft", " lorakit"))
-        if CASES[case][3] == "peft" and like is None:
-            like = adapted(base, case.replace(" peft", " lorakit"))
-        models[case] = adapted(base, case, like)
+        if CASES[plain][3] == "peft" and like is None:
+            like = adapted(base, plain.replace(" peft", " lorakit"))
+        models[case] = adapted(base, plain, like)
+        if case.endswith(CHECKPOINTED):
+            models[case].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     del base
     return {case: C.training_step(models[case], ids) for case in wanted}

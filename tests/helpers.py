@@ -203,6 +203,15 @@ def cli(*args: str, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
                           timeout=timeout, env=env, **kw)
 
 
+def cli_in_process(capsys, *args: str) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of `lorakit ARGS` run in this process."""
+    from lorakit.cli import main
+
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
     """The tensors of an adapter folder's weight file."""
     from safetensors.torch import load_file

@@ -175,10 +175,7 @@ class _LoraLinear(torch.autograd.Function):
         ctx.has_bias = bias is not None
         # x is needed for A's (or the weight's) gradient only.
         need_x = weight.requires_grad or any(t.requires_grad for t in tensors[:k])
-        recipe = _recipe(x) if need_x else None
-        ctx.recompute = recipe[1] if recipe is not None else None
-        kept = recipe[0] if recipe is not None else ((x2,) if need_x else ())
-        ctx.n_kept = len(kept)
+        kept = keep_input(ctx, x, x2, need_x)
         xas = [xa if xa is not None else x2.new_empty(0) for xa in xas]
         ctx.save_for_backward(*kept, weight, *tensors, *xas)
         return y
@@ -191,10 +188,7 @@ class _LoraLinear(torch.autograd.Function):
         a_s, b_s, xas = rest[:k], rest[k : 2 * k], rest[2 * k :]
         scalings, dropouts, fifo = ctx.scalings, ctx.dropouts, ctx.fan_in_fan_out
         need = ctx.needs_input_grad  # x, weight, bias, scalings, dropouts, fifo, fold, *A, *B
-        x2 = None
-        if kept:
-            x2 = kept[0] if ctx.recompute is None else ctx.recompute(*kept)
-            x2 = x2.reshape(-1, ctx.x_shape[-1])
+        x2 = kept_input(ctx, kept)
         g = grad_y.reshape(-1, grad_y.shape[-1])  # (tokens, out)
 
         grad_x = None
@@ -239,6 +233,24 @@ def adapter_grads(ctx, g, x2, grad_x, a_s, b_s, xas, need_a, need_b):
                 else:
                     grad_x.addcmul_(gb @ a, noise)
     return grad_a, grad_b
+
+
+def keep_input(ctx, x: torch.Tensor, x2: torch.Tensor, need_x: bool) -> tuple[torch.Tensor, ...]:
+    """The tensors to save for x (x2 is x as (tokens, in)): none, x itself, or what GELU /
+    SwiGLU keep anyway (`_recipe`); notes on ctx how `kept_input` gets x back."""
+    recipe = _recipe(x) if need_x else None
+    ctx.recompute = recipe[1] if recipe is not None else None
+    kept = recipe[0] if recipe is not None else ((x2,) if need_x else ())
+    ctx.n_kept = len(kept)
+    return kept
+
+
+def kept_input(ctx, kept: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+    """x as (tokens, in) in backward, from what `keep_input` saved (None if nothing)."""
+    if not kept:
+        return None
+    x2 = kept[0] if ctx.recompute is None else ctx.recompute(*kept)
+    return x2.reshape(-1, ctx.x_shape[-1])
 
 
 def _recipe(x: torch.Tensor):

@@ -206,6 +206,9 @@ class LoraLinear(LoraLayer):
         adapters = self._fast_adapters(live, x)
         if adapters is None:
             return self.reference_forward(x)
+        return self._fast_forward(x, adapters)
+
+    def _fast_forward(self, x: torch.Tensor, adapters: list[Adapter]) -> torch.Tensor:
         base = self.base_layer
         return lora_linear(x, base.weight, base.bias, adapters, self.fan_in_fan_out, self.training)
 

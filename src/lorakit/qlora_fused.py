@@ -30,7 +30,18 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .fused import Adapter, _fold_pays, _grad_a, _grad_b, _project, _project_grad, _recipe, add_deltas, adapter_grads
+from .fused import (
+    Adapter,
+    _fold_pays,
+    _grad_a,
+    _grad_b,
+    _project,
+    _project_grad,
+    adapter_grads,
+    add_deltas,
+    keep_input,
+    kept_input,
+)
 
 Dequantize = Callable[[torch.dtype], torch.Tensor]  # dtype -> a fresh (out, in) weight
 
@@ -132,10 +143,7 @@ class _QLoraLinear(torch.autograd.Function):
         ctx.x_shape, ctx.x_stride = x.shape, x.stride()
         ctx.bias_dtype = None if bias is None else bias.dtype
         need_x = any(t.requires_grad for t in tensors[:k])  # x is needed for A's gradient only
-        recipe = _recipe(x) if need_x else None
-        ctx.recompute = recipe[1] if recipe is not None else None
-        kept = recipe[0] if recipe is not None else ((x2,) if need_x else ())
-        ctx.n_kept = len(kept)
+        kept = keep_input(ctx, x, x2, need_x)
         xas = [xa if xa is not None else x2.new_empty(0) for xa in xas]
         ctx.save_for_backward(*kept, *tensors, *xas)
         return y
@@ -147,10 +155,7 @@ class _QLoraLinear(torch.autograd.Function):
         k = len(ctx.scalings)
         a_s, b_s, xas = rest[:k], rest[k : 2 * k], rest[2 * k :]
         need = ctx.needs_input_grad  # x, bias, dequantize, compute_dtype, scalings, dropouts, *A, *B
-        x2 = None
-        if kept:
-            x2 = kept[0] if ctx.recompute is None else ctx.recompute(*kept)
-            x2 = x2.reshape(-1, ctx.x_shape[-1])
+        x2 = kept_input(ctx, kept)
         g = grad_y.reshape(-1, grad_y.shape[-1])  # (tokens, out)
 
         grad_x = None

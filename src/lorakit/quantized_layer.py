@@ -68,13 +68,7 @@ class LoraQuantLinear(LoraLinear):
             result = result + self._delta(x, name).to(result.dtype)
         return result
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        live = self._live()
-        if not live:
-            return self.base_layer(x)
-        adapters = self._fast_adapters(live, x)
-        if adapters is None:
-            return self.reference_forward(x)
+    def _fast_forward(self, x: torch.Tensor, adapters: list[Adapter]) -> torch.Tensor:
         base = self.base_layer
         return qlora_linear(x, self._dequantize, compute_dtype(base, x.dtype), base.bias, adapters, self.training)
 

@@ -10,15 +10,10 @@ import time
 
 import pytest
 import torch
+from helpers import cli_in_process as lorakit
 
 from lorakit.cli import build_parser, main
 from lorakit.cli.trained import load_trained
-
-
-def lorakit(capsys, *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from helpers import cli_in_process
 
 import lorakit
 from lorakit.cli import main
@@ -17,12 +18,6 @@ from lorakit.cli.trained import load_trained
 from lorakit.quantized import quantized_kind
 
 pytest.importorskip("bitsandbytes")
-
-
-def lorakit_cli(capsys, *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +31,7 @@ def qlora_run(tiny, tmp_path_factory):
 
 
 def test_eval_reproduces_the_quantized_runs_result(qlora_run, capsys):
-    code, out, _ = lorakit_cli(capsys, "eval", str(qlora_run), "--json")
+    code, out, _ = cli_in_process(capsys, "eval", str(qlora_run), "--json")
     metrics = [json.loads(line) for line in (qlora_run / "metrics.jsonl").read_text().splitlines()]
     final = [m["eval"] for m in metrics if "eval" in m][-1]
     assert code == 0 and json.loads(out)["loss"] == pytest.approx(final["loss"], rel=1e-6)
@@ -46,7 +41,7 @@ def test_merge_writes_the_trained_model_in_full_precision(qlora_run, tmp_path, c
     from transformers import AutoModelForCausalLM
 
     merged = tmp_path / "merged"
-    code, out, _ = lorakit_cli(capsys, "merge", str(qlora_run), "--out", str(merged))
+    code, out, _ = cli_in_process(capsys, "merge", str(qlora_run), "--out", str(merged))
     assert code == 0, out
     written, naive = (float(x) for x in re.search(
         r"from the trained model \(nf4 base \+ adapter\) is (\S+) .*original unquantized weights instead would give (\S+)$",
@@ -59,7 +54,7 @@ def test_merge_writes_the_trained_model_in_full_precision(qlora_run, tmp_path, c
     with torch.no_grad():
         torch.testing.assert_close(plain(ids).logits, trained(ids).logits, rtol=0, atol=1e-4)
 
-    code, out, _ = lorakit_cli(capsys, "merge", str(qlora_run), "--out", str(tmp_path / "bf16"), "--dtype", "bf16")
+    code, out, _ = cli_in_process(capsys, "merge", str(qlora_run), "--out", str(tmp_path / "bf16"), "--dtype", "bf16")
     assert code == 0 and "bf16" in out
     assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16")).dtype == torch.bfloat16
 
@@ -68,7 +63,7 @@ def test_merge_requantize_writes_a_quantized_folder_and_reports_its_error(qlora_
     from transformers import AutoModelForCausalLM
 
     merged = tmp_path / "requantized"
-    code, out, _ = lorakit_cli(capsys, "merge", str(qlora_run), "--out", str(merged), "--requantize")
+    code, out, _ = cli_in_process(capsys, "merge", str(qlora_run), "--out", str(merged), "--requantize")
     assert code == 0, out
     weight_error, output_error = (float(x) for x in re.search(
         r"largest weight error (\S+); .* is (\S+) \(outputs", out).groups())
@@ -90,12 +85,12 @@ def test_requantize_needs_a_quantized_run(tiny, tmp_path, capsys):
     assert main(["train", "--model", str(tiny["bert"]), "--data", str(tiny["classify"]), "--out", str(out),
                  "--max-steps", "1", "--threads", "1"]) == 0
     capsys.readouterr()
-    code, _, err = lorakit_cli(capsys, "merge", str(out), "--out", str(tmp_path / "m"), "--requantize")
+    code, _, err = cli_in_process(capsys, "merge", str(out), "--out", str(tmp_path / "m"), "--requantize")
     assert code == 2 and "was not trained on a quantized base" in err
 
 
 def test_quantize_without_bitsandbytes_is_one_line(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
-    code, _, err = lorakit_cli(capsys, "train", "--model", str(tiny["bert"]), "--data", str(tiny["classify"]),
+    code, _, err = cli_in_process(capsys, "train", "--model", str(tiny["bert"]), "--data", str(tiny["classify"]),
                                "--out", str(tmp_path / "run"), "--quantize", "nf4")
     assert code == 2 and err.count("\n") == 1 and "pip install 'lorakit[quant]'" in err
