@@ -127,6 +127,8 @@ def test_quantize_refuses_bad_requests_before_changing_anything():
     lorakit.inject(model, lorakit.LoraConfig(rank=2, targets="attention"))
     with pytest.raises(ValueError, match="before adding adapters"):
         lorakit.quantize(model, "nf4")
+    with pytest.raises(ValueError, match="no nn.Linear layer to quantize.*Conv1D"):
+        lorakit.quantize(tiny_model("gpt2"), "nf4")
 
 
 def test_quantize_keeps_tied_weights_in_full_precision():

@@ -49,6 +49,9 @@ def quantize(
     if compute_dtype is not None and compute_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"quantize: compute_dtype must be float32, bfloat16 or float16, got {compute_dtype}")
     chosen = _quantizable(model, list(skip or []))
+    if not chosen:
+        raise ValueError("quantize: the model has no nn.Linear layer to quantize outside its heads and skip "
+                         "(bitsandbytes has no quantized form of other layers, e.g. GPT-2's Conv1D)")
     bnb = bitsandbytes()
     for path, linear in chosen:
         replace_module(model, path, _quantized(bnb, linear, kind, compute_dtype))

@@ -99,7 +99,7 @@ def quantize_base(model: torch.nn.Module, kind: str | None, bf16: bool) -> str:
         return ""
     try:
         quantize(model, kind, compute_dtype=torch.bfloat16 if bf16 else torch.float32)
-    except ImportError as err:
+    except (ImportError, ValueError) as err:
         raise TrainingError(f"--quantize {kind}: {err}") from None
     count = sum(quantized_kind(m) is not None for m in model.modules())
     return f", {count} linear layers quantized to {kind}"
