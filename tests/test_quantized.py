@@ -374,3 +374,36 @@ def test_import_lorakit_does_not_import_bitsandbytes():
     code = "import sys, lorakit; print('bitsandbytes' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+# ---- LoftQ ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4"])
+def test_loftq_pairs_start_the_adapters_at_the_quantization_error(kind, ids):
+    original = tiny_llama()
+    config = lorakit.LoraConfig(rank=8, alpha=16, targets="attention+mlp")
+    pairs = lorakit.loftq_pairs(original, config, kind)
+    model = lorakit.quantize(tiny_llama(), kind)
+    plain = logits(model, ids)
+    lorakit.add_adapter_from_tensors(model, "default", config, pairs)
+    for path, (a, b) in pairs.items():
+        weight = original.get_submodule(path).weight
+        layer = model.get_submodule(path)
+        before = (weight - dequantize(layer.base_layer, torch.float32)).norm()
+        after = (weight - dequantize(layer.base_layer, torch.float32) - layer.delta_weight("default")).norm()
+        assert after < 0.9 * before, path  # rank 8 of a 32-wide weight: a real part of the error
+    reference = logits(original, ids)
+    assert (logits(model, ids) - reference).abs().max() < (plain - reference).abs().max()
+
+
+def test_loftq_adapter_loads_on_any_quantized_base(tmp_path, ids):
+    """One iteration leaves the base the ordinary quantized one, so the file is all it takes."""
+    config = lorakit.LoraConfig(rank=4, alpha=8, targets="attention")
+    pairs = lorakit.loftq_pairs(tiny_llama(), config, "nf4")
+    model = lorakit.quantize(tiny_llama(), "nf4")
+    lorakit.add_adapter_from_tensors(model, "default", config, pairs)
+    lorakit.save_adapter(model, tmp_path)
+    fresh = lorakit.quantize(tiny_llama(), "nf4")
+    lorakit.load_adapter(fresh, tmp_path)
+    assert torch.equal(logits(fresh, ids), logits(model, ids))

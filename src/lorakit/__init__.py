@@ -26,6 +26,7 @@ from .model import (
     unload,
     unmerge,
 )
+from .loftq import loftq_pairs
 from .quantize import dequantize, quantize
 from .quantized_layer import LoraQuantLinear
 
@@ -63,6 +64,7 @@ __all__ = [
     "disabled",
     "inject",
     "load_adapter",
+    "loftq_pairs",
     "merge",
     "quantize",
     "read_adapter_config",

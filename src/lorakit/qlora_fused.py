@@ -21,7 +21,9 @@ with the ideas of fused.py:
 
 The base part reproduces the bitsandbytes layer's forward bit for bit (tests pin it): the weight
 dequantized straight into the compute dtype, `F.linear` on the input cast to it, the result
-cast back to the input's dtype; the adapters compute in their own dtype (the input's).
+cast back to the input's dtype. The adapters compute in their own dtype: the input's, or float32
+on a bf16 / fp16 input (PEFT's default), x then cast for them and each delta cast back to the
+output's dtype before it is added, as the reference does.
 """
 
 from __future__ import annotations

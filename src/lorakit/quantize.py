@@ -52,9 +52,9 @@ def quantize(
     if not chosen:
         raise ValueError("quantize: the model has no nn.Linear layer to quantize outside its heads and skip "
                          "(bitsandbytes has no quantized form of other layers, e.g. GPT-2's Conv1D)")
-    bnb = bitsandbytes()
+    bitsandbytes()  # missing: an error before anything changes
     for path, linear in chosen:
-        replace_module(model, path, _quantized(bnb, linear, kind, compute_dtype))
+        replace_module(model, path, quantized_copy(linear, kind, compute_dtype))
     setattr(model, _FLAGS[kind], True)  # what Transformers sets; PEFT reads it to pick its 4-/8-bit layers
     return model
 
@@ -116,7 +116,9 @@ def _quantizable(model: nn.Module, skip: list[str]) -> list[tuple[str, nn.Linear
     return chosen
 
 
-def _quantized(bnb, linear: nn.Linear, kind: str, compute_dtype: torch.dtype | None) -> nn.Module:
+def quantized_copy(linear: nn.Linear, kind: str, compute_dtype: torch.dtype | None = None) -> nn.Module:
+    """A bitsandbytes layer holding `linear`'s weight quantized to `kind` (its bias is shared)."""
+    bnb = bitsandbytes()
     weight, bias = linear.weight, linear.bias
     has_bias = bias is not None
     if kind == "int8":

@@ -69,3 +69,10 @@ def test_quantize_without_bitsandbytes_names_the_extra(tiny, tmp_path, monkeypat
 def test_bad_quantize_value_in_a_saved_run(tiny, tmp_path):
     with pytest.raises(TrainingError, match="--quantize must be one of nf4, fp4, int8"):
         run(tiny, tmp_path / "run", quantize="nf2", max_steps=1)
+
+
+def test_loftq_run(tiny, tmp_path):
+    summary = run(tiny, tmp_path / "run", quantize="nf4", loftq=True, max_steps=4)
+    assert summary["steps"] == 4
+    with pytest.raises(TrainingError, match="--loftq .* needs --quantize"):
+        run(tiny, tmp_path / "other", loftq=True, max_steps=1)

@@ -65,6 +65,8 @@ class RunConfig:
     quantize: str | None = option(None, _WHAT, "QLoRA: quantize the base model's linear layers (the heads stay in "
                                   "full precision); needs bitsandbytes (pip install 'lorakit[quant]')",
                                   choices=QUANTIZE_KINDS)
+    loftq: bool = option(False, _LORA, "with --quantize: start the adapters from the quantization error "
+                         "(LoftQ, one iteration) instead of B = 0")
     rank: int = option(8, _LORA, "rank r of each adapter (default: 8)", metavar="R")
     alpha: float = option(16.0, _LORA, "scale: alpha / rank (default: 16)", metavar="A")
     targets: str | list[str] = option("attention", _LORA, "attention | attention+mlp | all-linear | "
@@ -120,6 +122,8 @@ class RunConfig:
             raise TrainingError(f"--warmup must be in [0, 1), got {self.warmup!r}")
         if self.quantize is not None and self.quantize not in QUANTIZE_KINDS:
             raise TrainingError(f"--quantize must be one of {', '.join(QUANTIZE_KINDS)}, got {self.quantize!r}")
+        if self.loftq and not self.quantize:
+            raise TrainingError("--loftq starts the adapters from the quantization error; it needs --quantize")
         if self.task is not None and self.task not in data_mod.TASKS:
             raise TrainingError(f"--task must be one of {', '.join(data_mod.TASKS)}, got {self.task!r}")
 

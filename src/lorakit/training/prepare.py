@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from ..model import inject
+from ..loftq import loftq_pairs
+from ..model import add_adapter_from_tensors, inject, set_adapter
 from ..peft_format import CONFIG_FILE
 from ..quantize import quantize
 from ..quantized import quantized_kind
@@ -76,11 +77,19 @@ def prepare(config: RunConfig, world: World) -> Setup:
     torch.manual_seed(config.seed)  # the new classifier head's initial weights
     model = load_model(model_name, task, labels)  # float32 weights; --bf16 autocasts the compute
     prepare_model(model, tokenizer)
-    quantized = quantize_base(model, config.quantize, config.bf16)
     saved = [head_name(model)] if task == "classify" else []
     lora = config.lora(saved)
     try:
-        inject(model, lora)
+        pairs = loftq_pairs(model, lora, config.quantize, _compute_dtype(config.bf16)) if config.loftq else None
+        quantized = quantize_base(model, config.quantize, config.bf16)
+        if pairs is None:
+            inject(model, lora)
+        else:  # LoftQ: the pairs found on the full-precision weights, added to the quantized base
+            heads = {name: model.get_submodule(name).state_dict() for name in saved}
+            add_adapter_from_tensors(model, "default", lora, pairs, saved=heads)
+            set_adapter(model, "default")
+    except ImportError as err:  # LoftQ quantizes to measure the error
+        raise TrainingError(f"--quantize {config.quantize}: {err}") from None
     except ValueError as err:
         raise TrainingError(f"--targets {config.targets!r}: {err}") from None
     model.to(world.device)
@@ -98,11 +107,15 @@ def quantize_base(model: torch.nn.Module, kind: str | None, bf16: bool) -> str:
     if kind is None:
         return ""
     try:
-        quantize(model, kind, compute_dtype=torch.bfloat16 if bf16 else torch.float32)
+        quantize(model, kind, compute_dtype=_compute_dtype(bf16))
     except (ImportError, ValueError) as err:
         raise TrainingError(f"--quantize {kind}: {err}") from None
     count = sum(quantized_kind(m) is not None for m in model.modules())
     return f", {count} linear layers quantized to {kind}"
+
+
+def _compute_dtype(bf16: bool) -> torch.dtype:
+    return torch.bfloat16 if bf16 else torch.float32
 
 
 def _labels(config: RunConfig, task: str, train_set: data_mod.Dataset, held_set: data_mod.Dataset) -> list[str] | None:
