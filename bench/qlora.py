@@ -1,6 +1,6 @@
 """QLoRA benchmark: LoRA on a 4-bit base against LoRA in full precision and against PEFT's QLoRA.
 
-    python bench/qlora.py            # writes the `qlora` section of BENCHMARKS.md (about 12 minutes on 2 cores)
+    python bench/qlora.py            # writes the `qlora` section of BENCHMARKS.md (about 15 minutes)
     python bench/qlora.py --quick    # smaller batches, 2 repetitions, no CLI runs; prints only
 
 Per model (a random Llama of 277M parameters built from its config, and the bundled MiniLM):
@@ -8,7 +8,8 @@ the bytes of the 4-bit weights against the same weights in bf16; the peak memory
 training step against a bf16 LoRA step, each in a fresh process (memory below); the QLoRA step
 time against a float32 LoRA step and against PEFT's QLoRA step on the same 4-bit base, their
 repetitions interleaved in one process (run.time_cases). Then the default `lorakit train` run
-with and without `--quantize nf4`, through the real command line, for held-out accuracy.
+without and with `--quantize nf4` (and `--loftq`), through the real command line, for held-out
+accuracy.
 
 Memory: each case runs in a new process with MALLOC_MMAP_THRESHOLD_=65536 (every freed tensor
 leaves the resident set), which notes its resident size before building the model, builds it,
@@ -52,14 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small batches, 2 repetitions, no CLI runs, no file written")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per case (default 5, quick 2)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1: on a shared "
+                                                           "machine far less noisy than all cores)")
     ap.add_argument("--models", default=",".join(Q.MODELS), help="comma-separated subset of " + ",".join(Q.MODELS))
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-accuracy", action="store_true", help="skip the two `lorakit train` runs")
     ap.add_argument("--out", default=None, help="markdown file (default BENCHMARKS.md; --quick: none)")
     ap.add_argument("--memory-case", nargs=3, metavar=("MODEL", "CASE", "QUICK"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    threads = args.threads or os.cpu_count() or 1
+    threads = args.threads
     torch.set_num_threads(threads)
     if args.memory_case:
         print(json.dumps(measure_memory(*args.memory_case)))
@@ -152,10 +154,12 @@ def memory_cases(name: str, threads: int, quick: bool) -> dict[str, dict[str, fl
 
 
 def cli_accuracy(threads: int) -> dict[str, dict]:
-    """The default run (`lorakit train`) and the same with --quantize nf4: same seed, data, steps."""
+    """The default run (`lorakit train`), and the same with --quantize nf4 (and --loftq): same seed,
+    data and steps."""
     found = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for label, extra in (("lorakit train", []), ("lorakit train --quantize nf4", ["--quantize", "nf4"])):
+        for label, extra in (("lorakit train", []), ("lorakit train --quantize nf4", ["--quantize", "nf4"]),
+                             ("lorakit train --quantize nf4 --loftq", ["--quantize", "nf4", "--loftq"])):
             cmd = [sys.executable, "-m", "lorakit", "train", *extra, "--out", str(Path(tmp) / label.replace(" ", "_")),
                    "--threads", str(threads)]
             start = time.time()
@@ -164,7 +168,8 @@ def cli_accuracy(threads: int) -> dict[str, dict]:
                 print(done.stderr[-2000:], file=sys.stderr)
                 raise SystemExit(f"{label} failed")
             after = re.search(r"after training: held-out accuracy ([\d.]+)%", done.stdout)
-            found[label] = {"accuracy": float(after.group(1)) / 100, "seconds": time.time() - start}
+            found[label] = {"accuracy": float(after.group(1)) / 100, "seconds": time.time() - start,
+                            "command": f"{label} --threads {threads}"}
             print(f"  {label}: held-out accuracy {found[label]['accuracy']:.2%} in {found[label]['seconds']:.0f} s",
                   flush=True)
     return found
@@ -204,14 +209,17 @@ def markdown(results: dict, accuracy: dict, m: dict[str, str], reps: int, argv: 
     if accuracy:
         plain = accuracy["lorakit train"]["accuracy"]
         quant = accuracy["lorakit train --quantize nf4"]["accuracy"]
+        loftq = accuracy["lorakit train --quantize nf4 --loftq"]["accuracy"]
         lines.append(f"| MiniLM, default run | held-out accuracy with `--quantize nf4` / without | >= 0.99 | "
-                     f"{quant / plain:.3f} ({quant:.2%} / {plain:.2%}) |")
+                     f"{quant / plain:.4f} ({quant:.2%} / {plain:.2%}) |")
+        lines.append(f"| MiniLM, default run | held-out accuracy with `--quantize nf4 --loftq` / without | (>= 0.99) | "
+                     f"{loftq / plain:.4f} ({loftq:.2%} / {plain:.2%}) |")
     lines.append("")
     for name, res in results.items():
         lines += _case_table(name, res)
     if accuracy:
-        lines += ["Held-out accuracy (the real command line, same seed, 300 steps, 400 held-out sentences):", ""]
-        lines += [f"- `{label} --threads N`: {a['accuracy']:.2%} ({a['seconds']:.0f} s)" for label, a in accuracy.items()]
+        lines += ["Held-out accuracy (the real command line, seed 0 for all, 300 steps, 400 held-out sentences):", ""]
+        lines += [f"- `{a['command']}`: {a['accuracy']:.2%} ({a['seconds']:.0f} s)" for a in accuracy.values()]
         lines.append("")
     return "\n".join(lines)
 
