@@ -11,10 +11,9 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+import cases as C
 import torch
 from torch import nn
-
-import cases as C
 
 RANK, TARGETS = 8, "all-linear"  # QLoRA adapts every linear layer
 

@@ -63,6 +63,37 @@ def tiny_llama(seed: int = 0):
 MODELS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama}
 
 
+class SwinLike(torch.nn.Module):
+    """A model whose blocks are layers.N.blocks.M (Swin's nesting): 2 stages of 3 blocks, width 8."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        nn = torch.nn
+
+        def block() -> nn.Module:
+            b = nn.Module()
+            b.attn = nn.Module()
+            b.attn.qkv, b.attn.proj, b.mlp = nn.Linear(8, 24), nn.Linear(8, 8), nn.Linear(8, 8)
+            return b
+
+        self.layers = nn.ModuleList()
+        for _ in range(2):
+            stage = nn.Module()
+            stage.blocks = nn.ModuleList([block() for _ in range(3)])
+            self.layers.append(stage)
+        self.head = nn.Linear(8, 3)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for stage in self.layers:
+            for b in stage.blocks:
+                q, k, v = b.attn.qkv(x).chunk(3, dim=-1)
+                x = x + b.attn.proj(torch.tanh(q * k) * v)
+                x = x + b.mlp(torch.relu(x))
+        return self.head(x)
+
+
 # ---- model checks --------------------------------------------------------------------------
 
 
@@ -217,3 +248,10 @@ def tensors(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def files_of(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
+    """Every file under `folder` (relative path -> bytes), to check that a refused command
+    changed nothing; `skip`: names to leave out."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*"))
+            if p.is_file() and p.name not in skip}

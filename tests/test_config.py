@@ -23,3 +23,18 @@ def test_rslora_scaling():
     model = tiny_bert()
     lorakit.inject(model, lorakit.LoraConfig(rank=4, alpha=8, rslora=True, targets=["query"]))
     assert model.bert.encoder.layer[0].attention.self.query.scaling["default"] == 4.0
+
+
+def test_layers_pattern_needs_layers_and_valid_patterns():
+    import pytest
+
+    assert lorakit.LoraConfig(layers=[1], layers_pattern="blocks").layers_pattern == "blocks"
+    assert lorakit.LoraConfig(layers=[1], layers_pattern=("blocks", "layers")).layers_pattern == ["blocks", "layers"]
+    for bad, message in [
+        (dict(layers_pattern="blocks"), "needs layers"),
+        (dict(layers=[0], layers_pattern=""), "block-list name"),
+        (dict(layers=[0], layers_pattern=[]), "block-list name"),
+        (dict(layers=[0], layers_pattern=["("]), "not a valid regex"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            lorakit.LoraConfig(**bad)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import logits, randomize_adapter, tiny_bert, tiny_gpt2, tiny_llama
+from helpers import logits, randomize_adapter, tiny_bert, tiny_gpt2, tiny_llama, tiny_model
 
 import lorakit
 
@@ -44,7 +44,46 @@ CASES = {
         dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], layers_to_transform=[1], layers_pattern="layers"),
         dict(rank=4, alpha=8, targets=["q_proj", "v_proj"], layers=[1]),
     ),
+    # An eval-mode model: the adapters' dropout must stay off.
+    "llama-dropout": (
+        tiny_llama,
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.3),
+        dict(rank=4, alpha=8, targets=["q_proj", "v_proj"], dropout=0.3),
+    ),
+    # modules_to_save by PEFT's rule, a plain suffix: "norm" is every *norm module to PEFT.
+    "llama-saved-norm": (
+        tiny_llama,
+        dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["norm"]),
+        dict(rank=4, alpha=8, targets=["q_proj"], modules_to_save=["norm"]),
+    ),
+    # ... and "classifier" is DistilBERT's pre_classifier too.
+    "distilbert-classifier": (
+        lambda: _tiny_distilbert(),
+        dict(r=4, lora_alpha=8, target_modules=["q_lin", "v_lin"], modules_to_save=["classifier"]),
+        dict(rank=4, alpha=8, targets=["q_lin", "v_lin"], modules_to_save=["classifier"]),
+    ),
+    # A tied lm_head: PEFT saves its table under lm_head's own name.
+    "llama-tied-lm-head": (
+        lambda: tiny_model("llama", tie_word_embeddings=True),
+        dict(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"]),
+        dict(rank=4, alpha=8, targets=["lm_head", "q_proj"]),
+    ),
+    # bias="all" with a trained head: PEFT writes the head's bias three times.
+    "bert-bias-all-head": (
+        tiny_bert,
+        dict(r=4, lora_alpha=8, target_modules=["query"], bias="all", modules_to_save=["classifier"]),
+        dict(rank=4, alpha=8, targets=["query"], bias="all", modules_to_save=["classifier"]),
+    ),
 }
+
+
+def _tiny_distilbert():
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.DistilBertConfig(vocab_size=120, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                           max_position_embeddings=64, num_labels=3)
+    return transformers.DistilBertForSequenceClassification(config).eval()
 
 
 def _randomize_peft(model, seed: int = 3) -> None:
@@ -81,11 +120,11 @@ def test_lorakit_adapter_loads_in_peft(case, tmp_path, ids):
         if isinstance(module, lorakit.saved_modules.SavedModule):
             with torch.no_grad():
                 module.copies["default"].weight.mul_(1.5)
-    if ours.get("bias") == "lora_only":
+    if ours.get("bias") in ("lora_only", "all"):
         with torch.no_grad():
-            for module in model.modules():
-                if isinstance(module, lorakit.LoraLayer) and module.base_layer.bias is not None:
-                    module.base_layer.bias.add_(0.1)
+            for name, p in model.named_parameters():
+                if p.requires_grad and name.endswith("bias") and ".copies." not in name:
+                    p.add_(0.1)
     expected = logits(model, ids)
     assert (expected - base).abs().max() > 1e-3
     lorakit.save_adapter(model, tmp_path)
@@ -119,3 +158,32 @@ def test_peft_exclude_modules(tmp_path, ids):
     lorakit.load_adapter(model, tmp_path)
     assert not isinstance(model.get_submodule(excluded), lorakit.LoraLayer)
     torch.testing.assert_close(logits(model, ids), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("init", ["orthogonal", "mica", "eva"])
+def test_peft_start_only_inits_load_as_plain_lora(init, tmp_path, ids):
+    # These inits choose where A and B start and leave the base alone: a trained adapter is plain LoRA.
+    extra = {"eva_config": peft.EvaConfig()} if init == "eva" else {}
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init, **extra)
+    reference = peft.get_peft_model(tiny_llama(), cfg).eval()
+    _randomize_peft(reference)
+    expected = logits(reference, ids)
+    reference.save_pretrained(tmp_path)
+    model = tiny_llama()
+    lorakit.load_adapter(model, tmp_path)
+    torch.testing.assert_close(logits(model, ids), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("alphas", [{"q_proj": 4, "layers.0.self_attn.q_proj": 32}, {"v_proj": 7, r".*_proj": 2}])
+def test_patterns_whose_order_matters_survive_the_file(alphas, tmp_path, ids):
+    # The file's keys are sorted; written as given, layer 0's q_proj read back alpha 32, not 4.
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(rank=4, alpha=8, targets=["q_proj", "v_proj"], alpha_pattern=alphas))
+    randomize_adapter(model)
+    expected = logits(model, ids)
+    lorakit.save_adapter(model, tmp_path)
+    again = tiny_llama()
+    lorakit.load_adapter(again, tmp_path)
+    torch.testing.assert_close(logits(again, ids), expected, rtol=0, atol=1e-6)
+    reference = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    torch.testing.assert_close(logits(reference, ids), expected, rtol=0, atol=1e-5)

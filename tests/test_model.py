@@ -214,6 +214,20 @@ def test_bad_requests_change_nothing():
         ({"bias": "some"}, "none, all, lora_only"),
         ({"targets": "("}, "not a valid regex"),
         ({"rank_pattern": {"q": -1}}, "rank_pattern"),
+        # Values of the wrong type: refused rather than read some other way.
+        ({"rslora": "no"}, "rslora must be True or False"),  # a non-empty string is true
+        ({"rslora": 1}, "rslora must be True or False"),
+        ({"dropout": True}, r"dropout must be in \[0, 1\)"),
+        ({"modules_to_save": "classifier"}, "modules_to_save must be a list"),  # not ['c', 'l', ...]
+        ({"modules_to_save": [1]}, "modules_to_save must be a list"),
+        ({"modules_to_save": {"classifier": 1}}, "modules_to_save must be a list"),
+        ({"rank_pattern": None}, "rank_pattern must be a dict"),
+        ({"rank_pattern": [("q", 2)]}, "rank_pattern must be a dict"),
+        ({"rank_pattern": {"q(": 2}}, "rank_pattern key 'q\\(' is not a valid regex"),
+        ({"alpha_pattern": {3: 2.0}}, "alpha_pattern key 3 must be a non-empty string"),
+        ({"layers": 5}, "layers must be a list of block indices"),
+        ({"layers": [True]}, "layers must be a list of block indices"),
+        ({"layers": "1"}, "layers must be a list of block indices"),
     ],
 )
 def test_config_validation(kwargs, message):
@@ -265,3 +279,185 @@ def test_low_precision_merge_unmerge_restores_bitwise(dtype, ids):
     plain = lorakit.unload(lorakit.unmerge(model), merge=False)
     for n, p in plain.named_parameters():
         assert torch.equal(p, original[n]), n
+
+
+# ---- disabled() nests ----------------------------------------------------------------------
+
+
+def _two_adapter_bert():
+    model = tiny_bert()
+    lorakit.inject(model, lorakit.LoraConfig(rank=4, targets="attention", modules_to_save=["classifier"]))
+    randomize_adapter(model)
+    with torch.no_grad():
+        model.classifier.copies["default"].bias.add_(1.0)
+    return model
+
+
+def test_disabled_blocks_nest(ids):
+    model = _two_adapter_bert()
+    base = logits(tiny_bert(), ids)
+    adapted = logits(model, ids)
+    with lorakit.disabled(model):
+        with lorakit.disabled(model):
+            assert torch.equal(logits(model, ids), base)
+        assert torch.equal(logits(model, ids), base)  # leaving the inner block keeps the outer one
+        with lorakit.disabled(model), lorakit.disabled(model):
+            assert torch.equal(logits(model, ids), base)
+        assert torch.equal(logits(model, ids), base)
+    assert torch.equal(logits(model, ids), adapted)
+
+
+def test_disabled_blocks_nest_through_errors(ids):
+    model = _two_adapter_bert()
+    base, adapted = logits(tiny_bert(), ids), logits(model, ids)
+    with lorakit.disabled(model):
+        with pytest.raises(RuntimeError):
+            with lorakit.disabled(model):
+                raise RuntimeError("inside")
+        assert torch.equal(logits(model, ids), base)
+    assert torch.equal(logits(model, ids), adapted)
+    with pytest.raises(KeyError):
+        with lorakit.disabled(model):
+            with lorakit.disabled(model):
+                raise KeyError("both")
+    assert torch.equal(logits(model, ids), adapted)
+
+
+def test_what_happens_inside_a_disabled_block_stays_disabled(ids):
+    model = _two_adapter_bert()
+    base, adapted = logits(tiny_bert(), ids), logits(model, ids)
+    with lorakit.disabled(model):
+        lorakit.add_adapter(model, "b", lorakit.LoraConfig(rank=2, targets=["key", "dense"]))
+        randomize_adapter(model, "b", seed=4)
+        lorakit.set_adapter(model, ["default", "b"])
+        assert torch.equal(logits(model, ids), base)
+        before = snapshot(model)
+        with pytest.raises(ValueError, match="disabled"):
+            lorakit.merge(model)
+        with pytest.raises(ValueError, match="disabled"):
+            lorakit.unload(model, merge=True)
+        assert_unchanged(model, before)
+    both = logits(model, ids)
+    assert not torch.equal(both, adapted) and not torch.equal(both, base)
+    lorakit.set_adapter(model, "default")
+    torch.testing.assert_close(logits(model, ids), adapted, rtol=0, atol=1e-6)
+
+
+def test_unload_inside_a_disabled_block(ids):
+    model = _two_adapter_bert()
+    base = logits(tiny_bert(), ids)
+    with lorakit.disabled(model):
+        plain = lorakit.unload(model, merge=False)
+        assert torch.equal(logits(plain, ids), base)
+    assert torch.equal(logits(plain, ids), base)
+    lorakit.inject(plain, lorakit.LoraConfig(rank=2, targets=["query"]))
+    randomize_adapter(plain)
+    assert not torch.equal(logits(plain, ids), base)
+
+
+# ---- active adapters: each once, never none ------------------------------------------------
+
+
+def _three_adapters():
+    model = tiny_llama()
+    for i, name in enumerate(["a", "b", "c"]):
+        lorakit.add_adapter(model, name, lorakit.LoraConfig(rank=2, alpha=4, targets="attention" if i != 1 else ["q_proj", "up_proj"]))
+        randomize_adapter(model, name, seed=i + 1)
+    return model
+
+
+@pytest.mark.parametrize("names", [["a", "a"], ["a", "b", "a"], ("b", "b"), [], ["a", 3], None, {"a"}])
+def test_set_adapter_refuses_repeats_and_nothing(names):
+    model = _three_adapters()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="more than once|at least one|no adapter named|a list of them"):
+        lorakit.set_adapter(model, names)
+    assert_unchanged(model, before)
+    assert lorakit.active_adapters(model) == ["a"]
+
+
+@pytest.mark.parametrize("names", [["a"], ["b"], ["a", "b"], ["c", "a"], ["a", "b", "c"]])
+def test_merged_and_unmerged_agree_for_every_active_set(names, ids):
+    model = _three_adapters()
+    lorakit.set_adapter(model, names)
+    unmerged = logits(model, ids)
+    lorakit.merge(model)
+    merged = logits(model, ids)
+    torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-5 * unmerged.abs().max().item())
+    # and each adapter counts once: the sum of the per-layer deltas
+    lorakit.unmerge(model)
+    layer = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        expected = layer.base_layer(x) + sum(layer._delta(x, n) for n in names)
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-6)
+
+
+def test_deleting_the_active_adapter_activates_the_oldest_left(ids):
+    model = _three_adapters()
+    lorakit.set_adapter(model, "b")
+    lorakit.delete_adapter(model, "b")
+    assert lorakit.active_adapters(model) == ["a"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".a." in n for n in trainable)
+    only_a = logits(model, ids)
+    lorakit.set_adapter(model, ["c", "a"])
+    lorakit.delete_adapter(model, "c")  # another active one is left: it stays the only one
+    assert lorakit.active_adapters(model) == ["a"]
+    assert torch.equal(logits(model, ids), only_a)
+
+
+# ---- misuse of the API: a clear error before anything changes --------------------------------
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda m: lorakit.inject(m, {"rank": 4}), TypeError, "config must be a lorakit.LoraConfig, got dict"),
+        (lambda m: lorakit.inject(m, None), TypeError, "config must be a lorakit.LoraConfig, got NoneType"),
+        (lambda m: lorakit.add_adapter(m, lorakit.LoraConfig(), "b"), ValueError, "adapter name must be"),
+        (lambda m: lorakit.add_adapter_from_tensors(m, "b", "attention", {}), TypeError, "config must be"),
+        (lambda m: lorakit.inject("model", lorakit.LoraConfig()), TypeError, "model must be a torch.nn.Module, got str"),
+        # Names nn.ModuleDict / nn.ParameterDict cannot hold: these failed halfway through, wrappers in place.
+        *[(lambda m, n=n: lorakit.inject(m, lorakit.LoraConfig(targets=["query", "word_embeddings"]), name=n),
+           ValueError, f"adapter name {n!r} is the name of an attribute")
+          for n in ("training", "forward", "keys", "update", "to", "__class__")],
+    ],
+)
+def test_misuse_is_a_clear_error_and_changes_nothing(call, error, message):
+    model = tiny_bert()
+    lorakit.inject(model, lorakit.LoraConfig(rank=4, targets=["value"]), name="a")
+    before = snapshot(model)
+    with pytest.raises(error) as caught:
+        call(model)
+    assert message in str(caught.value)
+    assert_unchanged(model, before)
+    assert list(lorakit.adapters(model)) == ["a"]
+
+
+def _eval_model_with(how):
+    model = tiny_llama()  # eval mode
+    cfg = lorakit.LoraConfig(rank=4, targets=["q_proj", "v_proj", "embed_tokens"], dropout=0.5)
+    if how == "inject":
+        lorakit.inject(model, cfg)
+    elif how == "add second":
+        lorakit.inject(model, lorakit.LoraConfig(rank=4, targets=["q_proj"]), name="first")
+        lorakit.add_adapter(model, "default", cfg)
+        lorakit.set_adapter(model, "default")
+    else:
+        source = tiny_llama()
+        lorakit.inject(source, cfg)
+        lorakit.save_adapter(source, how)
+        lorakit.load_adapter(model, how)
+    return model
+
+
+@pytest.mark.parametrize("how", ["inject", "add second", "load"])
+def test_new_wrappers_take_the_mode_of_the_module_they_wrap(how, ids, tmp_path):
+    # A new nn.Module trains: in an eval-mode model, the adapters' dropout was on at inference.
+    model = _eval_model_with(tmp_path / "adapter" if how == "load" else how)
+    randomize_adapter(model)
+    assert not any(m.training for m in model.modules())
+    assert torch.equal(logits(model, ids), logits(model, ids))
+    model.train()
+    assert all(m.training for m in model.modules())

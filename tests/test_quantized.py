@@ -260,6 +260,35 @@ def test_disabled_and_unload_without_merge_give_the_base_back(ids):
     assert torch.equal(logits(model, ids), base)
 
 
+def test_nested_disabled_and_its_merge_refusal_hold_on_a_quantized_base(ids):
+    model = adapted("nf4")
+    base = quantized_llama("nf4")
+    expected, adapted_out = logits(base, ids), logits(model, ids)
+    with lorakit.disabled(model):
+        with lorakit.disabled(model):
+            assert torch.equal(logits(model, ids), expected)
+        assert torch.equal(logits(model, ids), expected)  # the outer block still holds
+        with pytest.raises(ValueError, match="adapters are disabled"):
+            lorakit.merge(model, requantize=True)
+    assert torch.equal(logits(model, ids), adapted_out)
+
+
+@pytest.mark.parametrize("value, message", [(float("nan"), "B holds 1 NaN"), ("int64", "B has dtype torch.int64, but this model needs floating-point")])
+def test_file_values_are_checked_on_a_quantized_base(value, message):
+    model = quantized_llama("nf4")
+    path = "model.layers.0.self_attn.q_proj"
+    layer = model.get_submodule(path)
+    a, b = torch.zeros(4, layer.in_features), torch.zeros(layer.out_features, 4)
+    if isinstance(value, float):
+        b[1, 2] = value
+    else:
+        b = b.to(getattr(torch, value))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=f"module '{path}': {message}"):
+        lorakit.add_adapter_from_tensors(model, "x", lorakit.LoraConfig(rank=4, targets=[path]), {path: (a, b)})
+    assert_unchanged(model, before)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_merge_into_a_quantized_weight_is_refused_unless_asked(kind, ids):
     model = adapted(kind)

@@ -421,6 +421,30 @@ def test_layer_index(name, index):
     assert layer_index(name) == index
 
 
+@pytest.mark.parametrize("name, pattern, index", [
+    ("layers.0.blocks.2.attn.qkv", "blocks", 2),
+    ("layers.0.blocks.2.attn.qkv", "layers", 0),
+    ("layers.0.blocks.2.attn.qkv", ["blocks", "layers"], 2),  # the first pattern that matches counts
+    ("layers.0.blocks.2.attn.qkv", ["layers", "blocks"], 0),
+    ("layers.0.blocks.2.attn.qkv", "block", None),  # a whole path segment, not a part of one
+    ("layers.0.blocks.2.attn.qkv", "ayers", None),
+    ("encoder.stages.1.layers.3.conv", "(stages|layers)", 1),  # a regex fragment, as in PEFT
+    ("encoder.stages.1.layers.3.conv", "stages|layers", None),  # PEFT's regex then has no index
+])
+def test_layer_index_with_a_pattern(name, pattern, index):
+    assert layer_index(name, pattern) == index
+
+
+def test_layers_pattern_chooses_the_block_list():
+    from helpers import SwinLike
+
+    chosen = resolve_targets(SwinLike(), ["qkv"], layers=[2], layers_pattern="blocks")
+    assert chosen == ["layers.0.blocks.2.attn.qkv", "layers.1.blocks.2.attn.qkv"]
+    assert resolve_targets(SwinLike(), ["qkv"], layers=[1]) == [f"layers.1.blocks.{i}.attn.qkv" for i in range(3)]
+    with pytest.raises(ValueError, match="layers \\[5\\] hold none .*counted by layers_pattern 'blocks'"):
+        resolve_targets(SwinLike(), ["qkv"], layers=[5], layers_pattern="blocks")
+
+
 def test_output_heads():
     assert output_head_names(tf.BertForMaskedLM(tf.BertConfig(**BERT_KW))) == {"cls", "cls.predictions.decoder"}
     assert output_head_names(tf.BertModel(tf.BertConfig(**BERT_KW))) == set()

@@ -12,6 +12,7 @@ from .adapter_file import (
 )
 from .config import LoraConfig
 from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
+from .loftq import loftq_pairs
 from .model import (
     active_adapters,
     adapters,
@@ -26,7 +27,6 @@ from .model import (
     unload,
     unmerge,
 )
-from .loftq import loftq_pairs
 from .quantize import dequantize, quantize
 from .quantized_layer import LoraQuantLinear
 

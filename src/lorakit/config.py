@@ -29,12 +29,17 @@ class LoraConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)  # module-name pattern -> rank
     alpha_pattern: dict[str, float] = field(default_factory=dict)  # module-name pattern -> alpha
     layers: list[int] | None = None  # transformer block indices to adapt; None: all
+    # With `layers`: the name of the block list whose index counts ("blocks" in Swin's
+    # layers.N.blocks.M), or several tried in order; PEFT's layers_pattern. None: the first block list.
+    layers_pattern: str | list[str] | None = None
 
     def __post_init__(self) -> None:
         _check_rank(self.rank, "rank")
         _check_alpha(self.alpha, "alpha")
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+        if isinstance(self.dropout, bool) or not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.rslora, bool):  # "no" would be true
+            raise ValueError(f"rslora must be True or False, got {self.rslora!r}")
         if self.init not in INIT_MODES:
             raise ValueError(f"init must be one of {', '.join(INIT_MODES)}; got {self.init!r}")
         if self.bias not in BIAS_MODES:
@@ -53,15 +58,28 @@ class LoraConfig:
                 re.compile(self.targets)
             except re.error as err:
                 raise ValueError(f"targets {self.targets!r} is not a valid regex: {err}") from None
-        for key, value in self.rank_pattern.items():
-            _check_rank(value, f"rank_pattern[{key!r}]")
-        for key, value in self.alpha_pattern.items():
-            _check_alpha(value, f"alpha_pattern[{key!r}]")
+        for what, check in (("rank_pattern", _check_rank), ("alpha_pattern", _check_alpha)):
+            patterns = getattr(self, what)
+            if not isinstance(patterns, dict):
+                raise ValueError(f"{what} must be a dict of module-name pattern -> value, got {patterns!r}")
+            for key, value in patterns.items():
+                _check_regex(key, f"{what} key")
+                check(value, f"{what}[{key!r}]")
         if self.layers is not None:
-            if not all(isinstance(i, int) and i >= 0 for i in self.layers):
+            if not (
+                isinstance(self.layers, (list, tuple))
+                and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers)
+            ):
                 raise ValueError(f"layers must be a list of block indices >= 0, got {self.layers!r}")
             self.layers = list(self.layers)
-        self.modules_to_save = list(self.modules_to_save or [])
+        if self.layers_pattern is not None:
+            self.layers_pattern = _check_layers_pattern(self.layers_pattern, self.layers)
+        if self.modules_to_save is None:
+            self.modules_to_save = []
+        # A plain string would be taken letter by letter.
+        if not (isinstance(self.modules_to_save, (list, tuple)) and all(isinstance(m, str) and m for m in self.modules_to_save)):
+            raise ValueError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
+        self.modules_to_save = list(self.modules_to_save)
 
     def rank_for(self, module_name: str) -> int:
         return _pattern_value(self.rank_pattern, module_name, self.rank)
@@ -82,6 +100,29 @@ def _check_rank(value: Any, what: str) -> None:
 def _check_alpha(value: Any, what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
         raise ValueError(f"{what} must be a number > 0, got {value!r}")
+
+
+def _check_regex(pattern: Any, what: str) -> None:
+    if not isinstance(pattern, str) or not pattern:
+        raise ValueError(f"{what} {pattern!r} must be a non-empty string (a regex over module names)")
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"{what} {pattern!r} is not a valid regex: {err}") from None
+
+
+def _check_layers_pattern(value: Any, layers: list[int] | None) -> str | list[str]:
+    patterns = [value] if isinstance(value, str) else value
+    if not (isinstance(patterns, (list, tuple)) and patterns and all(isinstance(p, str) and p for p in patterns)):
+        raise ValueError(f"layers_pattern must be a block-list name or a non-empty list of them, got {value!r}")
+    if layers is None:
+        raise ValueError(f"layers_pattern={value!r} needs layers (the block indices it counts)")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"layers_pattern {pattern!r} is not a valid regex: {err}") from None
+    return value if isinstance(value, str) else list(value)
 
 
 def _pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:

@@ -130,7 +130,6 @@ def _grad_a(gb: torch.Tensor, xd: torch.Tensor) -> torch.Tensor:
 
 def _forward(x, weight, bias, tensors, scalings, dropouts, fan_in_fan_out, fold, rng_states, keep_xa):
     """(y, x as (tokens, in), [rank-r intermediates or None])."""
-    k = len(scalings)
     x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
     w = _folded_weight(weight, tensors, scalings, dropouts, fan_in_fan_out) if fold else weight
     w_t = w if fan_in_fan_out else w.t()  # (in, out)

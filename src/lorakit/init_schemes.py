@@ -37,10 +37,19 @@ def pissa_pair(weight: torch.Tensor, rank: int, scaling: float) -> tuple[torch.T
     """(A, B, residual) for a (out, in) weight: scaling * B A + residual == weight (up to rounding).
 
     Each factor carries sqrt(S) / sqrt(scaling), so B A is the rank-r part divided by scaling.
+    A and B are float32 (the SVD's precision; the caller casts them), the residual has the
+    weight's dtype. A rank above min(out, in) has no singular triplets to take: refused.
     """
+    if rank > min(weight.shape):
+        raise ValueError(
+            f"PiSSA rank {rank} is above the layer's size: its {tuple(weight.shape)} weight has "
+            f"{min(weight.shape)} singular values (give it rank <= {min(weight.shape)}, e.g. with rank_pattern)"
+        )
     u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
     root = (s[:rank] / scaling).sqrt()
-    a = root[:, None] * vh[:rank]  # (r, in)
-    b = u[:, :rank] * root[None, :]  # (out, r)
-    residual = weight.float() - scaling * (b @ a)
-    return a.to(weight.dtype), b.to(weight.dtype), residual.to(weight.dtype)
+    # contiguous: the SVD hands out column-major factors, and a parameter's layout picks the matmul
+    # kernel, so a reloaded (row-major) adapter would round differently from the trained one.
+    a = (root[:, None] * vh[:rank]).contiguous()  # (r, in)
+    b = (u[:, :rank] * root[None, :]).contiguous()  # (out, r)
+    residual = weight.float() - (scaling * b) @ a  # PEFT's order of operations, so both agree bitwise
+    return a, b, residual.to(weight.dtype)

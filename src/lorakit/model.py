@@ -16,11 +16,13 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from . import pissa
 from .config import LoraConfig
 from .layers import LoraLayer
 from .plan import (
     build_plan,
     check_shape,
+    check_values,
     commit,
     get_adapted,
     load_copy,
@@ -30,13 +32,14 @@ from .plan import (
 )
 from .quantized import logical_numel
 from .registry import (
+    AdapterRecord,
     activate,
     active_adapters,
     adapters,
+    disabled_depth,
     forget,
     lora_layers,
-    refresh_trainable,
-    set_active,
+    set_disabled_depth,
 )
 from .saved_modules import SavedModule
 from .targets import resolve_targets
@@ -54,9 +57,10 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
 def add_adapter(model: nn.Module, name: str, config: LoraConfig) -> nn.Module:
     """Add adapter `name` (active only if no other adapter is); see `set_adapter`."""
     _check_new_name(model, name)
+    _check_config(config)
     _refuse_if_merged(model, "adding an adapter")
     exclude = list(config.modules_to_save) + saved_wrapper_paths(model)
-    modules = resolve_targets(model, config.targets, config.layers, exclude=exclude)
+    modules = resolve_targets(model, config.targets, config.layers, exclude=exclude, layers_pattern=config.layers_pattern)
     # Nothing inside a module trained in full gets an adapter as well.
     whole = saved_wrapper_paths(model) + saved_module_paths(model, config.modules_to_save)
     modules = [m for m in modules if not any(m.startswith(w + ".") for w in whole)]
@@ -81,10 +85,13 @@ def add_adapter_from_tensors(
     `pairs`: module path -> (A, B), in PEFT's layout and of the rank `config` gives that module.
     `saved`: module path -> state dict of its trained copy, one for each of config.modules_to_save.
     `base`: parameter name -> a value that replaces a base parameter (trained biases, a whole
-    embedding table). Everything is checked before anything changes; a ValueError names the
-    module, parameter or tensor at fault. The adapter becomes active if no other adapter is.
+    embedding table); the value it replaces is kept, and `delete_adapter` / `unload(merge=False)`
+    put it back. Everything is checked before anything changes (shapes, NaN or infinite values,
+    integer dtypes); a ValueError names the module, parameter or tensor at fault. The adapter
+    becomes active if no other adapter is.
     """
     _check_new_name(model, name)
+    _check_config(config)
     _refuse_if_merged(model, "loading an adapter")
     if not pairs:
         raise ValueError("no LoRA weights given (pairs is empty)")
@@ -101,22 +108,37 @@ def add_adapter_from_tensors(
     unknown = sorted(set(saved) - set(plan.record.saved))
     if unknown:
         raise ValueError(f"saved: {unknown[0]!r} is not one of the modules_to_save {plan.record.saved}")
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # a tied weight answers to each of its names
     for pname, value in (base or {}).items():
         if pname not in params:
             raise ValueError(f"base: the model has no parameter named {pname!r}")
         param = params[pname]
         check_shape(f"{pname!r}", value, param.shape)
+        check_values(f"{pname!r}", value)
+        owner = next((n for n, r in adapters(model).items() if any(p is param for p, _ in r.replaced)), None)
+        if owner is not None:
+            raise ValueError(f"base: {pname!r} already holds the value adapter {owner!r} brought; two adapters cannot each replace it")
         plan.base_values.append((param, value.to(param.device, param.dtype)))
+        plan.record.replaced.append((param, param.detach().to("cpu", copy=True)))
     plan.record.trainable = trainable
     commit(model, plan)
     return model
 
 
 def set_adapter(model: nn.Module, names: str | list[str]) -> None:
-    """Make `names` the active adapters (several are summed); only they are trainable."""
+    """Make `names` the active adapters (several are summed, each once); only they are trainable.
+
+    At least one name, each once: the base model alone is `disabled(model)`.
+    """
+    if not isinstance(names, (str, list, tuple)):
+        raise ValueError(f"set_adapter takes an adapter name or a list of them, got {names!r}")
     names = [names] if isinstance(names, str) else list(names)
     known = adapters(model)
+    if not names:
+        raise ValueError("set_adapter needs at least one adapter name; for the base model alone use lorakit.disabled(model)")
+    repeated = sorted({n for n in names if names.count(n) > 1}, key=names.index)
+    if repeated:
+        raise ValueError(f"adapter {repeated[0]!r} is named more than once in {names}; each active adapter counts once")
     for n in names:
         if n not in known:
             raise ValueError(f"no adapter named {n!r}; the model has {sorted(known) or 'none'}")
@@ -131,12 +153,18 @@ def set_adapter(model: nn.Module, names: str | list[str]) -> None:
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter `name` everywhere; wrappers left with no adapter are unwrapped."""
+    """Remove adapter `name` everywhere; wrappers left with no adapter are unwrapped.
+
+    What the adapter changed in the base (a PiSSA residual, a replaced embedding table or bias)
+    is put back. If it was the only active adapter, the oldest remaining one becomes active (as
+    in PEFT), so a model with adapters always has one active.
+    """
     known = adapters(model)
     if name not in known:
         raise ValueError(f"no adapter named {name!r}; the model has {sorted(known) or 'none'}")
     if any(name in m.merged for m in lora_layers(model)):
         raise ValueError(f"adapter {name!r} is merged into the weights; call lorakit.unmerge(model) first")
+    _give_back_base(model, known[name])
     for path, module in list(model.named_modules()):
         if isinstance(module, LoraLayer) and name in module.adapter_names:
             module.detach_adapter(name)
@@ -148,25 +176,28 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             if not len(module.copies):
                 replace_module(model, path, module.original)
     del known[name]
-    set_active(model, [n for n in active_adapters(model) if n != name])
     if known:
-        refresh_trainable(model)
+        activate(model, [n for n in active_adapters(model) if n != name] or [next(iter(known))])
     else:
         forget(model)
 
 
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside the block the model is exactly the base model."""
+    """Inside the block the model is the base model (see the README for PiSSA and trained biases).
+
+    Blocks nest: adapters come back when the outermost one closes, however it closes. Adapters
+    added inside a block are off until then too; merging inside one is refused.
+    """
     _refuse_if_merged(model, "disabling adapters")
-    wrappers = [m for m in model.modules() if isinstance(m, (LoraLayer, SavedModule))]
-    for m in wrappers:
-        m.enabled = False
+    set_disabled_depth(model, disabled_depth(model) + 1)
+    _set_enabled(model, False)
     try:
         yield model
     finally:
-        for m in wrappers:
-            m.enabled = True
+        set_disabled_depth(model, max(disabled_depth(model) - 1, 0))
+        if disabled_depth(model) == 0:
+            _set_enabled(model, True)
 
 
 def merge(model: nn.Module, requantize: bool = False) -> nn.Module:
@@ -176,6 +207,7 @@ def merge(model: nn.Module, requantize: bool = False) -> nn.Module:
     dequantized, added to and quantized again, and the largest weight error that makes is
     reported as a warning (see quantized_layer.py; `dequantize` first to merge exactly).
     """
+    _refuse_if_disabled(model, "merge")
     _refuse_tied(model)
     _check_merge(model, requantize)
     for layer in lora_layers(model):
@@ -198,14 +230,21 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Remove every LoRA module and give the plain model back.
 
     merge=True keeps the active adapters' effect (folded into the weights, the trained copies of
-    modules_to_save in place); merge=False restores the original modules, weights as they were.
+    modules_to_save in place); merge=False restores the original modules, weights as they were
+    (what adapters changed in the base is put back: PiSSA residuals to float rounding, replaced
+    embedding tables and biases exactly).
     """
     if merge:
+        _refuse_if_disabled(model, "unload(merge=True)")
         _refuse_tied(model)
         _check_merge(model, requantize=False)
+    for layer in lora_layers(model):
+        layer.merge() if merge else layer.unmerge()
+    if not merge:
+        for record in adapters(model).values():
+            _give_back_base(model, record)
     for path, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
-            module.merge() if merge else module.unmerge()
             replace_module(model, path, module.base_layer)
         elif isinstance(module, SavedModule):
             replace_module(model, path, module.current if merge else module.original)
@@ -224,10 +263,23 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def _check_new_name(model: nn.Module, name: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
+    # Each wrapper keeps its adapters in an nn.ModuleDict / nn.ParameterDict keyed by name, and
+    # those refuse the names of their own attributes; caught here, before anything changes.
+    taken = next((d for d in (nn.ModuleDict(), nn.ParameterDict()) if hasattr(d, name)), None)
+    if taken is not None:
+        raise ValueError(f"adapter name {name!r} is the name of an attribute of torch's {type(taken).__name__}, "
+                         "which holds each layer's adapters by name; pick another name")
     if name in adapters(model):
         raise ValueError(f"the model already has an adapter named {name!r}; delete_adapter it or pick another name")
+
+
+def _check_config(config: LoraConfig) -> None:
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a lorakit.LoraConfig, got {type(config).__name__} {config!r}"[:200])
 
 
 def _refuse_if_merged(model: nn.Module, doing: str) -> None:
@@ -243,6 +295,25 @@ def _check_merge(model: nn.Module, requantize: bool) -> None:
                 layer.check_merge(requantize)
             except ValueError as err:
                 raise ValueError(f"cannot merge into {path!r}: {err}") from None
+
+
+def _refuse_if_disabled(model: nn.Module, doing: str) -> None:
+    if disabled_depth(model):
+        raise ValueError(f"adapters are disabled (inside lorakit.disabled(model)); {doing} after the block")
+
+
+def _set_enabled(model: nn.Module, enabled: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, (LoraLayer, SavedModule)):
+            m.enabled = enabled
+
+
+@torch.no_grad()
+def _give_back_base(model: nn.Module, record: AdapterRecord) -> None:
+    """Undo what an adapter did to the base: its PiSSA residuals, the base tensors it replaced."""
+    pissa.restore_base(model, record)
+    for param, value in record.replaced:
+        param.copy_(value)
 
 
 def _refuse_tied(model: nn.Module) -> None:

@@ -8,11 +8,20 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import pissa
 from .config import LoraConfig
 from .layers import LoraLayer, wrapper_for
-from .registry import AdapterRecord, activate, active_adapters, register
+from .registry import AdapterRecord, activate, active_adapters, disabled_depth, register
 from .saved_modules import SavedModule
 from .targets import adaptable_kind
+
+
+class TensorError(ValueError):
+    """A given A or B tensor that does not fit its module; `module` and `role` say which."""
+
+    def __init__(self, message: str, module: str, role: str) -> None:
+        super().__init__(message)
+        self.module, self.role = module, role
 
 
 @dataclass
@@ -35,7 +44,9 @@ def build_plan(
 ) -> Plan:
     """Validate and build adapter `name` on `modules` without touching the model.
 
-    `tensors` (path -> (A, B)) gives the weights (loading); otherwise they are initialised.
+    `tensors` (path -> (A, B)) gives the weights (loading); otherwise they are initialised. A
+    PiSSA adapter's base weights get their residual either way (pissa.py); in a given adapter an
+    embedding stays plain LoRA, as PEFT trains it.
     """
     record = AdapterRecord(config=config, modules=list(modules))
     plan = Plan(name=name, record=record)
@@ -53,13 +64,15 @@ def build_plan(
                 raise ValueError(f"module {path!r}: {err}") from None
             plan.wrappers.append((path, layer))
         rank, scaling = config.rank_for(path), config.scaling_for(path)
-        if tensors is not None:
-            a, b = given_pair(layer, path, rank, tensors[path])
-        elif config.init == "pissa":
-            if layer.merged:
-                raise ValueError(f"module {path!r} has merged adapters; unmerge before a PiSSA init")
-            a, b, residual = layer.pissa(rank, scaling)
+        pissa.check_alone(model, layer, path, config)
+        if config.init == "pissa" and not (tensors is not None and layer.lookup_table):
+            a0, b0, residual = pissa.start(layer, path, rank, scaling)
             plan.residuals.append((layer, residual))
+            record.initial[path] = (a0.to("cpu", copy=True), b0.to("cpu", copy=True))
+            dtype = layer.base_layer.weight.dtype
+            a, b = given_pair(layer, path, rank, tensors[path]) if tensors is not None else (a0.to(dtype), b0.to(dtype))
+        elif tensors is not None:
+            a, b = given_pair(layer, path, rank, tensors[path])
         else:
             a, b = layer.build_pair(rank, config.init)
         plan.pairs.append((layer, a, b, scaling, config.dropout))
@@ -79,6 +92,7 @@ def commit(model: nn.Module, plan: Plan) -> None:
     """Swap in what `build_plan` built; nothing here can fail on valid input."""
     register(model, plan.name, plan.record)
     for path, wrapper in plan.wrappers:
+        wrapper.enabled = disabled_depth(model) == 0  # inside lorakit.disabled, new wrappers are off too
         replace_module(model, path, wrapper)
     with torch.no_grad():
         for layer, residual in plan.residuals:
@@ -87,6 +101,8 @@ def commit(model: nn.Module, plan: Plan) -> None:
             param.copy_(value)
     for layer, a, b, scaling, dropout in plan.pairs:
         layer.attach(plan.name, a, b, scaling, dropout)
+        # New modules train; in an eval-mode model the adapter's dropout would then act at inference.
+        layer.train(layer.base_layer.training)
     for saved, clone in plan.copies:
         saved.copies[plan.name] = clone
     activate(model, active_adapters(model) or [plan.name])
@@ -122,10 +138,13 @@ def given_pair(
     a, b = pair
     given = a.shape[0] if a.dim() else 0
     if given != rank:
-        raise ValueError(f"module {path!r}: A has rank {given}, but the config gives rank {rank} for {path!r}")
-    expect_a, expect_b = layer.pair_shapes(rank)
-    check_shape(f"module {path!r}: A", a, expect_a)
-    check_shape(f"module {path!r}: B", b, expect_b)
+        raise TensorError(f"module {path!r}: A has rank {given}, but the config gives rank {rank} for {path!r}", path, "A")
+    for role, tensor, shape in zip(("A", "B"), (a, b), layer.pair_shapes(rank)):
+        try:
+            check_shape(f"module {path!r}: {role}", tensor, shape)
+            check_values(f"module {path!r}: {role}", tensor)
+        except ValueError as err:
+            raise TensorError(str(err), path, role) from None
     device, dtype = layer.adapter_placement()
     return a.to(device, dtype), b.to(device, dtype)
 
@@ -139,6 +158,7 @@ def load_copy(clone: nn.Module, state: dict[str, torch.Tensor] | None, path: str
         if k not in state:
             raise ValueError(f"missing key {path}.{k!r} (modules_to_save)")
         check_shape(f"'{path}.{k}'", state[k], v.shape)
+        check_values(f"'{path}.{k}'", state[k], like=v)
     for k in state:
         if k not in expected:
             raise ValueError(f"unexpected key {path}.{k!r} (modules_to_save {path!r})")
@@ -151,6 +171,16 @@ def check_shape(what: str, tensor: torch.Tensor, shape: torch.Size | tuple[int, 
             f"{what} has shape {tuple(tensor.shape)}, but this model needs {tuple(shape)} "
             "(was the adapter trained on another base model?)"
         )
+
+
+def check_values(what: str, tensor: torch.Tensor, like: torch.Tensor | None = None) -> None:
+    """Refuse integer or boolean values where the model holds floats (`like`: the tensor they
+    replace; default a float one), and NaN or infinite values anywhere."""
+    if (like is None or like.is_floating_point()) and not tensor.is_floating_point():
+        raise ValueError(f"{what} has dtype {tensor.dtype}, but this model needs floating-point values")
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(f"{what} holds {bad} NaN or infinite value{'s' if bad > 1 else ''}")
 
 
 def get_adapted(model: nn.Module, path: str) -> nn.Module:

@@ -23,7 +23,6 @@ from torch import nn
 from .fused import Adapter, autocast_on
 from .layers import LoraLayer, LoraLinear
 from .qlora_fused import qlora_linear
-from .quantized import requantize as store_requantized
 from .quantized import (
     check_quantized,
     compute_dtype,
@@ -35,6 +34,7 @@ from .quantized import (
     restore,
     snapshot,
 )
+from .quantized import requantize as store_requantized
 
 ADAPTER_DTYPE = torch.float32  # QLoRA trains the adapters in full precision over the 4-bit base
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from .config import LoraConfig
@@ -18,6 +19,7 @@ from .saved_modules import SavedModule
 _REGISTRY = "_lorakit_adapters"  # attribute on the user's model: name -> AdapterRecord
 _ACTIVE = "_lorakit_active"  # attribute on the user's model: active adapter names
 _GRAD = "_lorakit_requires_grad"  # parameter name -> requires_grad before the first adapter
+_DISABLED = "_lorakit_disabled"  # how many lorakit.disabled blocks are open on the model
 
 
 @dataclass
@@ -26,6 +28,12 @@ class AdapterRecord:
     modules: list[str]  # paths of the adapted modules
     saved: list[str] = field(default_factory=list)  # paths of its modules_to_save
     trainable: bool = True
+    # PiSSA: module path -> its starting (A0, B0) on the CPU, in float32; that module's base weight
+    # holds W - scaling * B0 A0 while the adapter exists (pissa.py).
+    initial: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # Base parameters the adapter's file replaced (an embedding table, trained biases), each with its
+    # value before, on the CPU: delete_adapter and unload(merge=False) put it back.
+    replaced: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)
 
 
 def adapters(model: nn.Module) -> dict[str, AdapterRecord]:
@@ -105,6 +113,13 @@ def register(model: nn.Module, name: str, record: AdapterRecord) -> None:
     object.__setattr__(model, _REGISTRY, registry)
 
 
-def set_active(model: nn.Module, names: list[str]) -> None:
-    """The model-level active list (the layers' own lists are set by `activate`)."""
-    object.__setattr__(model, _ACTIVE, names)
+def disabled_depth(model: nn.Module) -> int:
+    """How many `lorakit.disabled` blocks are open on the model (0: adapters on)."""
+    return getattr(model, _DISABLED, 0)
+
+
+def set_disabled_depth(model: nn.Module, depth: int) -> None:
+    if depth:
+        object.__setattr__(model, _DISABLED, depth)
+    elif hasattr(model, _DISABLED):
+        object.__delattr__(model, _DISABLED)

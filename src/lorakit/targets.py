@@ -102,13 +102,22 @@ def adaptable_modules(model: nn.Module) -> list[str]:
     return [name for name, module, parent in _walk(model) if _adaptable(module, parent)]
 
 
-def layer_index(name: str) -> int | None:
+def layer_index(name: str, pattern: str | list[str] | None = None) -> int | None:
     """Index of the transformer block that the module `name` sits in, or None.
 
     The index is the number after the first block list in the path ("layer", "layers", "h",
     "block", "blocks" and names ending that way); T5's "block.1.layer.0" is block 1, not its
     sub-layer 0. Paths without a known block list fall back to their first number.
+
+    `pattern` (PEFT's layers_pattern) names the block list instead: the number after the first
+    path segment it matches whole; several are tried in order, the first that matches counts.
     """
+    if pattern is not None:
+        for entry in [pattern] if isinstance(pattern, str) else pattern:
+            found = re.match(rf"(?:^|.*?\.){entry}\.(?P<index>\d+)\.", name)
+            if found:  # (a pattern with a bare "|" can match without the index: PEFT then has none)
+                return int(found["index"]) if found["index"] is not None else None
+        return None
     parts = name.split(".")
     numbered = [i for i, part in enumerate(parts) if part.isdecimal()]
     for i in numbered:
@@ -133,11 +142,13 @@ def resolve_targets(
     targets: str | list[str],
     layers: list[int] | None = None,
     exclude: list[str] | tuple[str, ...] = (),
+    layers_pattern: str | list[str] | None = None,
 ) -> list[str]:
     """Names of the modules to adapt, in model order.
 
     `targets` is a list of names, a regex or a preset (see the module docstring); `layers` keeps
-    only modules inside those transformer blocks; `exclude` names modules never adapted, along with
+    only modules inside those transformer blocks (counted by `layers_pattern`, see `layer_index`);
+    `exclude` names modules never adapted, along with
     everything inside them. Raises ValueError, naming what was asked and what exists, when a target
     names only modules LoRA cannot adapt or when nothing is left to adapt.
     """
@@ -166,13 +177,14 @@ def resolve_targets(
         )
 
     if layers is not None:
-        in_blocks = {name: layer_index(name) for name in chosen}
+        in_blocks = {name: layer_index(name, layers_pattern) for name in chosen}
         missing = sorted(set(layers) - set(in_blocks.values()))
         present = sorted({i for i in in_blocks.values() if i is not None})
         if missing and chosen:
             raise ValueError(
                 f"layers {missing} hold none of the modules that targets {targets!r} selects; "
                 f"those sit in blocks {present or 'none (no block index in their names)'}"
+                + (f", counted by layers_pattern {layers_pattern!r}" if layers_pattern is not None else "")
             )
         chosen = {name for name in chosen if in_blocks[name] in layers}
     chosen = {name for name in chosen if not any(_inside(name, entry) for entry in exclude)}
@@ -180,6 +192,7 @@ def resolve_targets(
     if not chosen:
         asked = f"targets {targets!r}"
         asked += f" with layers={list(layers)}" if layers is not None else ""
+        asked += f" and layers_pattern={layers_pattern!r}" if layers_pattern is not None else ""
         asked += f" and exclude={list(exclude)}" if exclude else ""
         raise ValueError(
             f"{asked} selects no module LoRA can adapt.\n"

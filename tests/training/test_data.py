@@ -198,3 +198,15 @@ def test_encode_chat_with_a_template_masks_everything_but_the_answer(tmp_path, t
         assert templated.decode(trained) == f"{answer} [EOS]"
         assert ids[: len(ids) - len(trained)] == templated(templated.apply_chat_template(
             record["messages"][:-1], add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"]
+
+
+def test_csv_fields_over_128_kb_read_as_jsonl_does(tmp_path):
+    import csv
+
+    long_text = "good " * 60_000  # 300 KB in one field; csv's default limit is 128 KB
+    rows = [{"text": long_text, "label": "pos"}, {"text": "bad", "label": "neg"}]
+    limit = csv.field_size_limit()
+    from_csv = D.read_dataset(write_csv(tmp_path / "long.csv", rows))
+    from_jsonl = D.read_dataset(write_jsonl(tmp_path / "long.jsonl", rows))
+    assert from_csv.records == from_jsonl.records
+    assert csv.field_size_limit() == limit  # the module's global limit is put back after the read

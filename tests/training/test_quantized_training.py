@@ -49,7 +49,7 @@ def test_resumed_quantized_run_is_bitwise_the_uninterrupted_one(tiny, tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         run(tiny, tmp_path / "cut", **options)
     monkeypatch.setattr(loop_mod, "lr_at", real_lr_at)
-    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-000008"]
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step-000004", "step-000008"]
     config = read_run(tmp_path / "cut")
     assert config.quantize == kind
     train(config, resume=True, stream=io.StringIO())

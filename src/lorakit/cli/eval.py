@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ from ..training import data as data_mod
 from ..training.metrics import fmt_result
 from ..training.options import RUN_FILE, read_run
 from ..training.prepare import held_out_set
-from ..training.tasks import LABELS_FILE, evaluate
+from ..training.tasks import LABELS_FILE, evaluate, fit_max_length
 from .trained import adapter_facts, load_trained
 
 
@@ -28,6 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--max-length", args.max_length, 2)):
+        if value is not None and value < least:
+            raise TrainingError(f"{flag} must be an integer >= {least}, got {value}")
     facts = adapter_facts(args.adapter)
     saved_run = read_run(args.adapter) if (Path(args.adapter) / RUN_FILE).is_file() else None
     max_length = args.max_length or (saved_run.max_length if saved_run else 128)
@@ -41,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
     if facts["labels"]:
         data_mod.check_labels(dataset, facts["labels"], f"the adapter's {LABELS_FILE}")
     model, tokenizer, facts = load_trained(args.adapter, args.model)
+    max_length, notice = fit_max_length(max_length, model, "--max-length")
+    if notice and args.max_length:  # a run's own length was already fitted (and said so) in training
+        print(f"lorakit eval: notice: {notice}", file=sys.stderr)
     encoded = data_mod.encode(dataset, facts["task"], tokenizer, max_length, facts["labels"])
     result = evaluate(model, encoded, args.batch_size, torch.device("cpu"))
     if args.json:

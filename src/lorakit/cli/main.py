@@ -46,8 +46,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from ..training.errors import TrainingError
     from ..training.tasks import ModelError
 
+    # The file-system errors a user's paths cause (a folder they cannot read, a file where a
+    # folder should be) name the path; they are shown as one line, not a traceback.
     return (DataError, ModelError, AdapterFileError, TrainingError, CheckpointError, FileExistsError,
-            FileNotFoundError)
+            FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,11 +63,20 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors() as err:
         if args.debug:
             raise
-        print(f"lorakit {args.command}: error: {err}", file=sys.stderr)
+        print(f"lorakit {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lorakit {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.filename is not None:  # "path: Permission denied", not "[Errno 13] ..."
+        return f"{err.filename}: {err.strerror or err}"
+    # Some messages list what exists (a model's adaptable modules) one per line: fold them.
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return "".join(line + ("" if i == len(lines) - 1 else " " if line.endswith((".", ":")) else "; ")
+                   for i, line in enumerate(lines))
 
 
 if __name__ == "__main__":

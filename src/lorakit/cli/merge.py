@@ -8,7 +8,10 @@ dequantized base plus the adapter, in --dtype, and the command reports how far i
 from the trained model's (4-bit base + adapter) and how far merging into the original weights
 would have been. `--requantize` instead merges into the quantized weights in place (dequantize,
 add, quantize again) and writes a quantized folder, reporting the error that makes.
-"""
+
+`--out` is checked before the model is loaded: it may not be the adapter folder, hold it or lie
+inside it, nor be or hold the base model's folder; with `--overwrite` it replaces only a model
+folder (one with config.json), never some other folder of the user's."""
 
 from __future__ import annotations
 
@@ -25,8 +28,9 @@ from ..quantize import KINDS as QUANTIZE_KINDS
 from ..quantized import quantized_kind
 from ..registry import lora_layers
 from ..training import TrainingError
+from ..training.out_folder import check_destination
 from .merge_check import Probe, probe_for
-from .trained import load_trained
+from .trained import adapter_facts, load_trained
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -41,13 +45,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                              "(default: what the run's run_config.json says)")
     m.add_argument("--requantize", action="store_true", help="quantized base: merge into the quantized weights "
                                                              "(re-quantize them) and write a quantized folder")
-    m.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing model folder (one with config.json)")
+
+
+def check_out(out: Path, adapter: Path, base: str | None, overwrite: bool) -> None:
+    """The merged folder may replace neither the adapter nor the base model, nor a user's folder."""
+    check_destination(out)
+    where, source = out.resolve(), adapter.resolve()
+    if where == source or where in source.parents or source in where.parents:
+        relation = "is" if where == source else "holds" if where in source.parents else "is inside"
+        raise TrainingError(f"--out {out} {relation} the adapter folder {adapter}; write the merged model elsewhere")
+    if base and Path(base).is_dir():
+        model = Path(base).resolve()
+        if where == model or where in model.parents:
+            raise TrainingError(f"--out {out} {'is' if where == model else 'holds'} the base model folder {base}; "
+                                "write the merged model elsewhere")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise TrainingError(f"--out {out} holds files but no config.json, so it is not a model folder; "
+                            "refusing to replace it even with --overwrite; choose another --out")
 
 
 def run(args: argparse.Namespace) -> int:
     target = Path(args.out)
-    if target.exists() and not args.overwrite:
-        raise FileExistsError(f"{target} already exists; pass --overwrite to replace it")
+    check_out(target, Path(args.adapter), args.model or adapter_facts(args.adapter)["base"], args.overwrite)
     model, tokenizer, facts = load_trained(args.adapter, args.model, quantize=args.quantize or "run")
     kind, dtype = facts["quantize"], DTYPES[args.dtype]
     if args.requantize and kind is None:

@@ -4,6 +4,7 @@ and --repeat, which say what to do with the output folder rather than how to tra
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 from pathlib import Path
 
 from ..training import RunConfig, TrainingError, train
@@ -15,15 +16,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Train a LoRA adapter. With no options: the bundled all-MiniLM-L6-v2 as a "
                                    "sentence classifier on the bundled sentiment sentences, 20% held out.")
     out = add_run_options(t)["output"]
-    out.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    out.add_argument("--overwrite", action="store_true", help="replace a previous run in --out (removes only the "
+                     "files a run writes; your own files there stay)")
     again = out.add_mutually_exclusive_group()
     again.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its last checkpoint "
-                                                       "(its saved options are used; others are ignored)")
+                                                       "(its saved options are used; giving others is an error)")
     again.add_argument("--repeat", metavar="RUN", help="train again with every option saved in RUN/run_config.json, "
                                                        "writing to --out")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.resume or args.repeat:
+        _refuse_run_options(args, "--resume" if args.resume else "--repeat")
     if args.resume:
         config = read_run(args.resume)
         config.out = args.resume
@@ -38,3 +42,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     train(RunConfig.from_args(args), overwrite=args.overwrite)
     return 0
+
+
+def _refuse_run_options(args: argparse.Namespace, mode: str) -> None:
+    """--resume and --repeat take the run's saved options: one given as well would be ignored in silence
+    (`--resume R --epochs 5` would stop at the saved epochs)."""
+    defaults = RunConfig()
+    given = [f"--{f.name.replace('_', '-')}" for f in fields(RunConfig)
+             if "group" in f.metadata and f.name != "out" and getattr(args, f.name) != getattr(defaults, f.name)]
+    if given:
+        raise TrainingError(f"{mode} uses every option saved in its run_config.json, so {', '.join(given)} would be "
+                            f"ignored; leave {'it' if len(given) == 1 else 'them'} out, or start a new run without {mode}")

@@ -56,6 +56,9 @@ def load_trained(folder: str, model_name: str | None, adapter: bool = True, quan
     base = model_name or facts["base"]
     if not base:
         raise AdapterFileError(f"{Path(folder) / CONFIG_FILE}: base_model_name_or_path is empty; pass --model")
+    if not model_name and Path(base).is_absolute() and not Path(base).is_dir():
+        raise AdapterFileError(f"{Path(folder) / CONFIG_FILE}: base_model_name_or_path {base} is not a folder "
+                               "(moved or deleted?); pass --model FOLDER")
     quiet_transformers()
     tokenizer = load_tokenizer(base)
     model = load_model(base, facts["task"], facts["labels"])

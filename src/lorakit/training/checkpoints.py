@@ -9,6 +9,8 @@ A checkpoint is a folder `checkpoints/step-000050/` holding
   metrics.jsonl                                  the run's log up to this step
 Only safetensors and JSON: nothing is pickled. The folder is built under a temporary name and
 renamed into place, so a kill at any moment leaves either the previous checkpoint or the new one.
+The two newest checkpoints are kept: when the newest is damaged (a truncated file, a key edited
+away), `--resume` says what is wrong with which file and continues from the one before it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +31,17 @@ from ..adapter_file import adapter_state_dict, save_adapter
 from ..atomic import make_temp_dir, write_atomic, write_json_atomic
 from ..json_file import read_json
 from ..peft_format import WEIGHTS_FILE
-from .metrics import write_metrics
+
+# CheckpointError is defined with the checks; it is imported from here too (cli/main.py).
+from .checkpoint_check import CheckpointError, check_rng, check_state, optimizer_state, python_random
+from .errors import TrainingError
+from .metrics import METRICS_FILE, read_metrics, write_metrics
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be resumed from; the message names the file."""
+KEEP = 2  # checkpoints kept: the newest, and the one to fall back on if the newest is damaged
 
 
 def save_checkpoint(
@@ -51,7 +55,10 @@ def save_checkpoint(
     adapter_kwargs: dict[str, Any],
     metrics: list[dict[str, Any]],
 ) -> Path:
-    """Write checkpoint `step` (atomically, as a folder) and drop the older ones."""
+    """Write checkpoint `step` (atomically, as a folder); keep it and the one before it.
+
+    Checkpoints of later steps (left by a run that was resumed from an earlier one) and the
+    leftovers of a kill mid-write are removed."""
     root = out / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
@@ -71,10 +78,21 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in [*root.glob("step-*"), *root.glob(".step-*")]:  # older ones, and leftovers of a kill
-        if old != final:
+    kept = [p for p in all_checkpoints(out) if _step(p) <= step][:KEEP]
+    for old in [*root.glob("step-*"), *root.glob(".step-*")]:
+        if old not in kept:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _step(folder: Path) -> int:
+    return int(folder.name[5:]) if folder.name.startswith("step-") and folder.name[5:].isdigit() else -1
+
+
+def all_checkpoints(out: Path) -> list[Path]:
+    """Every checkpoint folder of a run, the newest first, whole or not."""
+    found = [p for p in (out / CHECKPOINTS).glob("step-*") if _step(p) >= 0 and p.is_dir()]
+    return sorted(found, key=_step, reverse=True)
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -85,32 +103,96 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(
-    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, names: list[str]
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Put the checkpoint's adapter and optimizer state into `model` / `optimizer` (freshly built
-    with the run's settings); returns (trainer state, random states). Validates before changing."""
+@dataclass
+class Restored:
+    """A checkpoint read and checked against the run, ready to apply."""
+
+    folder: Path
+    state: dict[str, Any]  # trainer_state.json
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]  # the optimizer's state_dict
+    python_random: tuple
+    rng: dict[str, torch.Tensor]
+    metrics: list[dict[str, Any]]
+
+    def apply(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Put the adapter, optimizer and Python random state in place (torch's random states
+        are the caller's: they are per process)."""
+        optimizer.load_state_dict(self.optimizer)
+        with torch.no_grad():
+            for key, tensor in adapter_state_dict(model).items():
+                tensor.copy_(self.weights[key])  # adapter_state_dict hands out the live parameters
+        random.setstate(self.python_random)
+
+
+def read_checkpoint(
+    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, names: list[str], processes: int = 1,
+    device: torch.device = torch.device("cpu"),
+) -> Restored:
+    """Read checkpoint `folder` and check every file against the run (its model, its freshly
+    built optimizer, its number of processes); changes nothing. A `CheckpointError` names the
+    file and the problem; a checkpoint of another number of processes is a `TrainingError`."""
     state = read_state(folder)
-    try:
-        weights = load_file(str(folder / WEIGHTS_FILE))
-        opt_tensors = load_file(str(folder / OPTIMIZER_FILE))
-        rng = load_file(str(folder / RNG_FILE))
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{folder}: cannot read the checkpoint ({err})") from None
+    check_state(state, folder / STATE_FILE, _step(folder))
+    if state.get("processes", 1) != processes:
+        raise TrainingError(
+            f"{folder} was written by a run of {state.get('processes', 1)} process(es); resume it with the same "
+            f"number (now {processes}), so the global batches and random states line up"
+        )
+    weights = _read_tensors(folder / WEIGHTS_FILE)
     live = adapter_state_dict(model)
     if set(live) != set(weights):
         extra = sorted(set(weights) ^ set(live))[:3]
         raise CheckpointError(f"{folder / WEIGHTS_FILE}: keys do not match the run's adapter: {extra}")
     for key, tensor in live.items():
         if tensor.shape != weights[key].shape:
-            raise CheckpointError(f"{folder / WEIGHTS_FILE}: {key!r} has shape {tuple(weights[key].shape)}, expected {tuple(tensor.shape)}")
-    opt_state = _unflatten_optimizer(opt_tensors, state["optimizer"], names, folder)
-    with torch.no_grad():
-        for key, tensor in live.items():
-            tensor.copy_(weights[key])  # adapter_state_dict hands out the live parameters
-    optimizer.load_state_dict(opt_state)
-    random.setstate(_to_tuple(state["python_random"]))
-    return state, rng
+            raise CheckpointError(f"{folder / WEIGHTS_FILE}: {key!r} has shape {tuple(weights[key].shape)}, "
+                                  f"expected {tuple(tensor.shape)}")
+        if not torch.isfinite(weights[key]).all():
+            raise CheckpointError(f"{folder / WEIGHTS_FILE}: {key!r} holds values that are not finite")
+    opt_state = optimizer_state(_read_tensors(folder / OPTIMIZER_FILE), state["optimizer"], names, optimizer,
+                                (folder / OPTIMIZER_FILE, folder / STATE_FILE))
+    rng = _read_tensors(folder / RNG_FILE)
+    check_rng(rng, processes, device, folder / RNG_FILE)
+    pyrandom = python_random(state["python_random"], folder / STATE_FILE)
+    if not (folder / METRICS_FILE).is_file():
+        raise CheckpointError(f"{folder / METRICS_FILE}: missing")
+    try:
+        metrics = read_metrics(folder / METRICS_FILE)
+    except TrainingError as err:
+        raise CheckpointError(str(err)) from None
+    return Restored(folder, state, weights, opt_state, pyrandom, rng, metrics)
+
+
+def choose_checkpoint(
+    out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, names: list[str], processes: int = 1,
+    device: torch.device = torch.device("cpu"),
+) -> tuple[Restored, list[str]]:
+    """The newest checkpoint of `out` that reads and checks whole, and a notice for each newer
+    one that did not (what is wrong, in which file). None whole: the newest one's error."""
+    found = all_checkpoints(out)
+    if not found:
+        raise TrainingError(f"{out}: no checkpoint to resume from (train with --save-every N to write them)")
+    problems: list[str] = []
+    for folder in found:
+        try:
+            restored = read_checkpoint(folder, model, optimizer, names, processes, device)
+        except CheckpointError as err:
+            problems.append(str(err))
+            continue
+        return restored, [f"{problem}; resuming from an earlier checkpoint, {folder}" for problem in problems]
+    more = f" (and {len(problems) - 1} older checkpoint(s) are damaged too)" if len(problems) > 1 else ""
+    raise CheckpointError(f"cannot resume: {problems[0]}{more}")
+
+
+def load_checkpoint(
+    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, names: list[str]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Put the checkpoint's adapter and optimizer state into `model` / `optimizer` (freshly built
+    with the run's settings); returns (trainer state, random states). Validates before changing."""
+    restored = read_checkpoint(folder, model, optimizer, names, read_state(folder).get("processes", 1))
+    restored.apply(model, optimizer)
+    return restored.state, restored.rng
 
 
 def read_state(folder: Path) -> dict[str, Any]:
@@ -119,6 +201,15 @@ def read_state(folder: Path) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise CheckpointError(f"{folder / STATE_FILE}: expected a JSON object")
     return state
+
+
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing")
+    try:
+        return load_file(str(file))
+    except Exception as err:  # safetensors raises its own types for every kind of damage
+        raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from None
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[dict, dict]:
@@ -135,33 +226,9 @@ def _flatten_optimizer(optimizer: torch.optim.Optimizer, names: list[str]) -> tu
     return tensors, json.loads(json.dumps(scalars))  # tuples (betas) become lists
 
 
-def _unflatten_optimizer(tensors: dict, scalars: dict, names: list[str], folder: Path) -> dict:
-    if scalars.get("names") != names:
-        raise CheckpointError(f"{folder}/{STATE_FILE}: the optimizer's parameters differ from this run's")
-    state: dict[int, dict[str, Any]] = {}
-    index = {n: i for i, n in enumerate(names)}
-    for key, value in tensors.items():
-        name, _, field = key.rpartition("/")
-        state.setdefault(index[name], {})[field] = value
-    for name, fields in scalars.get("state", {}).items():
-        state.setdefault(index[name], {}).update(fields)
-    groups = []
-    for group in scalars["param_groups"]:
-        group = dict(group)
-        if isinstance(group.get("betas"), list):
-            group["betas"] = tuple(group["betas"])
-        groups.append(group)
-    return {"state": state, "param_groups": groups}
-
-
 def _python_random_state() -> list:
     version, internal, gauss = random.getstate()
     return [version, list(internal), gauss]
-
-
-def _to_tuple(saved: list) -> tuple:
-    version, internal, gauss = saved
-    return (version, tuple(internal), gauss)
 
 
 def _fsync_dir(path: Path) -> None:

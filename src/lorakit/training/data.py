@@ -80,6 +80,17 @@ def read_dataset(path: str | Path) -> Dataset:
 
 
 def _read_delimited(text: str, where: str, fmt: str) -> tuple[list[dict], list[str]]:
+    # csv refuses fields over 128 KB by default; a long document is as valid here as in JSONL.
+    # The limit is the module's global, so it is raised for this read and put back after.
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, min(len(text), 2**31 - 1)))  # no field is longer than the file; C long
+    try:
+        return _read_rows(text, where, fmt)
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _read_rows(text: str, where: str, fmt: str) -> tuple[list[dict], list[str]]:
     reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if fmt == "tsv" else ",")
     try:
         header = next(reader)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import TrainingError
+
 
 @dataclass
 class World:
@@ -36,7 +38,13 @@ def setup(device: str = "auto") -> World:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        why = "this torch is built for CPU only" if torch.version.cuda is None else "torch finds no GPU"
+        raise TrainingError(f"--device cuda: no CUDA device is available ({why}); use --device cpu or auto")
     if device == "cuda" and size > 1:
+        if local_rank >= torch.cuda.device_count():
+            raise TrainingError(f"--device cuda: process {local_rank} of this machine has no GPU of its own "
+                                f"({torch.cuda.device_count()} available); start at most that many processes")
         device = f"cuda:{local_rank}"
     chosen = torch.device(device)
     if chosen.type == "cuda":

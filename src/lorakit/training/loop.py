@@ -21,7 +21,6 @@ import contextlib
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ from ..atomic import write_json_atomic
 from ..model import adapters, trainable_parameters
 from ..peft_format import CONFIG_FILE, WEIGHTS_FILE
 from . import distributed as dist_mod
-from .checkpoints import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
+from .checkpoints import all_checkpoints, choose_checkpoint, latest_checkpoint, save_checkpoint
 from .errors import TrainingError
 from .metrics import (
     METRICS_FILE,
@@ -42,13 +41,14 @@ from .metrics import (
     fmt_one,
     fmt_result,
     fmt_size,
-    read_metrics,
     write_metrics,
 )
 from .options import RUN_FILE, RunConfig
-from .plot import plot_loss
-from .prepare import Setup, check_out, prepare
+from .out_folder import check_contents, check_destination, check_inputs, check_out, clear_previous_run
+from .plot import PLOT_FILE, plot_loss
+from .prepare import Setup, prepare
 from .progress import Progress, duration
+from .run_lock import RunLock, check_unlocked
 from .tasks import (
     LABELS_FILE,
     TASK_TYPES,
@@ -58,8 +58,6 @@ from .tasks import (
     labels_json,
     loss_sum,
 )
-
-PLOT_FILE = "loss.png"
 
 
 def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
@@ -95,12 +93,15 @@ def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, s
     config.check()
     world = dist_mod.setup(config.device)
     threads = torch.get_num_threads()
+    run = None
     try:
         run = _Run(config, world, stream)
         run.start(overwrite, resume)
         run.loop()
         return run.finish(started)
     finally:
+        if run is not None:
+            run.close()
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
         dist_mod.teardown(world)
 
@@ -124,6 +125,8 @@ class _Run:
         self.step = 0
         self.metrics: list[dict[str, Any]] = []
         self.before: dict[str, float] = {}
+        self.lock = RunLock(self.out)  # rank 0 holds it from the first write to the end of the run
+        self.claimed = False  # whether this run has begun to change its folder (a refused one has not)
 
     def say(self, *parts: Any) -> None:
         if self.world.main:
@@ -131,11 +134,18 @@ class _Run:
 
     # -- before the first step ---------------------------------------------------------------
     def start(self, overwrite: bool, resume: bool) -> None:
-        """Check, prepare, write run_config.json, build the optimizer; restore a checkpoint."""
+        """Check everything (options, folder, data, model); then lock the folder and write
+        run_config.json, or restore a checkpoint; build the optimizer."""
         config, world, out = self.config, self.world, self.out
-        checkpoint = self._checkpoint_to_resume() if resume else None
-        if not resume:
-            check_out(out, overwrite)
+        inputs = [("--data", config.data), ("--eval-data", config.eval_data), ("--model", config.model)]
+        if resume:
+            check_destination(out, "--resume")
+            check_unlocked(out)
+            check_inputs(out, inputs)
+            if not all_checkpoints(out):
+                raise TrainingError(f"{out}: no checkpoint to resume from (train with --save-every N to write them)")
+        else:
+            check_out(out, overwrite, inputs)
         if world.device.type == "cpu":
             torch.set_num_threads(_threads(config, world))
         self.setup = setup = prepare(config, world)
@@ -145,32 +155,32 @@ class _Run:
             "labels": setup.labels,
             "train_examples": len(setup.train),
             "held_out_examples": len(setup.held_out),
+            "max_length": setup.describe.get("max_length", config.max_length),
             "processes": world.size,
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
         }
-        if world.main and not resume:
-            if out.is_dir() and overwrite:
-                shutil.rmtree(out)
-            out.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(out / RUN_FILE, config.to_json())
-        dist_mod.barrier(world)
-
         trained = [(n, p) for n, p in setup.model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in trained]
         self.optimizer = torch.optim.AdamW([p for _, p in trained], lr=config.lr, weight_decay=config.weight_decay)
         self.global_batch = config.batch_size * config.grad_accum * world.size
         self.per_epoch = len(setup.train) // self.global_batch
         self.total = config.max_steps or config.epochs * self.per_epoch
+        self._claim(overwrite, resume)
+        notices = list(setup.describe.get("notices", []))
         random.seed(config.seed)
         torch.manual_seed(config.seed + world.rank)  # dropout masks differ between processes
-        if checkpoint is not None:
-            state, rng = load_checkpoint(checkpoint, setup.model, self.optimizer, self.names)
-            self.step = state["step"]
-            _restore_rng(rng, world)
-            self.metrics = read_metrics(checkpoint / METRICS_FILE)
+        checkpoint = None
+        if resume:
+            restored, damaged = choose_checkpoint(out, setup.model, self.optimizer, self.names, world.size,
+                                                  world.device)
+            restored.apply(setup.model, self.optimizer)
+            self.claimed = True
+            checkpoint, self.step, self.metrics = restored.folder, restored.state["step"], restored.metrics
+            _restore_rng(restored.rng, world)
+            notices += damaged
 
-        self._announce()
+        self._announce(notices)
         if checkpoint is None:
             self.before = self._held_out()
             self.metrics.append({"step": 0, "epoch": 0.0, "eval": self.before})
@@ -179,19 +189,37 @@ class _Run:
             self.before = next((m["eval"] for m in evaluations(self.metrics) if m["step"] == 0), {})
             self.say(f"resuming from {checkpoint} (step {self.step} of {self.total})")
 
-    def _checkpoint_to_resume(self) -> Path:
-        checkpoint = latest_checkpoint(self.out)
-        if checkpoint is None:
-            raise TrainingError(f"{self.out}: no checkpoint to resume from (train with --save-every N to write them)")
-        saved_world = read_state(checkpoint).get("processes", 1)
-        if saved_world != self.world.size:
-            raise TrainingError(
-                f"{checkpoint} was written by a run of {saved_world} process(es); resume it with the same number "
-                f"(now {self.world.size}), so the global batches and random states line up"
-            )
-        return checkpoint
+    def _claim(self, overwrite: bool, resume: bool) -> None:
+        """Rank 0 locks the folder, checks it again (no other run can change it now), removes
+        the previous run's files (--overwrite) and writes run_config.json. Every rank learns
+        whether that worked."""
+        error: BaseException | None = None
+        if self.world.main:
+            try:
+                self.lock.acquire()
+                if not resume:
+                    check_contents(self.out, overwrite)
+                    self._write_start()
+            except BaseException as err:
+                error = err
+        if dist_mod.all_sum(self.world, float(error is not None)):
+            if error is not None:
+                raise error
+            raise TrainingError("the run's folder could not be claimed; see process 0's error")
 
-    def _announce(self) -> None:
+    def _write_start(self) -> None:
+        try:
+            self.claimed = True
+            clear_previous_run(self.out)
+            write_json_atomic(self.out / RUN_FILE, self.config.to_json())
+        except OSError as err:
+            raise TrainingError(f"--out {self.out}: cannot write there ({err})") from None
+
+    def close(self) -> None:
+        """Let go of the folder; a run that never wrote there leaves no trace of itself."""
+        self.lock.release(abandon=not self.claimed)
+
+    def _announce(self, notices: list[str]) -> None:
         """What is about to be trained, as a person wants to read it."""
         s, config = self.setup, self.config
         trainable, everything = trainable_parameters(s.model)
@@ -207,6 +235,8 @@ class _Run:
         self.say(f"trainable parameters: {trainable:,} of {everything:,} ({100 * trainable / everything:.2f}%)")
         processes = f", {self.world.size} processes" if self.world.distributed else ""
         self.say(f"steps: {self.total} ({self.per_epoch} per epoch, global batch {self.global_batch}{processes})")
+        for notice in notices:
+            self.say(f"notice: {notice}")
 
     def _held_out(self) -> dict[str, float]:
         batch = max(self.config.batch_size, 32)

@@ -21,14 +21,33 @@ def write_metrics(out: Path, metrics: list[dict[str, Any]]) -> None:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The lines of a metrics.jsonl file ([] when there is none); a broken line names file and line."""
-    if not path.is_file():
+    if not path.exists():
         return []
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as err:
+        raise TrainingError(f"{path}: cannot be read ({err.strerror or err})") from None
     metrics = []
-    for number, entry in jsonl_objects(path.read_text(encoding="utf-8", errors="replace"), str(path), TrainingError):
-        if not isinstance(entry.get("step"), int):
+    for number, entry in jsonl_objects(text, str(path), TrainingError):
+        if not _is_int(entry.get("step")):
             raise TrainingError(f"{path}:{number}: expected an object with an integer 'step'")
+        for key in ("epoch", "loss", "lr"):
+            if key in entry and not _is_number(entry[key]):
+                raise TrainingError(f"{path}:{number}: '{key}' must be a number, got {entry[key]!r}")
+        result = entry.get("eval", {})
+        if not (isinstance(result, dict) and all(isinstance(k, str) and _is_number(v) for k, v in result.items())):
+            raise TrainingError(f"{path}:{number}: 'eval' must be an object of numbers, got {result!r}")
         metrics.append(entry)
     return metrics
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    # A NaN loss is a fact worth keeping in the log (json writes it as NaN), so not "finite".
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def evaluations(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:

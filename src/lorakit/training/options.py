@@ -9,7 +9,6 @@ repeated (`--repeat`).
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from ..json_file import read_json
 from ..quantize import KINDS as QUANTIZE_KINDS
 from . import data as data_mod
 from .errors import TrainingError
+from .option_check import number_problem
 
 RUN_FILE = "run_config.json"
 DEFAULT_OUT = "runs/sentiment"
@@ -38,8 +38,9 @@ def _names(value: str) -> list[str]:
 def option(default: Any, group: str, help: str, **cli: Any) -> Any:
     """A RunConfig field and its command-line option (`--name-with-dashes`).
 
-    `cli` holds argparse's keywords (metavar, type, choices) and `exclusive`, the name of a group
-    of options of which one may be given.
+    `cli` holds argparse's keywords (metavar, type, choices), `exclusive`, the name of a group
+    of options of which one may be given, and `valid`, the range a number must lie in
+    (`">= 1"`, `"[0, 1)"`; see option_check.py), which `RunConfig.check` enforces.
     """
     return field(default=default, metadata={"group": group, "help": help, **cli})
 
@@ -61,36 +62,40 @@ class RunConfig:
     eval_data: str | None = option(None, _WHAT, "held-out file (same format and columns as --data)",
                                    metavar="FILE", exclusive="held out")
     eval_split: float = option(0.2, _WHAT, "fraction of --data held out, a fixed split (default: 0.2)",
-                               metavar="FRACTION", exclusive="held out")
+                               metavar="FRACTION", exclusive="held out", valid="(0, 1)")
     quantize: str | None = option(None, _WHAT, "QLoRA: quantize the base model's linear layers (the heads stay in "
                                   "full precision); needs bitsandbytes (pip install 'lorakit[quant]')",
                                   choices=QUANTIZE_KINDS)
     loftq: bool = option(False, _LORA, "with --quantize: start the adapters from the quantization error "
                          "(LoftQ, one iteration) instead of B = 0")
-    rank: int = option(8, _LORA, "rank r of each adapter (default: 8)", metavar="R")
-    alpha: float = option(16.0, _LORA, "scale: alpha / rank (default: 16)", metavar="A")
+    rank: int = option(8, _LORA, "rank r of each adapter (default: 8)", metavar="R", valid=">= 1")
+    alpha: float = option(16.0, _LORA, "scale: alpha / rank (default: 16)", metavar="A", valid="> 0")
     targets: str | list[str] = option("attention", _LORA, "attention | attention+mlp | all-linear | "
                                       "comma-separated module names | a regex (default: attention)",
                                       metavar="WHICH", type=_targets)
-    dropout: float = option(0.0, _LORA, "dropout on the adapters' input (default: 0)", metavar="P")
+    dropout: float = option(0.0, _LORA, "dropout on the adapters' input (default: 0)", metavar="P", valid="[0, 1)")
     rslora: bool = option(False, _LORA, "scale by alpha / sqrt(rank) (rank-stabilised LoRA)")
-    epochs: int = option(3, _TRAINING, "passes over the data (default: 3)", metavar="N")
+    epochs: int = option(3, _TRAINING, "passes over the data (default: 3)", metavar="N", valid=">= 1")
     max_steps: int | None = option(None, _TRAINING, "stop after this many optimizer steps (overrides --epochs)",
-                                   metavar="N", type=int)
-    lr: float = option(1e-3, _TRAINING, "peak learning rate (default: 1e-3)")
-    warmup: float = option(0.1, _TRAINING, "fraction of steps to warm up over (default: 0.1)", metavar="FRACTION")
-    weight_decay: float = option(0.0, _TRAINING, "AdamW weight decay (default: 0)", metavar="W")
-    batch_size: int = option(16, _TRAINING, "examples per process per micro-batch (default: 16)", metavar="N")
-    grad_accum: int = option(1, _TRAINING, "micro-batches per optimizer step (default: 1)", metavar="N")
-    max_length: int = option(128, _TRAINING, "tokens per example (default: 128)", metavar="TOKENS")
-    seed: int = option(0, _TRAINING, "seed for the initial weights, order and dropout (default: 0)", metavar="N")
+                                   metavar="N", type=int, valid=">= 1")
+    lr: float = option(1e-3, _TRAINING, "peak learning rate (default: 1e-3)", valid="> 0")
+    warmup: float = option(0.1, _TRAINING, "fraction of steps to warm up over (default: 0.1)", metavar="FRACTION",
+                           valid="[0, 1)")
+    weight_decay: float = option(0.0, _TRAINING, "AdamW weight decay (default: 0)", metavar="W", valid=">= 0")
+    batch_size: int = option(16, _TRAINING, "examples per process per micro-batch (default: 16)", metavar="N",
+                             valid=">= 1")
+    grad_accum: int = option(1, _TRAINING, "micro-batches per optimizer step (default: 1)", metavar="N", valid=">= 1")
+    max_length: int = option(128, _TRAINING, "tokens per example; above the model's position limit it is lowered "
+                             "to that limit, with a notice (default: 128)", metavar="TOKENS", valid=">= 2")
+    seed: int = option(0, _TRAINING, "seed for the initial weights, order and dropout (default: 0)", metavar="N",
+                       valid="[-1e12, 1e12]")  # seed * 1_000_003 + epoch seeds a torch.Generator (64 bits)
     bf16: bool = option(False, _TRAINING, "compute in bfloat16 (autocast; with --quantize also the 4-bit "
                         "layers' compute dtype)")
     device: str = option("auto", _TRAINING, "default: cuda if available", choices=("auto", "cpu", "cuda"))
     threads: int | None = option(None, _TRAINING, "CPU threads per process (default: the cores / processes)",
-                                 metavar="N", type=int)
+                                 metavar="N", type=int, valid=">= 1")
     save_every: int | None = option(None, _OUTPUT, "write a checkpoint every N optimizer steps",
-                                    metavar="N", type=int)
+                                    metavar="N", type=int, valid=">= 1")
     out: str = option(DEFAULT_OUT, _OUTPUT, f"output folder (default: {DEFAULT_OUT})", metavar="FOLDER")
     extra: dict[str, Any] = field(default_factory=dict)  # facts found at start (model path, sizes); not an option
 
@@ -108,24 +113,29 @@ class RunConfig:
         return cls(**{f.name: getattr(args, f.name) for f in _option_fields()})
 
     def check(self) -> None:
-        positive = {"rank": self.rank, "epochs": self.epochs, "batch-size": self.batch_size,
-                    "grad-accum": self.grad_accum, "max-length": self.max_length}
-        for name, value in positive.items():
-            if not isinstance(value, int) or value < 1:
-                raise TrainingError(f"--{name} must be an integer >= 1, got {value!r}")
-        for name, value in {"max-steps": self.max_steps, "save-every": self.save_every, "threads": self.threads}.items():
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise TrainingError(f"--{name} must be an integer >= 1, got {value!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise TrainingError(f"--lr must be a number > 0, got {self.lr!r}")
-        if not 0 <= self.warmup < 1:
-            raise TrainingError(f"--warmup must be in [0, 1), got {self.warmup!r}")
-        if self.quantize is not None and self.quantize not in QUANTIZE_KINDS:
-            raise TrainingError(f"--quantize must be one of {', '.join(QUANTIZE_KINDS)}, got {self.quantize!r}")
+        """Every option against its definition (type, `valid` range, choices); run before anything is written."""
+        for f in _option_fields():
+            value, flag = getattr(self, f.name), "--" + f.name.replace("_", "-")
+            optional = f.default is None
+            if "choices" in f.metadata:
+                if not (value in f.metadata["choices"] or (optional and value is None)):
+                    raise TrainingError(f"{flag} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
+                continue
+            kind = f.metadata.get("type") or (str if optional else type(f.default))
+            if kind in (int, float):
+                wanted = number_problem(value, kind, f.metadata.get("valid"), optional)
+                if wanted:
+                    raise TrainingError(f"{flag} must be {wanted}, got {value!r}")
+            elif kind in (str, bool) and not (isinstance(value, kind) or (optional and value is None)):
+                raise TrainingError(f"{flag} must be {'a string' if kind is str else 'true or false'}, got {value!r}")
+        names = self.labels
+        if names is not None and not (isinstance(names, list) and names and all(isinstance(x, str) for x in names)):
+            raise TrainingError(f"--labels must be a list of names, got {self.labels!r}")
         if self.loftq and not self.quantize:
             raise TrainingError("--loftq starts the adapters from the quantization error; it needs --quantize")
-        if self.task is not None and self.task not in data_mod.TASKS:
-            raise TrainingError(f"--task must be one of {', '.join(data_mod.TASKS)}, got {self.task!r}")
+        targets = self.targets
+        if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+            raise TrainingError(f"--targets must be a preset, a regex or a list of module names, got {targets!r}")
 
     def lora(self, modules_to_save: list[str]) -> LoraConfig:
         try:
@@ -151,6 +161,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> dict[str, Any]:
     for f in _option_fields():
         meta = dict(f.metadata)
         group_name, help_text = meta.pop("group"), meta.pop("help")
+        meta.pop("valid", None)
         if group_name not in groups:
             groups[group_name] = parser.add_argument_group(group_name)
         target = groups[group_name]
@@ -178,4 +189,9 @@ def read_run(out: str | Path) -> RunConfig:
     raw = read_json(file, TrainingError)
     if not isinstance(raw, dict) or not isinstance(raw.get("config"), dict):
         raise TrainingError(f"{file}: expected an object with a 'config' object")
-    return RunConfig.from_dict(raw["config"], str(file))
+    config = RunConfig.from_dict(raw["config"], str(file))
+    try:
+        config.check()
+    except TrainingError as err:
+        raise TrainingError(f"{file}: {err}") from None
+    return config

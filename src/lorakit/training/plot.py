@@ -12,6 +12,8 @@ import numpy as np
 from ..atomic import write_bytes_atomic
 from .metrics import evaluations
 
+PLOT_FILE = "loss.png"
+
 
 def trailing_mean(values: list[float] | tuple[float, ...], window: int) -> np.ndarray:
     """The mean of each value and the window - 1 before it (fewer at the start)."""

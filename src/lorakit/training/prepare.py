@@ -1,5 +1,6 @@
 """Everything a run needs before its first step, done before anything is written: the data read
-and checked, the tokenizer and model loaded, the adapter added; and the output folder checked."""
+and checked, the tokenizer and model loaded, --max-length held to the model's position limit,
+the adapter added. (The output folder's checks are in out_folder.py.)"""
 
 from __future__ import annotations
 
@@ -9,17 +10,19 @@ from typing import Any
 
 import torch
 
+from ..config import LoraConfig
 from ..loftq import loftq_pairs
 from ..model import add_adapter_from_tensors, inject, set_adapter
-from ..peft_format import CONFIG_FILE
 from ..quantize import quantize
 from ..quantized import quantized_kind
+from ..targets import resolve_targets
 from . import data as data_mod
 from .distributed import World
 from .errors import TrainingError
-from .options import RUN_FILE, RunConfig
+from .options import RunConfig
 from .tasks import (
     default_model,
+    fit_max_length,
     head_name,
     load_model,
     load_tokenizer,
@@ -38,7 +41,8 @@ class Setup:
     labels: list[str] | None
     model_name: str  # the base model's folder (absolute) or hub id, as the adapter names it
     model: torch.nn.Module
-    describe: dict[str, Any]  # what to tell the user: "data", "model", "saved" (heads trained in full)
+    describe: dict[str, Any]  # what to tell the user: "data", "model", "saved" (heads trained in full),
+    # "max_length" (the tokens per example used), "notices"
 
 
 def held_out_set(config: RunConfig) -> data_mod.Dataset:
@@ -72,13 +76,15 @@ def prepare(config: RunConfig, world: World) -> Setup:
         model_name = str(Path(model_name).resolve())  # the adapter names its base wherever it is read
     quiet_transformers()
     tokenizer = load_tokenizer(model_name)
-    train_enc = data_mod.encode(train_set, task, tokenizer, config.max_length, labels)
-    held_enc = data_mod.encode(held_set, task, tokenizer, config.max_length, labels)
     torch.manual_seed(config.seed)  # the new classifier head's initial weights
     model = load_model(model_name, task, labels)  # float32 weights; --bf16 autocasts the compute
     prepare_model(model, tokenizer)
+    max_length, notice = fit_max_length(config.max_length, model, "--max-length")
+    train_enc = data_mod.encode(train_set, task, tokenizer, max_length, labels)
+    held_enc = data_mod.encode(held_set, task, tokenizer, max_length, labels)
     saved = [head_name(model)] if task == "classify" else []
     lora = config.lora(saved)
+    _check_rank(model, lora)
     try:
         pairs = loftq_pairs(model, lora, config.quantize, _compute_dtype(config.bf16)) if config.loftq else None
         quantized = quantize_base(model, config.quantize, config.bf16)
@@ -97,6 +103,8 @@ def prepare(config: RunConfig, world: World) -> Setup:
         "data": f"{train_set.source}: {len(train_set)} training examples, {len(held_set)} held out ({how})",
         "model": f"{model_name if config.model else 'all-MiniLM-L6-v2 (bundled)'} ({type(model).__name__}){quantized}",
         "saved": saved,
+        "max_length": max_length,
+        "notices": [notice] if notice else [],
     }
     return Setup(task, train_enc, held_enc, labels, model_name, model, describe)
 
@@ -118,6 +126,19 @@ def _compute_dtype(bf16: bool) -> torch.dtype:
     return torch.bfloat16 if bf16 else torch.float32
 
 
+def _check_rank(model: torch.nn.Module, lora: LoraConfig) -> None:
+    """--rank above the size of every layer it adapts: each pair would hold more numbers than its
+    weight (and a slip like --rank 100000000 would allocate until the machine runs out)."""
+    try:
+        modules = resolve_targets(model, lora.targets, exclude=lora.modules_to_save)
+    except ValueError:
+        return  # inject says what is wrong with the targets
+    widest = max(max(model.get_submodule(m).weight.shape) for m in modules)
+    if lora.rank > widest:
+        raise TrainingError(f"--rank {lora.rank} is above the size of every layer it adapts (the largest is {widest}); "
+                            f"a LoRA pair that large holds more numbers than its weight: use --rank <= {widest}")
+
+
 def _labels(config: RunConfig, task: str, train_set: data_mod.Dataset, held_set: data_mod.Dataset) -> list[str] | None:
     """classify: the label set (from --labels or the training data), checked against both sets."""
     if task != "classify":
@@ -129,20 +150,3 @@ def _labels(config: RunConfig, task: str, train_set: data_mod.Dataset, held_set:
     data_mod.check_labels(train_set, labels, origin)
     data_mod.check_labels(held_set, labels, origin)
     return labels
-
-
-def check_out(out: Path, overwrite: bool) -> None:
-    """A new run's --out must be new or empty, or (with --overwrite) a previous run."""
-    if out.exists() and not out.is_dir():
-        raise TrainingError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise TrainingError(
-                f"--out {out} already exists and is not empty; pass --overwrite to replace it, "
-                f"or `lorakit train --resume {out}` to continue it"
-            )
-        if not ((out / RUN_FILE).exists() or (out / CONFIG_FILE).exists()):
-            raise TrainingError(
-                f"--out {out} holds files that are not a lorakit run (no {RUN_FILE}); "
-                "refusing to delete them even with --overwrite; choose another --out"
-            )

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 
 from ..adapter_file import AdapterFileError
@@ -90,7 +91,7 @@ def load_model(name: str, task: str, labels: list[str] | None = None) -> nn.Modu
             )
         else:
             model = AutoModelForCausalLM.from_pretrained(**kwargs)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # a damaged weight file raises the last two
         raise ModelError(f"could not load {name!r} as a {task} model: {_short(err)}") from None
     return model
 
@@ -99,6 +100,45 @@ def prepare_model(model: nn.Module, tokenizer: Any) -> None:
     """Tell the model the padding id (sequence classifiers on decoder models need it)."""
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_id(tokenizer)
+
+
+# Where configs state the most positions a model takes, in the order to look.
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+# Models whose position ids start after the padding id (RoBERTa's scheme): padding_idx + 1
+# fewer tokens fit than max_position_embeddings says.
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "longformer")
+
+
+def position_limit(model: nn.Module) -> tuple[int, str] | None:
+    """(the most tokens the model takes, the config key that says so), or None when its config
+    names no limit (e.g. relative positions, as in T5)."""
+    config = getattr(model, "config", None)
+    for key in POSITION_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            if getattr(config, "model_type", None) in _OFFSET_POSITIONS:
+                value -= (getattr(config, "pad_token_id", None) or 0) + 1
+            return value, getattr(config, "attribute_map", {}).get(key, key)  # the name config.json uses
+    return None
+
+
+def fit_max_length(max_length: int, model: nn.Module, option: str) -> tuple[int, str | None]:
+    """`max_length`, lowered to the model's position limit if above it: (tokens, notice or None)."""
+    found = position_limit(model)
+    if found is None or max_length <= found[0]:
+        return max_length, None
+    limit, key = found
+    return limit, f"{option} {max_length} is above the model's position limit, {limit} (from {key} in its config); using {limit}"
+
+
+# What a forward pass gets, in training (data.Encoded.batch) and at every other use: a tokenizer
+# may return more (token_type_ids), which some models' forward does not take.
+MODEL_INPUTS = ("input_ids", "attention_mask")
+
+
+def model_inputs(encoding: Any) -> dict[str, torch.Tensor]:
+    """The keys of a tokenizer's output that training passes to the model."""
+    return {k: encoding[k] for k in MODEL_INPUTS if k in encoding}
 
 
 def head_name(model: nn.Module) -> str:
@@ -116,8 +156,8 @@ def labels_json(labels: list[str]) -> dict[str, Any]:
 def read_labels(folder: str | Path) -> list[str] | None:
     """The label names (in id order) from `folder`/labels.json, or None when there is no such file."""
     file = Path(folder) / LABELS_FILE
-    if not file.is_file():
-        return None
+    if not file.exists():
+        return None  # one that exists but is no file (a folder) is reported by read_json, named
     raw = read_json(file, AdapterFileError)
     id2label = raw.get("id2label") if isinstance(raw, dict) else None
     try:
