@@ -130,8 +130,9 @@ def lora_layers(model: nn.Module) -> list[nn.Module]:
 
 def peft_model_like(base: nn.Module, ours: nn.Module, variant: Variant) -> nn.Module:
     """PEFT's LoRA on exactly the modules lorakit adapted, with the same A and B values."""
-    import lorakit
     from peft import LoraConfig, get_peft_model
+
+    import lorakit
 
     paths = [n for n, m in ours.named_modules() if isinstance(m, lorakit.LoraLayer)]
     config = LoraConfig(r=variant.rank, lora_alpha=2 * variant.rank, lora_dropout=0.0, target_modules=paths)

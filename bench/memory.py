@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import gc
 
-import torch
-
 import cases as C
+import torch
 
 STEPS = 3
 

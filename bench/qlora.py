@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
                                                            "machine far less noisy than all cores)")
     ap.add_argument("--models", default=",".join(Q.MODELS), help="comma-separated subset of " + ",".join(Q.MODELS))
     ap.add_argument("--no-memory", action="store_true")
-    ap.add_argument("--no-accuracy", action="store_true", help="skip the two `lorakit train` runs")
+    ap.add_argument("--no-accuracy", action="store_true", help="skip the `lorakit train` runs")
+    ap.add_argument("--train-threads", type=int, default=None, help="--threads of the `lorakit train` runs "
+                                                                   "(default: theirs, all cores)")
     ap.add_argument("--out", default=None, help="markdown file (default BENCHMARKS.md; --quick: none)")
     ap.add_argument("--memory-case", nargs=3, metavar=("MODEL", "CASE", "QUICK"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {case:26s} {med(res['times'][case]) * 1e3:9.1f} ms ({spread(res['times'][case]):.0f}%)", flush=True)
         res["memory"] = {} if args.no_memory else memory_cases(name, threads, args.quick)
         results[name] = res
-    accuracy = {} if (args.quick or args.no_accuracy) else cli_accuracy(threads)
+    accuracy = {} if (args.quick or args.no_accuracy) else cli_accuracy(args.train_threads)
     machine["load"] = f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after (1-min load average)"
     machine["minutes"] = f"{(time.time() - started) / 60:.1f}"
     text = markdown(results, accuracy, machine, reps, sys.argv[1:])
@@ -153,15 +155,16 @@ def memory_cases(name: str, threads: int, quick: bool) -> dict[str, dict[str, fl
 # ---- held-out accuracy through the command line --------------------------------------------
 
 
-def cli_accuracy(threads: int) -> dict[str, dict]:
+def cli_accuracy(threads: int | None) -> dict[str, dict]:
     """The default run (`lorakit train`), and the same with --quantize nf4 (and --loftq): same seed,
     data and steps."""
     found = {}
     with tempfile.TemporaryDirectory() as tmp:
         for label, extra in (("lorakit train", []), ("lorakit train --quantize nf4", ["--quantize", "nf4"]),
                              ("lorakit train --quantize nf4 --loftq", ["--quantize", "nf4", "--loftq"])):
-            cmd = [sys.executable, "-m", "lorakit", "train", *extra, "--out", str(Path(tmp) / label.replace(" ", "_")),
-                   "--threads", str(threads)]
+            cmd = [sys.executable, "-m", "lorakit", "train", *extra, "--out", str(Path(tmp) / label.replace(" ", "_"))]
+            if threads:
+                cmd += ["--threads", str(threads)]
             start = time.time()
             done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
             if done.returncode != 0:
@@ -169,7 +172,7 @@ def cli_accuracy(threads: int) -> dict[str, dict]:
                 raise SystemExit(f"{label} failed")
             after = re.search(r"after training: held-out accuracy ([\d.]+)%", done.stdout)
             found[label] = {"accuracy": float(after.group(1)) / 100, "seconds": time.time() - start,
-                            "command": f"{label} --threads {threads}"}
+                            "command": label + (f" --threads {threads}" if threads else "")}
             print(f"  {label}: held-out accuracy {found[label]['accuracy']:.2%} in {found[label]['seconds']:.0f} s",
                   flush=True)
     return found

@@ -183,8 +183,9 @@ def check_inference(setting: C.Setting, device: str, dtype: torch.dtype) -> dict
 
 def adapter_files(setting: C.Setting, device: str, dtype: torch.dtype) -> dict[str, dict[str, float]]:
     """Save and load time (median of 5) and file size of the first variant's adapter, both libraries."""
-    import lorakit
     from peft import PeftModel
+
+    import lorakit
 
     v = setting.variants[0]
     base = C.load_model(setting.model, device, dtype)
