@@ -12,7 +12,7 @@ it already, so recognising them only looks in `sys.modules`; the functions that 
 import it through `bitsandbytes()`, which names the extra when it is missing. Nothing here
 imports the rest of lorakit.
 
-Facts this file relies on (bitsandbytes 0.45 to 0.50, read from its source and checked by
+Facts this file relies on (bitsandbytes 0.50, read from its source and checked by
 tests/test_quantized.py):
 
 - a 4-bit layer's forward, in training, is `F.linear(x.to(c), W.to(c), bias)` with W
