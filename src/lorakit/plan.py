@@ -69,7 +69,10 @@ def build_plan(
         if isinstance(module, LoraLayer):
             layer = module
         else:
-            layer = wrapper_for(kind)(module)
+            try:
+                layer = wrapper_for(kind)(module)
+            except ValueError as err:  # a layer the wrapper cannot hold (grouped conv, unquantized 4-bit)
+                raise ValueError(f"module {path!r}: {err}") from None
             plan.wrappers.append((path, layer))
         rank, scaling = config.rank_for(path), config.scaling_for(path)
         pissa.check_alone(model, layer, path, config)
@@ -85,6 +88,9 @@ def build_plan(
         else:
             a, b = layer.build_pair(rank, config.init)
         if config.use_dora:
+            if not layer.supports_dora:
+                raise ValueError(f"module {path!r}: DoRA needs a full-precision base weight, and this one is "
+                                 f"{type(layer.base_layer).__name__}; train plain LoRA on it, or dequantize the model")
             if magnitudes is not None:
                 plan.magnitudes[len(plan.pairs)] = given_magnitude(layer, path, magnitudes.get(path))
             else:
@@ -160,7 +166,7 @@ def saved_wrapper_paths(model: nn.Module) -> list[str]:
 def given_pair(
     layer: LoraLayer, path: str, rank: int, pair: tuple[torch.Tensor, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A given (A, B), checked against the layer and the rank, on the base weight's device and dtype."""
+    """A given (A, B), checked against the layer and the rank, where the layer keeps its adapters."""
     if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(t, torch.Tensor) for t in pair)):
         raise ValueError(f"module {path!r}: expected a pair of tensors (A, B)")
     a, b = pair
@@ -173,8 +179,8 @@ def given_pair(
             check_values(f"module {path!r}: {role}", tensor)
         except ValueError as err:
             raise TensorError(str(err), path, role) from None
-    weight = layer.base_layer.weight
-    return a.to(weight.device, weight.dtype), b.to(weight.device, weight.dtype)
+    device, dtype = layer.adapter_placement()
+    return a.to(device, dtype), b.to(device, dtype)
 
 
 def given_magnitude(layer: LoraLayer, path: str, magnitude: torch.Tensor | None) -> torch.Tensor:

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from .config import PRESETS
+from .quantized import KINDS as QUANTIZED_KINDS
+from .quantized import quantized_kind
 
 # Per architecture: (attention, mlp) patterns, each matched against the end of a module name on a
 # dot boundary, so "attention\.output\.dense" matches "...layer.3.attention.output.dense" only.
@@ -70,9 +72,13 @@ _MLP_WORDS = ("mlp", "ffn", "feed_forward", "feedforward", "intermediate")
 
 
 def adaptable_kind(module: nn.Module) -> str | None:
-    """What kind of LoRA wrapper `module` takes: "linear", "conv1d_transposed", "embedding", "conv", or None."""
+    """What kind of LoRA wrapper `module` takes: "linear", "conv1d_transposed", "embedding", "conv",
+    "linear4bit" / "linear8bit" (bitsandbytes' quantized layers, quantized.py), or None."""
     if _is_lora_wrapper(module):
         return adaptable_kind(module.base_layer)
+    quantized = quantized_kind(module)  # before nn.Linear: they subclass it
+    if quantized is not None:
+        return quantized
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, nn.Embedding):
@@ -204,7 +210,7 @@ def _preset(model: nn.Module, preset: str, kinds: dict[str, str]) -> set[str]:
     linear = [
         name
         for name, kind in kinds.items()
-        if kind in ("linear", "conv1d_transposed") and not any(_inside(name, head) for head in heads)
+        if kind in ("linear", "conv1d_transposed", *QUANTIZED_KINDS) and not any(_inside(name, head) for head in heads)
     ]
     if preset == "all-linear":
         return set(linear)

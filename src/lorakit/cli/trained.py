@@ -7,6 +7,8 @@ from typing import Any
 
 from ..adapter_file import AdapterFileError, load_adapter, read_adapter_config
 from ..peft_format import CONFIG_FILE
+from ..training.options import RUN_FILE, read_run
+from ..training.prepare import quantize_base
 from ..training.tasks import (
     LABELS_FILE,
     TASK_OF_TYPE,
@@ -36,8 +38,20 @@ def adapter_facts(folder: str | Path) -> dict[str, Any]:
             "labels": labels, "facts": facts}
 
 
-def load_trained(folder: str, model_name: str | None, adapter: bool = True):
-    """(model, tokenizer, facts): the base model with the adapter loaded (or not)."""
+def run_quantization(folder: str | Path) -> tuple[str | None, bool]:
+    """(--quantize, --bf16) of the `lorakit train` run in `folder`; (None, False) for other folders."""
+    if not (Path(folder) / RUN_FILE).is_file():
+        return None, False
+    config = read_run(folder)
+    return config.quantize, config.bf16
+
+
+def load_trained(folder: str, model_name: str | None, adapter: bool = True, quantize: str | None = "run"):
+    """(model, tokenizer, facts): the base model with the adapter loaded (or not).
+
+    quantize: "run" quantizes the base as the run in `folder` did (--quantize); None keeps it in
+    full precision; "nf4" / "fp4" / "int8" quantizes it so (facts["quantize"] says which).
+    """
     facts = adapter_facts(folder)
     base = model_name or facts["base"]
     if not base:
@@ -49,6 +63,9 @@ def load_trained(folder: str, model_name: str | None, adapter: bool = True):
     tokenizer = load_tokenizer(base)
     model = load_model(base, facts["task"], facts["labels"])
     prepare_model(model, tokenizer)
+    kind, bf16 = run_quantization(folder) if quantize == "run" else (quantize, False)
+    quantize_base(model, kind, bf16)
+    facts["quantize"] = kind
     if adapter:
         load_adapter(model, folder)
     model.eval()

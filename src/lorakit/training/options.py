@@ -15,6 +15,7 @@ from typing import Any
 
 from ..config import INIT_MODES, LoraConfig
 from ..json_file import read_json
+from ..quantize import KINDS as QUANTIZE_KINDS
 from . import data as data_mod
 from .errors import TrainingError
 from .option_check import number_problem
@@ -62,6 +63,11 @@ class RunConfig:
                                    metavar="FILE", exclusive="held out")
     eval_split: float = option(0.2, _WHAT, "fraction of --data held out, a fixed split (default: 0.2)",
                                metavar="FRACTION", exclusive="held out", valid="(0, 1)")
+    quantize: str | None = option(None, _WHAT, "QLoRA: quantize the base model's linear layers (the heads stay in "
+                                  "full precision); needs bitsandbytes (pip install 'lorakit[quant]')",
+                                  choices=QUANTIZE_KINDS)
+    loftq: bool = option(False, _LORA, "with --quantize: start the adapters from the quantization error "
+                         "(LoftQ, one iteration) instead of B = 0")
     rank: int = option(8, _LORA, "rank r of each adapter (default: 8)", metavar="R", valid=">= 1")
     alpha: float = option(16.0, _LORA, "scale: alpha / rank (default: 16)", metavar="A", valid="> 0")
     targets: str | list[str] = option("attention", _LORA, "attention | attention+mlp | all-linear | "
@@ -88,7 +94,8 @@ class RunConfig:
                              "to that limit, with a notice (default: 128)", metavar="TOKENS", valid=">= 2")
     seed: int = option(0, _TRAINING, "seed for the initial weights, order and dropout (default: 0)", metavar="N",
                        valid="[-1e12, 1e12]")  # seed * 1_000_003 + epoch seeds a torch.Generator (64 bits)
-    bf16: bool = option(False, _TRAINING, "compute in bfloat16 (autocast)")
+    bf16: bool = option(False, _TRAINING, "compute in bfloat16 (autocast; with --quantize also the 4-bit "
+                        "layers' compute dtype)")
     device: str = option("auto", _TRAINING, "default: cuda if available", choices=("auto", "cpu", "cuda"))
     threads: int | None = option(None, _TRAINING, "CPU threads per process (default: the cores / processes)",
                                  metavar="N", type=int, valid=">= 1")
@@ -129,6 +136,8 @@ class RunConfig:
         names = self.labels
         if names is not None and not (isinstance(names, list) and names and all(isinstance(x, str) for x in names)):
             raise TrainingError(f"--labels must be a list of names, got {self.labels!r}")
+        if self.loftq and not self.quantize:
+            raise TrainingError("--loftq starts the adapters from the quantization error; it needs --quantize")
         targets = self.targets
         if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
             raise TrainingError(f"--targets must be a preset, a regex or a list of module names, got {targets!r}")

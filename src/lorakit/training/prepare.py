@@ -11,7 +11,10 @@ from typing import Any
 import torch
 
 from ..config import LoraConfig
-from ..model import inject
+from ..loftq import loftq_pairs
+from ..model import add_adapter_from_tensors, inject, set_adapter
+from ..quantize import quantize
+from ..quantized import quantized_kind
 from ..targets import resolve_targets
 from . import data as data_mod
 from .distributed import World
@@ -83,18 +86,44 @@ def prepare(config: RunConfig, world: World) -> Setup:
     lora = config.lora(saved)
     _check_rank(model, lora)
     try:
-        inject(model, lora)
+        pairs = loftq_pairs(model, lora, config.quantize, _compute_dtype(config.bf16)) if config.loftq else None
+        quantized = quantize_base(model, config.quantize, config.bf16)
+        if pairs is None:
+            inject(model, lora)
+        else:  # LoftQ: the pairs found on the full-precision weights, added to the quantized base
+            heads = {name: model.get_submodule(name).state_dict() for name in saved}
+            add_adapter_from_tensors(model, "default", lora, pairs, saved=heads)
+            set_adapter(model, "default")
+    except ImportError as err:  # LoftQ quantizes to measure the error
+        raise TrainingError(f"--quantize {config.quantize}: {err}") from None
     except ValueError as err:
         raise TrainingError(f"--targets {config.targets!r}: {err}") from None
     model.to(world.device)
     describe = {
         "data": f"{train_set.source}: {len(train_set)} training examples, {len(held_set)} held out ({how})",
-        "model": f"{model_name if config.model else 'all-MiniLM-L6-v2 (bundled)'} ({type(model).__name__})",
+        "model": f"{model_name if config.model else 'all-MiniLM-L6-v2 (bundled)'} ({type(model).__name__}){quantized}",
         "saved": saved,
         "max_length": max_length,
         "notices": [notice] if notice else [],
     }
     return Setup(task, train_enc, held_enc, labels, model_name, model, describe)
+
+
+def quantize_base(model: torch.nn.Module, kind: str | None, bf16: bool) -> str:
+    """QLoRA (--quantize): quantize the base's linear layers, heads kept in full precision; the
+    4-bit layers compute in bf16 with --bf16, else float32. Returns what to tell the user."""
+    if kind is None:
+        return ""
+    try:
+        quantize(model, kind, compute_dtype=_compute_dtype(bf16))
+    except (ImportError, ValueError) as err:
+        raise TrainingError(f"--quantize {kind}: {err}") from None
+    count = sum(quantized_kind(m) is not None for m in model.modules())
+    return f", {count} linear layers quantized to {kind}"
+
+
+def _compute_dtype(bf16: bool) -> torch.dtype:
+    return torch.bfloat16 if bf16 else torch.float32
 
 
 def _check_rank(model: torch.nn.Module, lora: LoraConfig) -> None:
