@@ -46,18 +46,23 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> None:
     assert (got - want).abs().max().item() <= 1e-5 * scale
 
 
+def _assert_rows_alone(model, routes, got: torch.Tensor, inputs: dict) -> None:
+    """Row i of `got` equals routes[i] alone on that row; a base row to the bit."""
+    for row, route in enumerate(routes):
+        want = _alone(model, route, inputs)[row]
+        if route is None:
+            assert torch.equal(got[row], want)
+        else:
+            _close(got[row], want)
+
+
 def test_each_row_equals_its_adapter_alone_and_base_rows_are_bitwise_base():
     model = _classifier()
     ids = torch.randint(0, 120, (6, 11), generator=torch.Generator().manual_seed(0))
     routes = ["a", None, "b", "c", "a", "b"]
     with torch.no_grad(), lorakit.mixed_batch(model, routes):
         got = model(input_ids=ids).logits
-    for row, route in enumerate(routes):
-        want = _alone(model, route, {"input_ids": ids})[row]
-        if route is None:
-            assert torch.equal(got[row], want)
-        else:
-            _close(got[row], want)
+    _assert_rows_alone(model, routes, got, {"input_ids": ids})
     assert all(m.routing is None for m in model.modules() if hasattr(m, "routing"))
 
 
@@ -245,12 +250,7 @@ def test_dora_adapters_route_beside_lora_ones():
     routes = ["d", None, "l", "e", "d"]
     with torch.no_grad(), lorakit.mixed_batch(model, routes):
         got = model(input_ids=ids).logits
-    for row, route in enumerate(routes):
-        want = _alone(model, route, {"input_ids": ids})[row]
-        if route is None:
-            assert torch.equal(got[row], want)
-        else:
-            _close(got[row], want)
+    _assert_rows_alone(model, routes, got, {"input_ids": ids})
     # A mix of a DoRA and a LoRA adapter on a single layer: base + 0.6 change_d + 0.4 change_l.
     layer = next(m for m in model.modules() if isinstance(m, lorakit.LoraLinear) and {"d", "l"} <= set(m.scaling))
     x = torch.randn(2, 3, layer.in_features, generator=torch.Generator().manual_seed(5))

@@ -436,3 +436,13 @@ def test_loftq_adapter_loads_on_any_quantized_base(tmp_path, ids):
     fresh = lorakit.quantize(tiny_llama(), "nf4")
     lorakit.load_adapter(fresh, tmp_path)
     assert torch.equal(logits(fresh, ids), logits(model, ids))
+
+
+@pytest.mark.parametrize("lora", [{"use_dora": True}, {"init": "olora"}, {"init": "pissa"}])
+def test_variants_that_need_the_full_precision_weight_are_refused_before_any_change(lora):
+    model = quantized_llama("nf4")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="q_proj.*(full-precision base weight|quantized here)"):
+        lorakit.inject(model, lorakit.LoraConfig(rank=4, targets="attention", **lora))
+    assert_unchanged(model, before)
+    assert lorakit.adapters(model) == {}

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
-from .layers import LoraLayer
+from .layer_base import LoraLayer
 from .model import _check_new_name, _refuse_if_merged, add_adapter_from_tensors
 from .registry import adapters
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from torch import nn
 
-from .layers import LoraLayer
+from .layer_base import LoraLayer
 
 
 def param_groups(

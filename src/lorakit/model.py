@@ -18,7 +18,7 @@ from torch import nn
 
 from . import pissa
 from .config import LoraConfig
-from .layers import LoraLayer
+from .layer_base import LoraLayer
 from .plan import (
     build_plan,
     check_shape,

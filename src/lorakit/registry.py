@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
-from .layers import LoraLayer
+from .layer_base import LoraLayer
 from .saved_modules import SavedModule
 
 _REGISTRY = "_lorakit_adapters"  # attribute on the user's model: name -> AdapterRecord

@@ -164,26 +164,34 @@ def test_loaded_adapters_serve_mixed_batches(model, adapters):
     torch.testing.assert_close(mixed[1], alone[1], rtol=0, atol=1e-5 * alone.abs().max().item())
 
 
-def test_a_pissa_adapter_serves_beside_others_on_the_unchanged_base(model, adapters, tmp_path):
-    """The store loads a PiSSA adapter as the plain LoRA it equals: its rows match the trained
-    model, base rows stay the base model's to the bit, and other adapters still load."""
+def _served_beside_a_lora(model, adapters, folder, std: float, **lora):
+    """Train-like adapter `folder` (rank 4 on query/value plus the head, `lora` options) saved from
+    its own model, then served by a store beside adapter "a": (the store, ids, rows of the mixed
+    batch [folder, base, "a"], the trained model's output, the base model's output)."""
     trained = load_model(str(adapters["bert"]), "classify", list(LABELS)).eval()
-    lorakit.inject(trained, lorakit.LoraConfig(rank=4, targets=["query", "value"], init="pissa",
-                                               modules_to_save=["classifier"]))
-    randomize_adapter(trained, std=0.05, seed=9)
-    lorakit.save_adapter(trained, tmp_path / "p", task_type="SEQ_CLS")
+    lorakit.inject(trained, lorakit.LoraConfig(rank=4, targets=["query", "value"], modules_to_save=["classifier"], **lora))
+    randomize_adapter(trained, std=std, seed=9)
+    lorakit.save_adapter(trained, folder, task_type="SEQ_CLS")
     ids = torch.randint(4, 60, (3, 5), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = trained(input_ids=ids).logits
         base = model(input_ids=ids).logits
     store = AdapterStore(model)
-    store.register("p", tmp_path / "p")
+    store.register(folder.name, folder)
     store.register("a", adapters["a"])
-    assert store.acquire(["p", "a"]) == {}
-    with torch.no_grad(), lorakit.mixed_batch(model, ["p", None, "a"]):
+    assert store.acquire([folder.name, "a"]) == {}
+    with torch.no_grad(), lorakit.mixed_batch(model, [folder.name, None, "a"]):
         mixed = model(input_ids=ids).logits
     torch.testing.assert_close(mixed[0], expected[0], rtol=0, atol=1e-5 * expected.abs().max().item())
     assert torch.equal(mixed[1], base[1])
+    assert (mixed[0] - base[0]).abs().max() > 1e-3  # the adapter does change the row
+    return store, ids, base
+
+
+def test_a_pissa_adapter_serves_beside_others_on_the_unchanged_base(model, adapters, tmp_path):
+    """The store loads a PiSSA adapter as the plain LoRA it equals: its rows match the trained
+    model, base rows stay the base model's to the bit, and other adapters still load."""
+    store, ids, base = _served_beside_a_lora(model, adapters, tmp_path / "p", std=0.05, init="pissa")
     store.unregister("p")
     with torch.no_grad(), lorakit.mixed_batch(model, [None, None, None]):
         assert torch.equal(model(input_ids=ids).logits, base)
@@ -192,21 +200,4 @@ def test_a_pissa_adapter_serves_beside_others_on_the_unchanged_base(model, adapt
 def test_a_dora_adapter_serves_beside_others(model, adapters, tmp_path):
     """A DoRA adapter from a folder loads into the store and its rows of a mixed batch match the
     trained DoRA model, beside a LoRA adapter's rows and base rows."""
-    trained = load_model(str(adapters["bert"]), "classify", list(LABELS)).eval()
-    lorakit.inject(trained, lorakit.LoraConfig(rank=4, targets=["query", "value"], use_dora=True,
-                                               modules_to_save=["classifier"]))
-    randomize_adapter(trained, std=0.3, seed=11)
-    lorakit.save_adapter(trained, tmp_path / "d", task_type="SEQ_CLS")
-    ids = torch.randint(4, 60, (3, 5), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        expected = trained(input_ids=ids).logits
-        base = model(input_ids=ids).logits
-    store = AdapterStore(model)
-    store.register("d", tmp_path / "d")
-    store.register("a", adapters["a"])
-    assert store.acquire(["d", "a"]) == {}
-    with torch.no_grad(), lorakit.mixed_batch(model, ["d", None, "a"]):
-        mixed = model(input_ids=ids).logits
-    torch.testing.assert_close(mixed[0], expected[0], rtol=0, atol=1e-5 * expected.abs().max().item())
-    assert torch.equal(mixed[1], base[1])
-    assert (mixed[0] - base[0]).abs().max() > 1e-3  # the adapter does change the row
+    _served_beside_a_lora(model, adapters, tmp_path / "d", std=0.3, use_dora=True)
