@@ -23,6 +23,15 @@ import lorakit
 from lorakit.adapter_file import CONFIG_FILE, WEIGHTS_FILE, AdapterFileError
 
 
+def _refused_on_tiny_bert(folder, match: str) -> None:
+    """Loading `folder` onto a fresh tiny BERT raises AdapterFileError matching `match`; the model is unchanged."""
+    model = tiny_bert()
+    before = snapshot(model)
+    with pytest.raises(AdapterFileError, match=match):
+        lorakit.load_adapter(model, folder)
+    assert_unchanged(model, before)
+
+
 def _trained_bert(tmp_path: Path, **cfg) -> tuple[Path, torch.nn.Module]:
     model = tiny_bert()
     config = dict(rank=4, alpha=8, targets="attention", modules_to_save=["classifier"]) | cfg
@@ -303,11 +312,7 @@ def test_non_finite_or_integer_values_are_refused(key, value, message, tmp_path)
     else:
         tensors[key] = tensors[key].to(getattr(torch, value))
     save_file(tensors, folder / WEIGHTS_FILE)
-    model = tiny_bert()
-    before = snapshot(model)
-    with pytest.raises(AdapterFileError, match=f"{WEIGHTS_FILE}: key '{key}' {message}"):
-        lorakit.load_adapter(model, folder)
-    assert_unchanged(model, before)
+    _refused_on_tiny_bert(folder, f"{WEIGHTS_FILE}: key '{key}' {message}")
 
 
 def test_add_adapter_from_tensors_refuses_non_finite_values():
@@ -486,11 +491,7 @@ def test_a_trained_bias_missing_from_the_file_is_refused(bias, drop, tmp_path):
     tensors = load_file(folder / WEIGHTS_FILE)
     del tensors[drop]
     save_file(tensors, folder / WEIGHTS_FILE)
-    model = tiny_bert()
-    before = snapshot(model)
-    with pytest.raises(AdapterFileError, match=f"missing key '{drop}' \\(bias='{bias}' trains it\\)"):
-        lorakit.load_adapter(model, folder)
-    assert_unchanged(model, before)
+    _refused_on_tiny_bert(folder, f"missing key '{drop}' \\(bias='{bias}' trains it\\)")
 
 
 @pytest.mark.parametrize("inside", ["modules_to_save", "original_module"])
@@ -509,11 +510,7 @@ def test_peft_second_copies_of_a_saved_modules_tensor_must_agree(inside, tmp_pat
     torch.testing.assert_close(logits(fresh, ids), expected, rtol=0, atol=0)
     tensors[key] = tensors[key] + 1
     save_file(tensors, folder / WEIGHTS_FILE)
-    model = tiny_bert()
-    before = snapshot(model)
-    with pytest.raises(AdapterFileError, match=f"key '{key}' differs from"):
-        lorakit.load_adapter(model, folder)
-    assert_unchanged(model, before)
+    _refused_on_tiny_bert(folder, f"key '{key}' differs from")
 
 
 # ---- saving: checked before anything is written ---------------------------------------------
