@@ -13,9 +13,10 @@ How an adapted linear layer computes it (`_linear`):
 - each row's own low-rank pair, gathered once per batch shape (every step of `generate` reuses
   it) into per-row stacks A (rows, r, in) and w s B (rows, out, r), the route's weight and the
   adapter's scaling riding on B;
-- two batched matmuls, x A^T then (.) (w s B)^T, accumulated into the base output in place
-  when every row has an adapter there (`baddbmm_`), else over the gathered rows and added back
-  (`index_add_`).
+- two batched matmuls, x A^T then (.) (w s B)^T: when every row has an adapter there, the
+  second writes the delta together with the bias and the base matmul accumulates onto it
+  (`_delta_then_base`, one pass over the output fewer than adding the delta afterwards); else
+  over the gathered rows, added back to the base output (`index_add_`).
 Rows are batched by rank, so each adapter keeps its own rank (nothing is padded to the
 largest). Measured on a 2-core CPU at MiniLM's and at hidden-2048 shapes (bench/serving.py),
 the per-row batched matmul beats sorting rows by adapter into segments (`torch._grouped_mm`,
