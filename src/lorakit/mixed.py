@@ -248,9 +248,13 @@ def _delta_then_base(layer: LoraLinear, x3: torch.Tensor, seg: _Segment) -> torc
     """
     base = layer.base_layer
     xa = torch.bmm(x3, seg.a.transpose(1, 2))  # (rows, tokens, r)
-    xa.mul_(seg.factors if seg.factors is not None else seg.scale)  # the scaling is cheapest on the rank-r side
+    if seg.factors is not None:  # the per-row scaling is cheapest on the rank-r side
+        xa.mul_(seg.factors)
     bt = seg.b.transpose(1, 2)
-    y3 = torch.bmm(xa, bt) if base.bias is None else torch.baddbmm(base.bias, xa, bt)
+    if base.bias is None:
+        y3 = torch.bmm(xa.mul_(seg.scale) if seg.scale != 1.0 else xa, bt)
+    else:
+        y3 = torch.baddbmm(base.bias, xa, bt, alpha=seg.scale)
     weight = base.weight if layer.fan_in_fan_out else base.weight.t()  # (in, out)
     y3.view(-1, y3.shape[-1]).addmm_(x3.reshape(-1, x3.shape[-1]), weight)
     return y3
