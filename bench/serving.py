@@ -312,12 +312,14 @@ def markdown(mixed: dict, layer: dict, load: dict, http: dict | None, m: dict, r
         http_text = (
             f"\n**HTTP** (`python bench/serving_load.py`, run by this script): {http['requests']} concurrent "
             f"`/v1/classify` requests (one text of about {http['tokens_per_row']} tokens each) over {http['adapters']} "
-            f"classifier adapters (rank 8, all linear layers, a head each), async httpx clients on loopback against a "
+            f"classifier adapters (rank 8, all linear layers, a head each), async httpx clients on loopback (one client and connection per request) against a "
             f"`lorakit serve --adapter-root` process (--max-batch {http['max_batch']}, --max-wait-ms "
             f"{http['max_wait_ms']}), every adapter loaded by a warm-up request first; median of {http['rounds']} "
             f"rounds: {http['served_rps']:.1f} requests/s served against {http['offline_rps']:.1f} rows/s offline "
             f"(the same rows, tokenized and run as mixed batches of {http['max_batch']} in this process): "
             f"ratio {http['ratio']:.2f}; latency p50 {http['p50_ms']:.0f} ms, p99 {http['p99_ms']:.0f} ms; "
+            f"mean batch the server ran {http['mean_batch']:.1f} rows (from /metrics); the clients used "
+            f"{http['client_cpu_s']:.2f} s of CPU per round, on the same cores; "
             f"errors {http['errors']}; answers checked against the offline result of the row's adapter: "
             f"{http['checked']} of {http['requests']} per round, largest probability difference {http['max_diff']:.1e}.\n")
     return f"""## Serving: many adapters on one base

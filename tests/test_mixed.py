@@ -264,3 +264,24 @@ def test_dora_adapters_route_beside_lora_ones():
             mixed_out = layer(x)
     _close(mixed_out[0], base[0] + 0.6 * changes["d"][0] + 0.4 * changes["l"][0])
     _close(mixed_out[1], base[1] + changes["d"][1])
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])  # a bias, Conv1D (fan_in_fan_out), no bias
+@pytest.mark.parametrize("alphas", [(8, 8), (8, 20)])  # one scaling for every row, or one per row
+def test_every_row_adapted_writes_the_delta_before_the_base_matmul(kind, alphas, monkeypatch):
+    """When every row has an adapter of one rank on a layer, the delta and the bias are written
+    first and the base matmul accumulates onto them; each row still equals its adapter alone."""
+    model = tiny_model(kind)
+    _add(model, "a", 1, rank=4, alpha=alphas[0], targets="all-linear")
+    _add(model, "b", 2, rank=4, alpha=alphas[1], targets="all-linear")
+    model.eval()
+    calls = []
+    original = mixed._delta_then_base
+    monkeypatch.setattr(mixed, "_delta_then_base", lambda *a: calls.append(1) or original(*a))
+    ids = torch.randint(0, 120, (4, 7), generator=torch.Generator().manual_seed(8))
+    routes = ["b", "a", "a", "b"]
+    with torch.no_grad(), lorakit.mixed_batch(model, routes):
+        got = model(input_ids=ids).logits
+    assert calls
+    for row, route in enumerate(routes):
+        _close(got[row], _alone(model, route, {"input_ids": ids})[row])
