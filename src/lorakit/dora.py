@@ -86,7 +86,8 @@ class NormCache:
 
 
 def _precise(t: torch.Tensor) -> torch.Tensor:
-    """`t` in float32, or float64 if it is float64 (norms in half precision would be rough)."""
+    """`t` in float32, or float64 if it is float64: the precision norms, deltas and merges are
+    computed in (in half precision they would be rough)."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
