@@ -32,7 +32,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from .fused import _fold_pays, _folded_weight, _grad_a, _grad_b, _project, _recipe
+from .fused import _fold_pays, _folded_weight, _grad_a, _grad_b, _project, keep_input, kept_input
 
 # ---- the norm --------------------------------------------------------------------------------
 
@@ -86,7 +86,8 @@ class NormCache:
 
 
 def _precise(t: torch.Tensor) -> torch.Tensor:
-    """`t` in float32, or float64 if it is float64 (norms in half precision would be rough)."""
+    """`t` in float32, or float64 if it is float64: the precision norms, deltas and merges are
+    computed in (in half precision they would be rough)."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
@@ -293,10 +294,7 @@ class _DoraLinear(torch.autograd.Function):
         ctx.scaling, ctx.fifo, ctx.fold = scaling, fifo, fold
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
         need_x = need[1] or need[3]  # x is kept for A's or the weight's gradient
-        recipe = _recipe(x) if need_x else None
-        ctx.recompute = recipe[1] if recipe is not None else None
-        kept = recipe[0] if recipe is not None else ((x2,) if need_x else ())
-        ctx.n_kept = len(kept)
+        kept = keep_input(ctx, x, x2, need_x)
         empty = x2.new_empty(0)
         ctx.save_for_backward(*kept, weight, a, b, magnitude, norm,
                               xa if need[4] else empty, y0 if need[5] else empty)
@@ -311,10 +309,7 @@ class _DoraLinear(torch.autograd.Function):
         s, fifo = ctx.scaling, ctx.fifo
         g = magnitude / norm  # (out,)
         gy = grad_y.reshape(-1, grad_y.shape[-1])  # (tokens, out)
-        x2 = None
-        if kept:
-            x2 = kept[0] if ctx.recompute is None else ctx.recompute(*kept)
-            x2 = x2.reshape(-1, ctx.x_shape[-1])
+        x2 = kept_input(ctx, kept)
 
         # G = gy * g never needs to exist when the weight is folded: g rides on W and B instead.
         gg = gy * g if (need[1] or (need[0] and not ctx.fold)) else None

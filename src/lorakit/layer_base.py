@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dora
+from .dora import _precise
 from .init_schemes import init_pair
 
 
@@ -290,11 +291,6 @@ class LoraLayer(nn.Module):
         ranks = {n: self.rank(n) for n in self.adapter_names}
         doras = [n for n in self.adapter_names if self.is_dora(n)]
         return f"adapters={ranks}, active={self.active}, merged={self.merged}" + (f", dora={doras}" if doras else "")
-
-
-def _precise(t: torch.Tensor) -> torch.Tensor:
-    """`t` in float32, or float64 if it is float64: the precision deltas and merges are computed in."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _loaded(module: LoraLayer, _keys) -> None:

@@ -270,6 +270,14 @@ class _Group:
         self.unweighted = all(w == 1.0 for w in weights)
         self.pure = pure  # each of these rows is routed to this adapter alone, weight 1
         self._like: dict[tuple, torch.Tensor] = {}
+        self._rows_on: dict[torch.device, torch.Tensor] = {}
+
+    def rows_on(self, device: torch.device) -> torch.Tensor:
+        """`rows` on `device`, copied there once per batch shape, not on every layer's forward."""
+        rows = self._rows_on.get(device)
+        if rows is None:
+            rows = self._rows_on[device] = self.rows.to(device)
+        return rows
 
     def weights_like(self, t: torch.Tensor) -> torch.Tensor:
         """The row weights shaped to multiply `t` (rows first)."""
@@ -349,7 +357,7 @@ def _plain(layer: LoraLayer, x: torch.Tensor, groups: list[_Group]) -> torch.Ten
     y = layer.base_layer(x).contiguous()
     rows = x.shape[0]
     for g in groups:
-        rows_g = g.rows.to(x.device)
+        rows_g = g.rows_on(x.device)
         delta = layer._delta(x.index_select(0, rows_g), g.name)
         if not g.unweighted:
             delta = delta * g.weights_like(delta)

@@ -118,8 +118,7 @@ def dequantize(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The layer's weight, (out, in), as a new tensor of `dtype`: the values its forward multiplies by."""
     weight = layer.weight
     if quantized_kind(layer) == "linear8bit":
-        scb = weight.SCB if getattr(weight, "SCB", None) is not None else layer.state.SCB
-        return weight.data.to(dtype).mul_(scb.unsqueeze(1).mul(1.0 / 127.0))
+        return weight.data.to(dtype).mul_(_scb(layer).unsqueeze(1).mul(1.0 / 127.0))
     if relaid_out(layer):
         keep_layout(layer)
     state = weight.quant_state
