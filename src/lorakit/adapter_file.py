@@ -101,6 +101,9 @@ def save_adapter(
             json.dumps(obj)
         except (TypeError, ValueError) as err:
             raise ValueError(f"extra file {fname!r}: not JSON ({err})") from None
+    for fname in extra_files or {}:
+        if fname in (CONFIG_FILE, WEIGHTS_FILE) or not fname.endswith(".json") or "/" in fname:
+            raise ValueError(f"extra file name {fname!r} must be a plain '*.json' name other than {CONFIG_FILE}")
     if as_lora and config.init in RESIDUAL_INITS:
         config, state = as_plain_lora(model, record, state)
     # The modules trained in full by their exact names: PEFT's suffix rule would read "norm" as
@@ -118,9 +121,6 @@ def save_adapter(
     )
     # Copies: safetensors refuses tensors that share memory, and the file must not alias the model.
     tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in state.items()}
-    for fname in extra_files or {}:
-        if fname in (CONFIG_FILE, WEIGHTS_FILE) or not fname.endswith(".json") or "/" in fname:
-            raise ValueError(f"extra file name {fname!r} must be a plain '*.json' name other than {CONFIG_FILE}")
     folder = Path(path)
     target = folder
     if not folder.exists():

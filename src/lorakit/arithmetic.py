@@ -41,7 +41,7 @@ from torch import nn
 from .config import LoraConfig
 from .layer_base import LoraLayer
 from .model import _check_new_name, _refuse_if_merged, add_adapter_from_tensors
-from .registry import adapters
+from .registry import adapters, lora_layers, wrappers
 
 METHODS = ("linear", "cat", "svd", "ties", "dare")
 
@@ -82,7 +82,7 @@ def combine(
     """
     sources = _check(model, weights, name, method, rank, density)
     known = adapters(model)
-    layers = {p: m for p, m in model.named_modules() if isinstance(m, LoraLayer)}
+    layers = {p: m for p, m in wrappers(model) if isinstance(m, LoraLayer)}
     modules = [p for p in layers if any(p in known[n].modules for n in sources)]  # model order
     target_rank = rank or max(layers[p].rank(n) for p in modules for n in sources if n in layers[p].adapter_names)
     generator = torch.Generator().manual_seed(seed) if method == "dare" else None
@@ -139,8 +139,7 @@ def _check(model, weights, name, method, rank, density) -> dict[str, float]:
     elif density is not None:
         raise ValueError(f"density applies to the methods ties and dare, not {method!r}")
     if method == "linear":
-        layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-        for layer in layers:
+        for layer in lora_layers(model):
             ranks = {n: layer.rank(n) for n in weights if n in layer.adapter_names}
             if len(set(ranks.values())) > 1:
                 raise ValueError(f"method 'linear' needs adapters of one rank, but they have ranks {ranks}; "

@@ -152,6 +152,7 @@ def _check_targets(model: nn.Module, config: LoraConfig, facts: dict, pairs: dic
     """
     if not pairs:
         raise AdapterFileError(f"{where}: holds no LoRA weights")
+    config_file = Path(where).with_name(CONFIG_FILE)
     try:
         expected = targeted_modules(
             model,
@@ -163,11 +164,9 @@ def _check_targets(model: nn.Module, config: LoraConfig, facts: dict, pairs: dic
             task_type=facts.get("task_type"),
         )
     except re.error as err:
-        config_file = Path(where).with_name(CONFIG_FILE)
         raise AdapterFileError(f"{config_file}: target_modules or exclude_modules is not a valid regex: {err}") from None
     if expected is None:
         return
-    config_file = Path(where).with_name(CONFIG_FILE)
     for path in sorted(pairs):
         if path not in expected:
             try:

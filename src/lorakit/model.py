@@ -300,7 +300,7 @@ def _refuse_if_merged(model: nn.Module, doing: str) -> None:
 
 def _check_merge(model: nn.Module, requantize: bool) -> None:
     """Every layer's refusal (a quantized base) before any layer merges."""
-    for path, layer in model.named_modules():
+    for path, layer in wrappers(model):  # the layers merge walks (lora_layers), with their paths
         if isinstance(layer, LoraLayer):
             try:
                 layer.check_merge(requantize)

@@ -161,7 +161,7 @@ def from_peft_dict(raw: Any, where: str) -> tuple[LoraConfig, dict[str, Any]]:
     for key in _PEFT_NULL_FIELDS:
         if raw.get(key) and not (key == "eva_config" and init == "eva"):
             raise ValueError(f"{where}: {key}={raw[key]!r} is not supported by lorakit (only null/empty)")
-    inits = {True: "default", False: "default", "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+    inits = {peft: init for init, peft in _PEFT_INIT.items()} | {False: "default"}
     inits |= {name: "default" for name in _PEFT_PLAIN_INITS}
     if isinstance(init, str) and init.startswith("pissa_niter_"):
         raise ValueError(

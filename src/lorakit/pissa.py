@@ -53,7 +53,7 @@ def check_alone(model: nn.Module, layer: LoraLayer, path: str, config: LoraConfi
     owner = only if only is not None and path in known[only].initial else None
     if owner is not None:
         raise ValueError(
-            f"module {path!r} carries {RESIDUAL_INITS.get(adapters(model)[owner].config.init, 'PiSSA')} adapter "
+            f"module {path!r} carries {RESIDUAL_INITS.get(known[owner].config.init, 'PiSSA')} adapter "
             f"{owner!r}, whose residual replaced its base weight; "
             f"another adapter there would act on that residual, not on the base it was made for "
             f"(write {owner!r} as plain LoRA with save_adapter(..., as_lora=True) and load that instead)"
