@@ -228,13 +228,14 @@ class MixedBatch:
                 f"{type(module.original).__name__} returned {type(out).__name__}")
         routed = out.clone()
         for g in groups:
-            sub_args, sub_kwargs = _take_rows((args, kwargs), g.rows, first.shape[0])
+            rows = g.rows_on(out.device)  # index_copy_ / index_add_ want the index on the output's device
+            sub_args, sub_kwargs = _take_rows((args, kwargs), rows, first.shape[0])
             copy_out = module.copies[g.name](*sub_args, **sub_kwargs)
             if g.pure:  # rows routed to this adapter alone, weight 1: its copy's output as it is
-                routed.index_copy_(0, g.rows, copy_out)
+                routed.index_copy_(0, rows, copy_out)
             else:
-                change = (copy_out - out.index_select(0, g.rows)) * g.weights_like(copy_out)
-                routed.index_add_(0, g.rows, change.to(routed.dtype))
+                change = (copy_out - out.index_select(0, rows)) * g.weights_like(copy_out)
+                routed.index_add_(0, rows, change.to(routed.dtype))
         return routed
 
 
