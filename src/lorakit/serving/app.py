@@ -126,8 +126,7 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
         except RowError as err:
             raise Problem(err.status, err.message) from None
         finally:
-            for row in rows:
-                row.cancelled = True  # nothing left to do for them; a dropped client's rows are skipped
+            _cancel(rows)  # nothing left to do for them; a dropped client's rows are skipped
         return P.classify_answer(shown, results, sum(len(r.ids) for r in rows))
 
     app.post("/classify")(classify)
@@ -252,9 +251,9 @@ def _register_and_load(engine: Engine, name: str, folder: Path) -> None:
 
 def _check_lengths(engine: Engine, rows: list[Row], new_tokens: int) -> None:
     for row in rows:
-        if len(row.ids) + new_tokens > engine.max_length or not row.ids:
-            if not row.ids:
-                raise Problem(422, "an input is empty after tokenizing")
+        if not row.ids:
+            raise Problem(422, "an input is empty after tokenizing")
+        if len(row.ids) + new_tokens > engine.max_length:
             raise Problem(413, f"the input is {len(row.ids)} tokens" + (f" + {new_tokens} to generate" if new_tokens
                           else "") + f", more than this model's maximum context of {engine.max_length} tokens")
 
