@@ -154,14 +154,16 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
         route, names, shown = resolve(body.model, body.adapters)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
+        temperature = 1.0 if body.temperature is None else body.temperature
+        top_p = 1.0 if body.top_p is None else body.top_p
+        stop = body.stops()  # the same for every row of the request
         rows = []
         for p, ids in enumerate(prompts):
             for c in range(body.n):
                 index = p * body.n + c
                 rows.append(Row(ids, route, names, max_tokens=limit or max(engine.max_length - len(ids), 1),
-                                temperature=1.0 if body.temperature is None else body.temperature,
-                                top_p=1.0 if body.top_p is None else body.top_p,
-                                seed=None if body.seed is None else body.seed + c, stop=body.stops(),
+                                temperature=temperature, top_p=top_p,
+                                seed=None if body.seed is None else body.seed + c, stop=stop,
                                 emit=lambda ev, i=index: loop.call_soon_threadsafe(events.put_nowait, (i, ev))))
         _check_lengths(engine, rows, limit or 0)
         enqueue(rows, with_results=False)
