@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -34,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cases as C  # noqa: E402
 import report  # noqa: E402
-from run import time_cases  # noqa: E402
+from run import _timed, time_cases  # noqa: E402
 from sections import write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -234,18 +235,10 @@ def load_times(base, count: int, peft_loads: int) -> dict:
     theirs.save_pretrained(folder / "peft")
     del ours_src, theirs
     model = copy.deepcopy(base).eval()
-    ours = []
-    for i in range(count):
-        start = time.perf_counter()
-        lorakit.load_adapter(model, folder / "lorakit", f"n{i}")
-        ours.append(time.perf_counter() - start)
+    ours = [_timed(partial(lorakit.load_adapter, model, folder / "lorakit", f"n{i}")) for i in range(count)]
     del model
     host = PeftModel.from_pretrained(copy.deepcopy(base), folder / "peft", adapter_name="p0").eval()
-    peft = []
-    for i in range(1, peft_loads + 1):
-        start = time.perf_counter()
-        host.load_adapter(folder / "peft", adapter_name=f"p{i}")
-        peft.append(time.perf_counter() - start)
+    peft = [_timed(partial(host.load_adapter, folder / "peft", adapter_name=f"p{i}")) for i in range(1, peft_loads + 1)]
     return {"lorakit": ours, "peft": peft, **window_ratios(ours, "lorakit"), **window_ratios(peft, "peft")}
 
 

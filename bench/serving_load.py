@@ -102,8 +102,9 @@ def make_adapters(root: Path, count: int) -> str:
 
 def requests(count: int, adapters: int, sentences: int) -> tuple[list[str], list[str]]:
     """Texts of `sentences` bundled review sentences each, and an adapter per request."""
-    folder = ROOT / "src" / "lorakit" / "data" / "sentiment"
-    lines = [line.split("\t")[0].strip() for f in sorted(folder.glob("*.txt")) for line in f.read_text().splitlines()]
+    from lorakit.training.data import bundled_sentiment
+
+    lines = [record["text"] for record in bundled_sentiment().records]
     rng = random.Random(0)
     texts = [" ".join(rng.choice(lines) for _ in range(sentences)) for _ in range(count)]
     return texts, [f"adapter{rng.randrange(adapters):02d}" for _ in range(count)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import sys
 import time
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     started, load_before = time.time(), os.getloadavg()
     train = time_cases(training_cases(), reps, "cpu")
     infer = time_cases(inference_cases(), reps * 2, "cpu")
-    only_dora = C.Setting(SETTING.name, SETTING.model, SETTING.batch, SETTING.seq, (DORA,))
+    only_dora = dataclasses.replace(SETTING, variants=(DORA,))
     checks = {**check_training(only_dora, "cpu", torch.float32), **check_inference(only_dora, "cpu", torch.float32)}
     machine["load"] = f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after (1-min load average)"
     machine["minutes"] = f"{(time.time() - started) / 60:.1f}"

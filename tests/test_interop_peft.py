@@ -94,6 +94,18 @@ def _randomize_peft(model, seed: int = 3) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
 
 
+def _peft_adapter_in_lorakit(make, cfg, tmp_path, ids):
+    """A PEFT adapter of `cfg` on `make()` with random weights, saved and loaded by lorakit into a
+    fresh `make()`: (PEFT's logits, the lorakit model)."""
+    reference = peft.get_peft_model(make(), cfg).eval()
+    _randomize_peft(reference)
+    expected = logits(reference, ids)
+    reference.save_pretrained(tmp_path)
+    model = make()
+    lorakit.load_adapter(model, tmp_path)
+    return expected, model
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_peft_adapter_loads_in_lorakit(case, tmp_path, ids):
     make, peft_kwargs, _ = CASES[case]
@@ -138,24 +150,15 @@ def test_lorakit_adapter_loads_in_peft(case, tmp_path, ids):
 
 def test_peft_seq_cls_adapter_with_its_automatic_heads(tmp_path, ids):
     # PEFT writes modules_to_save ["classifier", "score"] for any SEQ_CLS adapter.
-    reference = peft.get_peft_model(tiny_bert(), peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"])).eval()
-    _randomize_peft(reference)
-    expected = logits(reference, ids)
-    reference.save_pretrained(tmp_path)
-    model = tiny_bert()
-    lorakit.load_adapter(model, tmp_path)
+    cfg = peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"])
+    expected, model = _peft_adapter_in_lorakit(tiny_bert, cfg, tmp_path, ids)
     torch.testing.assert_close(logits(model, ids), expected, rtol=0, atol=1e-5)
 
 
 def test_peft_exclude_modules(tmp_path, ids):
     excluded = "bert.encoder.layer.0.attention.self.value"
     cfg = peft.LoraConfig(r=4, target_modules=["query", "value"], exclude_modules=[excluded])
-    reference = peft.get_peft_model(tiny_bert(), cfg).eval()
-    _randomize_peft(reference)
-    expected = logits(reference, ids)
-    reference.save_pretrained(tmp_path)
-    model = tiny_bert()
-    lorakit.load_adapter(model, tmp_path)
+    expected, model = _peft_adapter_in_lorakit(tiny_bert, cfg, tmp_path, ids)
     assert not isinstance(model.get_submodule(excluded), lorakit.LoraLayer)
     torch.testing.assert_close(logits(model, ids), expected, rtol=0, atol=1e-5)
 
@@ -165,12 +168,7 @@ def test_peft_start_only_inits_load_as_plain_lora(init, tmp_path, ids):
     # These inits choose where A and B start and leave the base alone: a trained adapter is plain LoRA.
     extra = {"eva_config": peft.EvaConfig()} if init == "eva" else {}
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init, **extra)
-    reference = peft.get_peft_model(tiny_llama(), cfg).eval()
-    _randomize_peft(reference)
-    expected = logits(reference, ids)
-    reference.save_pretrained(tmp_path)
-    model = tiny_llama()
-    lorakit.load_adapter(model, tmp_path)
+    expected, model = _peft_adapter_in_lorakit(tiny_llama, cfg, tmp_path, ids)
     torch.testing.assert_close(logits(model, ids), expected, rtol=0, atol=1e-5)
 
 

@@ -126,8 +126,7 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
         except RowError as err:
             raise Problem(err.status, err.message) from None
         finally:
-            for row in rows:
-                row.cancelled = True  # nothing left to do for them; a dropped client's rows are skipped
+            _cancel(rows)  # nothing left to do for them; a dropped client's rows are skipped
         return P.classify_answer(shown, results, sum(len(r.ids) for r in rows))
 
     app.post("/classify")(classify)
@@ -155,14 +154,16 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
         route, names, shown = resolve(body.model, body.adapters)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
+        temperature = 1.0 if body.temperature is None else body.temperature
+        top_p = 1.0 if body.top_p is None else body.top_p
+        stop = body.stops()  # the same for every row of the request
         rows = []
         for p, ids in enumerate(prompts):
             for c in range(body.n):
                 index = p * body.n + c
                 rows.append(Row(ids, route, names, max_tokens=limit or max(engine.max_length - len(ids), 1),
-                                temperature=1.0 if body.temperature is None else body.temperature,
-                                top_p=1.0 if body.top_p is None else body.top_p,
-                                seed=None if body.seed is None else body.seed + c, stop=body.stops(),
+                                temperature=temperature, top_p=top_p,
+                                seed=None if body.seed is None else body.seed + c, stop=stop,
                                 emit=lambda ev, i=index: loop.call_soon_threadsafe(events.put_nowait, (i, ev))))
         _check_lengths(engine, rows, limit or 0)
         enqueue(rows, with_results=False)
@@ -252,9 +253,9 @@ def _register_and_load(engine: Engine, name: str, folder: Path) -> None:
 
 def _check_lengths(engine: Engine, rows: list[Row], new_tokens: int) -> None:
     for row in rows:
-        if len(row.ids) + new_tokens > engine.max_length or not row.ids:
-            if not row.ids:
-                raise Problem(422, "an input is empty after tokenizing")
+        if not row.ids:
+            raise Problem(422, "an input is empty after tokenizing")
+        if len(row.ids) + new_tokens > engine.max_length:
             raise Problem(413, f"the input is {len(row.ids)} tokens" + (f" + {new_tokens} to generate" if new_tokens
                           else "") + f", more than this model's maximum context of {engine.max_length} tokens")
 

@@ -51,7 +51,7 @@ class Batcher:
 
     # -- submitting --------------------------------------------------------------------------
     def room(self) -> int:
-        return self.max_queue - (self._queue.qsize() if self._queue is not None else 0)
+        return self.max_queue - self.depth
 
     @property
     def depth(self) -> int:
@@ -64,7 +64,6 @@ class Batcher:
         futures = [loop.create_future() for _ in rows] if with_results else [None] * len(rows)
         for row, future in zip(rows, futures):
             self._queue.put_nowait((row, future))
-        self.metrics.queue_depth = self.depth
         return futures if with_results else None
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -90,7 +89,6 @@ class Batcher:
                     batch.append(await asyncio.wait_for(self._queue.get(), left))
                 except asyncio.TimeoutError:
                     break
-            self.metrics.queue_depth = self.depth
             batch = [(row, fut) for row, fut in batch if not row.cancelled and not (fut is not None and fut.done())]
             if not batch:
                 continue

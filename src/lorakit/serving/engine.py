@@ -156,6 +156,7 @@ class Engine:
         if row.cancelled:
             return True
         if token in self.eos_ids:
+            self._emit_text(row, self.tokenizer.decode(row.out, skip_special_tokens=True), hold=0)
             return self._finish(row, "stop", None)
         row.out.append(token)
         text = self.tokenizer.decode(row.out, skip_special_tokens=True)
@@ -180,9 +181,6 @@ class Engine:
             row.sent = ready
 
     def _finish(self, row: Row, reason: str, stop: str | None) -> bool:
-        if reason != "stop" or stop is None:
-            text = self.tokenizer.decode(row.out, skip_special_tokens=True)
-            self._emit_text(row, text, hold=0)
         row.emit(("done", reason, stop))
         return True
 
