@@ -185,16 +185,6 @@ def choose_checkpoint(
     raise CheckpointError(f"cannot resume: {problems[0]}{more}")
 
 
-def load_checkpoint(
-    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, names: list[str]
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Put the checkpoint's adapter and optimizer state into `model` / `optimizer` (freshly built
-    with the run's settings); returns (trainer state, random states). Validates before changing."""
-    restored = read_checkpoint(folder, model, optimizer, names, read_state(folder).get("processes", 1))
-    restored.apply(model, optimizer)
-    return restored.state, restored.rng
-
-
 def read_state(folder: Path) -> dict[str, Any]:
     """A checkpoint's trainer_state.json."""
     state = read_json(folder / STATE_FILE, CheckpointError)
