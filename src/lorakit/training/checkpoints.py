@@ -96,11 +96,8 @@ def all_checkpoints(out: Path) -> list[Path]:
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    found = sorted(
-        (p for p in (out / CHECKPOINTS).glob("step-*") if (p / STATE_FILE).is_file() and p.name[5:].isdigit()),
-        key=lambda p: int(p.name[5:]),
-    )
-    return found[-1] if found else None
+    """The newest checkpoint folder that holds its trainer_state.json, or None."""
+    return next((p for p in all_checkpoints(out) if (p / STATE_FILE).is_file()), None)
 
 
 @dataclass
