@@ -129,8 +129,8 @@ def read_checkpoint(
     """Read checkpoint `folder` and check every file against the run (its model, its freshly
     built optimizer, its number of processes); changes nothing. A `CheckpointError` names the
     file and the problem; a checkpoint of another number of processes is a `TrainingError`."""
-    state = read_state(folder)
-    check_state(state, folder / STATE_FILE, _step(folder))
+    state = read_json(folder / STATE_FILE, CheckpointError)
+    check_state(state, folder / STATE_FILE, _step(folder))  # a JSON object, among other things
     if state.get("processes", 1) != processes:
         raise TrainingError(
             f"{folder} was written by a run of {state.get('processes', 1)} process(es); resume it with the same "
@@ -180,14 +180,6 @@ def choose_checkpoint(
         return restored, [f"{problem}; resuming from an earlier checkpoint, {folder}" for problem in problems]
     more = f" (and {len(problems) - 1} older checkpoint(s) are damaged too)" if len(problems) > 1 else ""
     raise CheckpointError(f"cannot resume: {problems[0]}{more}")
-
-
-def read_state(folder: Path) -> dict[str, Any]:
-    """A checkpoint's trainer_state.json."""
-    state = read_json(folder / STATE_FILE, CheckpointError)
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{folder / STATE_FILE}: expected a JSON object")
-    return state
 
 
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
