@@ -95,6 +95,14 @@ def all_checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=_step, reverse=True)
 
 
+def resumable_checkpoints(out: Path) -> list[Path]:
+    """`all_checkpoints(out)`; none is a `TrainingError`, as `--resume` has nothing to go on."""
+    found = all_checkpoints(out)
+    if not found:
+        raise TrainingError(f"{out}: no checkpoint to resume from (train with --save-every N to write them)")
+    return found
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     """The newest checkpoint folder that holds its trainer_state.json, or None."""
     return next((p for p in all_checkpoints(out) if (p / STATE_FILE).is_file()), None)
@@ -167,9 +175,7 @@ def choose_checkpoint(
 ) -> tuple[Restored, list[str]]:
     """The newest checkpoint of `out` that reads and checks whole, and a notice for each newer
     one that did not (what is wrong, in which file). None whole: the newest one's error."""
-    found = all_checkpoints(out)
-    if not found:
-        raise TrainingError(f"{out}: no checkpoint to resume from (train with --save-every N to write them)")
+    found = resumable_checkpoints(out)
     problems: list[str] = []
     for folder in found:
         try:
