@@ -4,11 +4,10 @@ and --repeat, which say what to do with the output folder rather than how to tra
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
 from pathlib import Path
 
 from ..training import RunConfig, TrainingError, train
-from ..training.options import add_run_options, read_run
+from ..training.options import _option_fields, add_run_options, read_run
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -48,8 +47,8 @@ def _refuse_run_options(args: argparse.Namespace, mode: str) -> None:
     """--resume and --repeat take the run's saved options: one given as well would be ignored in silence
     (`--resume R --epochs 5` would stop at the saved epochs)."""
     defaults = RunConfig()
-    given = [f"--{f.name.replace('_', '-')}" for f in fields(RunConfig)
-             if "group" in f.metadata and f.name != "out" and getattr(args, f.name) != getattr(defaults, f.name)]
+    given = [f"--{f.name.replace('_', '-')}" for f in _option_fields()
+             if f.name != "out" and getattr(args, f.name) != getattr(defaults, f.name)]
     if given:
         raise TrainingError(f"{mode} uses every option saved in its run_config.json, so {', '.join(given)} would be "
                             f"ignored; leave {'it' if len(given) == 1 else 'them'} out, or start a new run without {mode}")

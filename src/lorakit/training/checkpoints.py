@@ -95,12 +95,17 @@ def all_checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=_step, reverse=True)
 
 
+def resumable_checkpoints(out: Path) -> list[Path]:
+    """`all_checkpoints(out)`; none is a `TrainingError`, as `--resume` has nothing to go on."""
+    found = all_checkpoints(out)
+    if not found:
+        raise TrainingError(f"{out}: no checkpoint to resume from (train with --save-every N to write them)")
+    return found
+
+
 def latest_checkpoint(out: Path) -> Path | None:
-    found = sorted(
-        (p for p in (out / CHECKPOINTS).glob("step-*") if (p / STATE_FILE).is_file() and p.name[5:].isdigit()),
-        key=lambda p: int(p.name[5:]),
-    )
-    return found[-1] if found else None
+    """The newest checkpoint folder that holds its trainer_state.json, or None."""
+    return next((p for p in all_checkpoints(out) if (p / STATE_FILE).is_file()), None)
 
 
 @dataclass
@@ -132,8 +137,8 @@ def read_checkpoint(
     """Read checkpoint `folder` and check every file against the run (its model, its freshly
     built optimizer, its number of processes); changes nothing. A `CheckpointError` names the
     file and the problem; a checkpoint of another number of processes is a `TrainingError`."""
-    state = read_state(folder)
-    check_state(state, folder / STATE_FILE, _step(folder))
+    state = read_json(folder / STATE_FILE, CheckpointError)
+    check_state(state, folder / STATE_FILE, _step(folder))  # a JSON object, among other things
     if state.get("processes", 1) != processes:
         raise TrainingError(
             f"{folder} was written by a run of {state.get('processes', 1)} process(es); resume it with the same "
@@ -170,9 +175,7 @@ def choose_checkpoint(
 ) -> tuple[Restored, list[str]]:
     """The newest checkpoint of `out` that reads and checks whole, and a notice for each newer
     one that did not (what is wrong, in which file). None whole: the newest one's error."""
-    found = all_checkpoints(out)
-    if not found:
-        raise TrainingError(f"{out}: no checkpoint to resume from (train with --save-every N to write them)")
+    found = resumable_checkpoints(out)
     problems: list[str] = []
     for folder in found:
         try:
@@ -183,24 +186,6 @@ def choose_checkpoint(
         return restored, [f"{problem}; resuming from an earlier checkpoint, {folder}" for problem in problems]
     more = f" (and {len(problems) - 1} older checkpoint(s) are damaged too)" if len(problems) > 1 else ""
     raise CheckpointError(f"cannot resume: {problems[0]}{more}")
-
-
-def load_checkpoint(
-    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, names: list[str]
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Put the checkpoint's adapter and optimizer state into `model` / `optimizer` (freshly built
-    with the run's settings); returns (trainer state, random states). Validates before changing."""
-    restored = read_checkpoint(folder, model, optimizer, names, read_state(folder).get("processes", 1))
-    restored.apply(model, optimizer)
-    return restored.state, restored.rng
-
-
-def read_state(folder: Path) -> dict[str, Any]:
-    """A checkpoint's trainer_state.json."""
-    state = read_json(folder / STATE_FILE, CheckpointError)
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{folder / STATE_FILE}: expected a JSON object")
-    return state
 
 
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:

@@ -34,7 +34,7 @@ from ..loraplus import param_groups
 from ..model import adapters, trainable_parameters
 from ..peft_format import CONFIG_FILE, WEIGHTS_FILE
 from . import distributed as dist_mod
-from .checkpoints import all_checkpoints, choose_checkpoint, latest_checkpoint, save_checkpoint
+from .checkpoints import choose_checkpoint, latest_checkpoint, resumable_checkpoints, save_checkpoint
 from .errors import TrainingError
 from .metrics import (
     METRICS_FILE,
@@ -143,8 +143,7 @@ class _Run:
             check_destination(out, "--resume")
             check_unlocked(out)
             check_inputs(out, inputs)
-            if not all_checkpoints(out):
-                raise TrainingError(f"{out}: no checkpoint to resume from (train with --save-every N to write them)")
+            resumable_checkpoints(out)  # before the model is loaded
         else:
             check_out(out, overwrite, inputs)
         if world.device.type == "cpu":
