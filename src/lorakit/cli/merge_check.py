@@ -11,6 +11,7 @@ import torch
 from ..training import data as data_mod
 from ..training.options import RUN_FILE, read_run
 from ..training.prepare import held_out_set
+from ..training.tasks import fit_max_length
 
 EXAMPLES = 16
 
@@ -45,7 +46,8 @@ def probe_for(folder: str, model: torch.nn.Module, tokenizer: Any, facts: dict[s
     if (Path(folder) / RUN_FILE).is_file():
         config = read_run(folder)
         dataset = held_out_set(config)
-        encoded = data_mod.encode(dataset, facts["task"], tokenizer, config.max_length, facts["labels"])
+        max_length, _ = fit_max_length(config.max_length, model, "--max-length")  # as training lowered it
+        encoded = data_mod.encode(dataset, facts["task"], tokenizer, max_length, facts["labels"])
         count = min(EXAMPLES, len(encoded))
         batch = encoded.batch(list(range(count)))
         batch.pop("labels", None)
