@@ -299,3 +299,49 @@ def files_of(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
     changed nothing; `skip`: names to leave out."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*"))
             if p.is_file() and p.name not in skip}
+
+
+# ---- float32 comparisons -------------------------------------------------------------------
+
+# A logit of a tiny model (2 blocks of width 32, MLP 64, 9 tokens) ends a chain of reductions:
+# per block q/k/v (32), scores (8 per head), the weighted sum (9), the output (32), MLP up (32)
+# and down (64), plus layer norms (32 each); then the head (32). About 2 * 230 + 32: 500.
+TINY_MODEL_N = 500
+
+
+def assert_rounding_close(got: torch.Tensor, want: torch.Tensor, *, n: int, scale: float | None = None,
+                          msg: str | None = None) -> None:
+    """`got` and `want` compute the same numbers two ways that differ only in rounding (another
+    order of sums, a fused kernel, a merged weight, another library): they must agree to
+    `8 * eps * sqrt(n) * scale`, elementwise.
+
+    eps is the machine epsilon of the less precise dtype of the two (2**-23 for float32; `want`
+    may be a float64 reference). n is the
+    length of the reductions behind each value (for a chain, the sum of their lengths; a whole
+    tiny model is TINY_MODEL_N). scale is the magnitude of the values compared (default: the
+    largest |want|). The rounding error of a sum of n terms grows like sqrt(n) eps times its
+    magnitude (Higham & Mary's probabilistic bound; the blocked sums BLAS kernels use do better),
+    whatever order a CPU's kernels pick (AVX2, AVX-512, the thread count), so the bound holds on
+    any CPU; 8 is the margin over the largest ratio measured under ATEN_CPU_CAPABILITY=default,
+    avx2, avx512 and 1, 2 and 4 threads. A real bug (a missing scale, a wrong sign, one adapter
+    too many) is orders of magnitude above it.
+    """
+    low = got.dtype if torch.finfo(got.dtype).eps > torch.finfo(want.dtype).eps else want.dtype
+    eps = torch.finfo(low).eps
+    if scale is None:
+        scale = want.detach().abs().max().item() if want.numel() else 0.0
+    atol = 8 * eps * n ** 0.5 * scale
+    _log_ratio(got, want, eps * n ** 0.5 * scale)
+    torch.testing.assert_close(got, want, rtol=0, atol=atol, check_dtype=False, msg=msg)
+
+
+def _log_ratio(got, want, unit):  # TEMPORARY: measure the constant
+    path = os.environ.get("LORAKIT_TOL_LOG")
+    if not path:
+        return
+    import inspect
+    frame = inspect.stack()[2]
+    diff = (got.detach().double() - want.detach().double()).abs().max().item() if want.numel() else 0.0
+    with open(path, "a") as f:
+        f.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?').split(' ')[0]} "
+                f"{os.path.basename(frame.filename)}:{frame.lineno} {diff / unit if unit else 0.0:.4g}\n")

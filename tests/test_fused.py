@@ -1,7 +1,7 @@
 """The fast path (fused.py, LoraLinear.forward) pinned to the plain reference_forward.
 
 Outputs and gradients (x, every A and B, the base weight and bias when they train) must agree
-in float32 to 1e-5, for: nn.Linear with and without bias and Conv1D (fan_in_fan_out); 2-D and
+in float32 to rounding (helpers.assert_rounding_close), for: nn.Linear with and without bias and Conv1D (fan_in_fan_out); 2-D and
 3-D inputs; few tokens (delta added in place) and many (adapters folded into the weight);
 dropout on (same seed, same mask) and off; one or several active adapters; partly merged.
 """
@@ -13,10 +13,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_rounding_close
 from torch import nn
 
 from lorakit.fused import Adapter, lora_linear
 from lorakit.layers import LoraLinear
+
+pytestmark = pytest.mark.numeric  # pins float32 numbers to references (helpers.assert_rounding_close)
 
 IN, OUT = 64, 96  # folding pays from 1.5 * 64 * 96 / 160 = 57.6 tokens on
 FEW, MANY = (3,), (4, 16)  # leading dims of x: 3 tokens (in place), 64 tokens (folded)
@@ -70,15 +73,29 @@ def _run(layer, x, fast: bool, seed: int = 7):
     return y, grads, torch.rand(1)
 
 
-def _assert_same(layer, x, atol=1e-5, rtol=1e-5):
+def _n(x: torch.Tensor) -> int:
+    """The reductions behind an output or gradient: over the input features, the output features
+    (x's gradient) and the tokens (the weights' gradients), one after another at most."""
+    return IN + OUT + x.numel() // IN
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, x: torch.Tensor, tol: float | None = None) -> None:
+    """Equal to float32 rounding; bfloat16 (`tol` given) to that relative and absolute tolerance."""
+    if tol is None:
+        assert_rounding_close(got, want, n=_n(x))
+    else:
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+def _assert_same(layer, x, tol=None):
     y_ref, g_ref, r_ref = _run(layer, x, fast=False)
     y, grads, r = _run(layer, x, fast=True)
-    torch.testing.assert_close(y, y_ref, atol=atol, rtol=rtol)
+    _close(y, y_ref, x, tol)
     assert len(grads) == len(g_ref)
     for got, want in zip(grads, g_ref):
         assert (got is None) == (want is None)
         if want is not None:
-            torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+            _close(got, want, x, tol)
     assert torch.equal(r, r_ref), "the fast path must leave the global RNG where the reference does"
 
 
@@ -95,9 +112,9 @@ def _assert_same_from(layer, leaves, make_y):
         return y, torch.autograd.grad(y.square().sum(), [*copies, *params])
 
     (y_ref, g_ref), (y, grads) = run(layer.reference_forward), run(layer)
-    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    _close(y, y_ref, leaves[0])
     for got, want in zip(grads, g_ref, strict=True):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        _close(got, want, leaves[0])
 
 
 def _x(lead, dtype=torch.float32, requires_grad=True):
@@ -161,9 +178,9 @@ def test_no_grad_and_inference_mode_match_reference(lead):
     x = _x(lead, requires_grad=False)
     want = layer.reference_forward(x)
     with torch.no_grad():
-        torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
+        _close(layer(x), want, x)
     with torch.inference_mode():
-        torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
+        _close(layer(x), want, x)
 
 
 def test_disabled_and_inactive_are_the_base_bitwise():
@@ -223,7 +240,7 @@ def test_training_never_writes_the_base_weight(lead):
         opt.zero_grad()
         outs.append(y.detach())
         # nothing cached: after the step the next call sees the new A and B
-        torch.testing.assert_close(layer(_x(lead)), layer.reference_forward(_x(lead)), atol=1e-5, rtol=1e-5)
+        _close(layer(_x(lead)), layer.reference_forward(_x(lead)), _x(lead))
     for key, value in layer.base_layer.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert not torch.equal(outs[0], outs[-1])
@@ -233,7 +250,7 @@ def test_training_never_writes_the_base_weight(lead):
 @pytest.mark.parametrize("lead", [FEW, MANY], ids=["few", "many"])
 def test_bfloat16_is_close(kind, lead):
     layer = _layer(kind, (("a", 4, 0.5, 0.0), ("b", 2, 2.0, 0.3)), dtype=torch.bfloat16).train()
-    _assert_same(layer, _x(lead, dtype=torch.bfloat16), atol=3e-2, rtol=3e-2)
+    _assert_same(layer, _x(lead, dtype=torch.bfloat16), tol=3e-2)
 
 
 def test_mixed_dtypes_and_autocast_take_the_reference():

@@ -7,10 +7,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import logits, make_model, randomize_adapter
+from helpers import (
+    TINY_MODEL_N,
+    assert_rounding_close,
+    logits,
+    make_model,
+    randomize_adapter,
+)
 
 import lorakit
 from lorakit.quantized import keep_layouts, quantized_kind
+
+pytestmark = pytest.mark.numeric  # pins float32 numbers to references (helpers.assert_rounding_close)
 
 peft = pytest.importorskip("peft")
 bnb = pytest.importorskip("bitsandbytes")
@@ -80,7 +88,7 @@ def test_peft_qlora_adapter_loads_in_lorakit(folder, kind, ids, tmp_path):
         assert isinstance(base.model.layers[0].mlp.down_proj, lorakit.LoraQuantLinear)
         got = logits(base, ids)
         assert (got - plain).abs().max() > 1e-3
-        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        assert_rounding_close(got, expected, n=TINY_MODEL_N)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -93,7 +101,7 @@ def test_lorakit_qlora_adapter_loads_in_peft(folder, kind, ids, tmp_path):
     reference = peft.PeftModel.from_pretrained(transformers_quantized(folder, kind), tmp_path).eval()
     layer = reference.base_model.model.model.layers[0].self_attn.q_proj
     assert type(layer).__module__ == "peft.tuners.lora.bnb"  # PEFT's own 4-/8-bit layer
-    torch.testing.assert_close(logits(reference, ids), expected, rtol=0, atol=1e-5)
+    assert_rounding_close(logits(reference, ids), expected, n=TINY_MODEL_N)
 
 
 def test_peft_adapts_a_model_lorakit_quantized_with_its_bitsandbytes_layers(folder):

@@ -11,6 +11,8 @@ from helpers import randomize_adapter, tiny_model
 import lorakit
 from lorakit import mixed
 
+pytestmark = pytest.mark.numeric  # pins float32 numbers to references (helpers.assert_rounding_close)
+
 
 def _add(model, name: str, seed: int, **config) -> None:
     lorakit.add_adapter(model, name, lorakit.LoraConfig(**config))

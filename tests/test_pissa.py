@@ -8,11 +8,13 @@ import json
 
 import pytest
 import torch
-from helpers import assert_unchanged, logits, randomize_adapter, snapshot, tiny_gpt2, tiny_llama
+from helpers import TINY_MODEL_N, assert_rounding_close, assert_unchanged, logits, randomize_adapter, snapshot, tiny_gpt2, tiny_llama
 from safetensors.torch import load_file
 
 import lorakit
 from lorakit.adapter_file import CONFIG_FILE, WEIGHTS_FILE, AdapterFileError
+
+pytestmark = pytest.mark.numeric  # pins float32 numbers to references (helpers.assert_rounding_close)
 
 peft = pytest.importorskip("peft")
 
@@ -72,7 +74,7 @@ def test_peft_residual_adapter_loads_to_the_trained_model(init, case, tmp_path, 
     lorakit.load_adapter(model, tmp_path)
     assert lorakit.adapters(model)["default"].config.init == init
     assert (trained - base).abs().max() > 1e-2
-    torch.testing.assert_close(logits(model, ids), trained, rtol=0, atol=1e-6)
+    assert_rounding_close(logits(model, ids), trained, n=TINY_MODEL_N)
     # The residual is the same computation as PEFT's, to the bit.
     theirs = {n.removeprefix("base_model.model."): p for n, p in reference.named_parameters() if "base_layer" in n}
     ours = {n: p for n, p in model.named_parameters() if "base_layer" in n}
@@ -97,7 +99,7 @@ def test_lorakit_pissa_adapter_loads_in_peft_and_lorakit(case, tmp_path, ids):
     trained = _saved_lorakit_pissa(case, tmp_path, ids)
     assert json.loads((tmp_path / CONFIG_FILE).read_text())["init_lora_weights"] == "pissa"
     reference = peft.PeftModel.from_pretrained(make(), tmp_path).eval()
-    torch.testing.assert_close(logits(reference, ids), trained, rtol=0, atol=1e-6)
+    assert_rounding_close(logits(reference, ids), trained, n=TINY_MODEL_N)
     fresh = make()
     lorakit.load_adapter(fresh, tmp_path)
     assert torch.equal(logits(fresh, ids), trained)
@@ -124,7 +126,6 @@ def test_as_lora_reproduces_the_trained_model_on_the_original_base(case, tmp_pat
     trained = _saved_lorakit_pissa(case, tmp_path, ids, as_lora=True)
     config = json.loads((tmp_path / CONFIG_FILE).read_text())
     assert config["init_lora_weights"] is True and config["r"] == 2 * ours["rank"]
-    scale = trained.abs().max().item()
     for load in ("lorakit", "peft"):
         base = make()
         if load == "lorakit":
@@ -132,7 +133,7 @@ def test_as_lora_reproduces_the_trained_model_on_the_original_base(case, tmp_pat
             assert lorakit.adapters(base)["default"].initial == {}  # the base weights stay the original ones
         else:
             base = peft.PeftModel.from_pretrained(base, tmp_path).eval()
-        torch.testing.assert_close(logits(base, ids), trained, rtol=0, atol=2e-6 * scale)
+        assert_rounding_close(logits(base, ids), trained, n=TINY_MODEL_N)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -146,7 +147,7 @@ def test_load_as_lora_leaves_the_base_weights_as_they_are(case, tmp_path, ids):
     lorakit.load_adapter(model, tmp_path, "p", as_lora=True)
     record = lorakit.adapters(model)["p"]
     assert record.initial == {} and record.config.init == "default" and record.config.rank == 2 * ours["rank"]
-    torch.testing.assert_close(logits(model, ids), trained, rtol=0, atol=2e-6 * trained.abs().max().item())
+    assert_rounding_close(logits(model, ids), trained, n=TINY_MODEL_N)
     with lorakit.disabled(model):
         assert torch.equal(logits(model, ids), base)
     # A plain adapter may share its modules now (a residual would have refused it).
@@ -211,7 +212,7 @@ def test_as_lora_keeps_trained_heads_and_is_a_no_op_for_plain_adapters(tmp_path,
     lorakit.save_adapter(model, tmp_path / "a", as_lora=True)
     assert "base_model.model.classifier.bias" in load_file(tmp_path / "a" / WEIGHTS_FILE)
     for loaded in (peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / "a").eval(), lorakit.load_adapter(tiny_bert(), tmp_path / "a")):
-        torch.testing.assert_close(logits(loaded, ids), trained, rtol=0, atol=1e-5)
+        assert_rounding_close(logits(loaded, ids), trained, n=TINY_MODEL_N)
     plain = tiny_bert()
     lorakit.inject(plain, lorakit.LoraConfig(rank=4, targets=["query"]))
     randomize_adapter(plain)
@@ -245,7 +246,7 @@ def test_removing_a_pissa_adapter_gives_the_original_weights_back(how, ids):
         if n in original:
             torch.testing.assert_close(p, original[n], rtol=0, atol=1e-6)
     if how != "delete-one-of-two":
-        torch.testing.assert_close(logits(model, ids), base, rtol=0, atol=1e-5)
+        assert_rounding_close(logits(model, ids), base, n=TINY_MODEL_N)
 
 
 # ---- what cannot be reproduced is refused ----------------------------------------------------
@@ -287,7 +288,7 @@ def test_pissa_niter_is_refused_and_its_peft_conversion_loads(tmp_path, ids):
     assert_unchanged(model, before)
     reference.save_pretrained(tmp_path / "plain", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
     lorakit.load_adapter(model, tmp_path / "plain")
-    torch.testing.assert_close(logits(model, ids), trained, rtol=0, atol=1e-6)
+    assert_rounding_close(logits(model, ids), trained, n=TINY_MODEL_N)
 
 
 def test_pissa_shares_no_module_with_another_adapter(tmp_path):
@@ -320,7 +321,7 @@ def test_peft_pissa_file_with_an_embedding_keeps_it_plain(tmp_path, ids):
     assert list(lorakit.adapters(model)["default"].initial) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
     lorakit.save_adapter(model, tmp_path / "plain", as_lora=True)
     converted = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "plain").eval()
-    torch.testing.assert_close(logits(converted, ids), trained, rtol=0, atol=1e-6)
+    assert_rounding_close(logits(converted, ids), trained, n=TINY_MODEL_N)
     with pytest.raises(ValueError, match="needs a linear layer"):
         lorakit.inject(tiny_llama(), lorakit.LoraConfig(**{"rank": 4, "targets": ["embed_tokens"], "init": "pissa"}))
 
@@ -357,14 +358,14 @@ def test_olora_reloads_converts_and_gives_the_base_back(case, dora, tmp_path, id
     assert json.loads((tmp_path / "olora" / CONFIG_FILE).read_text())["init_lora_weights"] == "olora"
     fresh = make()
     lorakit.load_adapter(fresh, tmp_path / "olora")
-    torch.testing.assert_close(logits(fresh, ids), trained, rtol=0, atol=1e-6)
+    assert_rounding_close(logits(fresh, ids), trained, n=TINY_MODEL_N)
     plain = make()
     lorakit.load_adapter(plain, tmp_path / "plain")
     assert lorakit.adapters(plain)["default"].initial == {}  # the original base weights, untouched
-    torch.testing.assert_close(logits(plain, ids), trained, rtol=0, atol=2e-6 * trained.abs().max().item())
+    assert_rounding_close(logits(plain, ids), trained, n=TINY_MODEL_N)
     if case == "llama" and not dora:
         theirs = peft.PeftModel.from_pretrained(make(), tmp_path / "olora").eval()
-        torch.testing.assert_close(logits(theirs, ids), trained, rtol=0, atol=1e-6)
+        assert_rounding_close(logits(theirs, ids), trained, n=TINY_MODEL_N)
     lorakit.delete_adapter(model, "default")
     for n, p in model.named_parameters():
         torch.testing.assert_close(p, original[n], rtol=0, atol=1e-6)

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from helpers import TINY_MODEL_N, assert_rounding_close
 from helpers import cli_here as lorakit
 
 from lorakit.cli import build_parser, main
@@ -123,7 +124,7 @@ def test_classifier_adapter_loads_with_peft_and_gives_the_same_logits(classifier
     with torch.no_grad():
         expected = peft_model(**batch).logits
         got = ours(**batch).logits
-    torch.testing.assert_close(got, expected)
+    assert_rounding_close(got, expected, n=TINY_MODEL_N)
     assert ours.config.id2label == {0: "neg", 1: "pos"}
 
 
@@ -139,7 +140,7 @@ def test_merge_classifier(classifier, tmp_path, capsys):
     ours, tokenizer, _ = load_trained(str(classifier), None)
     batch = sentences(tokenizer, ["the food was good", "awful phone"])
     with torch.no_grad():
-        torch.testing.assert_close(plain(**batch).logits, ours(**batch).logits, rtol=1e-4, atol=1e-5)
+        assert_rounding_close(plain(**batch).logits, ours(**batch).logits, n=TINY_MODEL_N)
     assert plain.config.id2label == {0: "neg", 1: "pos"}
     code, _, err = lorakit(capsys, "merge", str(classifier), "--out", str(merged))
     assert code == 2 and "already exists; pass --overwrite" in err
@@ -168,7 +169,7 @@ def test_causal_eval_generate_merge_and_peft(causal, tmp_path, capsys):
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_folder)), str(causal)).eval()
     with torch.no_grad():
         expected = ours(ids).logits
-        torch.testing.assert_close(peft_model(ids).logits, expected)
+        assert_rounding_close(peft_model(ids).logits, expected, n=TINY_MODEL_N)
         base = AutoModelForCausalLM.from_pretrained(str(base_folder))(ids).logits
     assert not torch.allclose(base, expected)  # the adapter changes the output
 
@@ -176,7 +177,7 @@ def test_causal_eval_generate_merge_and_peft(causal, tmp_path, capsys):
     assert lorakit(capsys, "merge", str(causal), "--out", str(merged))[0] == 0
     with torch.no_grad():
         got = AutoModelForCausalLM.from_pretrained(str(merged))(ids).logits
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert_rounding_close(got, expected, n=TINY_MODEL_N)
 
 
 # ---- errors --------------------------------------------------------------------------------
@@ -221,7 +222,8 @@ def test_default_model_short_run_loads_with_peft(tmp_path, capsys):
     peft_model = PeftModel.from_pretrained(base, str(out)).eval()
     batch = sentences(tokenizer, ["Great phone, works perfectly.", "The food was cold and bland."])
     with torch.no_grad():
-        torch.testing.assert_close(ours(**batch).logits, peft_model(**batch).logits)
+        # MiniLM: 6 layers of width 384 (MLP 1536), about 3,500 summed terms per layer along a logit's path
+        assert_rounding_close(ours(**batch).logits, peft_model(**batch).logits, n=6 * 3500)
 
 
 @pytest.mark.slow

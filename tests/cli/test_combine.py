@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import TINY_MODEL_N, assert_rounding_close
 from helpers import cli_here as lorakit_cli
 
 import lorakit
@@ -46,7 +47,7 @@ def test_combine_writes_a_normal_adapter(runs, tiny, tmp_path, capsys):
     loaded, _, _ = load_trained(str(out), None)
     batch = tokenizer(["good film", "awful food and dull"], padding=True, return_tensors="pt")
     with torch.no_grad():
-        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=1e-6)
+        assert_rounding_close(loaded(**batch).logits, model(**batch).logits, n=TINY_MODEL_N)
 
     code, text, err = lorakit_cli(capsys, "eval", str(out), "--data", str(tiny["classify_eval"]))
     assert code == 0 and "(40 examples): accuracy" in text, err

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from helpers import cli_here
+from helpers import TINY_MODEL_N, assert_rounding_close, cli_here
 
 import lorakit
 from lorakit.cli import main
@@ -34,7 +34,9 @@ def test_eval_reproduces_the_quantized_runs_result(qlora_run, capsys):
     code, out, _ = cli_here(capsys, "eval", str(qlora_run), "--json")
     metrics = [json.loads(line) for line in (qlora_run / "metrics.jsonl").read_text().splitlines()]
     final = [m["eval"] for m in metrics if "eval" in m][-1]
-    assert code == 0 and json.loads(out)["loss"] == pytest.approx(final["loss"], rel=1e-6)
+    assert code == 0
+    # a mean over the vocabulary's logsumexp (120) and the held-out tokens (under 1,000)
+    assert_rounding_close(torch.tensor(json.loads(out)["loss"]), torch.tensor(final["loss"]), n=TINY_MODEL_N + 120 + 1000)
 
 
 def test_merge_writes_the_trained_model_in_full_precision(qlora_run, tmp_path, capsys):
@@ -52,7 +54,7 @@ def test_merge_writes_the_trained_model_in_full_precision(qlora_run, tmp_path, c
     trained, tokenizer, _ = load_trained(str(qlora_run), None)
     ids = tokenizer(["count from 3 : 4 5"], return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        torch.testing.assert_close(plain(ids).logits, trained(ids).logits, rtol=0, atol=1e-4)
+        assert_rounding_close(plain(ids).logits, trained(ids).logits, n=TINY_MODEL_N)
 
     code, out, _ = cli_here(capsys, "merge", str(qlora_run), "--out", str(tmp_path / "bf16"), "--dtype", "bf16")
     assert code == 0 and "bf16" in out

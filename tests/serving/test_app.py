@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import LABELS, make_adapter
+from helpers import LABELS, TINY_MODEL_N, assert_rounding_close, make_adapter
 from served import build, client, run
 
 from lorakit.cli.trained import load_trained
@@ -37,7 +37,7 @@ def offline_text(folder, prompt: str, max_tokens: int) -> str:
 
 
 def close(got: list[float], want: list[float]) -> None:
-    assert max(abs(g - w) for g, w in zip(got, want)) <= 1e-5
+    assert_rounding_close(torch.tensor(got), torch.tensor(want), n=TINY_MODEL_N)
 
 
 # ---- classify ------------------------------------------------------------------------------

@@ -150,6 +150,7 @@ def test_a_load_walks_the_same_modules_however_many_adapters_are_loaded(model, a
     assert evictions == [evictions[0]] * 11, evictions
 
 
+@pytest.mark.numeric
 def test_loaded_adapters_serve_mixed_batches(model, adapters):
     store = AdapterStore(model)
     for name in "ab":
@@ -188,6 +189,7 @@ def _served_beside_a_lora(model, adapters, folder, std: float, **lora):
     return store, ids, base
 
 
+@pytest.mark.numeric
 def test_a_pissa_adapter_serves_beside_others_on_the_unchanged_base(model, adapters, tmp_path):
     """The store loads a PiSSA adapter as the plain LoRA it equals: its rows match the trained
     model, base rows stay the base model's to the bit, and other adapters still load."""
@@ -197,6 +199,7 @@ def test_a_pissa_adapter_serves_beside_others_on_the_unchanged_base(model, adapt
         assert torch.equal(model(input_ids=ids).logits, base)
 
 
+@pytest.mark.numeric
 def test_a_dora_adapter_serves_beside_others(model, adapters, tmp_path):
     """A DoRA adapter from a folder loads into the store and its rows of a mixed batch match the
     trained DoRA model, beside a LoRA adapter's rows and base rows."""
