@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TINY_MODEL_N, ConvToy, assert_rounding_close, assert_unchanged, logits, randomize_adapter, snapshot, tiny_bert, tiny_gpt2, tiny_llama
+from helpers import (
+    TINY_MODEL_N,
+    ConvToy,
+    assert_rounding_close,
+    assert_unchanged,
+    logits,
+    randomize_adapter,
+    snapshot,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+)
 
 import lorakit
 from lorakit.arithmetic import _keep_largest, _ties
@@ -32,7 +43,8 @@ def test_cat_is_exactly_the_weighted_sum():
     report = lorakit.combine(model, W, "mix", method="cat")
     layer = model.model.layers[0].self_attn.q_proj
     assert layer.rank("mix") == 8 and layer.scaling["mix"] == 1.0
-    assert_rounding_close(_delta(layer, "mix"), 0.7 * _delta(layer, "a1") - 0.4 * _delta(layer, "a2"), n=8)  # rank 8
+    want = 0.7 * _delta(layer, "a1") - 0.4 * _delta(layer, "a2")
+    assert_rounding_close(_delta(layer, "mix"), want, n=8)  # rank 8
     v = model.model.layers[0].self_attn.v_proj  # only a1 adapts v_proj: rank 4 there
     assert v.rank("mix") == 4 and v.scaling["mix"] == 1.0
     assert lorakit.adapters(model)["mix"].config.rank_pattern == {"model.layers.0.self_attn.v_proj": 4,

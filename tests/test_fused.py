@@ -1,9 +1,10 @@
 """The fast path (fused.py, LoraLinear.forward) pinned to the plain reference_forward.
 
 Outputs and gradients (x, every A and B, the base weight and bias when they train) must agree
-in float32 to rounding (helpers.assert_rounding_close), for: nn.Linear with and without bias and Conv1D (fan_in_fan_out); 2-D and
-3-D inputs; few tokens (delta added in place) and many (adapters folded into the weight);
-dropout on (same seed, same mask) and off; one or several active adapters; partly merged.
+in float32 to rounding (helpers.assert_rounding_close), for: nn.Linear with and without bias and
+Conv1D (fan_in_fan_out); 2-D and 3-D inputs; few tokens (delta added in place) and many
+(adapters folded into the weight); dropout on (same seed, same mask) and off; one or several
+active adapters; partly merged.
 """
 
 from __future__ import annotations

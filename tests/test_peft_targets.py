@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SwinLike, assert_rounding_close, assert_unchanged, logits, randomize_adapter, snapshot, tiny_bert, tiny_llama
+from helpers import (
+    SwinLike,
+    assert_rounding_close,
+    assert_unchanged,
+    logits,
+    randomize_adapter,
+    snapshot,
+    tiny_bert,
+    tiny_llama,
+)
 from safetensors.torch import load_file, save_file
 
 import lorakit

@@ -8,7 +8,16 @@ import json
 
 import pytest
 import torch
-from helpers import TINY_MODEL_N, assert_rounding_close, assert_unchanged, logits, randomize_adapter, snapshot, tiny_gpt2, tiny_llama
+from helpers import (
+    TINY_MODEL_N,
+    assert_rounding_close,
+    assert_unchanged,
+    logits,
+    randomize_adapter,
+    snapshot,
+    tiny_gpt2,
+    tiny_llama,
+)
 from safetensors.torch import load_file
 
 import lorakit

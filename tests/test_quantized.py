@@ -10,7 +10,17 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY_MODEL_N, assert_rounding_close, assert_unchanged, logits, randomize_adapter, snapshot, tiny_bert, tiny_llama, tiny_model
+from helpers import (
+    TINY_MODEL_N,
+    assert_rounding_close,
+    assert_unchanged,
+    logits,
+    randomize_adapter,
+    snapshot,
+    tiny_bert,
+    tiny_llama,
+    tiny_model,
+)
 
 import lorakit
 from lorakit.quantized import dequantize, keep_layouts, quantized_kind, stored_bytes

@@ -36,7 +36,8 @@ def test_eval_reproduces_the_quantized_runs_result(qlora_run, capsys):
     final = [m["eval"] for m in metrics if "eval" in m][-1]
     assert code == 0
     # a mean over the vocabulary's logsumexp (120) and the held-out tokens (under 1,000)
-    assert_rounding_close(torch.tensor(json.loads(out)["loss"]), torch.tensor(final["loss"]), n=TINY_MODEL_N + 120 + 1000)
+    loss = torch.tensor(json.loads(out)["loss"])
+    assert_rounding_close(loss, torch.tensor(final["loss"]), n=TINY_MODEL_N + 120 + 1000)
 
 
 def test_merge_writes_the_trained_model_in_full_precision(qlora_run, tmp_path, capsys):
