@@ -142,7 +142,7 @@ def test_merge_classifier(classifier, tmp_path, capsys):
         torch.testing.assert_close(plain(**batch).logits, ours(**batch).logits, rtol=1e-4, atol=1e-5)
     assert plain.config.id2label == {0: "neg", 1: "pos"}
     code, _, err = lorakit(capsys, "merge", str(classifier), "--out", str(merged))
-    assert code == 2 and "already exists; pass --overwrite" in err
+    assert code == 2 and "already exists and is not empty; pass --overwrite" in err
 
 
 # ---- causal LM end to end ------------------------------------------------------------------

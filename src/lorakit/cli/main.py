@@ -11,13 +11,18 @@
 
 Each subcommand is a module of this package with `add_parser(subparsers)` and `run(args)`.
 Errors the user can fix (bad data, bad options, a missing folder) print one line and exit 2;
-`--debug` shows the traceback instead.
+`--debug` shows the traceback instead. Ctrl-C at any moment prints one line and exits with status
+130: this module imports only the standard library (and `import lorakit` loads nothing heavy, see
+lorakit/__init__.py), so `main` is running before torch or Transformers start to import, and
+everything it does, building the parser included, is inside its handling.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 
 COMMANDS = ("train", "eval", "generate", "merge", "inspect", "combine", "serve")
@@ -56,7 +61,23 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    """Run the command in `argv` (default: the process's arguments); returns the exit status."""
+    whole_process = argv is None  # the console script or `python -m lorakit`, not a caller in Python
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        # A second Ctrl-C while the process winds down (threads, atexit) ends it at once, quietly.
+        if whole_process and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+        name = f"lorakit {command}" if command in COMMANDS else "lorakit"
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(argv: list[str]) -> int:
+    parser = build_parser()  # imports every command, and so torch and Transformers
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -68,9 +89,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"lorakit {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"lorakit {args.command}: interrupted", file=sys.stderr)
-        return 130
 
 
 def _one_line(err: BaseException) -> str:
