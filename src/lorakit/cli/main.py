@@ -12,14 +12,15 @@
 Each subcommand is a module of this package with `add_parser(subparsers)` and `run(args)`.
 Errors the user can fix (bad data, bad options, a missing folder) print one line and exit 2;
 `--debug` shows the traceback instead. Ctrl-C at any moment prints one line and exits with status
-130: this module imports only the standard library (and `import lorakit` loads nothing heavy, see
-lorakit/__init__.py), so `main` is running before torch or Transformers start to import, and
-everything it does, building the parser included, is inside its handling.
+130, never a traceback or death by the signal: this module imports only the standard library
+(and `import lorakit` loads nothing heavy, see lorakit/__init__.py), so `main` handles SIGINT
+before torch or Transformers start to import (see `main` for how).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import signal
@@ -65,20 +66,36 @@ def main(argv: list[str] | None = None) -> int:
     whole_process = argv is None  # the console script or `python -m lorakit`, not a caller in Python
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
+    name = f"lorakit {command}" if command in COMMANDS else "lorakit"
+    # While the commands import torch and Transformers, Ctrl-C ends the process at once: nothing
+    # is written yet, and a KeyboardInterrupt there can be swallowed by C code (torch's import of
+    # numpy), leaving a half-imported module that fails later with a misleading error.
+    own_handler = whole_process and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if own_handler:
+        signal.signal(signal.SIGINT, lambda *_: _end_interrupted(name))
     try:
-        return _run(argv)
+        parser = build_parser()  # imports every command
+        args = parser.parse_args(argv)
+        if own_handler:  # from here a KeyboardInterrupt unwinds the command (temporary files, locks)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        return _run(parser, args)
     except KeyboardInterrupt:
-        # A second Ctrl-C while the process winds down (threads, atexit) ends it at once, quietly.
-        if whole_process and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            signal.signal(signal.SIGINT, lambda *_: os._exit(130))
-        name = f"lorakit {command}" if command in COMMANDS else "lorakit"
+        if whole_process:
+            _end_interrupted(name)
         print(f"{name}: interrupted", file=sys.stderr)
         return 130
 
 
-def _run(argv: list[str]) -> int:
-    parser = build_parser()  # imports every command, and so torch and Transformers
-    args = parser.parse_args(argv)
+def _end_interrupted(name: str) -> None:
+    """One line, then exit 130 at once: the interpreter's shutdown can neither print a traceback
+    nor end the process by the signal (it does after a KeyboardInterrupt C code once saw)."""
+    with contextlib.suppress(Exception):  # in a signal handler, a write may be under way
+        sys.stdout.flush()
+    os.write(2, f"{name}: interrupted\n".encode())
+    os._exit(130)
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command is None:
         parser.print_help()
         return 0
