@@ -33,8 +33,8 @@ RUN = Output(command="lorakit train", what="a lorakit run", marker=RUN_FILE, nam
 
 def check_out(out: Path, overwrite: bool, inputs: Inputs = ()) -> None:
     """Every check on a new run's `--out`, before anything is written."""
+    check_unlocked(out)  # first: a folder another run is writing says so, whatever else holds
     RUN.check_out(out, overwrite, inputs)
-    check_unlocked(out)
 
 
 def clear_previous_run(out: Path) -> None:
