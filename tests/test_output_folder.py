@@ -98,8 +98,9 @@ def test_a_marker_naming_other_places_removes_nothing_outside(tmp_path):
     assert [p.name for p in MAKE.entries(out)] == ["extra.txt", "thing.bin", "thing.json"]
     MAKE.remove_previous(out)
     assert (tmp_path / "precious").read_text() == "outside" and (out / "sub" / "x").read_text() == "mine"
-    (out / "thing.json").write_text("{broken")  # unreadable: only the fixed names count
-    assert [p.name for p in MAKE.entries(out)] == ["thing.json"]
+    for broken in ("{broken", "[1, 2]", '{"files": "extra.txt"}'):  # only the fixed names count
+        (out / "thing.json").write_text(broken)
+        assert [p.name for p in MAKE.entries(out)] == ["thing.json"]
 
 
 def test_a_file_of_the_users_with_a_name_the_command_writes_is_refused(tmp_path):

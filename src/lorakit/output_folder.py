@@ -116,7 +116,8 @@ class Output:
         """The plain file names the marker lists under "files" (none if it lists none or cannot be
         read: then only the fixed names count as the command's, which removes less, never more)."""
         with contextlib.suppress(OSError, ValueError):
-            files = json.loads((folder / self.marker).read_text(encoding="utf-8")).get("files", [])
+            record = json.loads((folder / self.marker).read_text(encoding="utf-8"))
+            files = record.get("files") if isinstance(record, dict) else None
             if isinstance(files, list):
                 return [f for f in files if isinstance(f, str) and f not in ("", ".", "..") and Path(f).name == f]
         return []
