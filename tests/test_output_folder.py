@@ -98,6 +98,7 @@ def test_a_marker_naming_other_places_removes_nothing_outside(tmp_path):
     assert [p.name for p in MAKE.entries(out)] == ["extra.txt", "thing.bin", "thing.json"]
     MAKE.remove_previous(out)
     assert (tmp_path / "precious").read_text() == "outside" and (out / "sub" / "x").read_text() == "mine"
+    (out / "extra.txt").write_text("now the user's: no readable list names it")
     for broken in ("{broken", "[1, 2]", '{"files": "extra.txt"}'):  # only the fixed names count
         (out / "thing.json").write_text(broken)
         assert [p.name for p in MAKE.entries(out)] == ["thing.json"]
