@@ -50,7 +50,7 @@ def test_importing_the_command_line_loads_nothing_heavy():
 
 
 def test_every_public_name_resolves_and_a_submodule_never_hides_one():
-    import lorakit.quantize  # noqa: F401  (the module of the same name as the function)
+    import lorakit.quantize  # the module of the same name as the function
 
     assert callable(lorakit.quantize) and lorakit.quantize.__module__ == "lorakit.quantize"
     for name in lorakit.__all__:
