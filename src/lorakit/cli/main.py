@@ -89,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
 def _end_interrupted(name: str) -> None:
     """One line, then exit 130 at once: the interpreter's shutdown can neither print a traceback
     nor end the process by the signal (it does after a KeyboardInterrupt C code once saw)."""
-    with contextlib.suppress(Exception):  # in a signal handler, a write may be under way
-        sys.stdout.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # in a signal handler, a write may be under way
+            stream.flush()
     os.write(2, f"{name}: interrupted\n".encode())
     os._exit(130)
 
