@@ -63,6 +63,6 @@ def test_ctrl_c_is_one_line_and_status_130(start, after, line, tiny, tmp_path):
 def test_ctrl_c_in_another_command(tiny, tmp_path):
     run = tmp_path / "run"
     train_tiny(tiny, run, max_steps=1)
-    code, out, err = interrupted(["-m", "lorakit", "merge", str(run), "--out", str(tmp_path / "merged")], after=1.0)
+    code, out, err = interrupted(["-m", "lorakit", "merge", str(run), "--out", str(tmp_path / "merged")], after=0.3)
     assert code == 130 and err.splitlines() == ["lorakit merge: interrupted"], (code, out, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing half-written left behind

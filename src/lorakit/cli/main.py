@@ -14,7 +14,9 @@ Errors the user can fix (bad data, bad options, a missing folder) print one line
 `--debug` shows the traceback instead. Ctrl-C at any moment prints one line and exits with status
 130, never a traceback or death by the signal: this module imports only the standard library
 (and `import lorakit` loads nothing heavy, see lorakit/__init__.py), so `main` handles SIGINT
-before torch or Transformers start to import (see `main` for how).
+before torch or Transformers start to import (see `main` for how). Outside its reach: the
+interpreter's own start (before any lorakit code runs) and the last part of its shutdown after
+a command has finished (Python puts the default SIGINT action back before it frees modules).
 """
 
 from __future__ import annotations
@@ -78,7 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if own_handler:  # from here a KeyboardInterrupt unwinds the command (temporary files, locks)
             signal.signal(signal.SIGINT, signal.default_int_handler)
-        return _run(parser, args)
+        code = _run(parser, args)
+        if own_handler:  # the command is done: during the interpreter's shutdown, end at once again
+            signal.signal(signal.SIGINT, lambda *_: _end_interrupted(name))
+        return code
     except KeyboardInterrupt:
         if whole_process:
             _end_interrupted(name)
