@@ -38,3 +38,21 @@ def test_the_training_wing_is_imported_only_when_asked():
             "print(before, 'transformers' in sys.modules, cb.__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "True", "SaveAdapterCallback"]
+
+
+def test_importing_the_command_line_loads_nothing_heavy():
+    """The `lorakit` command handles Ctrl-C before torch imports (cli/main.py): importing the
+    package and its cli package must not import torch."""
+    code = ("import sys, lorakit, lorakit.cli; "
+            "print(sorted(m for m in ('torch', 'transformers', 'safetensors', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_every_public_name_resolves_and_a_submodule_never_hides_one():
+    import lorakit.quantize  # the module of the same name as the function
+
+    assert callable(lorakit.quantize) and lorakit.quantize.__module__ == "lorakit.quantize"
+    for name in lorakit.__all__:
+        assert getattr(lorakit, name).__name__ == name
+    assert set(lorakit.__all__) <= set(dir(lorakit))

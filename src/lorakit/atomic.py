@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -55,22 +54,3 @@ def _umask() -> int:
     os.umask(mask)
     return mask
 
-
-def write_folder_atomic(target: Path, fill: Callable[[Path], None], overwrite: bool) -> None:
-    """Build a folder aside with fill(tmp_path), then rename it to `target` (replacing it if allowed)."""
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; pass --overwrite to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(target.parent, target.name)
-    try:
-        fill(tmp)
-        if target.exists():
-            old = make_temp_dir(target.parent, target.name + ".old")
-            os.rename(target, old / "x")
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

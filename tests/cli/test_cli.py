@@ -143,7 +143,7 @@ def test_merge_classifier(classifier, tmp_path, capsys):
         assert_rounding_close(plain(**batch).logits, ours(**batch).logits, n=TINY_MODEL_N)
     assert plain.config.id2label == {0: "neg", 1: "pos"}
     code, _, err = lorakit(capsys, "merge", str(classifier), "--out", str(merged))
-    assert code == 2 and "already exists; pass --overwrite" in err
+    assert code == 2 and "already exists and is not empty; pass --overwrite" in err
 
 
 # ---- causal LM end to end ------------------------------------------------------------------

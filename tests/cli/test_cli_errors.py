@@ -76,6 +76,7 @@ def merge_case(tiny, adapter, tmp_path):
     (lambda a, b: a.parent, "holds the adapter folder"),
     (lambda a, b: a / "merged", "is inside the adapter folder"),
     (lambda a, b: b, "is the base model folder"),
+    (lambda a, b: b / "merged", "is inside the base model folder"),
     (lambda a, b: b.parent / ".", "holds the adapter folder"),
 ])
 def test_merge_refuses_an_out_that_is_or_holds_its_input(where, says, merge_case, capsys):
@@ -87,20 +88,44 @@ def test_merge_refuses_an_out_that_is_or_holds_its_input(where, says, merge_case
     assert files_of(root) == before
 
 
-def test_merge_overwrites_only_a_model_folder(merge_case, tmp_path, capsys):
-    folder, base = merge_case
-    mine = tmp_path / "documents"
-    mine.mkdir()
-    (mine / "thesis.tex").write_text("years of work")
-    code, _, err = lorakit_cli(capsys, "merge", str(folder), "--out", str(mine), "--overwrite")
-    assert one_line_error(code, err) and "no config.json, so it is not a model folder" in err
-    assert (mine / "thesis.tex").read_text() == "years of work"
+@pytest.mark.parametrize("folder", ["documents", "model folder"])
+def test_merge_refuses_a_folder_it_did_not_write_even_with_overwrite(folder, merge_case, tiny, tmp_path, capsys):
+    adapter, _ = merge_case
+    mine = tmp_path / "mine"
+    if folder == "documents":
+        mine.mkdir()
+        (mine / "thesis.tex").write_text("years of work")
+    else:  # a model folder of the user's (config.json and weights), not one merge wrote
+        shutil.copytree(tiny["bert"], mine)
+    before = files_of(mine)
+    code, _, err = lorakit_cli(capsys, "merge", str(adapter), "--out", str(mine), "--overwrite")
+    assert one_line_error(code, err)
+    assert f"--out {mine} holds files that are not a merged model folder (no merge.json)" in err
+    assert files_of(mine) == before
     (tmp_path / "file").write_text("x")
-    code, _, err = lorakit_cli(capsys, "merge", str(folder), "--out", str(tmp_path / "file" / "merged"))
+    code, _, err = lorakit_cli(capsys, "merge", str(adapter), "--out", str(tmp_path / "file" / "merged"))
     assert one_line_error(code, err) and "is a file, not a folder" in err
+
+
+def test_merge_overwrite_replaces_only_what_merge_wrote(merge_case, tmp_path, capsys):
+    adapter, _ = merge_case
     merged = tmp_path / "merged"
-    assert lorakit_cli(capsys, "merge", str(folder), "--out", str(merged))[0] == 0
-    assert lorakit_cli(capsys, "merge", str(folder), "--out", str(merged), "--overwrite")[0] == 0  # a merged model
+    assert lorakit_cli(capsys, "merge", str(adapter), "--out", str(merged))[0] == 0
+    record = json.loads((merged / "merge.json").read_text())
+    assert record["files"] == sorted(p.name for p in merged.iterdir()) and "config.json" in record["files"]
+    (merged / "README.md").write_text("my notes on this model")
+    (merged / "model.safetensors").write_bytes(b"stale")  # replaced: a file merge wrote
+    assert lorakit_cli(capsys, "merge", str(adapter), "--out", str(merged), "--overwrite")[0] == 0
+    assert (merged / "README.md").read_text() == "my notes on this model"
+    assert sorted(p.name for p in merged.iterdir()) == sorted([*record["files"], "README.md"])
+    assert (merged / "model.safetensors").stat().st_size > 1000
+    # A file of the user's with the name of one merge writes (not listed in merge.json) is refused.
+    listed = [f for f in record["files"] if f != "tokenizer.json"]
+    (merged / "merge.json").write_text(json.dumps({**record, "files": listed}))
+    before = files_of(merged)
+    code, _, err = lorakit_cli(capsys, "merge", str(adapter), "--out", str(merged), "--overwrite")
+    assert one_line_error(code, err) and f"--out {merged} holds tokenizer.json, which lorakit merge writes" in err
+    assert files_of(merged) == before
 
 
 # ---- generate: what training passes ----------------------------------------------------------

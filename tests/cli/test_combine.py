@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from helpers import TINY_MODEL_N, assert_rounding_close
 from helpers import cli_here as lorakit_cli
+from helpers import files_of
 
 import lorakit
 from lorakit.cli import main
@@ -69,11 +71,66 @@ def test_mistakes_are_one_line(runs, tmp_path, capsys, extra, message):
     assert not (tmp_path / "x").exists()
 
 
-def test_existing_out_and_out_equal_to_an_input(runs, tmp_path, capsys):
-    a, b = runs
-    (tmp_path / "taken").mkdir()
-    code, _, err = lorakit_cli(capsys, "combine", str(a), str(b), "--out", str(tmp_path / "taken"))
-    assert code == 2 and "pass --overwrite" in err
-    code, _, err = lorakit_cli(capsys, "combine", str(a), str(b), "--out", str(a), "--overwrite")
-    assert code == 2 and "is one of the adapters being combined" in err
-    assert (a / "run_config.json").exists()
+# ---- --out: the rule of every folder a command writes (output_folder.py) ----------------------
+
+
+@pytest.fixture
+def copies(runs, tiny, tmp_path):
+    """Copies of the two runs in tmp_path/runs, trained on a copy of the base in tmp_path/base
+    (their adapter_config.json names it), so a command that deletes them harms no other test."""
+    base = shutil.copytree(tiny["bert"], tmp_path / "base")
+    folders = [shutil.copytree(run, tmp_path / "runs" / run.name) for run in runs]
+    for folder in folders:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = str(base)
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folders[0], folders[1], base
+
+
+@pytest.mark.parametrize("overwrite", [(), ("--overwrite",)])
+def test_a_folder_combine_did_not_write_is_refused_even_with_overwrite(overwrite, copies, tmp_path, capsys):
+    a, b, _ = copies
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("my thesis\n")
+    code, _, err = lorakit_cli(capsys, "combine", str(a), str(b), "--out", str(mine), *overwrite)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert f"--out {mine} holds files that are not a combined adapter folder (no combine.json)" in err
+    assert [p.name for p in mine.iterdir()] == ["thesis.txt"] and (mine / "thesis.txt").read_text() == "my thesis\n"
+
+
+@pytest.mark.parametrize(("where", "says"), [
+    (lambda a, base: a, "is the adapter folder"),
+    (lambda a, base: a.parent, "holds the adapter folder"),  # `--out runs` with runs/a and runs/b in it
+    (lambda a, base: a / "combined", "is inside the adapter folder"),
+    (lambda a, base: base, "is the base model folder"),
+    (lambda a, base: base / "combined", "is inside the base model folder"),
+    (lambda a, base: base.parent, "holds the adapter folder"),
+])
+def test_combine_never_writes_where_it_reads(where, says, copies, tmp_path, capsys):
+    a, b, base = copies
+    out = where(a, base)
+    before = files_of(tmp_path)
+    code, _, err = lorakit_cli(capsys, "combine", str(a), str(b), "--out", str(out), "--overwrite")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and f"--out {out} {says}" in err, err
+    assert files_of(tmp_path) == before and not (a / "combined").exists() and not (base / "combined").exists()
+
+
+def test_overwrite_replaces_only_what_combine_wrote(copies, tmp_path, capsys):
+    a, b, _ = copies
+    out = tmp_path / "ab"
+    assert lorakit_cli(capsys, "combine", str(a), str(b), "--out", str(out))[0] == 0
+    written = json.loads((out / "combine.json").read_text())["files"]
+    assert written == sorted(p.name for p in out.iterdir())
+    code, _, err = lorakit_cli(capsys, "combine", str(a), str(b), "--out", str(out), "--weights", "0.9,0.1")
+    assert code == 2 and "already exists and is not empty; pass --overwrite" in err
+    (out / "notes.txt").write_text("mine")
+    (out / "plots").mkdir()
+    (out / "plots" / "a.png").write_bytes(b"png")
+    code, _, err = lorakit_cli(capsys, "combine", str(a), str(b), "--out", str(out), "--weights", "0.9,0.1",
+                               "--overwrite")
+    assert code == 0, err
+    assert (out / "notes.txt").read_text() == "mine" and (out / "plots" / "a.png").read_bytes() == b"png"
+    assert json.loads((out / "combine.json").read_text())["weights"] == [0.9, 0.1]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*written, "notes.txt", "plots"])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing left aside

@@ -1,5 +1,5 @@
 """training/out_folder.py: --out is checked before anything is written, and --overwrite
-removes only what a run wrote."""
+removes only what a run wrote (the rule of lorakit/output_folder.py, for `lorakit train`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from helpers import train_tiny as run
 
 from lorakit.cli import main
 from lorakit.training import TrainingError
-from lorakit.training.out_folder import check_destination, run_entries
+from lorakit.training.out_folder import RUN
 from lorakit.training.run_lock import LOCK_FILE
 
 
@@ -61,12 +61,12 @@ def test_unwritable_destination_is_refused_before_anything_is_written(tiny, tmp_
     assert code == 2 and f"{locked} is not writable" in err
     assert list(locked.iterdir()) == []
     with pytest.raises(TrainingError, match="is not writable"):
-        check_destination(locked)
+        RUN.check_destination(locked)
 
 
 def test_overwrite_removes_only_what_a_run_wrote(tiny, previous_run, capsys):
     out = previous_run
-    assert {p.name for p in run_entries(out)} >= {"checkpoints", "run_config.json", ".metrics.jsonl.x1y2.tmp",
+    assert {p.name for p in RUN.entries(out)} >= {"checkpoints", "run_config.json", ".metrics.jsonl.x1y2.tmp",
                                                   LOCK_FILE}
     code, _, err = lorakit(capsys, *train_args(tiny, out, "--overwrite", "--max-steps", "3"))
     assert code == 0, err
@@ -84,21 +84,29 @@ def test_out_dot_from_inside_a_run_folder(tiny, previous_run, capsys, monkeypatc
     assert (previous_run / "adapter_model.safetensors").is_file()
 
 
-def test_data_and_model_inside_the_out_folder_are_kept_or_refused(tiny, previous_run, capsys):
-    data = write_csv(previous_run / "train.csv", classify_rows(40, seed=3))
-    model = shutil.copytree(tiny["bert"], previous_run / "model")
-    code, _, err = lorakit(capsys, "train", "--model", str(model), "--data", str(data), "--out",
-                           str(previous_run), "--overwrite", "--batch-size", "8", "--max-steps", "1", "--threads", "1")
-    assert code == 0, err
-    assert data.is_file() and files_of(model) == files_of(tiny["bert"])
-    # A data file that has the name of a file the run writes would be replaced: refused first.
-    clash = previous_run / "metrics.jsonl"
-    clash.write_text("\n".join(json.dumps(r) for r in classify_rows(40, seed=3)) + "\n")
-    before = files_of(previous_run)
-    code, _, err = lorakit(capsys, "train", "--model", str(tiny["bert"]), "--data", str(clash), "--out",
-                           str(previous_run), "--overwrite", "--batch-size", "8", "--max-steps", "1")
-    assert code == 2 and f"--data {clash} is metrics.jsonl in --out" in err
-    assert files_of(previous_run) == before
+@pytest.mark.parametrize("where", ["data inside", "data named like an output", "model is out", "model inside",
+                                   "out inside model"])
+def test_an_input_inside_equal_to_or_holding_out_is_refused_before_anything_is_written(where, tiny, previous_run,
+                                                                                        tmp_path, capsys):
+    data, model, out = tiny["classify"], tiny["bert"], previous_run
+    if where == "data inside":
+        data = write_csv(previous_run / "train.csv", classify_rows(40, seed=3))
+    if where == "data named like an output":
+        data = previous_run / "metrics.jsonl"
+        data.write_text("\n".join(json.dumps(r) for r in classify_rows(40, seed=3)) + "\n")
+    if where.startswith("model"):
+        model = shutil.copytree(tiny["bert"], (previous_run if where == "model inside" else tmp_path) / "model")
+        out = model if where == "model is out" else previous_run
+    if where == "out inside model":
+        model = shutil.copytree(tiny["bert"], tmp_path / "model")
+        out = model / "run"
+    before = files_of(tmp_path)
+    code, _, err = lorakit(capsys, "train", "--model", str(model), "--data", str(data), "--out", str(out),
+                           "--overwrite", "--batch-size", "8", "--max-steps", "1", "--threads", "1")
+    relation = {"model is out": "is", "out inside model": "is inside"}.get(where, "holds")
+    option, path = ("--model", model) if where.startswith("model") or where.endswith("model") else ("--data", data)
+    assert code == 2 and err.count("\n") == 1 and f"--out {out} {relation} {option} {path}" in err, err
+    assert files_of(tmp_path) == before
 
 
 def test_a_folder_holding_only_a_lock_file_is_empty(tiny, tmp_path, capsys):
@@ -109,11 +117,21 @@ def test_a_folder_holding_only_a_lock_file_is_empty(tiny, tmp_path, capsys):
     assert code == 0, err
 
 
-def test_refused_overwrite_of_user_files_changes_nothing(tiny, tmp_path, capsys):
+@pytest.mark.parametrize("overwrite", [(), ("--overwrite",)])
+def test_a_folder_that_is_not_a_run_is_refused_even_with_overwrite(overwrite, tiny, tmp_path, capsys):
     out = tmp_path / "mine"
     out.mkdir()
+    (out / "thesis.txt").write_text("my thesis\n")
     (out / "metrics.jsonl").write_text("my own log\n")  # a run's file name, but no run_config.json
     before = files_of(out)
-    code, _, err = lorakit(capsys, *train_args(tiny, out, "--overwrite"))
-    assert code == 2 and "not a lorakit run" in err
+    code, _, err = lorakit(capsys, *train_args(tiny, out, *overwrite))
+    assert code == 2 and err.count("\n") == 1
+    assert f"--out {out} holds files that are not a lorakit run (no run_config.json)" in err
     assert files_of(out) == before
+
+
+def test_overwrite_without_the_flag_names_both_ways_on(tiny, previous_run, capsys):
+    before = files_of(previous_run)
+    code, _, err = lorakit(capsys, *train_args(tiny, previous_run))
+    assert code == 2 and "pass --overwrite to replace a lorakit run there, or `lorakit train --resume" in err
+    assert files_of(previous_run) == before

@@ -4,7 +4,10 @@
 
 The adapters must share a base model and task (and, for classifiers, the labels). The new folder
 is a normal adapter (adapter_config.json, adapter_model.safetensors, labels.json) plus
-combine.json, which records the sources, weights, method and the error per module.
+combine.json, which records the sources, weights, method, the error per module and the files
+written. `--out` follows the rule of every folder a command writes (output_folder.py): no
+adapter folder or base model folder may be it, hold it or lie inside it, and `--overwrite`
+replaces only a folder `lorakit combine` wrote, removing only the files it wrote.
 """
 
 from __future__ import annotations
@@ -14,12 +17,15 @@ from pathlib import Path
 
 from ..adapter_file import load_adapter, save_adapter
 from ..arithmetic import METHODS, combine
-from ..atomic import write_folder_atomic
+from ..output_folder import Output
+from ..peft_format import CONFIG_FILE, WEIGHTS_FILE
 from ..training import TrainingError
 from ..training.tasks import LABELS_FILE, TASK_TYPES, labels_json
 from .trained import adapter_facts, load_trained
 
 RECORD_FILE = "combine.json"
+COMBINED = Output(command="lorakit combine", what="a combined adapter folder", marker=RECORD_FILE,
+                  names=(CONFIG_FILE, WEIGHTS_FILE, LABELS_FILE, RECORD_FILE), error=TrainingError)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -35,17 +41,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--density", type=float, help="ties, dare: the fraction of each delta kept, in (0, 1]")
     c.add_argument("--seed", type=int, default=0, help="dare: the random stream (default: 0)")
     c.add_argument("--model", help="base model (default: the one named in the adapters' adapter_config.json)")
-    c.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    c.add_argument("--overwrite", action="store_true", help="replace a folder lorakit combine wrote (removes only "
+                                                            "the files it wrote; your own files there stay)")
 
 
 def run(args: argparse.Namespace) -> int:
     target = Path(args.out)
-    if target.exists() and not args.overwrite:
-        raise FileExistsError(f"{target} already exists; pass --overwrite to replace it")
-    if any(target.resolve() == Path(a).resolve() for a in args.adapters):
-        raise TrainingError(f"--out {target} is one of the adapters being combined; choose another folder")
     weights = _weights(args.weights, len(args.adapters))
     facts = [adapter_facts(a) for a in args.adapters]
+    bases = [args.model] if args.model else sorted({f["base"] for f in facts if f["base"]})
+    COMBINED.check_out(target, args.overwrite, [*(("the adapter folder", a) for a in args.adapters),
+                                                *(("the base model folder", b) for b in bases)])
     _check_alike(args.adapters, facts, args.model)
     model, _, first = load_trained(args.adapters[0], args.model, adapter=False)
     names = [f"source{i}" for i in range(len(args.adapters))]
@@ -62,15 +68,13 @@ def run(args: argparse.Namespace) -> int:
     record = {"adapters": [str(Path(a).resolve()) for a in args.adapters], "weights": weights,
               "method": args.method, "rank": report.rank, "density": args.density,
               "seed": args.seed if args.method == "dare" else None, "relative_error": report.errors}
-    extra = {RECORD_FILE: record}
-    if first["labels"]:
-        extra[LABELS_FILE] = labels_json(first["labels"])
+    extra = {LABELS_FILE: labels_json(first["labels"])} if first["labels"] else {}
 
     def fill(tmp: Path) -> None:
         save_adapter(model, tmp, name="combined", base_model_name_or_path=first["base"],
                      task_type=TASK_TYPES[first["task"]], extra_files=extra)
 
-    write_folder_atomic(target, fill, args.overwrite)
+    COMBINED.write(target, fill, record, args.overwrite)
     parts = " + ".join(f"{w:g} x {a}" for w, a in zip(weights, args.adapters))
     print(f"combined {parts} ({args.method}, rank {report.rank}): {target}")
     print(f"relative error of the new deltas against the {'merged' if args.method in ('ties', 'dare') else 'weighted'} "

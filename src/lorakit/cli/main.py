@@ -11,13 +11,21 @@
 
 Each subcommand is a module of this package with `add_parser(subparsers)` and `run(args)`.
 Errors the user can fix (bad data, bad options, a missing folder) print one line and exit 2;
-`--debug` shows the traceback instead.
+`--debug` shows the traceback instead. Ctrl-C at any moment prints one line and exits with status
+130, never a traceback or death by the signal: this module imports only the standard library
+(and `import lorakit` loads nothing heavy, see lorakit/__init__.py), so `main` handles SIGINT
+before torch or Transformers start to import (see `main` for how). Outside its reach: the
+interpreter's own start (before any lorakit code runs) and the last part of its shutdown after
+a command has finished (Python puts the default SIGINT action back before it frees modules).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
+import signal
 import sys
 
 COMMANDS = ("train", "eval", "generate", "merge", "inspect", "combine", "serve")
@@ -56,8 +64,44 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run the command in `argv` (default: the process's arguments); returns the exit status."""
+    whole_process = argv is None  # the console script or `python -m lorakit`, not a caller in Python
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    name = f"lorakit {command}" if command in COMMANDS else "lorakit"
+    # While the commands import torch and Transformers, Ctrl-C ends the process at once: nothing
+    # is written yet, and a KeyboardInterrupt there can be swallowed by C code (torch's import of
+    # numpy), leaving a half-imported module that fails later with a misleading error.
+    own_handler = whole_process and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if own_handler:
+        signal.signal(signal.SIGINT, lambda *_: _end_interrupted(name))
+    try:
+        parser = build_parser()  # imports every command
+        args = parser.parse_args(argv)
+        if own_handler:  # from here a KeyboardInterrupt unwinds the command (temporary files, locks)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        code = _run(parser, args)
+        if own_handler:  # the command is done: during the interpreter's shutdown, end at once again
+            signal.signal(signal.SIGINT, lambda *_: _end_interrupted(name))
+        return code
+    except KeyboardInterrupt:
+        if whole_process:
+            _end_interrupted(name)
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _end_interrupted(name: str) -> None:
+    """One line, then exit 130 at once: the interpreter's shutdown can neither print a traceback
+    nor end the process by the signal (it does after a KeyboardInterrupt C code once saw)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # in a signal handler, a write may be under way
+            stream.flush()
+    os.write(2, f"{name}: interrupted\n".encode())
+    os._exit(130)
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command is None:
         parser.print_help()
         return 0
@@ -68,9 +112,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"lorakit {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"lorakit {args.command}: interrupted", file=sys.stderr)
-        return 130
 
 
 def _one_line(err: BaseException) -> str:

@@ -9,9 +9,10 @@ from the trained model's (4-bit base + adapter) and how far merging into the ori
 would have been. `--requantize` instead merges into the quantized weights in place (dequantize,
 add, quantize again) and writes a quantized folder, reporting the error that makes.
 
-`--out` is checked before the model is loaded: it may not be the adapter folder, hold it or lie
-inside it, nor be or hold the base model's folder; with `--overwrite` it replaces only a model
-folder (one with config.json), never some other folder of the user's."""
+`--out` follows the rule of every folder a command writes (output_folder.py), checked before the
+model is loaded: it may not be the adapter folder or the base model's folder, hold one or lie
+inside one; `--overwrite` replaces only a folder `lorakit merge` wrote (one with merge.json, which
+lists the files written), and only those files: the user's own files there stay."""
 
 from __future__ import annotations
 
@@ -21,18 +22,21 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import write_folder_atomic
 from ..model import merge, unload
+from ..output_folder import Output
 from ..quantize import INT8_THRESHOLD, dequantize
 from ..quantize import KINDS as QUANTIZE_KINDS
 from ..quantized import quantized_kind
 from ..registry import lora_layers
 from ..training import TrainingError
-from ..training.out_folder import check_destination
 from .merge_check import Probe, probe_for
 from .trained import adapter_facts, load_trained
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+RECORD_FILE = "merge.json"
+# The model's and tokenizer's files vary with the model: merge.json lists them.
+MERGED = Output(command="lorakit merge", what="a merged model folder", marker=RECORD_FILE, names=(RECORD_FILE,),
+                error=TrainingError)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -45,31 +49,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                              "(default: what the run's run_config.json says)")
     m.add_argument("--requantize", action="store_true", help="quantized base: merge into the quantized weights "
                                                              "(re-quantize them) and write a quantized folder")
-    m.add_argument("--overwrite", action="store_true", help="replace an existing model folder (one with config.json)")
-
-
-def check_out(out: Path, adapter: Path, base: str | None, overwrite: bool) -> None:
-    """The merged folder may replace neither the adapter nor the base model, nor a user's folder."""
-    check_destination(out)
-    where, source = out.resolve(), adapter.resolve()
-    if where == source or where in source.parents or source in where.parents:
-        relation = "is" if where == source else "holds" if where in source.parents else "is inside"
-        raise TrainingError(f"--out {out} {relation} the adapter folder {adapter}; write the merged model elsewhere")
-    if base and Path(base).is_dir():
-        model = Path(base).resolve()
-        if where == model or where in model.parents:
-            raise TrainingError(f"--out {out} {'is' if where == model else 'holds'} the base model folder {base}; "
-                                "write the merged model elsewhere")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
-        raise TrainingError(f"--out {out} holds files but no config.json, so it is not a model folder; "
-                            "refusing to replace it even with --overwrite; choose another --out")
+    m.add_argument("--overwrite", action="store_true", help="replace a folder lorakit merge wrote (removes only "
+                                                            "the files it wrote; your own files there stay)")
 
 
 def run(args: argparse.Namespace) -> int:
     target = Path(args.out)
-    check_out(target, Path(args.adapter), args.model or adapter_facts(args.adapter)["base"], args.overwrite)
+    base = args.model or adapter_facts(args.adapter)["base"]
+    MERGED.check_out(target, args.overwrite, [("the adapter folder", args.adapter), ("the base model folder", base)])
     model, tokenizer, facts = load_trained(args.adapter, args.model, quantize=args.quantize or "run")
     kind, dtype = facts["quantize"], DTYPES[args.dtype]
     if args.requantize and kind is None:
@@ -95,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
 
-    write_folder_atomic(target, fill, args.overwrite)
+    record = {"adapter": str(Path(args.adapter).resolve()), "base": facts["base"], "dtype": args.dtype,
+              "requantize": args.requantize}
+    MERGED.write(target, fill, record, args.overwrite)
     size = sum(f.stat().st_size for f in target.glob("*.safetensors"))
     weights = f"{kind}, re-quantized" if args.requantize else args.dtype
     print(f"merged {args.adapter} into {facts['base']}: {target} ({size / 2**20:.1f} MB of safetensors, {weights}); "

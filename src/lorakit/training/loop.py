@@ -45,7 +45,7 @@ from .metrics import (
     write_metrics,
 )
 from .options import RUN_FILE, RunConfig
-from .out_folder import check_contents, check_destination, check_inputs, check_out, clear_previous_run
+from .out_folder import RUN, check_out, clear_previous_run
 from .plot import PLOT_FILE, plot_loss
 from .prepare import Setup, prepare
 from .progress import Progress, duration
@@ -140,9 +140,9 @@ class _Run:
         config, world, out = self.config, self.world, self.out
         inputs = [("--data", config.data), ("--eval-data", config.eval_data), ("--model", config.model)]
         if resume:
-            check_destination(out, "--resume")
+            RUN.check_destination(out, "--resume")
             check_unlocked(out)
-            check_inputs(out, inputs)
+            RUN.check_inputs(out, inputs)
             resumable_checkpoints(out)  # before the model is loaded
         else:
             check_out(out, overwrite, inputs)
@@ -199,7 +199,7 @@ class _Run:
             try:
                 self.lock.acquire()
                 if not resume:
-                    check_contents(self.out, overwrite)
+                    RUN.check_contents(self.out, overwrite)
                     self._write_start()
             except BaseException as err:
                 error = err
