@@ -1,7 +1,7 @@
 """The variants side by side on the bundled task: held-out accuracy and wall time, same budget,
 at the default learning rate and at one chosen for each variant by a small sweep.
 
-    python bench/quality.py           # writes the `quality` section of BENCHMARKS.md (about 20 minutes on 2 cores)
+    python bench/quality.py    # writes the `quality` section of BENCHMARKS.md (about 20 minutes on 2 cores)
 
 Each row is real `lorakit train` runs (subprocesses, the command shown in the table): the
 default run (bundled MiniLM, bundled sentiment set, 3 epochs, rank 8, alpha 16, attention
@@ -46,7 +46,7 @@ VARIANTS = {
     "OLoRA": ["--init", "olora"],
 }
 DEFAULT_LR = "1e-3"  # `lorakit train`'s default --lr
-GRID = ("1e-4", "3e-4", "1e-3")  # the sweep's learning rates (strings: they go on the command line as written)
+GRID = ("1e-4", "3e-4", "1e-3")  # the sweep's learning rates, as they go on the command line
 SWEEP_EPOCHS = 1  # per sweep run: three runs per variant cost about one full run
 
 
@@ -123,16 +123,17 @@ def _children_cpu() -> float:
 def markdown(rows: list[dict], m: dict) -> str:
     grid = ", ".join(GRID)
     lines = [f"| variant | `lorakit train` options | held-out accuracy at lr {DEFAULT_LR} | sweep: validation "
-             f"accuracy at lr {grid} | chosen lr | held-out accuracy at the chosen lr | held-out loss at the chosen lr "
-             "| accuracy after epochs 1, 2, 3 at the chosen lr | trainable parameters | wall time | CPU time |",
+             f"accuracy at lr {grid} | chosen lr | held-out accuracy at the chosen lr | held-out loss at the "
+             "chosen lr | accuracy after epochs 1, 2, 3 at the chosen lr | trainable parameters | wall time "
+             "| CPU time |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         s = r["swept"]
         per_epoch = ", ".join(f"{a:.2%}" for a in s["epochs"])
         sweep = ", ".join(f"{r['sweep'][lr]:.2%}" for lr in GRID)
-        lines.append(f"| {r['name']} | `{r['options'] or '(none)'}` | {r['accuracy']:.2%} | {sweep} | {r['best_lr']} | "
-                     f"{s['accuracy']:.2%} | {s['loss']:.4f} | {per_epoch} | {r['trainable']} | {r['seconds']:.0f} s | "
-                     f"{r['cpu']:.0f} s |")
+        lines.append(f"| {r['name']} | `{r['options'] or '(none)'}` | {r['accuracy']:.2%} | {sweep} | "
+                     f"{r['best_lr']} | {s['accuracy']:.2%} | {s['loss']:.4f} | {per_epoch} | {r['trainable']} | "
+                     f"{r['seconds']:.0f} s | {r['cpu']:.0f} s |")
     return f"""## Variants: quality on the bundled task (`python bench/quality.py`)
 
 Written {m['date']}. {m['machine']}; {m['software']}; one `lorakit train` process per run, run one
@@ -170,9 +171,10 @@ def _notes(rows: list[dict]) -> str:
                        "(with rsLoRA one lowers alpha or the lr).")
             s = r["swept"]
             then = (f" At lr {r['best_lr']}, the sweep's choice, it reaches {s['accuracy']:.2%}."
-                    if s["accuracy"] > s["before"] else " The sweep found no rate in its grid at which it learns.")
-            notes.append(f"\n{r['name']} did not learn at lr {DEFAULT_LR}: held-out accuracy {r['accuracy']:.2%} after "
-                         f"training, {r['before']:.2%} before (`lorakit train` says so in its last lines).{why}{then}\n")
+                    if s["accuracy"] > s["before"] else " No rate of the sweep's grid made it learn.")
+            notes.append(f"\n{r['name']} did not learn at lr {DEFAULT_LR}: held-out accuracy {r['accuracy']:.2%} "
+                         f"after training, {r['before']:.2%} before (`lorakit train` says so in its last lines)."
+                         f"{why}{then}\n")
     return "".join(notes)
 
 

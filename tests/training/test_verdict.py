@@ -13,7 +13,7 @@ FALLING = [1.0 - 0.008 * i for i in range(100)]  # a training loss that falls st
 FLAT = [0.69 + 0.01 * (i % 3 - 1) for i in range(100)]  # one that stays at chance (ln 2) on two classes
 
 
-def classify(before: float, after: float, loss_before: float = 0.69, loss_after: float = 0.4) -> tuple[dict, dict]:
+def classify(before: float, after: float, loss_before: float = 0.69, loss_after: float = 0.4) -> tuple[dict, ...]:
     return {"accuracy": before, "loss": loss_before}, {"accuracy": after, "loss": loss_after}
 
 
@@ -41,8 +41,8 @@ def test_perfect_accuracy_before_and_after_is_judged_by_the_loss():
 
 
 def test_causal_lm_is_judged_by_the_held_out_loss():
-    verdict = judge("causal-lm", {"loss": 3.0, "perplexity": 20.1}, {"loss": 3.2, "perplexity": 24.5}, FALLING,
-                    RunConfig())
+    before, after = {"loss": 3.0, "perplexity": 20.1}, {"loss": 3.2, "perplexity": 24.5}
+    verdict = judge("causal-lm", before, after, FALLING, RunConfig())
     assert not verdict.learned and "held-out loss 3.2 after training, 3 before" in verdict.warning
 
 
@@ -88,7 +88,8 @@ def test_rslora_and_loraplus_advice_lowers_the_lr_by_their_larger_step():
     assert "--rslora" in text and "2.83x larger steps" in text and text.endswith("Next: try --lr 3.5e-4.")
     text = advice(RunConfig(loraplus_ratio=16, lr=1e-3), "rose")
     assert "--loraplus-ratio 16 steps B at 0.016" in text and text.endswith("Next: try --lr 2.5e-4.")
-    assert advice(RunConfig(rslora=True, rank=4, loraplus_ratio=4, lr=1e-3), "rose").endswith("try --lr 2.5e-4.")
+    both = RunConfig(rslora=True, rank=4, loraplus_ratio=4, lr=1e-3)  # 2 x 2
+    assert advice(both, "rose").endswith("try --lr 2.5e-4.")
 
 
 def test_advice_follows_what_the_losses_did():

@@ -90,7 +90,8 @@ def epoch_batches(lengths: list[int], seed: int, epoch: int, size: int) -> list[
 
 
 def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, stream: TextIO | None = None) -> dict[str, Any]:
-    """Run training as configured; returns a summary (metrics before/after, adapter path and size)."""
+    """Run training as configured; returns a summary (metrics before/after, adapter path and size,
+    `learned` and `warning` as verdict.py judged the run)."""
     stream = stream if stream is not None else sys.stdout
     started = time.monotonic()
     config.check()
@@ -329,7 +330,8 @@ class _Run:
     def _stop(self, loss: float) -> None:
         kept = latest_checkpoint(self.out)
         where = f"the last good checkpoint, {kept}, is kept" if kept else "no checkpoint was written (use --save-every N)"
-        what = f"the training loss is {loss} (not finite) at step {self.step + 1}; stopped before updating the weights with it."
+        what = (f"the training loss is {loss} (not finite) at step {self.step + 1}; stopped before updating the "
+                "weights with it.")
         verdict = Verdict(False, what, advice(self.config, "rose"))
         if self.world.main:
             self.metrics.append({"step": self.step + 1, "loss": loss})

@@ -92,7 +92,8 @@ def judge(task: str, before: dict[str, float], after: dict[str, float], losses: 
                      f"{_value(key, before[key])} before")
     if ends is not None:
         parts.append(f"training loss {ends[0]:.4g} over the first steps, {ends[1]:.4g} over the last")
-    return Verdict(False, f"this run did not learn ({'; '.join(parts)}).", advice(config, _trend(before, after, ends)))
+    what = f"this run did not learn ({'; '.join(parts)})."
+    return Verdict(False, what, advice(config, _trend(before, after, ends)))
 
 
 def _trend(before: dict[str, float], after: dict[str, float], ends: tuple[float, float, float] | None) -> str:
@@ -127,8 +128,8 @@ def advice(config: RunConfig, trend: str) -> str:
     (its held-out loss did not change: the weights barely moved)."""
     lr = config.lr
     if trend == "still":
-        return (f"Likely cause: the weights barely moved (--lr {fmt_lr(lr)} is too small for this run, or it is "
-                f"too short). Next: try --lr {fmt_lr(lr * 10)} or more --epochs.")
+        return (f"Likely cause: the weights barely moved (--lr {fmt_lr(lr)} is too small for this run, or it "
+                f"is too short). Next: try --lr {fmt_lr(lr * 10)} or more --epochs.")
     if trend == "fell":
         return ("Likely cause: the model fits the training data but not the held-out set. Next: check that "
                 "the held-out data is like the training data, or train on more data / fewer --epochs.")
@@ -138,8 +139,9 @@ def advice(config: RunConfig, trend: str) -> str:
                       f"{math.sqrt(config.rank):.3g}x larger steps")
         factor *= math.sqrt(config.rank)
     if config.loraplus_ratio and config.loraplus_ratio > 1:
-        larger.append(f"--loraplus-ratio {config.loraplus_ratio:g} steps B at {fmt_lr(config.loraplus_ratio * lr)}")
-        factor *= math.sqrt(config.loraplus_ratio)
+        ratio = config.loraplus_ratio
+        larger.append(f"--loraplus-ratio {ratio:g} steps B at {fmt_lr(ratio * lr)}")
+        factor *= math.sqrt(ratio)
     if larger:
         return (f"Likely cause: the step is too large at --lr {fmt_lr(lr)} ({'; '.join(larger)}). "
                 f"Next: try --lr {fmt_lr(lr / factor)}.")
