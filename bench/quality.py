@@ -19,11 +19,11 @@ import argparse
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -54,23 +54,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", help="comma-separated subset of the variants (prints only)")
     ap.add_argument("--out", default=None, help="markdown file (default BENCHMARKS.md)")
+    ap.add_argument("--threads", type=int, default=None, help="--threads of every run (default: lorakit's)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1; on a loaded machine two "
+                    "one-thread runs waste less than one two-thread run)")
     args = ap.parse_args(argv)
     chosen = {k: v for k, v in VARIANTS.items() if not args.only or k in args.only.split(",")}
-    threads = os.cpu_count() or 1
+    threads = args.threads or os.cpu_count() or 1
     machine = report.machine(threads, "cpu", "float32")
     print(report.machine_line(machine), flush=True)
     load_before = os.getloadavg()
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        sweep_data = write_training_split(Path(tmp) / "training-split.jsonl")
-        for name, options in chosen.items():
-            folder = Path(tmp) / re.sub(r"[^A-Za-z0-9]+", "-", name)
-            rows.append(variant_row(name, options, folder, sweep_data))
-            r = rows[-1]
-            print(f"{name:18s} lr {DEFAULT_LR}: accuracy {r['accuracy']:.2%}; sweep {r['sweep']}; "
-                  f"lr {r['best_lr']}: accuracy {r['swept']['accuracy']:.2%}  "
-                  f"({r['seconds']:.0f} s wall, {r['cpu']:.0f} s CPU at the default lr)", flush=True)
+        rows = measure(chosen, Path(tmp), args.jobs, args.threads)
     machine["load"] = f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after (1-min load average)"
+    machine["runs"] = (f"each run with {f'--threads {args.threads}' if args.threads else 'the default thread count'}"
+                       f", {args.jobs} at a time")
     text = markdown(rows, machine)
     print(text)
     if not args.only:
@@ -87,37 +84,50 @@ def write_training_split(path: Path) -> str:
     return str(path)
 
 
-def variant_row(name: str, options: list[str], folder: Path, sweep_data: str) -> dict:
-    """The default-lr run, the sweep on the training split, and the run at the rate it chose."""
-    row = run_one(name, options, folder / "default")
-    sweep = {}
-    for lr in GRID:
-        found = run_one(name, [*options, "--data", sweep_data, "--epochs", str(SWEEP_EPOCHS), "--lr", lr],
-                        folder / f"sweep-{lr}")
-        sweep[lr] = (found["accuracy"], -found["loss"])
-    best = max(GRID, key=lambda lr: sweep[lr])
-    swept = row if best == DEFAULT_LR else run_one(name, [*options, "--lr", best], folder / "swept")
-    return dict(row, sweep={lr: sweep[lr][0] for lr in GRID}, best_lr=best, swept=swept)
+def measure(chosen: dict[str, list[str]], tmp: Path, jobs: int, threads: int | None) -> list[dict]:
+    """Per variant: the default-lr run, the sweep on the training split, and the run at the rate
+    it chose (the default-lr run itself when that rate is the default)."""
+    sweep_data = write_training_split(tmp / "training-split.jsonl")
+    folder = {name: tmp / re.sub(r"[^A-Za-z0-9]+", "-", name) for name in chosen}
+    with ThreadPoolExecutor(jobs) as pool:
+        def run(name: str, options: list[str], out: str) -> Future:
+            return pool.submit(run_one, name, options, folder[name] / out, threads)
+
+        sweeps = {(name, lr): run(name, [*options, "--data", sweep_data, "--epochs", str(SWEEP_EPOCHS), "--lr", lr],
+                                  f"sweep-{lr}")
+                  for name, options in chosen.items() for lr in GRID}
+        default = {name: run(name, options, "default") for name, options in chosen.items()}
+        best = {name: max(GRID, key=lambda lr, n=name: (sweeps[n, lr].result()["accuracy"],
+                                                         -sweeps[n, lr].result()["loss"])) for name in chosen}
+        swept = {name: run(name, [*options, "--lr", best[name]], "swept") if best[name] != DEFAULT_LR else default[name]
+                 for name, options in chosen.items()}
+        return [dict(default[n].result(), sweep={lr: sweeps[n, lr].result()["accuracy"] for lr in GRID},
+                     best_lr=best[n], swept=swept[n].result()) for n in chosen]
 
 
-def run_one(name: str, options: list[str], out: Path) -> dict:
+def run_one(name: str, options: list[str], out: Path, threads: int | None) -> dict:
+    """One `lorakit train` process; its own CPU time comes from wait4, so runs side by side do not mix."""
     command = [sys.executable, "-m", "lorakit", "train", *options, "--out", str(out)]
+    command += ["--threads", str(threads)] if threads else []
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    started, cpu_before = time.monotonic(), _children_cpu()
-    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
-    seconds, cpu = time.monotonic() - started, _children_cpu() - cpu_before
-    if done.returncode != 0:
-        raise SystemExit(f"{name}: lorakit train failed:\n{done.stderr[-2000:]}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log, errors = out.with_name(out.name + ".stdout"), out.with_name(out.name + ".stderr")
+    started = time.monotonic()
+    with log.open("w") as stdout, errors.open("w") as stderr:
+        process = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env, cwd=ROOT)
+        _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    seconds, cpu = time.monotonic() - started, usage.ru_utime + usage.ru_stime
+    if process.returncode != 0:
+        raise SystemExit(f"{name}: lorakit train failed:\n{errors.read_text()[-2000:]}")
     evals = [m["eval"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval" in m]
-    trainable = next(line for line in done.stdout.splitlines() if line.startswith("trainable parameters"))
+    trainable = next(line for line in log.read_text().splitlines() if line.startswith("trainable parameters"))
+    print(f"{name:18s} {' '.join(options[-2:]) if '--lr' in options else 'lr ' + DEFAULT_LR:>10s} "
+          f"{'sweep' if '--data' in options else 'full '}: accuracy {evals[-1]['accuracy']:.2%}  "
+          f"({seconds:.0f} s wall, {cpu:.0f} s CPU)", flush=True)
     return {"name": name, "options": " ".join(options), "accuracy": evals[-1]["accuracy"], "loss": evals[-1]["loss"],
             "before": evals[0]["accuracy"], "epochs": [e["accuracy"] for e in evals[1:]], "seconds": seconds, "cpu": cpu,
             "trainable": trainable.split(":", 1)[1].split(" of ")[0].strip()}
-
-
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def markdown(rows: list[dict], m: dict) -> str:
@@ -136,8 +146,8 @@ def markdown(rows: list[dict], m: dict) -> str:
                      f"{r['seconds']:.0f} s | {r['cpu']:.0f} s |")
     return f"""## Variants: quality on the bundled task (`python bench/quality.py`)
 
-Written {m['date']}. {m['machine']}; {m['software']}; one `lorakit train` process per run, run one
-after another (each with the default thread count, {os.cpu_count()} here); machine load {m['load']}.
+Written {m['date']}. {m['machine']}; {m['software']}; one `lorakit train` process per run,
+{m['runs']}; machine load {m['load']}.
 
 Every row is the default run, `lorakit train` (bundled all-MiniLM-L6-v2 as a two-class sentence
 classifier, the bundled 2,000 review sentences with the fixed 400 held out, 3 epochs of batch 16,
@@ -148,7 +158,7 @@ them (320) held out to choose by, {SWEEP_EPOCHS} epoch per learning rate of the 
 validation accuracy wins (ties: the lower validation loss). Where the sweep chose {DEFAULT_LR} the two
 figures are the same run. The wall and CPU times are the default-lr run's whole process (loading
 the model, the evaluation before and after every epoch, writing the folder); CPU time is the
-process's user + system time, which other load on the machine disturbs less. One seed per row:
+process's user + system time, which other load on the machine disturbs less than the wall time. One seed per row:
 differences of a few tenths of a percent (one or two of 400 sentences) are within what another
 seed would change.
 

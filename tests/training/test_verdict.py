@@ -13,7 +13,7 @@ FALLING = [1.0 - 0.008 * i for i in range(100)]  # a training loss that falls st
 FLAT = [0.69 + 0.01 * (i % 3 - 1) for i in range(100)]  # one that stays at chance (ln 2) on two classes
 
 
-def classify(before: float, after: float, loss_before: float = 0.69, loss_after: float = 0.4) -> tuple[dict, ...]:
+def classify(before: float, after: float, loss_before: float = 0.69, loss_after: float = 0.4) -> tuple:
     return {"accuracy": before, "loss": loss_before}, {"accuracy": after, "loss": loss_after}
 
 
