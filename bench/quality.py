@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         rows = measure(chosen, Path(tmp), args.jobs, args.threads)
     machine["load"] = f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after (1-min load average)"
-    machine["runs"] = (f"each run with {f'--threads {args.threads}' if args.threads else 'the default thread count'}"
-                       f", {args.jobs} at a time")
+    how = f"--threads {args.threads}" if args.threads else "the default thread count"
+    machine["runs"] = f"each run with {how}, {args.jobs} at a time"
     text = markdown(rows, machine)
     print(text)
     if not args.only:
@@ -93,14 +93,14 @@ def measure(chosen: dict[str, list[str]], tmp: Path, jobs: int, threads: int | N
         def run(name: str, options: list[str], out: str) -> Future:
             return pool.submit(run_one, name, options, folder[name] / out, threads)
 
-        sweeps = {(name, lr): run(name, [*options, "--data", sweep_data, "--epochs", str(SWEEP_EPOCHS), "--lr", lr],
-                                  f"sweep-{lr}")
+        sweep = ["--data", sweep_data, "--epochs", str(SWEEP_EPOCHS)]
+        sweeps = {(name, lr): run(name, [*options, *sweep, "--lr", lr], f"sweep-{lr}")
                   for name, options in chosen.items() for lr in GRID}
         default = {name: run(name, options, "default") for name, options in chosen.items()}
         best = {name: max(GRID, key=lambda lr, n=name: (sweeps[n, lr].result()["accuracy"],
                                                          -sweeps[n, lr].result()["loss"])) for name in chosen}
-        swept = {name: run(name, [*options, "--lr", best[name]], "swept") if best[name] != DEFAULT_LR else default[name]
-                 for name, options in chosen.items()}
+        swept = {name: default[name] if best[name] == DEFAULT_LR
+                 else run(name, [*options, "--lr", best[name]], "swept") for name, options in chosen.items()}
         return [dict(default[n].result(), sweep={lr: sweeps[n, lr].result()["accuracy"] for lr in GRID},
                      best_lr=best[n], swept=swept[n].result()) for n in chosen]
 
@@ -132,8 +132,8 @@ def run_one(name: str, options: list[str], out: Path, threads: int | None) -> di
 
 def markdown(rows: list[dict], m: dict) -> str:
     grid = ", ".join(GRID)
-    lines = [f"| variant | `lorakit train` options | held-out accuracy at lr {DEFAULT_LR} | sweep: validation "
-             f"accuracy at lr {grid} | chosen lr | held-out accuracy at the chosen lr | held-out loss at the "
+    lines = [f"| variant | `lorakit train` options | held-out accuracy at lr {DEFAULT_LR} | sweep: "
+             f"validation accuracy at lr {grid} | chosen lr | held-out accuracy at the chosen lr | held-out loss at the "
              "chosen lr | accuracy after epochs 1, 2, 3 at the chosen lr | trainable parameters | wall time "
              "| CPU time |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -142,8 +142,8 @@ def markdown(rows: list[dict], m: dict) -> str:
         per_epoch = ", ".join(f"{a:.2%}" for a in s["epochs"])
         sweep = ", ".join(f"{r['sweep'][lr]:.2%}" for lr in GRID)
         lines.append(f"| {r['name']} | `{r['options'] or '(none)'}` | {r['accuracy']:.2%} | {sweep} | "
-                     f"{r['best_lr']} | {s['accuracy']:.2%} | {s['loss']:.4f} | {per_epoch} | {r['trainable']} | "
-                     f"{r['seconds']:.0f} s | {r['cpu']:.0f} s |")
+                     f"{r['best_lr']} | {s['accuracy']:.2%} | {s['loss']:.4f} | {per_epoch} | "
+                     f"{r['trainable']} | {r['seconds']:.0f} s | {r['cpu']:.0f} s |")
     return f"""## Variants: quality on the bundled task (`python bench/quality.py`)
 
 Written {m['date']}. {m['machine']}; {m['software']}; one `lorakit train` process per run,
@@ -158,9 +158,9 @@ them (320) held out to choose by, {SWEEP_EPOCHS} epoch per learning rate of the 
 validation accuracy wins (ties: the lower validation loss). Where the sweep chose {DEFAULT_LR} the two
 figures are the same run. The wall and CPU times are the default-lr run's whole process (loading
 the model, the evaluation before and after every epoch, writing the folder); CPU time is the
-process's user + system time, which other load on the machine disturbs less than the wall time. One seed per row:
-differences of a few tenths of a percent (one or two of 400 sentences) are within what another
-seed would change.
+process's user + system time, which other load on the machine disturbs less than the wall time.
+One seed per row: differences of a few tenths of a percent (one or two of 400 sentences) are
+within what another seed would change.
 
 {chr(10).join(lines)}
 {_notes(rows)}"""
@@ -182,9 +182,9 @@ def _notes(rows: list[dict]) -> str:
             s = r["swept"]
             then = (f" At lr {r['best_lr']}, the sweep's choice, it reaches {s['accuracy']:.2%}."
                     if s["accuracy"] > s["before"] else " No rate of the sweep's grid made it learn.")
-            notes.append(f"\n{r['name']} did not learn at lr {DEFAULT_LR}: held-out accuracy {r['accuracy']:.2%} "
-                         f"after training, {r['before']:.2%} before (`lorakit train` says so in its last lines)."
-                         f"{why}{then}\n")
+            notes.append(f"\n{r['name']} did not learn at lr {DEFAULT_LR}: held-out accuracy "
+                         f"{r['accuracy']:.2%} after training, {r['before']:.2%} before (`lorakit train` says so "
+                         f"in its last lines).{why}{then}\n")
     return "".join(notes)
 
 

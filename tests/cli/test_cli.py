@@ -198,7 +198,8 @@ def test_errors_are_one_line_and_name_the_thing(tiny, tmp_path, capsys):
 
 
 def test_a_run_that_does_not_learn_exits_0_and_says_so_last(tiny, tmp_path, capsys):
-    """It ran to the end and wrote its adapter (exit 0, as a finished run); its last lines say it did not learn."""
+    """It ran to the end and wrote its adapter (exit 0, as a finished run); its last lines say it
+    did not learn."""
     out = tmp_path / "flat"
     code, text, err = lorakit(capsys, "train", "--model", str(tiny["bert"]), "--data", str(tiny["classify"]),
                               "--out", str(out), "--batch-size", "8", "--epochs", "1", "--lr", "1e-9",
@@ -210,12 +211,13 @@ def test_a_run_that_does_not_learn_exits_0_and_says_so_last(tiny, tmp_path, caps
 
 
 def test_non_finite_loss_is_one_line_and_exit_2(tiny, tmp_path, capsys):
-    code, text, err = lorakit(capsys, "train", "--model", str(tiny["llama"]), "--data", str(tiny["completion"]),
-                              "--out", str(tmp_path / "nan"), "--lr", "1e30", "--warmup", "0", "--max-steps", "5",
-                              "--batch-size", "8", "--threads", "1")
-    error = [line for line in err.splitlines() if not line.startswith("step ")]  # the progress lines go to stderr
+    code, text, err = lorakit(capsys, "train", "--model", str(tiny["llama"]), "--data",
+                              str(tiny["completion"]), "--out", str(tmp_path / "nan"), "--lr", "1e30",
+                              "--warmup", "0", "--max-steps", "5", "--batch-size", "8", "--threads", "1")
+    error = [line for line in err.splitlines() if not line.startswith("step ")]  # progress lines: stderr too
     assert code == 2 and len(error) == 1 and "Traceback" not in err
-    assert re.match(r"lorakit train: error: the training loss is -?(nan|inf) \(not finite\) at step \d", error[0])
+    assert re.match(r"lorakit train: error: the training loss is -?(nan|inf) \(not finite\) at step \d",
+                    error[0])
     assert "Next: try --lr" in error[0]
 
 

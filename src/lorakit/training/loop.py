@@ -330,8 +330,8 @@ class _Run:
     def _stop(self, loss: float) -> None:
         kept = latest_checkpoint(self.out)
         where = f"the last good checkpoint, {kept}, is kept" if kept else "no checkpoint was written (use --save-every N)"
-        what = (f"the training loss is {loss} (not finite) at step {self.step + 1}; stopped before updating the "
-                "weights with it.")
+        what = (f"the training loss is {loss} (not finite) at step {self.step + 1}; stopped before updating "
+                "the weights with it.")
         verdict = Verdict(False, what, advice(self.config, "rose"))
         if self.world.main:
             self.metrics.append({"step": self.step + 1, "loss": loss})
