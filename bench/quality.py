@@ -133,9 +133,9 @@ def run_one(name: str, options: list[str], out: Path, threads: int | None) -> di
 def markdown(rows: list[dict], m: dict) -> str:
     grid = ", ".join(GRID)
     lines = [f"| variant | `lorakit train` options | held-out accuracy at lr {DEFAULT_LR} | sweep: "
-             f"validation accuracy at lr {grid} | chosen lr | held-out accuracy at the chosen lr | held-out loss at the "
-             "chosen lr | accuracy after epochs 1, 2, 3 at the chosen lr | trainable parameters | wall time "
-             "| CPU time |",
+             f"validation accuracy at lr {grid} | chosen lr | held-out accuracy at the chosen lr | held-out "
+             "loss at the chosen lr | accuracy after epochs 1, 2, 3 at the chosen lr | trainable parameters "
+             "| wall time | CPU time |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         s = r["swept"]
@@ -183,8 +183,8 @@ def _notes(rows: list[dict]) -> str:
             then = (f" At lr {r['best_lr']}, the sweep's choice, it reaches {s['accuracy']:.2%}."
                     if s["accuracy"] > s["before"] else " No rate of the sweep's grid made it learn.")
             notes.append(f"\n{r['name']} did not learn at lr {DEFAULT_LR}: held-out accuracy "
-                         f"{r['accuracy']:.2%} after training, {r['before']:.2%} before (`lorakit train` says so "
-                         f"in its last lines).{why}{then}\n")
+                         f"{r['accuracy']:.2%} after training, {r['before']:.2%} before (`lorakit train` says "
+                         f"so in its last lines).{why}{then}\n")
     return "".join(notes)
 
 
