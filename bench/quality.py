@@ -183,8 +183,8 @@ def _notes(rows: list[dict]) -> str:
             then = (f" At lr {r['best_lr']}, the sweep's choice, it reaches {s['accuracy']:.2%}."
                     if s["accuracy"] > s["before"] else " No rate of the sweep's grid made it learn.")
             held = f"held-out accuracy {r['accuracy']:.2%} after training, {r['before']:.2%} before"
-            notes.append(f"\n{r['name']} did not learn at lr {DEFAULT_LR}: {held} (`lorakit train` says so in "
-                         f"its last lines).{why}{then}\n")
+            notes.append(f"\n{r['name']} did not learn at lr {DEFAULT_LR}: {held} (`lorakit train` says so "
+                         f"in its last lines).{why}{then}\n")
     return "".join(notes)
 
 
