@@ -76,8 +76,8 @@ class RunConfig:
     dropout: float = option(0.0, _LORA, "dropout on the adapters' input (default: 0)", metavar="P", valid="[0, 1)")
     rslora: bool = option(False, _LORA, "scale by alpha / sqrt(rank) (rank-stabilised LoRA): steps "
                           "sqrt(rank) x those of plain LoRA at the same --lr, so lower --lr about as much "
-                          "(bundled task, rank 8: --lr 3.5e-4 gives 94.00%%; the default 1e-3 is at the edge: "
-                          "45.50%%, chance, with 2 threads)")
+                          "(bundled task, rank 8: --lr 3.5e-4 gives 94.00%%; the default 1e-3 is at the "
+                          "edge: 45.50%%, chance, with 2 threads)")
     dora: bool = option(False, _LORA, "DoRA: also train a magnitude per output feature (weight-decomposed LoRA)")
     init: str = option("default", _LORA, "how A and B start; pissa / olora take the top of the base weight's "
                        "SVD / QR and leave the residual in the base (default: default)", choices=INIT_MODES)
