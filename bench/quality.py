@@ -160,7 +160,9 @@ figures are the same run. The wall and CPU times are the default-lr run's whole 
 the model, the evaluation before and after every epoch, writing the folder); CPU time is the
 process's user + system time, which other load on the machine disturbs less than the wall time.
 One seed per row: differences of a few tenths of a percent (one or two of 400 sentences) are
-within what another seed would change.
+within what another seed would change. The thread count changes the order of float sums, and a
+run at the edge of diverging can end either way: rsLoRA at 1e-3 learns with `--threads 1` and
+ends at chance with `--threads 2` on the same machine (README, "A run that did not learn").
 
 {chr(10).join(lines)}
 {_notes(rows)}"""
