@@ -51,7 +51,6 @@ from .plot import PLOT_FILE, plot_loss
 from .prepare import Setup, prepare
 from .progress import Progress, duration
 from .run_lock import RunLock, check_unlocked
-from .verdict import Verdict, advice, judge, write_verdict
 from .tasks import (
     LABELS_FILE,
     TASK_TYPES,
@@ -61,6 +60,7 @@ from .tasks import (
     labels_json,
     loss_sum,
 )
+from .verdict import Verdict, advice, judge, write_verdict
 
 
 def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
