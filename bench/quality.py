@@ -1,7 +1,7 @@
 """The variants side by side on the bundled task: held-out accuracy and wall time, same budget,
 at the default learning rate and at one chosen for each variant by a small sweep.
 
-    python bench/quality.py    # writes the `quality` section of BENCHMARKS.md (about 20 minutes on 2 cores)
+    python bench/quality.py --threads 1 --jobs 2   # the `quality` section of BENCHMARKS.md (8 min on 2 cores)
 
 Each row is real `lorakit train` runs (subprocesses, the command shown in the table): the
 default run (bundled MiniLM, bundled sentiment set, 3 epochs, rank 8, alpha 16, attention
@@ -163,6 +163,8 @@ One seed per row: differences of a few tenths of a percent (one or two of 400 se
 within what another seed would change. The thread count changes the order of float sums, and a
 run at the edge of diverging can end either way: rsLoRA at 1e-3 learns with `--threads 1` and
 ends at chance with `--threads 2` on the same machine (README, "A run that did not learn").
+The sweep's one epoch is a cheap stand-in for three: where it chose another rate than 1e-3, the
+full run at that rate can end below the default-lr run.
 
 {chr(10).join(lines)}
 {_notes(rows)}"""
