@@ -4,6 +4,7 @@ the adapters lorakit trains, merged folders that Transformers loads, and errors 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -195,6 +196,30 @@ def test_errors_are_one_line_and_name_the_thing(tiny, tmp_path, capsys):
                            "--targets", "nothing_like_this", "--out", str(tmp_path / "o"))
     assert code == 2 and "nothing_like_this" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_run_that_does_not_learn_exits_0_and_says_so_last(tiny, tmp_path, capsys):
+    """It ran to the end and wrote its adapter (exit 0, as a finished run); its last lines say it
+    did not learn."""
+    out = tmp_path / "flat"
+    code, text, err = lorakit(capsys, "train", "--model", str(tiny["bert"]), "--data", str(tiny["classify"]),
+                              "--out", str(out), "--batch-size", "8", "--epochs", "1", "--lr", "1e-9",
+                              "--threads", "1")
+    assert code == 0, err
+    last = text.splitlines()[-2:]
+    assert last[0].startswith("warning: this run did not learn") and "Next: try --lr 1e-8" in last[1]
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_non_finite_loss_is_one_line_and_exit_2(tiny, tmp_path, capsys):
+    code, text, err = lorakit(capsys, "train", "--model", str(tiny["llama"]), "--data",
+                              str(tiny["completion"]), "--out", str(tmp_path / "nan"), "--lr", "1e30",
+                              "--warmup", "0", "--max-steps", "5", "--batch-size", "8", "--threads", "1")
+    error = [line for line in err.splitlines() if not line.startswith("step ")]  # progress lines: stderr too
+    assert code == 2 and len(error) == 1 and "Traceback" not in err
+    assert re.match(r"lorakit train: error: the training loss is -?(nan|inf) \(not finite\) at step \d",
+                    error[0])
+    assert "Next: try --lr" in error[0]
 
 
 def test_python_dash_m_runs_the_cli():

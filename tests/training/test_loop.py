@@ -63,6 +63,11 @@ def test_explicit_eval_data_and_training_reaches_the_signal(tiny, tmp_path):
     assert summary["before"]["accuracy"] <= 0.6
     assert summary["after"]["accuracy"] >= 0.7
     assert summary["after"]["loss"] < summary["before"]["loss"]
+    assert summary["learned"] is True and summary["warning"] is None  # a run that learns does not warn
+    last = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last == {"step": summary["steps"], "learned": True, "warning": None}
+    run_file = json.loads((tmp_path / "r" / "run_config.json").read_text())
+    assert run_file["learned"] is True and run_file["warning"] is None and run_file["config"]["epochs"] == 8
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
@@ -206,3 +211,27 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny, tmp_path):
     kept = tensors(checkpoints[0])
     assert all(torch.isfinite(v).all() for v in kept.values())
     assert not (out / "adapter_model.safetensors").exists()
+    # Recorded where a program looks: the non-finite step, then the verdict.
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert math.isnan(lines[-2]["loss"]) and lines[-2]["step"] == lines[-1]["step"] == 2
+    assert lines[-1]["learned"] is False and "not finite" in lines[-1]["warning"]
+    assert "Next: try --lr" in lines[-1]["warning"]
+    run_file = json.loads((out / "run_config.json").read_text())
+    assert run_file["learned"] is False and run_file["warning"] == lines[-1]["warning"]
+
+
+def test_a_run_that_does_not_learn_says_so_and_keeps_its_adapter(tiny, tmp_path):
+    out = tmp_path / "still"
+    stream = io.StringIO()
+    summary = train(RunConfig(model=str(tiny["bert"]), data=str(tiny["classify"]), out=str(out), batch_size=8,
+                              epochs=1, lr=1e-9, threads=1), stream=stream)
+    lines = stream.getvalue().splitlines()
+    assert summary["learned"] is False and summary["after"]["accuracy"] <= summary["before"]["accuracy"]
+    assert lines[-3].startswith("done in ")  # the warning is the run's last two lines
+    assert lines[-2].startswith("warning: this run did not learn (held-out accuracy ")
+    assert "weights barely moved" in lines[-1] and "Next: try --lr 1e-8 or more --epochs." in lines[-1]
+    assert summary["warning"] == lines[-2].removeprefix("warning: ") + " " + lines[-1].strip()
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1]) == \
+        {"step": 16, "learned": False, "warning": summary["warning"]}
+    assert json.loads((out / "run_config.json").read_text())["learned"] is False
+    assert (out / "adapter_model.safetensors").is_file()  # it ran to the end: its adapter is written

@@ -11,7 +11,8 @@ The output folder:
   labels.json                                    classify: id2label / label2id
   metrics.jsonl                                  one line per step (loss, lr) and per evaluation
   loss.png                                       the loss curve
-  run_config.json                                every option of the run, to repeat or resume it
+  run_config.json                                every option of the run, to repeat or resume it; at the
+                                                 end also whether it learned (verdict.py)
   checkpoints/step-NNNNNN/                       with --save-every
 """
 
@@ -59,6 +60,7 @@ from .tasks import (
     labels_json,
     loss_sum,
 )
+from .verdict import Verdict, advice, judge, write_verdict
 
 
 def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
@@ -88,7 +90,8 @@ def epoch_batches(lengths: list[int], seed: int, epoch: int, size: int) -> list[
 
 
 def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, stream: TextIO | None = None) -> dict[str, Any]:
-    """Run training as configured; returns a summary (metrics before/after, adapter path and size)."""
+    """Run training as configured; returns a summary (metrics before/after, adapter path and size,
+    `learned` and `warning` as verdict.py judged the run)."""
     stream = stream if stream is not None else sys.stdout
     started = time.monotonic()
     config.check()
@@ -325,13 +328,16 @@ class _Run:
         dist_mod.barrier(self.world)
 
     def _stop(self, loss: float) -> None:
-        if self.world.main:
-            write_metrics(self.out, self.metrics)
         kept = latest_checkpoint(self.out)
         where = f"the last good checkpoint, {kept}, is kept" if kept else "no checkpoint was written (use --save-every N)"
+        what = (f"the training loss is {loss} (not finite) at step {self.step + 1}; stopped before updating "
+                "the weights with it.")
+        verdict = Verdict(False, what, advice(self.config, "rose"))
+        if self.world.main:
+            self.metrics.append({"step": self.step + 1, "loss": loss})
+            write_verdict(self.out, self.metrics, verdict)
         raise TrainingError(
-            f"the training loss is {loss} (not finite) at step {self.step + 1}; stopped before updating the weights "
-            f"with it. No adapter was written; {where}. Try a lower --lr (now {self.config.lr:g}) or check the data; "
+            f"{what} No adapter was written; {where}. {verdict.advice} Or check the data; "
             f"`lorakit train --resume {self.out}` continues from the checkpoint."
         )
 
@@ -340,10 +346,13 @@ class _Run:
         """Write the adapter folder, the metrics and the plot; say what was done."""
         out, s = self.out, self.setup
         after = evaluations(self.metrics)[-1]["eval"]
-        summary: dict[str, Any] = {"before": self.before, "after": after, "out": str(out), "steps": self.step}
+        losses = [m["loss"] for m in self.metrics if "loss" in m]
+        verdict = judge(s.task, self.before, after, losses, self.config)
+        summary: dict[str, Any] = {"before": self.before, "after": after, "out": str(out), "steps": self.step,
+                                   **verdict.record()}
         if self.world.main:
             save_adapter(s.model, out, **self._adapter_files())
-            write_metrics(out, self.metrics)
+            write_verdict(out, self.metrics, verdict)
             plot_loss(self.metrics, out / PLOT_FILE, f"lorakit: {s.describe['model']}, {s.task}")
             size = (out / WEIGHTS_FILE).stat().st_size
             summary["adapter_bytes"] = size
@@ -354,6 +363,8 @@ class _Run:
             self.say(f"adapter: {out}/{WEIGHTS_FILE} ({fmt_size(size)}) + {CONFIG_FILE}{extras}")
             self.say(f"also in {out}: {METRICS_FILE}, {PLOT_FILE}, {RUN_FILE}")
             self.say(f"done in {duration(time.monotonic() - started)}")
+            for line in verdict.lines():  # last, where the eye lands
+                self.say(line)
         dist_mod.barrier(self.world)
         return summary
 
