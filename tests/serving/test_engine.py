@@ -121,3 +121,27 @@ def test_a_classify_batch_that_fails_is_retried_row_by_row(adapters):
     kept = [r for r, (_, t) in zip(together, jobs) if t != "zebra"]
     for got, want in zip(kept, alone):
         torch.testing.assert_close(got.json()["data"][0]["probs"], want.json()["data"][0]["probs"], rtol=0, atol=1e-5)
+
+
+def test_an_adapter_load_that_fails_unexpectedly_fails_only_its_rows(adapters, monkeypatch):
+    import lorakit.serving.store as store_module
+
+    app, engine = build([adapters["a"]], adapters["cls_root"], max_wait_ms=200)
+    real = store_module.load_adapter
+
+    def load_adapter(model, folder, name, **kwargs):
+        if name == "c":
+            raise MemoryError("out of memory while loading c")  # not the folder's fault
+        return real(model, folder, name, **kwargs)
+
+    monkeypatch.setattr(store_module, "load_adapter", load_adapter)
+
+    async def go():
+        async with client(app) as c:
+            post = lambda m: c.post("/v1/classify", json={"model": m, "input": "good film"})  # noqa: E731
+            return await asyncio.gather(post("a"), post("c"), post("d"))
+
+    a, c, d = run(go())
+    assert (a.status_code, c.status_code, d.status_code) == (200, 500, 200), c.text
+    assert "memory" not in c.text and sorted(engine.store.loaded) == ["a", "d"]
+    assert engine.store.failures == 1 and engine.store.entries["c"].error == "out of memory while loading c"

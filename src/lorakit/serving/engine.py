@@ -237,15 +237,17 @@ class Engine:
         of the rows that can run."""
         names = {n for r in rows if not r.cancelled for n in r.names}
         missing = {n for n in names if n not in self.store.entries}
-        failed: dict[str, AdapterFileError] = self.store.acquire(sorted(names - missing))
+        failed: dict[str, Exception] = self.store.acquire(sorted(names - missing))
         live = []
         for i, row in enumerate(rows):
             gone = [n for n in row.names if n in missing]
             bad = [n for n in row.names if n in failed]
             if gone:
                 results[i] = RowError(404, f"the adapter {gone[0]!r} was unloaded before this request ran")
-            elif bad:
+            elif bad and isinstance(failed[bad[0]], AdapterFileError):
                 results[i] = RowError(422, f"adapter {bad[0]!r} failed to load: {failed[bad[0]]}")
+            elif bad:  # not the folder's fault: the server's (a 500 with an id)
+                results[i] = failed[bad[0]]
             elif not row.cancelled:
                 live.append(i)
         return live
