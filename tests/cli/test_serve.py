@@ -117,7 +117,8 @@ def test_an_empty_api_key_is_refused_not_served_open(capsys, adapters, monkeypat
     monkeypatch.setenv("LORAKIT_API_KEY", "")  # `export LORAKIT_API_KEY=$KEY` with KEY unset
     assert main(["serve", str(adapters["a"])] + (["--api-key", ""] if how == "flag" else [])) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and ("--api-key" if how == "flag" else "$LORAKIT_API_KEY") + " is empty" in err
+    source = "--api-key" if how == "flag" else "$LORAKIT_API_KEY"
+    assert err.count("\n") == 1 and f"{source} is empty" in err
     assert served == []
 
 

@@ -157,7 +157,7 @@ def test_every_error_status(adapters):
     assert "input" in r["missing"].json()["error"]["message"]
     assert r["body"].status_code == 413 and "2000 bytes" in r["body"].json()["error"]["message"]
     assert r["tokens"].status_code == 413 and "maximum context of 64 tokens" in r["tokens"].json()["error"]["message"]
-    assert r["queue"].status_code == 413 and "retry-after" not in r["queue"].headers  # more rows than can wait
+    assert r["queue"].status_code == 413 and "retry-after" not in r["queue"].headers  # more rows than fit
     assert "3 rows" in r["queue"].json()["error"]["message"] and "2 the server queues (--max-queue)" in (
         r["queue"].json()["error"]["message"])
     assert r["route"].status_code == 404 and "error" in r["route"].json()
@@ -460,10 +460,10 @@ def test_concurrent_unloads_of_one_name_succeed_once(adapters):
 
     async def go():
         async with client(app) as c:
-            await c.post("/v1/classify", json={"model": "c", "input": "good"})  # loaded: unloading has work to do
+            await c.post("/v1/classify", json={"model": "c", "input": "good"})  # loaded: unloading has work
             unload = lambda: c.post("/v1/unload_lora_adapter", json={"lora_name": "c"})  # noqa: E731
-            loads = await asyncio.gather(*[c.post("/v1/load_lora_adapter", json={"lora_name": "e", "lora_path": "d"})
-                                           for _ in range(20)])
+            load = {"lora_name": "e", "lora_path": "d"}
+            loads = await asyncio.gather(*[c.post("/v1/load_lora_adapter", json=load) for _ in range(20)])
             return await asyncio.gather(*[unload() for _ in range(40)]), loads
 
     unloads, loads = run(go())

@@ -55,7 +55,7 @@ def test_a_batch_whose_forward_fails_mid_decoding_goes_on_row_by_row(adapters):
 
     def when(call, ids):
         batched[0] += ids.shape[0] == 3  # the three rows together (alone, y's n=2 is a batch of 2)
-        return "raise" if ids.shape[0] == 3 and batched[0] == 4 else None  # the 3rd decoding step of the batch
+        return "raise" if ids.shape[0] == 3 and batched[0] == 4 else None  # the batch's 3rd decoding step
 
     fail_forward(engine, when)
     alone, together = run(alone_then_together(app, bodies))
@@ -94,7 +94,8 @@ def test_a_sampling_failure_rewinds_the_other_rows_random_streams(adapters):
 
     def when(call, ids):
         batched[0] += ids.shape[0] > 1
-        return "nan:1" if ids.shape[0] > 1 and batched[0] == 3 else None  # row 1 samples from nan; row 0 drew first
+        # Row 1 samples from nan in the batch's 2nd decoding step, after row 0 drew from its stream.
+        return "nan:1" if ids.shape[0] > 1 and batched[0] == 3 else None
 
     fail_forward(engine, when)
     alone, together = run(alone_then_together(app, bodies))
@@ -120,7 +121,8 @@ def test_a_classify_batch_that_fails_is_retried_row_by_row(adapters):
     assert [r.status_code for r in together] == [200, 500, 200, 200]
     kept = [r for r, (_, t) in zip(together, jobs) if t != "zebra"]
     for got, want in zip(kept, alone):
-        torch.testing.assert_close(got.json()["data"][0]["probs"], want.json()["data"][0]["probs"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(got.json()["data"][0]["probs"], want.json()["data"][0]["probs"],
+                                   rtol=0, atol=1e-5)
 
 
 def test_an_adapter_load_that_fails_unexpectedly_fails_only_its_rows(adapters, monkeypatch):

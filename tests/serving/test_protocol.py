@@ -65,5 +65,5 @@ def test_a_temperature_that_could_only_fail_is_422_and_the_smallest_valid_one_is
     for r in refused:
         assert r.status_code == 422 and r.json()["error"]["param"] == "body.temperature", r.text
     assert "temperature must be 0 (greedy) or at least" in refused[0].json()["error"]["message"]
-    assert tiny.status_code == 200, tiny.text  # a legal temperature never fails: it samples from the top token
+    assert tiny.status_code == 200, tiny.text  # a valid temperature never fails: it samples the top token
     assert tiny.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]

@@ -26,10 +26,11 @@ class ServeOptions:
 
     model: str | None = option(None, _WHAT, "base model (default: the one named in the adapters' "
                                "adapter_config.json)")
-    adapter_root: str | None = option(None, _WHAT, "register every adapter folder under DIR (loaded on first "
-                                      "use); /v1/load_lora_adapter may load folders from DIR only", metavar="DIR")
-    max_loaded_mb: float = option(1024.0, _WHAT, "loaded adapters' size limit in MB; least recently used ones "
-                                  "are unloaded (default 1024)", metavar="MB", valid=">= 0")
+    adapter_root: str | None = option(None, _WHAT, "register every adapter folder under DIR (loaded on "
+                                      "first use); /v1/load_lora_adapter may load folders from DIR only",
+                                      metavar="DIR")
+    max_loaded_mb: float = option(1024.0, _WHAT, "loaded adapters' size limit in MB; least recently used "
+                                  "ones are unloaded (default 1024)", metavar="MB", valid=">= 0")
     host: str = option("127.0.0.1", _SERVER, "address to listen on (default 127.0.0.1)")
     port: int = option(8000, _SERVER, "port (default 8000; 0: any free port)", valid="[0, 65535]")
     api_key: str | None = option(None, _SERVER, "require 'Authorization: Bearer KEY' (default: "
@@ -88,7 +89,9 @@ def run(args: argparse.Namespace) -> int:
 def _api_key(given: str | None) -> str | None:
     """The key from --api-key, else from $LORAKIT_API_KEY; an empty one is what `--api-key "$KEY"`
     gives when KEY is unset, and serving open then would be a surprise: refused."""
-    key, source = (given, "--api-key") if given is not None else (os.environ.get(API_KEY_ENV), f"${API_KEY_ENV}")
+    key, source = given, "--api-key"
+    if given is None:
+        key, source = os.environ.get(API_KEY_ENV), f"${API_KEY_ENV}"
     if key is not None and not key.strip():
         raise ServeError(f"{source} is empty: give a key, or leave it out (and unset ${API_KEY_ENV}) "
                          "to serve without one")

@@ -96,8 +96,8 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
         if not batcher.alive:  # queued rows would wait for ever
             raise Problem(503, "the server's batch loop has stopped; see the server's log")
         if len(rows) > settings.max_queue:  # it would never fit: retrying (as clients do on 429) cannot help
-            raise Problem(413, f"this request has {len(rows)} rows (inputs x n), more than the {settings.max_queue} "
-                               "the server queues (--max-queue); send it in parts")
+            raise Problem(413, f"this request has {len(rows)} rows (inputs x n), more than the "
+                               f"{settings.max_queue} the server queues (--max-queue); send it in parts")
         if batcher.room() < len(rows):
             raise Problem(429, f"the queue is full ({settings.max_queue} rows waiting); retry shortly",
                           headers={"Retry-After": "1"})

@@ -105,7 +105,7 @@ class Batcher:
         if self.engine.task == "classify":
             try:
                 results = await loop.run_in_executor(self._pool, self.engine.classify, rows)
-            except Exception as err:  # outside the rows' forward (the engine isolates that): every row says why
+            except Exception as err:  # outside the rows' forward (the engine isolates that): every row has it
                 results = [err] * len(rows)
             for (_, future), result in zip(batch, results):
                 if not future.done():

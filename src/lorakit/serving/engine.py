@@ -167,11 +167,12 @@ class Engine:
                 if not row.ended and not row.cancelled:
                     self._decode_isolated([row], streams)
 
-    def _decode(self, live: list[Row], streams: dict[int, torch.Generator], before: dict[int, tuple[int, Any]]) -> None:
+    def _decode(self, live: list[Row], streams: dict[int, torch.Generator],
+                before: dict[int, tuple[int, Any]]) -> None:
         live = [r for r in live if not r.ended and not r.cancelled]
         if not live:
             return
-        ids, mask = _pad([r.ids + r.out for r in live], self.pad_id, left=True)  # a row may go on from its tokens
+        ids, mask = _pad([r.ids + r.out for r in live], self.pad_id, left=True)  # goes on from its tokens
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         generators = [streams[id(r)] for r in live]
         past = None

@@ -72,7 +72,7 @@ class Guard:
     metrics (status and time to the end of the response, streams included)."""
 
     def __init__(self, app: Any, api_key: str | None, max_body: int, metrics: Metrics) -> None:
-        if api_key is not None and not api_key.strip():  # "$KEY" of an unset variable: refuse, never serve open
+        if api_key is not None and not api_key.strip():  # "$KEY" of an unset variable: never serve open
             raise ValueError("the API key is empty")
         self.app, self.max_body, self.metrics = app, max_body, metrics
         self.expected = f"Bearer {api_key}".encode() if api_key else None
