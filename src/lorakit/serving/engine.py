@@ -102,7 +102,7 @@ class Engine:
 
     # -- batches -----------------------------------------------------------------------------
     def classify(self, rows: list[Row]) -> list[Any]:
-        """Per row: (probabilities, label) or a RowError."""
+        """Per row: (probabilities, label), a RowError, or the exception its forward alone raised."""
         results: list[Any] = [None] * len(rows)
         live = self._acquire(rows, results)
         if not live:
@@ -139,7 +139,7 @@ class Engine:
 
     def generate(self, rows: list[Row]) -> None:
         """Run the rows to their ends, one decoding step at a time; events go through row.emit:
-        ("text", delta), ("done", finish_reason, stop_reason), ("error", RowError)."""
+        ("text", delta), ("done", finish_reason, stop_reason), ("error", a RowError or the exception)."""
         errors: list[Any] = [None] * len(rows)
         live = [rows[i] for i in self._acquire(rows, errors)]
         for row, err in zip(rows, errors):
