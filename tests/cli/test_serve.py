@@ -94,7 +94,32 @@ def test_mistakes_are_one_line(capsys, tmp_path, adapters):
     assert main(["serve"]) == 2
     assert "give adapter folders" in capsys.readouterr().err
     assert main(["serve", str(adapters["a"]), "--max-batch", "0"]) == 2
-    assert "--max-batch must be at least 1" in capsys.readouterr().err
+    assert "--max-batch must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("option", "value", "wanted"), [
+    ("--max-loaded-mb", "nan", "a number >= 0"), ("--max-loaded-mb", "inf", "a number >= 0"),
+    ("--max-wait-ms", "inf", "a number in [0, 60000]"), ("--max-wait-ms", "nan", "a number in [0, 60000]"),
+    ("--max-wait-ms", "60001.0", "a number in [0, 60000]"), ("--port", "70000", "an integer in [0, 65535]"),
+    ("--max-queue", "-3", "an integer >= 1")])
+def test_options_are_checked_from_their_definitions(capsys, adapters, option, value, wanted):
+    assert main(["serve", str(adapters["a"]), option, value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{option} must be {wanted}, got {value}" in err, err
+
+
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_an_empty_api_key_is_refused_not_served_open(capsys, adapters, monkeypatch, how):
+    import lorakit.serving.server as server
+
+    served = []
+    monkeypatch.setattr(server, "run", lambda app, host, port, announce: served.append(app))
+    monkeypatch.setenv("LORAKIT_API_KEY", "")  # `export LORAKIT_API_KEY=$KEY` with KEY unset
+    assert main(["serve", str(adapters["a"])] + (["--api-key", ""] if how == "flag" else [])) == 2
+    err = capsys.readouterr().err
+    source = "--api-key" if how == "flag" else "$LORAKIT_API_KEY"
+    assert err.count("\n") == 1 and f"{source} is empty" in err
+    assert served == []
 
 
 def test_the_port_in_use_is_one_line(adapters):

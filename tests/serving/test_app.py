@@ -157,8 +157,9 @@ def test_every_error_status(adapters):
     assert "input" in r["missing"].json()["error"]["message"]
     assert r["body"].status_code == 413 and "2000 bytes" in r["body"].json()["error"]["message"]
     assert r["tokens"].status_code == 413 and "maximum context of 64 tokens" in r["tokens"].json()["error"]["message"]
-    assert r["queue"].status_code == 429 and r["queue"].headers["retry-after"] == "1"
-    assert r["queue"].json()["error"]["type"] == "RateLimitError"
+    assert r["queue"].status_code == 413 and "retry-after" not in r["queue"].headers  # more rows than fit
+    assert "3 rows" in r["queue"].json()["error"]["message"] and "2 the server queues (--max-queue)" in (
+        r["queue"].json()["error"]["message"])
     assert r["route"].status_code == 404 and "error" in r["route"].json()
     assert r["after"].status_code == 200  # and the server goes on
 
@@ -433,3 +434,61 @@ def test_each_server_serves_its_task(adapters):
     a, b = run(go())
     assert a.status_code == 404 and "/v1/completions" in a.json()["error"]["message"]
     assert b.status_code == 404 and "/v1/classify" in b.json()["error"]["message"]
+
+
+# ---- one request never fails another -------------------------------------------------------
+
+
+def test_a_zero_weight_adds_nothing_even_for_an_adapter_not_loaded(adapters):
+    app, engine = build([adapters["a"]], adapters["cls_root"])  # c and d registered, not loaded
+
+    async def go():
+        async with client(app) as c:
+            post = lambda body: c.post("/v1/classify", json=dict(body, input="good film"))  # noqa: E731
+            return (await post({"adapters": {"a": 1.0, "c": 0.0}}), await post({"model": "a"}),
+                    await post({"adapters": {"d": 0}}), await post({}))
+
+    mixed, alone, zero, base = run(go())
+    assert mixed.status_code == 200 and zero.status_code == 200, (mixed.text, zero.text)
+    close(mixed.json()["data"][0]["probs"], alone.json()["data"][0]["probs"])
+    close(zero.json()["data"][0]["probs"], base.json()["data"][0]["probs"])
+    assert engine.store.loaded == ["a"]  # nothing was loaded for a weight of 0
+
+
+def test_concurrent_unloads_of_one_name_succeed_once(adapters):
+    app, engine = build([adapters["a"]], adapters["cls_root"])
+
+    async def go():
+        async with client(app) as c:
+            await c.post("/v1/classify", json={"model": "c", "input": "good"})  # loaded: unloading has work
+            unload = lambda: c.post("/v1/unload_lora_adapter", json={"lora_name": "c"})  # noqa: E731
+            load = {"lora_name": "e", "lora_path": "d"}
+            loads = await asyncio.gather(*[c.post("/v1/load_lora_adapter", json=load) for _ in range(20)])
+            return await asyncio.gather(*[unload() for _ in range(40)]), loads
+
+    unloads, loads = run(go())
+    codes = sorted(r.status_code for r in unloads)
+    assert codes == [200] + [404] * 39, [r.text for r in unloads if r.status_code not in (200, 404)]
+    assert "c" not in engine.store.entries and "c" not in engine.store.loaded
+    assert sorted(r.status_code for r in loads) == [200] + [400] * 19
+    assert all("already been loaded" in r.json()["error"]["message"] for r in loads if r.status_code == 400)
+
+
+def test_a_request_larger_than_the_queue_is_413_naming_the_limit(adapters):
+    lm, _ = build([adapters["x"]], None, max_queue=8)
+    cls, _ = build([adapters["a"]], None, max_queue=8)
+
+    async def go():
+        async with client(lm) as c:  # an empty server: 429 would be a lie, and clients retry it for ever
+            many = await c.post("/v1/completions", json={"prompt": ["a", "b", "c"], "n": 3, "max_tokens": 1})
+            fits = await c.post("/v1/completions", json={"prompt": ["a", "b"], "n": 4, "max_tokens": 1})
+        async with client(cls) as c:
+            inputs = await c.post("/v1/classify", json={"input": ["good"] * 9})
+        return many, fits, inputs
+
+    many, fits, inputs = run(go())
+    assert fits.status_code == 200
+    for r, rows in ((many, 9), (inputs, 9)):
+        assert r.status_code == 413 and "retry-after" not in r.headers
+        message = r.json()["error"]["message"]
+        assert f"{rows} rows" in message and "8 the server queues (--max-queue)" in message

@@ -30,8 +30,9 @@ from ..adapter_file import AdapterFileError
 from . import protocol as P
 from .batcher import Batcher
 from .engine import Engine, Row, RowError
-from .guard import Guard, Problem, error_handlers, log
+from .guard import Guard, Problem, error_handlers, internal_error
 from .metrics import Metrics
+from .store import AdapterStore
 
 
 @dataclass
@@ -39,7 +40,7 @@ class Settings:
     api_key: str | None = None  # then every request but /health needs "Authorization: Bearer <key>"
     max_batch: int = 32  # rows per batch
     max_wait_ms: float = 5.0  # how long a batch waits for more rows
-    max_queue: int = 256  # rows waiting; beyond, 429
+    max_queue: int = 256  # rows waiting; beyond, 429 (413 for a request of more rows than that)
     adapter_root: Path | None = None  # where /v1/load_lora_adapter may read folders; None: no run-time loading
     max_body_bytes: int = 1 << 20
 
@@ -70,7 +71,8 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
             unknown = [n for n in mix if n not in store.entries]
             if unknown:
                 raise Problem(404, _unknown(unknown[0]), "adapters")
-            return (dict(mix) or None), tuple(n for n, w in mix.items() if w), engine.base_id
+            weighted = {n: w for n, w in mix.items() if w}  # a zero weight adds nothing: nothing to load
+            return (weighted or None), tuple(weighted), engine.base_id
         if model is None or model == engine.base_id:
             return None, (), engine.base_id
         if model in store.entries:
@@ -93,6 +95,9 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
     def enqueue(rows: list[Row], with_results: bool):
         if not batcher.alive:  # queued rows would wait for ever
             raise Problem(503, "the server's batch loop has stopped; see the server's log")
+        if len(rows) > settings.max_queue:  # it would never fit: retrying (as clients do on 429) cannot help
+            raise Problem(413, f"this request has {len(rows)} rows (inputs x n), more than the "
+                               f"{settings.max_queue} the server queues (--max-queue); send it in parts")
         if batcher.room() < len(rows):
             raise Problem(429, f"the queue is full ({settings.max_queue} rows waiting); retry shortly",
                           headers={"Retry-After": "1"})
@@ -123,8 +128,8 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
         futures = enqueue(rows, with_results=True)
         try:
             results = await asyncio.gather(*futures)
-        except RowError as err:
-            raise Problem(err.status, err.message) from None
+        except Exception as err:
+            raise _problem(err) from None
         finally:
             _cancel(rows)  # nothing left to do for them; a dropped client's rows are skipped
         return P.classify_answer(shown, results, sum(len(r.ids) for r in rows))
@@ -205,24 +210,23 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
             raise Problem(403, "loading adapters at run time is off: start lorakit serve with --adapter-root DIR")
         if name == engine.base_id:
             raise Problem(400, f"The lora adapter '{name}' conflicts with a served base model.")
-        if name in store.entries:
-            raise Problem(400, f"The lora adapter '{name}' has already been loaded.")
         folder = confine(root, body.lora_path)
         if not folder.is_dir():
             raise Problem(404, f"Loading lora {name} failed: No adapter found for {body.lora_path}")
         try:
-            await batcher.call(_register_and_load, engine, name, folder)
+            added = await batcher.call(_register_and_load, engine, name, folder)
         except (AdapterFileError, ValueError) as err:
             raise Problem(400, f"Loading lora {name} failed: {err}") from None
+        if not added:
+            raise Problem(400, f"The lora adapter '{name}' has already been loaded.")
         return Response(f"Success: LoRA adapter '{name}' added successfully.", status_code=200)
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora(body: P.UnloadRequest) -> Response:
         if not body.lora_name:
             raise Problem(400, "'lora_name' needs to be provided to unload a LoRA adapter.")
-        if body.lora_name not in store.entries:
+        if not await batcher.call(_unregister, store, body.lora_name):
             raise Problem(404, f"The lora adapter '{body.lora_name}' cannot be found.")
-        await batcher.call(store.unregister, body.lora_name)
         return Response(f"Success: LoRA adapter '{body.lora_name}' removed successfully.", status_code=200)
 
     return app
@@ -241,14 +245,27 @@ def confine(root: Path, given: str) -> Path:
     return real
 
 
-def _register_and_load(engine: Engine, name: str, folder: Path) -> None:
-    """On the model thread: register, then load at once, so a bad folder is reported now."""
+def _register_and_load(engine: Engine, name: str, folder: Path) -> bool:
+    """On the model thread: register, then load at once, so a bad folder is reported now. False
+    when the name is taken (checked here, in the same step as registering: loads run concurrently)."""
     store = engine.store
+    if name in store.entries:
+        return False
     store.register(name, folder)
     failed = store.acquire([name])
     if failed:
         store.unregister(name)
         raise failed[name]
+    return True
+
+
+def _unregister(store: AdapterStore, name: str) -> bool:
+    """On the model thread: forget `name`; False when it is not registered (the check and the
+    removal are one step, so of concurrent unloads of one name exactly one succeeds)."""
+    if name not in store.entries:
+        return False
+    store.unregister(name)
+    return True
 
 
 def _check_lengths(engine: Engine, rows: list[Row], new_tokens: int) -> None:
@@ -276,8 +293,7 @@ def _cancel(rows: list[Row]) -> None:
 def _problem(err: Exception) -> Problem:
     if isinstance(err, RowError):
         return Problem(err.status, err.message)
-    log.error("generation failed: %r", err)
-    return Problem(500, f"generation failed: {type(err).__name__}: {err}")
+    return internal_error(err, "a row failed")
 
 
 async def _sse(kind, rid: str, created: int, model: str, rows: list[Row], events: asyncio.Queue, first: tuple,

@@ -105,7 +105,7 @@ class Batcher:
         if self.engine.task == "classify":
             try:
                 results = await loop.run_in_executor(self._pool, self.engine.classify, rows)
-            except Exception as err:  # the batch failed as a whole; every row says why
+            except Exception as err:  # outside the rows' forward (the engine isolates that): every row has it
                 results = [err] * len(rows)
             for (_, future), result in zip(batch, results):
                 if not future.done():
@@ -113,6 +113,8 @@ class Batcher:
             return
         try:
             await loop.run_in_executor(self._pool, self.engine.generate, rows)
-        except Exception as err:
+        except Exception as err:  # outside any row's decoding (the engine isolates those): every row says why
             for row in rows:
-                row.emit(("error", err))
+                if not row.ended:
+                    row.ended = True
+                    row.emit(("error", err))

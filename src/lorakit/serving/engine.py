@@ -10,7 +10,10 @@ name, None (the base model) or {name: weight}. A batch of rows runs as one `mixe
   the KV cache are dropped) and the others go on.
 
 A row whose adapter fails to load gets the error (the file and the reason); the other rows of
-the batch run as if it had never been there.
+the batch run as if it had never been there. The same holds for any other failure: when a
+batch's forward or sampling step raises, each row that has not ended runs again alone, from
+where it stood (its prompt and the tokens it has so far, its random stream as it was before
+the failed step), so only a row that fails by itself gets the error.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class Row:
     cancelled: bool = False  # the client went away: drop the row at the next chance
     out: list[int] = field(default_factory=list)  # generated token ids
     sent: str = ""  # text already emitted
+    ended: bool = False  # finished or failed: no more events
 
 
 class Engine:
@@ -98,39 +102,83 @@ class Engine:
 
     # -- batches -----------------------------------------------------------------------------
     def classify(self, rows: list[Row]) -> list[Any]:
-        """Per row: (probabilities, label) or a RowError."""
+        """Per row: (probabilities, label), a RowError, or the exception its forward alone raised."""
         results: list[Any] = [None] * len(rows)
         live = self._acquire(rows, results)
         if not live:
             return results
-        ids, mask = _pad([rows[i].ids for i in live], self.pad_id, left=False)
-        with torch.inference_mode(), mixed_batch(self.model, [rows[i].route for i in live]):
+        try:
+            answers = self._classify([rows[i] for i in live])
+        except Exception as err:  # which row broke it? each alone: only that one gets the error
+            if len(live) == 1:
+                answers = [err]
+            else:
+                answers = [self._classify_alone(rows[i]) for i in live]
+        for i, answer in zip(live, answers):
+            results[i] = answer
+        return results
+
+    def _classify_alone(self, row: Row) -> Any:
+        try:
+            return self._classify([row])[0]
+        except Exception as err:
+            return err
+
+    def _classify(self, rows: list[Row]) -> list[tuple[list[float], str | None]]:
+        ids, mask = _pad([r.ids for r in rows], self.pad_id, left=False)
+        with torch.inference_mode(), mixed_batch(self.model, [r.route for r in rows]):
             logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
         probs = logits.softmax(-1) if logits.shape[-1] > 1 else logits.sigmoid()
-        for j, i in enumerate(live):
+        answers = []
+        for j, row in enumerate(rows):
             p = probs[j].tolist()
-            labels = self.labels_for(rows[i].route)
+            labels = self.labels_for(row.route)
             best = max(range(len(p)), key=p.__getitem__)
-            results[i] = (p, labels[best] if labels and best < len(labels) else None)
-        return results
+            answers.append((p, labels[best] if labels and best < len(labels) else None))
+        return answers
 
     def generate(self, rows: list[Row]) -> None:
         """Run the rows to their ends, one decoding step at a time; events go through row.emit:
-        ("text", delta), ("done", finish_reason, stop_reason), ("error", RowError)."""
+        ("text", delta), ("done", finish_reason, stop_reason), ("error", a RowError or the exception)."""
         errors: list[Any] = [None] * len(rows)
         live = [rows[i] for i in self._acquire(rows, errors)]
         for row, err in zip(rows, errors):
             if err is not None:
                 row.emit(("error", err))
         live = [r for r in live if not r.cancelled]
+        streams = {id(r): _generator(r.seed) for r in live}
+        self._decode_isolated(live, streams)
+
+    def _decode_isolated(self, rows: list[Row], streams: dict[int, torch.Generator]) -> None:
+        """Decode `rows` as one batch; if that raises, each row that has not ended goes on alone
+        from where it stood, so a failure is only the failing row's."""
+        before: dict[int, tuple[int, Any]] = {}  # per row: (tokens so far, random state) at the step's start
+        try:
+            self._decode(rows, streams, before)
+        except Exception as err:
+            for row in rows:  # a stream the failed step drew from is rewound, so seeds still repeat
+                if id(row) in before and before[id(row)][0] == len(row.out):
+                    streams[id(row)].set_state(before[id(row)][1])
+            if len(rows) == 1:
+                rows[0].ended = True
+                rows[0].emit(("error", err))
+                return
+            for row in rows:
+                if not row.ended and not row.cancelled:
+                    self._decode_isolated([row], streams)
+
+    def _decode(self, live: list[Row], streams: dict[int, torch.Generator],
+                before: dict[int, tuple[int, Any]]) -> None:
+        live = [r for r in live if not r.ended and not r.cancelled]
         if not live:
             return
-        ids, mask = _pad([r.ids for r in live], self.pad_id, left=True)
+        ids, mask = _pad([r.ids + r.out for r in live], self.pad_id, left=True)  # goes on from its tokens
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        generators = [_generator(r.seed) for r in live]
+        generators = [streams[id(r)] for r in live]
         past = None
         with torch.inference_mode(), mixed_batch(self.model, [r.route for r in live]) as batch:
             while True:
+                before.update((id(r), (len(r.out), g.get_state())) for r, g in zip(live, generators))
                 out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                                  past_key_values=past, use_cache=True)
                 past = out.past_key_values
@@ -181,6 +229,7 @@ class Engine:
             row.sent = ready
 
     def _finish(self, row: Row, reason: str, stop: str | None) -> bool:
+        row.ended = True
         row.emit(("done", reason, stop))
         return True
 
@@ -189,15 +238,17 @@ class Engine:
         of the rows that can run."""
         names = {n for r in rows if not r.cancelled for n in r.names}
         missing = {n for n in names if n not in self.store.entries}
-        failed: dict[str, AdapterFileError] = self.store.acquire(sorted(names - missing))
+        failed: dict[str, Exception] = self.store.acquire(sorted(names - missing))
         live = []
         for i, row in enumerate(rows):
             gone = [n for n in row.names if n in missing]
             bad = [n for n in row.names if n in failed]
             if gone:
                 results[i] = RowError(404, f"the adapter {gone[0]!r} was unloaded before this request ran")
-            elif bad:
+            elif bad and isinstance(failed[bad[0]], AdapterFileError):
                 results[i] = RowError(422, f"adapter {bad[0]!r} failed to load: {failed[bad[0]]}")
+            elif bad:  # not the folder's fault: the server's (a 500 with an id)
+                results[i] = failed[bad[0]]
             elif not row.cancelled:
                 live.append(i)
         return live
@@ -233,7 +284,9 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: tor
     """The next token: greedy at temperature 0, else sampled from the top-p nucleus."""
     if temperature == 0:
         return int(logits.argmax())
-    probs = (logits / temperature).softmax(-1)
+    # Shifted so the largest is 0 first: a tiny temperature then sends the others to -inf, not
+    # every logit to +-inf (and the softmax to nan).
+    probs = ((logits - logits.max()) / temperature).softmax(-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         # Keep the smallest set of tokens whose mass reaches top_p (always at least the first).

@@ -1,6 +1,9 @@
 """What stands around the app of `lorakit serve`: errors in the OpenAI envelope
 {"error": {message, type, param, code}}, and a pure ASGI guard that checks the API key and the
 body size before the app sees a request, and counts every request for /metrics.
+
+A 500 tells the client only an id to quote; the server's log has that id with the exception
+(whose text may name files, tensors and code the client has no business seeing).
 """
 
 from __future__ import annotations
@@ -33,6 +36,13 @@ class Problem(Exception):
         self.status, self.message, self.param, self.headers = status, message, param, headers
 
 
+def internal_error(err: BaseException, what: str) -> Problem:
+    """The 500 for an unexpected `err`: logged with a fresh id, which is all the client gets."""
+    rid = P.request_id("error")
+    log.error("%s [%s]: %s: %s", what, rid, type(err).__name__, err, exc_info=err)
+    return Problem(500, f"internal error; the server's log has the details under {rid}")
+
+
 def error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def problem(_request, err: Problem) -> JSONResponse:
@@ -52,9 +62,9 @@ def error_handlers(app: FastAPI) -> None:
                             headers=getattr(err, "headers", None))
 
     @app.exception_handler(Exception)
-    async def crash(_request, err: Exception) -> JSONResponse:
-        log.exception("request failed")
-        return JSONResponse(P.error_body(500, f"internal error: {type(err).__name__}: {err}"), status_code=500)
+    async def crash(request, err: Exception) -> JSONResponse:
+        problem = internal_error(err, f"{request.method} {request.url.path} failed")
+        return JSONResponse(P.error_body(500, problem.message), status_code=500)
 
 
 class Guard:
@@ -62,6 +72,8 @@ class Guard:
     metrics (status and time to the end of the response, streams included)."""
 
     def __init__(self, app: Any, api_key: str | None, max_body: int, metrics: Metrics) -> None:
+        if api_key is not None and not api_key.strip():  # "$KEY" of an unset variable: never serve open
+            raise ValueError("the API key is empty")
         self.app, self.max_body, self.metrics = app, max_body, metrics
         self.expected = f"Bearer {api_key}".encode() if api_key else None
 

@@ -3,6 +3,8 @@ OpenAI-compatible shapes, so a client can move between the two servers unchanged
 
 Unknown fields are accepted and ignored, as vLLM does; fields that would change the answer in
 ways lorakit does not implement (logprobs, echo, beam search, best_of) are refused by name.
+Every number must be finite: Python's JSON parser takes `NaN`, `Infinity` and `1e400`, and one
+such value would poison the batch it runs in, so it is a 422 naming the field instead.
 Needs pydantic (a FastAPI dependency: the `serve` extra).
 """
 
@@ -14,12 +16,24 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+# Every body takes finite numbers only (pydantic applies it to every float field, nested ones too).
+_FINITE = ConfigDict(extra="allow", allow_inf_nan=False)
+# Sampling divides float32 logits by the temperature: below float32's smallest normal number the
+# quotient is inf or nan whatever the logits, so such a temperature could only fail.
+MIN_TEMPERATURE = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny
+
 _UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "best_of", "use_beam_search", "suffix", "prompt_logprobs")
 
 
 def _not_empty(value: Any) -> Any:
     if isinstance(value, list) and not value:
         raise ValueError("give at least one")
+    return value
+
+
+def _temperature(value: float) -> float:
+    if 0 < value < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:.4g}, got {value!r}")
     return value
 
 
@@ -35,7 +49,7 @@ def as_list(value: Any) -> list[str | list[int]]:
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = _FINITE
 
     @model_validator(mode="after")
     def _refuse_unsupported(self):
@@ -49,7 +63,7 @@ class _Body(BaseModel):
 class _Generation(_Body):
     model: str | None = None
     adapters: dict[str, float] | None = None  # lorakit's extension: a weighted mix of adapters
-    temperature: float | None = Field(None, ge=0.0)
+    temperature: Annotated[float, Field(ge=0.0), AfterValidator(_temperature)] | None = None
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     stop: str | list[str] | None = None
@@ -79,7 +93,7 @@ class CompletionRequest(_Generation):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = _FINITE
     role: str
     content: str | list[dict[str, Any]] | None = None
 

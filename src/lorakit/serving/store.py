@@ -124,17 +124,19 @@ class AdapterStore:
     def loaded_bytes(self) -> int:
         return self._bytes
 
-    def acquire(self, names: Iterable[str]) -> dict[str, AdapterFileError]:
+    def acquire(self, names: Iterable[str]) -> dict[str, Exception]:
         """Make `names` loaded for the next forward and mark them used; then evict, least
         recently used first, until the loaded bytes fit the budget again (never one of `names`
         or a pinned adapter, so a batch that needs more than the budget runs over it until the
-        next call). Returns the names whose load failed, with the error; the others are loaded."""
+        next call). Returns the names whose load failed, with the error (an AdapterFileError
+        for a bad folder; any other error is one adapter's too, and leaves the model as it was);
+        the others are loaded."""
         wanted = list(dict.fromkeys(names))
-        failed: dict[str, AdapterFileError] = {}
+        failed: dict[str, Exception] = {}
         for name in wanted:
             try:
                 self.load(name)
-            except AdapterFileError as err:
+            except Exception as err:
                 failed[name] = err
         self._evict(keep=set(wanted))
         return failed
@@ -148,7 +150,7 @@ class AdapterStore:
         try:
             _refuse_base_tensors(entry.folder)
             load_adapter(self.model, entry.folder, name, as_lora=True)  # a PiSSA adapter leaves the shared base as it is
-        except AdapterFileError as err:
+        except Exception as err:
             entry.error = str(err)
             self.failures += 1
             raise

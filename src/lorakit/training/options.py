@@ -4,6 +4,9 @@
 builds the `lorakit train` options from it, `RunConfig.from_args` reads them back, and
 `run_config.json` in the output folder stores it, from which a run is resumed (`--resume`) or
 repeated (`--repeat`).
+
+The mechanism is any dataclass's: `option()` fields, `add_options` (the parser from them) and
+`check_options` (every value against its definition); `lorakit serve` defines its options so too.
 """
 
 from __future__ import annotations
@@ -120,24 +123,11 @@ class RunConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RunConfig:
         """The RunConfig of parsed `lorakit train` options (see `add_run_options`)."""
-        return cls(**{f.name: getattr(args, f.name) for f in _option_fields()})
+        return options_from_args(cls, args)
 
     def check(self) -> None:
         """Every option against its definition (type, `valid` range, choices); run before anything is written."""
-        for f in _option_fields():
-            value, flag = getattr(self, f.name), "--" + f.name.replace("_", "-")
-            optional = f.default is None
-            if "choices" in f.metadata:
-                if not (value in f.metadata["choices"] or (optional and value is None)):
-                    raise TrainingError(f"{flag} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
-                continue
-            kind = f.metadata.get("type") or (str if optional else type(f.default))
-            if kind in (int, float):
-                wanted = number_problem(value, kind, f.metadata.get("valid"), optional)
-                if wanted:
-                    raise TrainingError(f"{flag} must be {wanted}, got {value!r}")
-            elif kind in (str, bool) and not (isinstance(value, kind) or (optional and value is None)):
-                raise TrainingError(f"{flag} must be {'a string' if kind is str else 'true or false'}, got {value!r}")
+        check_options(self, TrainingError)
         names = self.labels
         if names is not None and not (isinstance(names, list) and names and all(isinstance(x, str) for x in names)):
             raise TrainingError(f"--labels must be a list of names, got {self.labels!r}")
@@ -159,16 +149,50 @@ class RunConfig:
         return {"lorakit_run": 1, "config": asdict(self)}
 
 
+def option_fields(config_class: type) -> list[Field]:
+    """The fields of a dataclass that `option()` made: its command-line options."""
+    return [f for f in fields(config_class) if "group" in f.metadata]
+
+
 def _option_fields() -> list[Field]:
-    return [f for f in fields(RunConfig) if "group" in f.metadata]
+    return option_fields(RunConfig)
+
+
+def options_from_args(config_class: type, args: argparse.Namespace) -> Any:
+    """The `config_class` of options parsed by a parser that `add_options` built."""
+    return config_class(**{f.name: getattr(args, f.name) for f in option_fields(config_class)})
+
+
+def check_options(config: Any, error: type[Exception]) -> None:
+    """Every `option()` field of the dataclass `config` against its definition (type, `valid`
+    range, choices); the first that is wrong is an `error` naming its flag and what is valid."""
+    for f in option_fields(type(config)):
+        value, flag = getattr(config, f.name), "--" + f.name.replace("_", "-")
+        optional = f.default is None
+        if "choices" in f.metadata:
+            if not (value in f.metadata["choices"] or (optional and value is None)):
+                raise error(f"{flag} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
+            continue
+        kind = f.metadata.get("type") or (str if optional else type(f.default))
+        if kind in (int, float):
+            wanted = number_problem(value, kind, f.metadata.get("valid"), optional)
+            if wanted:
+                raise error(f"{flag} must be {wanted}, got {value!r}")
+        elif kind in (str, bool) and not (isinstance(value, kind) or (optional and value is None)):
+            raise error(f"{flag} must be {'a string' if kind is str else 'true or false'}, got {value!r}")
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """Add every RunConfig option to `parser`, in argument groups, with RunConfig's defaults;
-    returns the groups by title, for the caller's own options."""
+    """Add every RunConfig option to `parser`; returns the argument groups by title."""
+    return add_options(parser, RunConfig)
+
+
+def add_options(parser: argparse.ArgumentParser, config_class: type) -> dict[str, Any]:
+    """Add every `option()` field of `config_class` to `parser`, in argument groups, with the
+    fields' defaults; returns the groups by title, for the caller's own options."""
     groups: dict[str, Any] = {}
     exclusive: dict[str, Any] = {}
-    for f in _option_fields():
+    for f in option_fields(config_class):
         meta = dict(f.metadata)
         group_name, help_text = meta.pop("group"), meta.pop("help")
         meta.pop("valid", None)
