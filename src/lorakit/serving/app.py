@@ -163,7 +163,8 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
             for c in range(body.n):
                 index = p * body.n + c
                 rows.append(Row(ids, route, names, max_tokens=limit or max(engine.max_length - len(ids), 1),
-                                sampling=sampling, seed=None if body.seed is None else body.seed + c, stop=stop,
+                                sampling=sampling, seed=None if body.seed is None else body.seed + c,
+                                stop=stop,
                                 emit=lambda ev, i=index: loop.call_soon_threadsafe(events.put_nowait, (i, ev))))
         _check_lengths(engine, rows, limit or 0)
         enqueue(rows, with_results=False)
@@ -192,8 +193,8 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
                 event = await _next(events, rows)
         finally:
             _cancel(rows)
-        choices = [P.completion_choice(kind, i, texts[i], *finish[i], logprobs=_logprobs(kind, engine, rows[i].logprobs)
-                                       if sampling.logprobs is not None else None) for i in range(len(rows))]
+        logprobs = [_logprobs(kind, engine, r.logprobs)[0] if sampling.logprobs is not None else None for r in rows]
+        choices = [P.completion_choice(kind, i, texts[i], *finish[i], logprobs[i]) for i in range(len(rows))]
         return JSONResponse(P.completion_answer(kind, rid, created, shown, choices, sum(len(r.ids) for r in rows),
                                                 sum(len(r.out) for r in rows)))
 
@@ -274,11 +275,14 @@ def _cancel(rows: list[Row]) -> None:
         row.cancelled = True
 
 
-def _logprobs(kind: Literal["text", "chat"], engine: Engine, entries: list, offset: int = 0) -> dict:
-    decode = lambda token: engine.tokenizer.decode([token])  # noqa: E731
+def _logprobs(kind: Literal["text", "chat"], engine: Engine, entries: list, offset: int = 0) -> tuple[dict, int]:
+    """A choice's `logprobs` for some of its tokens, and (completions) the text offset after them."""
+    def decode(token: int) -> str:
+        return engine.tokenizer.decode([token])
+
     if kind == "text":
-        return P.completion_logprobs(entries, decode, offset)[0]
-    return P.chat_logprobs(entries, decode)
+        return P.completion_logprobs(entries, decode, offset)
+    return P.chat_logprobs(entries, decode), offset
 
 
 def _problem(err: Exception) -> Problem:
@@ -305,9 +309,7 @@ async def _sse(kind, rid: str, created: int, model: str, rows: list[Row], events
         def logprobs(index: int, entries: list) -> dict | None:
             if rows[index].sampling.logprobs is None:
                 return None
-            if kind == "chat":
-                return _logprobs(kind, engine, entries)
-            out, offsets[index] = P.completion_logprobs(entries, lambda t: engine.tokenizer.decode([t]), offsets[index])
+            out, offsets[index] = _logprobs(kind, engine, entries, offsets[index])
             return out
 
         while True:

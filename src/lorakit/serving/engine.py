@@ -83,11 +83,13 @@ class Engine:
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         weight = getattr(head, "weight", None)
         # The width of the logits: the token ids that logit_bias and stop_token_ids may name.
-        self.vocab_size = int(weight.shape[0]) if weight is not None else getattr(config, "vocab_size", len(tokenizer))
+        self.vocab_size = int(weight.shape[0]) if weight is not None else getattr(config, "vocab_size",
+                                                                                  len(tokenizer))
 
     def check_sampling(self, sampling: Sampling) -> tuple[str, str] | None:
         """(field, message) when a request's sampling fields name a token the model does not have."""
-        for name, ids in (("logit_bias", [t for t, _ in sampling.logit_bias]), ("stop_token_ids", sampling.stop_token_ids)):
+        named = {"logit_bias": [t for t, _ in sampling.logit_bias], "stop_token_ids": sampling.stop_token_ids}
+        for name, ids in named.items():
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
                 return name, f"{name}: token id {bad[0]} is outside this model's vocabulary [0, {self.vocab_size})"
@@ -154,7 +156,7 @@ class Engine:
                 logits = out.logits[:, -1, :].float()
                 tokens, entries = pick(logits, [r.sampling for r in live], [r.ids for r in live],
                                        [r.out for r in live], self.eos_ids, generators)
-                keep = [j for j, (r, t, e) in enumerate(zip(live, tokens, entries)) if not self._step(r, t, e)]
+                keep = [j for j, row in enumerate(live) if not self._step(row, tokens[j], entries[j])]
                 if not keep:
                     return
                 if len(keep) < len(live):  # finished rows leave: drop their cache rows

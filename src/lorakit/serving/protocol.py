@@ -12,12 +12,20 @@ Needs pydantic (a FastAPI dependency: the `serve` extra).
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from .sampling import MAX_LOGPROBS, Sampling, TokenLogprob
 
@@ -63,11 +71,11 @@ REFUSED: dict[str, Callable[[Any, Any], bool]] = {
     "add_special_tokens": lambda v, body: v is None or v is (not hasattr(body, "messages")),
 }
 # vLLM's fields that change nothing here (bookkeeping, or features lorakit's models lack): no warning.
-_HARMLESS = frozenset({"user", "request_id", "session_id", "priority", "cache_salt", "kv_transfer_params",
-                       "ec_transfer_params", "vllm_xargs", "stream_interval", "length_penalty", "include_reasoning",
-                       "parallel_tool_calls", "thinking_token_budget", "mm_processor_kwargs", "media_io_kwargs",
-                       "return_mm_kwargs", "return_token_offsets", "return_prompt_text", "truncation_side",
-                       "routed_experts_prompt_start", "service_tier", "store", "metadata"})
+_HARMLESS = frozenset({
+    "user", "request_id", "session_id", "priority", "cache_salt", "kv_transfer_params", "ec_transfer_params",
+    "vllm_xargs", "stream_interval", "length_penalty", "include_reasoning", "parallel_tool_calls",
+    "thinking_token_budget", "mm_processor_kwargs", "media_io_kwargs", "return_mm_kwargs", "return_token_offsets",
+    "return_prompt_text", "truncation_side", "routed_experts_prompt_start", "service_tier", "store", "metadata"})
 
 
 def _not_empty(value: Any) -> Any:
@@ -136,7 +144,7 @@ class _Generation(_Body):
         for key, bias in (value or {}).items():
             if not key.strip().lstrip("-").isdigit() or int(key) < 0:
                 raise ValueError(f"logit_bias keys are token ids (\"0\", \"1\", ...), not {key!r}")
-            if bias != bias or bias in (float("inf"), float("-inf")):
+            if not math.isfinite(bias):
                 raise ValueError(f"logit_bias[{key!r}] must be a finite number")
         return value
 
@@ -213,7 +221,8 @@ class ChatRequest(_Generation):
     def _chat_checks(self):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=true")
-        self._check_min_tokens(self.limit(), "max_completion_tokens" if self.max_completion_tokens else "max_tokens")
+        limit_name = "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
+        self._check_min_tokens(self.limit(), limit_name)
         return self
 
     def limit(self) -> int | None:
@@ -272,10 +281,11 @@ def classify_answer(model: str, results: list[tuple[list[float], str | None]], p
             "data": data, "usage": usage(prompt_tokens, 0)}
 
 
-def completion_choice(kind: Literal["text", "chat"], index: int, text: str, finish: str, stop: str | int | None,
-                      logprobs: dict | None = None) -> dict:
+def completion_choice(kind: Literal["text", "chat"], index: int, text: str, finish: str,
+                      stop: str | int | None, logprobs: dict | None = None) -> dict:
     if kind == "text":
-        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish, "stop_reason": stop}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish,
+                "stop_reason": stop}
     return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
             "finish_reason": finish, "stop_reason": stop}
 
@@ -308,7 +318,8 @@ def chat_logprobs(entries: list[TokenLogprob], decode: Callable[[int], str]) -> 
     `top_logprobs` most likely tokens (OpenAI's definition: the top n, whichever was chosen)."""
     def item(token: int, value: float) -> dict[str, Any]:
         text = decode(token)
-        return {"token": text, "logprob": _logprob(value), "bytes": list(text.encode("utf-8", errors="replace"))}
+        text_bytes = list(text.encode("utf-8", errors="replace"))
+        return {"token": text, "logprob": _logprob(value), "bytes": text_bytes}
 
     return {"content": [dict(item(e.token, e.logprob), top_logprobs=[item(t, v) for t, v in e.top])
                         for e in entries]}
