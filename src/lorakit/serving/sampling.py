@@ -138,9 +138,14 @@ def filtered(logits: torch.Tensor, settings: Sequence[Sampling]) -> torch.Tensor
     """Step 3 before the draw: temperature, min_p, top_k, top_p; removed tokens at -inf."""
     temperature = torch.tensor([s.temperature for s in settings], dtype=logits.dtype)
     logits = logits / temperature[:, None]
-    logits = min_p_filter(logits, [s.min_p for s in settings])
-    logits = top_k_filter(logits, [s.top_k for s in settings])
-    return top_p_filter(logits, [s.top_p for s in settings])
+    # Each filter only where a row uses it: the sorts cost more than the rest of a step's sampling.
+    if any(s.min_p > 0 for s in settings):
+        logits = min_p_filter(logits, [s.min_p for s in settings])
+    if any(s.top_k > 0 for s in settings):
+        logits = top_k_filter(logits, [s.top_k for s in settings])
+    if any(s.top_p < 1 for s in settings):
+        logits = top_p_filter(logits, [s.top_p for s in settings])
+    return logits
 
 
 def min_p_filter(logits: torch.Tensor, min_p: Sequence[float]) -> torch.Tensor:
