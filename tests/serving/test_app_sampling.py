@@ -181,3 +181,18 @@ def test_bad_sampling_values_are_422_naming_the_field(served, body, field):
     r, = complete(engine, {"max_tokens": 2, **({} if "messages" in body else {"prompt": PROMPT}), **body})
     assert r.status_code == 422, r.text
     assert field in r.json()["error"]["message"] or r.json()["error"]["param"] == field, r.text
+
+
+def test_stop_strings_wait_for_min_tokens(served):
+    engine, _ = served
+    greedy, = complete(engine, {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "logprobs": 0})
+    tokens = greedy.json()["choices"][0]["logprobs"]["tokens"]
+    text = greedy.json()["choices"][0]["text"]
+    stop = tokens[1]
+    early, late = complete(engine, {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "stop": [stop]},
+                           {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "stop": [stop], "min_tokens": 3})
+    assert early.json()["choices"][0]["text"] == text[: text.find(stop)]
+    # vLLM: a stop string is looked for only in text that comes after the first min_tokens tokens.
+    kept = late.json()["choices"][0]["text"]
+    assert kept.startswith(engine.tokenizer.decode([engine.tokenizer.convert_tokens_to_ids(t) for t in tokens[:3]]))
+    assert late.json()["usage"]["completion_tokens"] > 3
