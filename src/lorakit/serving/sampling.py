@@ -73,8 +73,14 @@ def pick(
     """The next token of each row (logits: (rows, vocab) float32), and its log-probability entry
     where the row asked for one."""
     raw = logits.log_softmax(-1) if any(s.logprobs is not None for s in settings) else None
-    scores = adjust(logits.clone(), settings, prompts, outputs, eos_ids)
-    tokens = scores.argmax(-1).tolist()
+    changed = any(len(o) < s.min_tokens or s.logit_bias or s.repetition_penalty != 1 or s.presence_penalty
+                  or s.frequency_penalty for s, o in zip(settings, outputs))
+    scores = adjust(logits.clone(), settings, prompts, outputs, eos_ids) if changed else logits
+    tokens = [0] * len(settings)
+    greedy = [j for j, s in enumerate(settings) if s.greedy]
+    if greedy:
+        for j, token in zip(greedy, scores[greedy].argmax(-1).tolist()):
+            tokens[j] = token
     drawn = [j for j, s in enumerate(settings) if not s.greedy]
     if drawn:
         probs = filtered(scores[drawn], [settings[j] for j in drawn]).softmax(-1)
@@ -158,9 +164,15 @@ def min_p_filter(logits: torch.Tensor, min_p: Sequence[float]) -> torch.Tensor:
 def top_k_filter(logits: torch.Tensor, top_k: Sequence[int]) -> torch.Tensor:
     """Keep the k largest logits of each row (ties with the k-th kept); k <= 0 keeps all."""
     vocab = logits.shape[-1]
-    k = torch.tensor([min(t, vocab) if t > 0 else vocab for t in top_k])
-    kth = logits.sort(-1, descending=True).values.gather(-1, (k - 1)[:, None])
-    return logits.masked_fill(logits < kth, float("-inf"))
+    rows = [j for j, t in enumerate(top_k) if t > 0]
+    if not rows:
+        return logits
+    k = torch.tensor([min(top_k[j], vocab) for j in rows])
+    # The k-th largest of each row that uses top_k, from one topk as wide as the largest k.
+    kth = logits[rows].topk(int(k.max()), -1).values.gather(-1, (k - 1)[:, None])
+    out = logits.clone()
+    out[rows] = logits[rows].masked_fill(logits[rows] < kth, float("-inf"))
+    return out
 
 
 def top_p_filter(logits: torch.Tensor, top_p: Sequence[float]) -> torch.Tensor:
