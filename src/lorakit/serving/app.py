@@ -159,16 +159,17 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
         route, names, shown = resolve(body.model, body.adapters)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        temperature = 1.0 if body.temperature is None else body.temperature
-        top_p = 1.0 if body.top_p is None else body.top_p
-        stop = body.stops()  # the same for every row of the request
+        sampling, stop = body.settings(), body.stops()  # the same for every row of the request
+        wrong = engine.check_sampling(sampling)
+        if wrong is not None:
+            raise Problem(422, wrong[1], wrong[0])
         rows = []
         for p, ids in enumerate(prompts):
             for c in range(body.n):
                 index = p * body.n + c
                 rows.append(Row(ids, route, names, max_tokens=limit or max(engine.max_length - len(ids), 1),
-                                temperature=temperature, top_p=top_p,
-                                seed=None if body.seed is None else body.seed + c, stop=stop,
+                                sampling=sampling, seed=None if body.seed is None else body.seed + c,
+                                stop=stop,
                                 emit=lambda ev, i=index: loop.call_soon_threadsafe(events.put_nowait, (i, ev))))
         _check_lengths(engine, rows, limit or 0)
         enqueue(rows, with_results=False)
@@ -179,7 +180,7 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
             raise _problem(first[1][1])
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            stream = _sse(kind, rid, created, shown, rows, events, first, include_usage)
+            stream = _sse(kind, rid, created, shown, rows, events, first, include_usage, engine)
             return StreamingResponse(stream, media_type="text/event-stream")
         texts, finish = [""] * len(rows), [None] * len(rows)
         event = first
@@ -189,7 +190,7 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
                 if ev[0] == "text":
                     texts[index] += ev[1]
                 elif ev[0] == "done":
-                    finish[index] = ev[1:]
+                    finish[index] = ev[1:3]
                 else:
                     raise _problem(ev[1])
                 if all(f is not None for f in finish):
@@ -197,7 +198,8 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
                 event = await _next(events, rows)
         finally:
             _cancel(rows)
-        choices = [P.completion_choice(kind, i, texts[i], *finish[i]) for i in range(len(rows))]
+        logprobs = [_logprobs(kind, engine, r.logprobs)[0] if sampling.logprobs is not None else None for r in rows]
+        choices = [P.completion_choice(kind, i, texts[i], *finish[i], logprobs[i]) for i in range(len(rows))]
         return JSONResponse(P.completion_answer(kind, rid, created, shown, choices, sum(len(r.ids) for r in rows),
                                                 sum(len(r.out) for r in rows)))
 
@@ -290,6 +292,16 @@ def _cancel(rows: list[Row]) -> None:
         row.cancelled = True
 
 
+def _logprobs(kind: Literal["text", "chat"], engine: Engine, entries: list, offset: int = 0) -> tuple[dict, int]:
+    """A choice's `logprobs` for some of its tokens, and (completions) the text offset after them."""
+    def decode(token: int) -> str:
+        return engine.tokenizer.decode([token])
+
+    if kind == "text":
+        return P.completion_logprobs(entries, decode, offset)
+    return P.chat_logprobs(entries, decode), offset
+
+
 def _problem(err: Exception) -> Problem:
     if isinstance(err, RowError):
         return Problem(err.status, err.message)
@@ -297,7 +309,7 @@ def _problem(err: Exception) -> Problem:
 
 
 async def _sse(kind, rid: str, created: int, model: str, rows: list[Row], events: asyncio.Queue, first: tuple,
-               include_usage: bool) -> AsyncIterator[str]:
+               include_usage: bool, engine: Engine) -> AsyncIterator[str]:
     """Server-sent events: a chunk per piece of new text, a last chunk per choice, [DONE]."""
     def data(obj: dict) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
@@ -308,12 +320,21 @@ async def _sse(kind, rid: str, created: int, model: str, rows: list[Row], events
                 yield data(P.chunk(kind, rid, created, model, i, None, first=True))
         finished = 0
         event = first
+        offsets = [0] * len(rows)  # each choice's text offset, for the completions API's logprobs
+
+        def logprobs(index: int, entries: list) -> dict | None:
+            if rows[index].sampling.logprobs is None:
+                return None
+            out, offsets[index] = _logprobs(kind, engine, entries, offsets[index])
+            return out
+
         while True:
             index, ev = event
             if ev[0] == "text":
-                yield data(P.chunk(kind, rid, created, model, index, ev[1]))
+                yield data(P.chunk(kind, rid, created, model, index, ev[1], logprobs=logprobs(index, ev[2])))
             elif ev[0] == "done":
-                yield data(P.chunk(kind, rid, created, model, index, "", finish=ev[1], stop=ev[2]))
+                yield data(P.chunk(kind, rid, created, model, index, "", finish=ev[1], stop=ev[2],
+                                   logprobs=logprobs(index, ev[3]) if ev[3] else None))
                 finished += 1
             else:  # the status line is gone already: the error goes in-band
                 problem = _problem(ev[1])

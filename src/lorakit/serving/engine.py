@@ -5,9 +5,10 @@ Everything here runs on the server's single model thread (batcher.py); nothing k
 name, None (the base model) or {name: weight}. A batch of rows runs as one `mixed_batch`:
 
 - classify: one forward; each row gets its class probabilities and label;
-- generate: a prefill, then one decoding step at a time for the whole batch; a row that
-  finishes (end of text, a stop string, its max_tokens) leaves the batch at once (its rows of
-  the KV cache are dropped) and the others go on.
+- generate: a prefill, then one decoding step at a time for the whole batch, each row's next
+  token picked with its own sampling fields (sampling.py); a row that finishes (end of text, a
+  stop token or string, its max_tokens) leaves the batch at once (its rows of the KV cache are
+  dropped) and the others go on.
 
 A row whose adapter fails to load gets the error (the file and the reason); the other rows of
 the batch run as if it had never been there. The same holds for any other failure: when a
@@ -28,6 +29,7 @@ from torch import nn
 
 from ..adapter_file import AdapterFileError
 from ..mixed import Route, mixed_batch
+from .sampling import Sampling, TokenLogprob, pick
 from .store import AdapterStore
 
 
@@ -48,15 +50,17 @@ class Row:
     names: tuple[str, ...]  # the adapters the route needs
     # Generation only:
     max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
+    sampling: Sampling = field(default_factory=Sampling)
     seed: int | None = None
     stop: tuple[str, ...] = ()
     emit: Callable[[tuple], None] | None = None  # events to the request, called from the model thread
     cancelled: bool = False  # the client went away: drop the row at the next chance
-    out: list[int] = field(default_factory=list)  # generated token ids
+    out: list[int] = field(default_factory=list)  # generated token ids (a stop token or end of text too)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token of `out`, if asked for
     sent: str = ""  # text already emitted
     ended: bool = False  # finished or failed: no more events
+    sent_logprobs: int = 0  # entries of `logprobs` already emitted
+    stops_from: int = 0  # where in the text a stop string may start (vLLM: not within min_tokens)
 
 
 class Engine:
@@ -80,6 +84,20 @@ class Engine:
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        weight = getattr(head, "weight", None)
+        # The width of the logits: the token ids that logit_bias and stop_token_ids may name.
+        self.vocab_size = int(weight.shape[0]) if weight is not None else getattr(config, "vocab_size",
+                                                                                  len(tokenizer))
+
+    def check_sampling(self, sampling: Sampling) -> tuple[str, str] | None:
+        """(field, message) when a request's sampling fields name a token the model does not have."""
+        named = {"logit_bias": [t for t, _ in sampling.logit_bias], "stop_token_ids": sampling.stop_token_ids}
+        for name, ids in named.items():
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                return name, f"{name}: token id {bad[0]} is outside this model's vocabulary [0, {self.vocab_size})"
+        return None
 
     # -- text in -----------------------------------------------------------------------------
     def encode(self, text: str, special: bool = True) -> list[int]:
@@ -139,7 +157,8 @@ class Engine:
 
     def generate(self, rows: list[Row]) -> None:
         """Run the rows to their ends, one decoding step at a time; events go through row.emit:
-        ("text", delta), ("done", finish_reason, stop_reason), ("error", a RowError or the exception)."""
+        ("text", delta, logprob entries), ("done", finish_reason, stop_reason, logprob entries),
+        ("error", a RowError or the exception); the entries are those of the row's tokens not sent before."""
         errors: list[Any] = [None] * len(rows)
         live = [rows[i] for i in self._acquire(rows, errors)]
         for row, err in zip(rows, errors):
@@ -183,8 +202,9 @@ class Engine:
                                  past_key_values=past, use_cache=True)
                 past = out.past_key_values
                 logits = out.logits[:, -1, :].float()
-                tokens = [_pick(logits[j], r.temperature, r.top_p, generators[j]) for j, r in enumerate(live)]
-                keep = [j for j, (r, t) in enumerate(zip(live, tokens)) if not self._step(r, t)]
+                tokens, entries = pick(logits, [r.sampling for r in live], [r.ids for r in live],
+                                       [r.out for r in live], self.eos_ids, generators)
+                keep = [j for j, row in enumerate(live) if not self._step(row, tokens[j], entries[j])]
                 if not keep:
                     return
                 if len(keep) < len(live):  # finished rows leave: drop their cache rows
@@ -199,20 +219,33 @@ class Engine:
                 mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
                 positions = positions[:, -1:] + 1
 
-    def _step(self, row: Row, token: int) -> bool:
-        """Take the row's next token; emit its new text; True when the row is finished."""
+    def _step(self, row: Row, token: int, logprob: TokenLogprob | None = None) -> bool:
+        """Take the row's next token; emit its new text; True when the row is finished.
+
+        The checks are vLLM's (end of text unless ignore_eos, then stop_token_ids, which stay in
+        the text unless special, then stop strings once past min_tokens), written out rather than
+        as Transformers' StoppingCriteria: those hold one setting for the whole batch and say only
+        "stop", not where a stop string cuts the text."""
         if row.cancelled:
             return True
-        if token in self.eos_ids:
-            self._emit_text(row, self.tokenizer.decode(row.out, skip_special_tokens=True), hold=0)
-            return self._finish(row, "stop", None)
         row.out.append(token)
+        if logprob is not None:
+            row.logprobs.append(logprob)
         text = self.tokenizer.decode(row.out, skip_special_tokens=True)
-        for stop in row.stop:
-            at = text.find(stop)
-            if at >= 0:
-                self._emit_text(row, text[:at], hold=0)
-                return self._finish(row, "stop", stop)
+        if token in self.eos_ids and not row.sampling.ignore_eos:
+            self._emit_text(row, text, hold=0)
+            return self._finish(row, "stop", None)
+        if token in row.sampling.stop_token_ids:
+            self._emit_text(row, text, hold=0)
+            return self._finish(row, "stop", token)
+        if len(row.out) <= row.sampling.min_tokens:
+            row.stops_from = len(text)
+        else:
+            for stop in row.stop:
+                at = text.find(stop, max(0, row.stops_from - len(stop) + 1))
+                if at >= 0:
+                    self._emit_text(row, text[:at], hold=0)
+                    return self._finish(row, "stop", stop)
         if len(row.out) >= row.max_tokens or len(row.ids) + len(row.out) >= self.max_length:
             self._emit_text(row, text, hold=0)
             return self._finish(row, "length", None)
@@ -225,13 +258,18 @@ class Engine:
         if ready.endswith("\ufffd"):
             ready = ready.rstrip("\ufffd")
         if len(ready) > len(row.sent) and ready.startswith(row.sent):
-            row.emit(("text", ready[len(row.sent) :]))
+            row.emit(("text", ready[len(row.sent) :], self._unsent_logprobs(row)))
             row.sent = ready
 
-    def _finish(self, row: Row, reason: str, stop: str | None) -> bool:
+    def _finish(self, row: Row, reason: str, stop: str | int | None) -> bool:
         row.ended = True
-        row.emit(("done", reason, stop))
+        row.emit(("done", reason, stop, self._unsent_logprobs(row)))
         return True
+
+    def _unsent_logprobs(self, row: Row) -> list[TokenLogprob]:
+        entries = row.logprobs[row.sent_logprobs :]
+        row.sent_logprobs = len(row.logprobs)
+        return entries
 
     def _acquire(self, rows: list[Row], results: list[Any]) -> list[int]:
         """Load the adapters the rows need; rows whose adapter failed get the error. The indices
@@ -278,22 +316,6 @@ def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, 
 def _generator(seed: int | None) -> torch.Generator:
     """A row's own random stream: the same seed gives the same text whatever else is in the batch."""
     return torch.Generator().manual_seed(seed if seed is not None else random.getrandbits(63))
-
-
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    """The next token: greedy at temperature 0, else sampled from the top-p nucleus."""
-    if temperature == 0:
-        return int(logits.argmax())
-    # Shifted so the largest is 0 first: a tiny temperature then sends the others to -inf, not
-    # every logit to +-inf (and the softmax to nan).
-    probs = ((logits - logits.max()) / temperature).softmax(-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # Keep the smallest set of tokens whose mass reaches top_p (always at least the first).
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
-        sorted_probs[outside] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def _select_rows(past: Any, index: torch.Tensor) -> None:
