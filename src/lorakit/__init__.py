@@ -12,7 +12,8 @@ from .adapter_file import (
 )
 from .arithmetic import CombineReport, combine
 from .config import LoraConfig
-from .layers import LoraConv, LoraEmbedding, LoraLayer, LoraLinear
+from .layer_base import LoraLayer
+from .layers import LoraConv, LoraEmbedding, LoraLinear
 from .loftq import loftq_pairs
 from .loraplus import param_groups
 from .mixed import MixedBatch, mixed_batch
