@@ -44,7 +44,8 @@ def _path(layer, x, monkeypatch) -> str:
     taken = []
     for label, kernel in (("lora", dispatch.LINEAR_LORA), ("dora", dispatch.LINEAR_DORA)):
         run = type(kernel).run
-        monkeypatch.setattr(kernel, "run", lambda *a, run=run, label=label, k=kernel: taken.append(label) or run(k, *a))
+        spy = lambda *a, run=run, label=label, k=kernel: taken.append(label) or run(k, *a)  # noqa: E731
+        monkeypatch.setattr(kernel, "run", spy)
     reference = layer.reference_forward
     monkeypatch.setattr(layer, "reference_forward", lambda x: taken.append("reference") or reference(x))
     layer(x)

@@ -34,7 +34,16 @@ import torch
 import torch.nn.functional as F
 
 from . import torch_internals
-from .fused import Term, fold_pays, folded_weight, grad_a, grad_b, keep_input, kept_input, project
+from .fused import (
+    Term,
+    fold_pays,
+    folded_weight,
+    grad_a,
+    grad_b,
+    keep_input,
+    kept_input,
+    project,
+)
 from .precision import precise
 
 # ---- the norm --------------------------------------------------------------------------------
@@ -256,7 +265,8 @@ class DoraCall(NamedTuple):
 
 def _dora_linear(x, weight, bias, a, b, magnitude, call: DoraCall) -> torch.Tensor:
     # x, the weights and the magnitude are the tensors autograd tracks; `call` holds the rest.
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, a, b, magnitude)):
+    tensors = (x, weight, bias, a, b, magnitude)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _DoraLinear.apply(x, weight, bias, a, b, magnitude, call)
     with torch.no_grad():
         g = magnitude / call.norm

@@ -175,7 +175,9 @@ def _forward(x, weight, bias, fan_in_fan_out, terms, record) -> tuple[torch.Tens
     return y.view(*x.shape[:-1], y.shape[-1]), x2
 
 
-def add_deltas(y: torch.Tensor, x: torch.Tensor, x2: torch.Tensor, terms: Sequence[Term], record: bool) -> None:
+def add_deltas(
+    y: torch.Tensor, x: torch.Tensor, x2: torch.Tensor, terms: Sequence[Term], record: bool
+) -> None:
     """Add the terms not folded into the weight to y (tokens, out) in place. With `record`
     (an autograd forward), each term keeps x A^T where B's gradient needs it and the RNG state
     its dropout mask is drawn from."""

@@ -28,10 +28,10 @@ per adapter, its rows through the layer's own delta (`layer.adapter_delta`). So 
 with a DoRA adapter, whose rows rescale the base output rather than add scaling * B A:
 `_fast_ok`, the one gate of both batched paths, asks dispatch.batched_linear_ok (the same
 facts that choose a layer's own path), which says no for it, and `adapter_delta` gives the
-whole change of those rows' output (dora.output_change). Trained copies of modules_to_save (a classifier head per
-adapter) are routed per row too. A PiSSA adapter loaded as such has put its
-residual into the base weights, which every row then sees (as `disabled` does); to serve one
-beside others, load it with `load_adapter(..., as_lora=True)`, as the adapter store does.
+whole change of those rows' output (dora.output_change). Trained copies of modules_to_save
+(a classifier head per adapter) are routed per row too. A PiSSA adapter loaded as such has put
+its residual into the base weights, which every row then sees (as `disabled` does); to serve
+one beside others, load it with `load_adapter(..., as_lora=True)`, as the adapter store does.
 """
 
 from __future__ import annotations

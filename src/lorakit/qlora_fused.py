@@ -16,8 +16,8 @@ with the ideas of fused.py:
   matmul, forward and backward: no extra weight-sized tensor at all.
 - Otherwise (bf16 compute, few tokens, dropout) the delta is accumulated into the output in
   place, the scaling riding on the rank-r product.
-- Backward keeps x (or what GELU / SwiGLU keep anyway, see torch_internals.recompute_recipe), the (tokens, r)
-  products and the adapters; dropout masks are drawn again, not stored.
+- Backward keeps x (or what GELU / SwiGLU keep anyway, see torch_internals.recompute_recipe),
+  the (tokens, r) products and the adapters; dropout masks are drawn again, not stored.
 
 The base part reproduces the bitsandbytes layer's forward bit for bit (tests pin it): the weight
 dequantized straight into the compute dtype, `F.linear` on the input cast to it, the result

@@ -23,7 +23,14 @@ from torch import nn
 from . import dispatch
 from .layer_base import LoraLayer
 from .layers import LoraLinear
-from .quantized import check_quantized, dequantize, keep_layout, quant_type, restore, snapshot
+from .quantized import (
+    check_quantized,
+    dequantize,
+    keep_layout,
+    quant_type,
+    restore,
+    snapshot,
+)
 from .quantized import requantize as store_requantized
 
 ADAPTER_DTYPE = torch.float32  # QLoRA trains the adapters in full precision over the 4-bit base
