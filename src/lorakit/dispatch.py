@@ -112,7 +112,11 @@ def linear_adapters(layer: LoraLayer, names: list[str]) -> list[Adapter] | None:
     base = layer.base_layer
     if type(base) is not nn.Linear and not layer.fan_in_fan_out:
         return None
-    dtype = base.weight.dtype
+    return _adapters_in(layer, names, base.weight.dtype)
+
+
+def _adapters_in(layer: LoraLayer, names: list[str], dtype: torch.dtype) -> list[Adapter] | None:
+    """Adapters `names` for a kernel, or None if one of their tensors is not of `dtype`."""
     adapters = []
     for name in names:
         a, b = layer.pair(name)
@@ -163,14 +167,7 @@ class _QuantLora:
     bitsandbytes keeps the weight in, which change without the adapters changing: `accepts`."""
 
     def prepare(self, layer: LoraLayer, live: list[str]) -> list[Adapter] | None:
-        dtype = layer.pair(live[0])[0].dtype
-        adapters = []
-        for name in live:
-            a, b = layer.pair(name)
-            if a.dtype != dtype or b.dtype != dtype:
-                return None
-            adapters.append(Adapter(a, b, layer.scaling[name], layer.dropout[name]))
-        return adapters
+        return _adapters_in(layer, live, layer.pair(live[0])[0].dtype)
 
     def accepts(self, layer: LoraLayer, x: torch.Tensor, adapters: list[Adapter]) -> bool:
         base = layer.base_layer
