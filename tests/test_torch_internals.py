@@ -89,7 +89,7 @@ def test_saved_inputs_that_no_longer_give_the_output_back_are_noticed(monkeypatc
 
 
 def test_with_every_check_failed_each_answer_is_the_safe_one(monkeypatch):
-    monkeypatch.setattr(torch_internals, "CHECKS", Checks(False, False, False, False))
+    monkeypatch.setattr(torch_internals, "CHECKS", _failed(*(f.name for f in dataclasses.fields(Checks))))
     x = torch.randn(3, requires_grad=True)
     assert torch_internals.has_forward_hooks(nn.Linear(2, 2))
     assert torch_internals.saved_tensor_hooks_active()
@@ -144,3 +144,21 @@ def test_without_trusted_versions_the_dora_norm_is_not_cached(monkeypatch):
         for _ in range(2):
             torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
             assert layer.dora_norms.get("a", (layer.base_layer.weight, *layer.pair("a")), 0.5) is None
+
+
+@pytest.mark.parametrize("mode", ["zeros", "circular"])
+def test_without_the_private_conv_call_the_bias_is_taken_off_the_output(mode, monkeypatch):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1, padding_mode=mode)
+    nn.init.normal_(conv.bias)
+    conv.register_forward_hook(lambda *args: pytest.fail("the base's hooks ran"))
+    x = torch.randn(2, 3, 5, 6)
+    want = torch_internals.conv_without_bias(conv, x)
+    monkeypatch.setattr(torch_internals, "CHECKS", _failed("conv_without_bias"))
+    biases = []  # torch's own forward calls it with the bias; only lorakit's private use passes None
+    real = nn.Conv2d._conv_forward
+    spy = lambda self, x, w, b: biases.append(b) or real(self, x, w, b)  # noqa: E731
+    monkeypatch.setattr(nn.Conv2d, "_conv_forward", spy)
+    got = torch_internals.conv_without_bias(conv, x)
+    assert biases and all(b is conv.bias for b in biases)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import dispatch
+from . import dispatch, torch_internals
 from .init_schemes import olora_pair, pissa_pair
 from .layer_base import LoraLayer
 from .precision import precise
@@ -161,7 +161,7 @@ class LoraConv(LoraLayer):
         return self.lora_B[name](self.lora_A[name](x)) * self.scaling[name]
 
     def base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer._conv_forward(x, self.base_layer.weight, None)
+        return torch_internals.conv_without_bias(self.base_layer, x)
 
     def magnitude_shape(self) -> tuple[int, ...]:
         w = self.base_layer.weight  # PEFT keeps a conv's magnitude as (1, out, 1, ...)

@@ -1,7 +1,7 @@
 """Every use of torch's private API in lorakit, each checked once at import.
 
-The fast kernels (fused.py, dora.py, qlora_fused.py) and the path chooser (dispatch.py) rely on
-four things torch does not document as API:
+The fast kernels (fused.py, dora.py, qlora_fused.py), the path chooser (dispatch.py) and the
+convolution wrapper (layers.py) rely on five things torch does not document as API:
 
 - `grad_fn._saved_self`, `_saved_other`, `_saved_approximate`: what GELU and a product of two
   tensors keep for their own backward. A kernel whose input is such an output keeps those
@@ -12,17 +12,21 @@ four things torch does not document as API:
   it keeps would escape the hooks' packing;
 - `nn.Module._forward_hooks` / `_forward_pre_hooks`: whether a base layer has hooks, which only
   its own call runs (a kernel computes without calling it);
-- `Tensor._version`: the counter every in-place write bumps (DoRA's norm cache is keyed by it).
+- `Tensor._version`: the counter every in-place write bumps (DoRA's norm cache is keyed by it);
+- `nn.Conv1d._conv_forward` (and Conv2d's): a convolution's output without its bias (DoRA
+  rescales that part of a convolution's output).
 
 `check()` exercises each on small tensors and compares with what it must give; `CHECKS` is its
 answer at import. Where one fails, what relies on it takes the answer that is always right:
 no recipe (the kernel keeps its input itself), hooks assumed present (so dispatch.py runs the
-layer's plain `reference_forward`), no cached norm. A torch release that changes these makes
+layer's plain `reference_forward`), no cached norm, the bias subtracted from the convolution's
+own output. A torch release that changes these makes
 lorakit slower, never wrong; tests/test_torch_internals.py names the check that failed.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
@@ -42,6 +46,7 @@ class Checks:
     saved_tensor_hooks: bool  # the query for active saved-tensor hooks answers truthfully
     module_hooks: bool  # a module's hook dicts list exactly the hooks registered on it
     versions: bool  # every in-place write bumps Tensor._version
+    conv_without_bias: bool  # Conv._conv_forward(x, weight, None) is the convolution without its bias
 
     def failed(self) -> list[str]:
         return [f.name for f in fields(self) if not getattr(self, f.name)]
@@ -84,6 +89,16 @@ def version(t: torch.Tensor) -> int | None:
         return t._version
     except RuntimeError:  # inference tensors have no version counter
         return None
+
+
+def conv_without_bias(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The output of `conv` (nn.Conv1d / nn.Conv2d) on `x` without its bias; no hooks run."""
+    if CHECKS.conv_without_bias:
+        return conv._conv_forward(x, conv.weight, None)
+    out = type(conv).forward(conv, x)
+    if conv.bias is None:
+        return out
+    return out - conv.bias.view(-1, *[1] * (out.dim() - 2))
 
 
 # ---- the private reads, one function each ------------------------------------------------------
@@ -169,6 +184,22 @@ def _versions_hold() -> bool:
     return before < middle < t._version
 
 
+def _conv_without_bias_holds() -> bool:
+    """For 1-D and 2-D convolutions with each padding mode: the convolution without the bias."""
+    for conv_type, shape in ((nn.Conv1d, (2, 3, 9)), (nn.Conv2d, (2, 3, 7, 6))):
+        for mode in ("zeros", "reflect", "circular"):
+            conv = conv_type(3, 4, 3, padding=1, padding_mode=mode, device="meta")
+            dims = conv.weight.dim()
+            weight = torch.linspace(-1.0, 1.0, conv.weight.numel()).reshape(conv.weight.shape)
+            conv.weight = nn.Parameter(weight)
+            conv.bias = nn.Parameter(torch.tensor([0.5, -1.0, 2.0, 0.25]))
+            x = torch.linspace(-2.0, 2.0, math.prod(shape)).reshape(shape)
+            want = conv(x) - conv.bias.view(-1, *[1] * (dims - 2))
+            if not torch.allclose(conv._conv_forward(x, conv.weight, None), want, rtol=1e-5, atol=1e-5):
+                return False
+    return True
+
+
 def check() -> Checks:
     """Run every probe now (each failing closed: an exception is a failed check)."""
 
@@ -184,6 +215,7 @@ def check() -> Checks:
         saved_tensor_hooks=holds(_saved_tensor_hooks_hold),
         module_hooks=holds(_module_hooks_hold),
         versions=holds(_versions_hold),
+        conv_without_bias=holds(_conv_without_bias_holds),
     )
 
 
