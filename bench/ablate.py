@@ -57,42 +57,44 @@ def _no_recipe(x):
     return None
 
 
-# piece -> {attribute of lorakit.fused: stand-in}
+# piece -> {(module of lorakit, attribute): stand-in}
 PIECES = {
-    "x A^T (forward)": {"_project": _zeros_project},
-    "s g B (backward)": {"_project_grad": _zeros_project_grad},
-    "B's gradient xa^T g": {"_grad_b": _zeros_grad_b},
-    "A's gradient gb^T x": {"_grad_a": _zeros_grad_a},
-    "forming W + sBA (forward and backward)": {"_folded_weight": _plain_weight},
-    "recomputing x from GELU's input": {"_recipe": _no_recipe},
+    "x A^T (forward)": {("fused", "project"): _zeros_project},
+    "s g B (backward)": {("fused", "project_grad"): _zeros_project_grad},
+    "B's gradient xa^T g": {("fused", "grad_b"): _zeros_grad_b},
+    "A's gradient gb^T x": {("fused", "grad_a"): _zeros_grad_a},
+    "forming W + sBA (forward and backward)": {("fused", "folded_weight"): _plain_weight},
+    "recomputing x from GELU's input": {("torch_internals", "recompute_recipe"): _no_recipe},
 }
 PIECES["all of the above"] = {k: v for d in PIECES.values() for k, v in d.items()}
 
 
 @contextmanager
 def patched(stand_ins: dict):
-    from lorakit import fused
+    import importlib
 
-    saved = {name: getattr(fused, name) for name in stand_ins}
-    for name, fn in stand_ins.items():
-        setattr(fused, name, fn)
+    modules = {name: importlib.import_module(f"lorakit.{name}") for name, _ in stand_ins}
+    saved = {key: getattr(modules[key[0]], key[1]) for key in stand_ins}
+    for (module, name), fn in stand_ins.items():
+        setattr(modules[module], name, fn)
     try:
         yield
     finally:
-        for name, fn in saved.items():
-            setattr(fused, name, fn)
+        for (module, name), fn in saved.items():
+            setattr(modules[module], name, fn)
 
 
 @contextmanager
 def reference_path():
+    """Every LoraLinear on its plain reference_forward: no kernel for dispatch.py to choose."""
     import lorakit
 
-    original = lorakit.LoraLinear._fast_adapters
-    lorakit.LoraLinear._fast_adapters = lambda self, live, x: None
+    original = lorakit.LoraLinear.kernels
+    lorakit.LoraLinear.kernels = ()
     try:
         yield
     finally:
-        lorakit.LoraLinear._fast_adapters = original
+        lorakit.LoraLinear.kernels = original
 
 
 def main(argv: list[str] | None = None) -> int:

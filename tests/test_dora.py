@@ -25,6 +25,7 @@ from torch import nn
 
 import lorakit
 from lorakit import dora
+from lorakit.fused import fold_pays
 from lorakit.layers import LoraConv, LoraEmbedding, LoraLinear
 
 pytestmark = pytest.mark.numeric  # pins float32 numbers to references (helpers.assert_rounding_close)
@@ -214,7 +215,7 @@ def _fast_vs_reference(layer, x):
 def test_fast_path_matches_reference_float32(kind, tokens):
     layer = _layer(kind, dtype=torch.float32, wide=True)
     x = _input(kind, torch.float32, tokens, wide=True)
-    assert dora._fold_pays(x, layer.base_layer.weight, (0.0,)) == (tokens == 200)
+    assert fold_pays(x, layer.base_layer.weight, (0.0,)) == (tokens == 200)
     _fast_vs_reference(layer, x)
     with torch.no_grad():
         assert_rounding_close(layer(x), layer.reference_forward(x), n=64 + 4)

@@ -19,7 +19,7 @@ This file holds the math; the layers (layers.py) keep the magnitudes and call it
 - `merge` / `unmerge`: the weight becomes g * (W + s B A), exactly what forward computes;
 - `linear_forward` / `dora_linear`: the fast path for nn.Linear and Conv1D, riding fused.py's
   pieces. The base output is not computed twice: x (W + s B A)^T is one matmul when folding
-  pays (fused._fold_pays), and g rescales it in the same pass that adds the bias. In backward
+  pays (fused.fold_pays), and g rescales it in the same pass that adds the bias. In backward
   g folds into the weights instead of the (tokens, out) gradient: x's gradient is
   gy (g * (W + s B A)), A's and B's are LoRA's with B replaced by g * B; m's gradient is the one
   extra pass, sum over tokens of gy * x (W + s B A)^T, which is why that product is kept.
@@ -28,11 +28,23 @@ This file holds the math; the layers (layers.py) keep the magnitudes and call it
 from __future__ import annotations
 
 import weakref
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from .fused import _fold_pays, _folded_weight, _grad_a, _grad_b, _project, keep_input, kept_input
+from . import torch_internals
+from .fused import (
+    Term,
+    fold_pays,
+    folded_weight,
+    grad_a,
+    grad_b,
+    keep_input,
+    kept_input,
+    project,
+)
+from .precision import precise
 
 # ---- the norm --------------------------------------------------------------------------------
 
@@ -43,7 +55,8 @@ class NormCache:
     A cached norm is used only if the base weight, A and B are the same tensor objects, at the
     same storage and the same version counter (bumped by every in-place write: optimizer steps,
     load_state_dict, copy_), with the same scaling. Writes through `.data` bypass version
-    counters; lorakit's own (merge, unmerge) clear the cache.
+    counters; lorakit's own (merge, unmerge) clear the cache. Where torch's counters cannot be
+    trusted (`torch_internals.version`), nothing is cached.
     """
 
     def __init__(self) -> None:
@@ -51,10 +64,10 @@ class NormCache:
 
     @staticmethod
     def _key(tensors: tuple[torch.Tensor, ...], scaling: float) -> tuple | None:
-        try:
-            return tuple((weakref.ref(t), t._version, t.data_ptr()) for t in tensors) + (scaling,)
-        except RuntimeError:  # inference tensors have no version counter: no caching
+        versions = [torch_internals.version(t) for t in tensors]
+        if any(v is None for v in versions):  # no version counter to trust: no caching
             return None
+        return tuple((weakref.ref(t), v, t.data_ptr()) for t, v in zip(tensors, versions)) + (scaling,)
 
     def get(self, name: str, tensors: tuple[torch.Tensor, ...], scaling: float) -> torch.Tensor | None:
         entry = self._entries.get(name)
@@ -65,7 +78,7 @@ class NormCache:
         if cached_scaling != scaling or len(parts) != len(tensors):
             return None
         for (ref, version, ptr), t in zip(parts, tensors):
-            if ref() is not t or t._version != version or t.data_ptr() != ptr:
+            if ref() is not t or torch_internals.version(t) != version or t.data_ptr() != ptr:
                 return None
         return norm
 
@@ -85,16 +98,10 @@ class NormCache:
         return {"_entries": {}}
 
 
-def _precise(t: torch.Tensor) -> torch.Tensor:
-    """`t` in float32, or float64 if it is float64: the precision norms, deltas and merges are
-    computed in (in half precision they would be rough)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
 def _row_norms(weight: torch.Tensor, out_dim: int) -> torch.Tensor:
     """L2 norm per output feature (`out_dim` of `weight`), over every other axis, at least in float32."""
     dims = tuple(d for d in range(weight.dim()) if d != out_dim)
-    return torch.linalg.vector_norm(_precise(weight), dim=dims)
+    return torch.linalg.vector_norm(precise(weight), dim=dims)
 
 
 @torch.no_grad()
@@ -105,7 +112,7 @@ def norm_of(layer, name: str, base_weight: torch.Tensor | None = None) -> torch.
     was before any adapter was folded in).
     """
     weight = layer.base_layer.weight if base_weight is None else base_weight
-    return _row_norms(_precise(weight) + layer.delta_weight(name), layer.out_dim)
+    return _row_norms(precise(weight) + layer.delta_weight(name), layer.out_dim)
 
 
 def weight_norm(layer, name: str) -> torch.Tensor:
@@ -123,7 +130,7 @@ def initial_magnitude(layer, a: torch.Tensor, b: torch.Tensor, scaling: float, b
     """m for a new adapter (A, B) over `base_weight`: the norm itself, in the magnitude's file shape."""
     with torch.no_grad():
         delta = layer.delta_from(a, b, scaling)
-        norm = _row_norms(_precise(base_weight) + delta, layer.out_dim)
+        norm = _row_norms(precise(base_weight) + delta, layer.out_dim)
     return norm.reshape(layer.magnitude_shape()).to(base_weight.dtype)
 
 
@@ -184,8 +191,8 @@ def merge(layer, name: str, unmerged: torch.Tensor) -> None:
     forward computes it; it is kept for `unmerge`.
     """
     weight = layer.base_layer.weight
-    g = _precise(_scale(layer, name, norm_of(layer, name, unmerged)))
-    merged = g.view(_weight_view(layer)) * (_precise(weight) + layer.delta_weight(name))
+    g = precise(_scale(layer, name, norm_of(layer, name, unmerged)))
+    merged = g.view(_weight_view(layer)) * (precise(weight) + layer.delta_weight(name))
     weight.copy_(merged)
     layer.dora_merged[name] = g
 
@@ -195,7 +202,7 @@ def unmerge(layer, name: str) -> None:
     """Take adapter `name` back out: W <- W / g - s B A."""
     g = layer.dora_merged.pop(name)
     weight = layer.base_layer.weight
-    weight.copy_(_precise(weight) / g.view(_weight_view(layer)) - layer.delta_weight(name))
+    weight.copy_(precise(weight) / g.view(_weight_view(layer)) - layer.delta_weight(name))
 
 
 # ---- the fast path for nn.Linear / Conv1D ------------------------------------------------------
@@ -212,12 +219,14 @@ def linear_forward(layer, name: str, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             if weight.dtype in (torch.float32, torch.float64):
                 # W + s B A, built once for the norm and reused for the forward matmul.
-                folded = _folded_weight(weight, [a, b], (scaling,), (0.0,), fifo)
+                folded = folded_weight(weight, [Term(a, b, scaling, folded=True)], fifo)
                 norm = _row_norms(folded, layer.out_dim)
             else:  # half precision: the norm in float32, the matmul unfolded
                 norm = norm_of(layer, name)
         layer.dora_norms.put(name, (weight, a, b), scaling, norm)
-    return dora_linear(x, weight, base.bias, a, b, layer.lora_magnitude[name].reshape(-1), scaling, fifo, norm, folded)
+    magnitude = layer.lora_magnitude[name].reshape(-1)
+    call = DoraCall(norm.to(magnitude.dtype), scaling, fifo, fold_pays(x, weight, (0.0,)), folded)
+    return _dora_linear(x, weight, base.bias, a, b, magnitude, call)
 
 
 def dora_linear(
@@ -230,74 +239,93 @@ def dora_linear(
     scaling: float,
     fan_in_fan_out: bool,
     norm: torch.Tensor,
-    folded: torch.Tensor | None = None,
     fold: bool | None = None,
 ) -> torch.Tensor:
     """g * (x (W + s B A)^T) + bias with g = magnitude / norm (norm a constant for the gradient).
 
     `weight` is (out, in), or (in, out) with `fan_in_fan_out`; `magnitude` and `norm` are (out,).
-    `folded`, when given, is W + s B A in W's layout (the caller built it for the norm). `fold`
-    forces the folded (True) or the in-place (False) computation; by default fused._fold_pays
-    decides.
+    `fold` forces the folded (True) or the in-place (False) computation; by default
+    fused.fold_pays decides.
     """
     if fold is None:
-        fold = _fold_pays(x, weight, (0.0,))
-    norm = norm.to(magnitude.dtype)
+        fold = fold_pays(x, weight, (0.0,))
+    call = DoraCall(norm.to(magnitude.dtype), float(scaling), fan_in_fan_out, fold, None)
+    return _dora_linear(x, weight, bias, a, b, magnitude, call)
+
+
+class DoraCall(NamedTuple):
+    """What one call of the DoRA kernel fixes besides its differentiable tensors."""
+
+    norm: torch.Tensor  # ||W + s B A|| per output, (out,), a constant for the gradient
+    scaling: float
+    fan_in_fan_out: bool  # W is (in, out) (Transformers' Conv1D)
+    fold: bool  # x (W + s B A)^T as one matmul, forward and backward (fused.fold_pays)
+    folded: torch.Tensor | None  # W + s B A, when the caller built it for the norm
+
+
+def _dora_linear(x, weight, bias, a, b, magnitude, call: DoraCall) -> torch.Tensor:
+    # x, the weights and the magnitude are the tensors autograd tracks; `call` holds the rest.
     tensors = (x, weight, bias, a, b, magnitude)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return _DoraLinear.apply(x, weight, bias, a, b, magnitude, norm, float(scaling), fan_in_fan_out, fold, folded)
+        return _DoraLinear.apply(x, weight, bias, a, b, magnitude, call)
     with torch.no_grad():
-        g = magnitude / norm
+        g = magnitude / call.norm
         x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
-        if fold or folded is not None:
-            w = folded if folded is not None else _folded_weight(weight, [a, b], (scaling,), (0.0,), fan_in_fan_out)
-            w.mul_(g if fan_in_fan_out else g[:, None])  # the merged weight, in a fresh buffer
-            w_t = w if fan_in_fan_out else w.t()  # (in, out)
+        fifo = call.fan_in_fan_out
+        if call.fold or call.folded is not None:
+            w = call.folded if call.folded is not None else _folded(weight, a, b, call)
+            w.mul_(g if fifo else g[:, None])  # the merged weight, in a fresh buffer
+            w_t = w if fifo else w.t()  # (in, out)
             y = torch.addmm(bias, x2, w_t) if bias is not None else x2 @ w_t
         else:
-            y = _unfolded(x2, weight, a, b, scaling, fan_in_fan_out)[0].mul_(g)
+            y = _unfolded(x2, weight, a, b, call)[0].mul_(g)
             if bias is not None:
                 y.add_(bias)
         return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def _unfolded(x2, weight, a, b, scaling, fifo) -> tuple[torch.Tensor, torch.Tensor]:
+def _folded(weight, a, b, call: DoraCall) -> torch.Tensor:
+    """W + s B A in W's layout, a fresh buffer."""
+    return folded_weight(weight, [Term(a, b, call.scaling, folded=True)], call.fan_in_fan_out)
+
+
+def _unfolded(x2, weight, a, b, call: DoraCall) -> tuple[torch.Tensor, torch.Tensor]:
     """(x W^T + s (x A^T) B^T, x A^T): the base matmul with the rank-r update added in place."""
-    y = x2 @ (weight if fifo else weight.t())
-    xa = _project(x2, a)
-    y.addmm_(xa, b.t(), alpha=scaling)
+    y = x2 @ (weight if call.fan_in_fan_out else weight.t())
+    xa = project(x2, a)
+    y.addmm_(xa, b.t(), alpha=call.scaling)
     return y, xa
 
 
-def _scaled_weight(weight, a, b, scaling, fifo, g) -> torch.Tensor:
+def _scaled_weight(weight, a, b, call: DoraCall, g) -> torch.Tensor:
     """g * (W + s B A) as (out, in), a fresh buffer."""
-    w = _folded_weight(weight, [a, b], (scaling,), (0.0,), fifo)
-    w = w.t() if fifo else w
+    w = _folded(weight, a, b, call)
+    w = w.t() if call.fan_in_fan_out else w
     return w.mul_(g[:, None])
 
 
 class _DoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, a, b, magnitude, norm, scaling, fifo, fold, folded):
-        need = ctx.needs_input_grad  # x, weight, bias, A, B, magnitude, ...
+    def forward(ctx, x, weight, bias, a, b, magnitude, call):
+        need = ctx.needs_input_grad  # x, weight, bias, A, B, magnitude, call
         x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
-        g = magnitude / norm
-        v = folded if folded is not None else (_folded_weight(weight, [a, b], (scaling,), (0.0,), fifo) if fold else None)
+        g = magnitude / call.norm
+        fifo = call.fan_in_fan_out
+        v = call.folded if call.folded is not None else (_folded(weight, a, b, call) if call.fold else None)
         xa = None
         if v is not None:
             y0 = x2 @ (v if fifo else v.t())  # x (W + s B A)^T: (tokens, out)
             if need[4]:
-                xa = _project(x2, a)  # for B's gradient
+                xa = project(x2, a)  # for B's gradient
         else:
-            y0, xa = _unfolded(x2, weight, a, b, scaling, fifo)
+            y0, xa = _unfolded(x2, weight, a, b, call)
         y = torch.addcmul(bias, y0, g) if bias is not None else y0 * g
-        ctx.scaling, ctx.fifo, ctx.fold = scaling, fifo, fold
+        ctx.call = call._replace(norm=None, folded=None)  # the tensors go through save_for_backward
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
         need_x = need[1] or need[3]  # x is kept for A's or the weight's gradient
         kept = keep_input(ctx, x, x2, need_x)
-        empty = x2.new_empty(0)
-        ctx.save_for_backward(*kept, weight, a, b, magnitude, norm,
-                              xa if need[4] else empty, y0 if need[5] else empty)
+        ctx.save_for_backward(*kept, weight, a, b, magnitude, call.norm,
+                              xa if need[4] else None, y0 if need[5] else None)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -306,29 +334,30 @@ class _DoraLinear(torch.autograd.Function):
         kept = saved[: ctx.n_kept]
         weight, a, b, magnitude, norm, xa, y0 = saved[ctx.n_kept :]
         need = ctx.needs_input_grad
-        s, fifo = ctx.scaling, ctx.fifo
+        call = ctx.call
+        s, fifo = call.scaling, call.fan_in_fan_out
         g = magnitude / norm  # (out,)
         gy = grad_y.reshape(-1, grad_y.shape[-1])  # (tokens, out)
         x2 = kept_input(ctx, kept)
 
         # G = gy * g never needs to exist when the weight is folded: g rides on W and B instead.
-        gg = gy * g if (need[1] or (need[0] and not ctx.fold)) else None
+        gg = gy * g if (need[1] or (need[0] and not call.fold)) else None
         grad_x = grad_w = gb = None
         if need[0]:
-            if ctx.fold:
-                grad_x = gy @ _scaled_weight(weight, a, b, s, fifo, g)  # (tokens, in)
+            if call.fold:
+                grad_x = gy @ _scaled_weight(weight, a, b, call, g)  # (tokens, in)
             else:
                 grad_x = gg @ (weight.t() if fifo else weight)
-        if need[3] or (need[0] and not ctx.fold):
+        if need[3] or (need[0] and not call.fold):
             gb = (gy @ (b * g[:, None])).mul_(s)  # s G B: (tokens, r)
-            if grad_x is not None and not ctx.fold:
+            if grad_x is not None and not call.fold:
                 grad_x.addmm_(gb, a)
-        grad_a = _grad_a(gb, x2) if need[3] else None
-        grad_b = _grad_b(xa, gy, s) * g[:, None] if need[4] else None  # s G^T (x A^T)
+        grad_a_ = grad_a(gb, x2) if need[3] else None
+        grad_b_ = grad_b(xa, gy, s) * g[:, None] if need[4] else None  # s G^T (x A^T)
         grad_m = torch.linalg.vecdot(gy, y0, dim=0) / norm if need[5] else None
         if need[1]:
             grad_w = x2.t() @ gg if fifo else gg.t() @ x2
         grad_bias = gy.sum(0) if ctx.has_bias and need[2] else None
         if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape)
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, grad_m, None, None, None, None, None
+        return grad_x, grad_w, grad_bias, grad_a_, grad_b_, grad_m, None

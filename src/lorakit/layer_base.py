@@ -5,7 +5,11 @@ output = base(x) + sum over active adapters of scaling * B(A(dropout(x)))   (Hu 
 `LoraLayer` holds the original module as `base_layer` and knows its adapters by name: the active
 set, merge state, enable flag, DoRA magnitudes (their math is in dora.py) and what forward
 caches. Merge is explicit: `merge()` adds scaling * B A into the base weight, `unmerge()` takes
-it out. Each kind of layer (layers.py, quantized_layer.py) supplies the per-kind pieces.
+it out. Each kind of layer (layers.py, quantized_layer.py) supplies the per-kind pieces and
+names the fast kernels that may compute it (`kernels`).
+
+`forward` asks dispatch.py, the one place that chooses how a layer computes its output: the
+plain `reference_forward` below, or a fast kernel that tests pin to it.
 """
 
 from __future__ import annotations
@@ -14,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import dora
-from .dora import _precise
+from . import dispatch, dora
 from .init_schemes import init_pair
+from .precision import precise
 
 
 class LoraLayer(nn.Module):
@@ -28,14 +32,16 @@ class LoraLayer(nn.Module):
     out_dim = 0  # the base weight's axis of output features (DoRA's norm is one per output)
     channels_first = False  # outputs carry their features on axis 1 (convolutions), not last
     routing = None  # inside lorakit.mixed_batch: the batch's per-row routes (mixed.MixedBatch)
+    kernels: tuple[dispatch.Kernel, ...] = ()  # the fast computations of this kind (dispatch.py)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
-        self._prepared = None  # what forward needs for the live adapters, built once per change
-        self._route_cache: dict = {}  # what mixed.py works out for this layer, kept across batches
+        # What the forward paths (dispatch.py, mixed.py) work out for the present adapters, each
+        # under its own keys; emptied whenever the adapters, active set, merge state or tensors change.
+        self.forward_cache: dict = {}
         self._pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {}  # see pairs()
         self.dora_norms = dora.NormCache()  # DoRA: each adapter's weight norm, while unchanged
         self.dora_merged: dict[str, torch.Tensor] = {}  # DoRA: g of each merged adapter, for unmerge
@@ -66,8 +72,7 @@ class LoraLayer(nn.Module):
 
     def _changed(self) -> None:
         """The adapters, the active set, the merge state or the tensors changed: rebuild on next forward."""
-        self._prepared = None
-        self._route_cache = {}
+        self.forward_cache = {}
 
     def _tensors_changed(self) -> None:
         """The adapters' tensors may be new objects: forget every cached reference to them."""
@@ -80,7 +85,7 @@ class LoraLayer(nn.Module):
 
     def __getstate__(self) -> dict:
         # A copy holds its own tensors, not these.
-        return dict(self.__dict__, _prepared=None, _pairs=None, _route_cache={})
+        return dict(self.__dict__, _pairs=None, forward_cache={})
 
     def pairs(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Every adapter's (A, B) by name; kept up to date as adapters come and go, so that
@@ -116,6 +121,40 @@ class LoraLayer(nn.Module):
         """The base layer's output on `x` without its bias (DoRA rescales it)."""
         raise NotImplementedError
 
+    # -- forward -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dispatch.forward(self, x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain computation every fast kernel must reproduce: the base layer's own output,
+        then each live adapter in turn (a LoRA adapter adds its delta; a DoRA adapter rescales
+        what came before it, dora.reference_step)."""
+        result = self.base_layer(x)
+        for name in self.live_adapters():
+            if self.is_dora(name):
+                result = dora.reference_step(self, name, x, result)
+            else:
+                result = result + self.adapter_delta(x, name)
+        return result
+
+    def live_adapters(self) -> list[str]:
+        """Active adapters not folded into the base weight: the ones forward must add."""
+        if not self.enabled:
+            return []
+        return [n for n in self.active if n not in self.merged]
+
+    def adapter_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """What adapter `name` alone adds to the base output, its dropout applied while training
+        (for DoRA the change of the whole output, dora.output_change: what mixed.py routes)."""
+        p = self.dropout[name] if self.training and not self.lookup_table else 0.0  # no dropout on token ids
+        if p:
+            x = F.dropout(x.to(self.pair(name)[0].dtype), p, True)
+        if self.is_dora(name):
+            return dora.output_change(self, name, x)
+        return self.lora_delta(x, name)
+
+    _delta = adapter_delta  # the name tests/test_model.py still calls
+
     # -- shared ------------------------------------------------------------------------------
     @property
     def weight(self) -> torch.Tensor:
@@ -132,16 +171,6 @@ class LoraLayer(nn.Module):
         """scaling * B A of adapter `name` in the base weight's layout (see `delta_from`)."""
         a, b = self.pair(name)
         return self.delta_from(a, b, self.scaling[name])
-
-    def _delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """What adapter `name` alone adds to the base output, its dropout applied while training
-        (for DoRA the change of the whole output, dora.output_change: what mixed.py routes)."""
-        p = self.dropout[name] if self.training and not self.lookup_table else 0.0  # no dropout on token ids
-        if p:
-            x = F.dropout(x.to(self.pair(name)[0].dtype), p, True)
-        if self.is_dora(name):
-            return dora.output_change(self, name, x)
-        return self.lora_delta(x, name)
 
     # -- DoRA --------------------------------------------------------------------------------
     @property
@@ -220,12 +249,6 @@ class LoraLayer(nn.Module):
             return {"A": a, "B": b, "m": self.lora_magnitude[name]}
         return {"A": a, "B": b}
 
-    def _live(self) -> list[str]:
-        """Active adapters not folded into the base weight: the ones forward must add."""
-        if not self.enabled:
-            return []
-        return [n for n in self.active if n not in self.merged]
-
     def check_merge(self, requantize: bool = False) -> None:
         """Raise ValueError if `merge` cannot fold the active adapters in (nothing changes here).
 
@@ -241,7 +264,7 @@ class LoraLayer(nn.Module):
             self._unmerged_weight = weight.detach().clone()
         todo = [n for n in self.active if n not in self.merged]
         # DoRA's norms come from the weight before anything is folded in, as in forward.
-        unmerged = _precise(weight.detach()).clone() if any(self.is_dora(n) for n in todo) else None
+        unmerged = precise(weight.detach()).clone() if any(self.is_dora(n) for n in todo) else None
         for name in todo:
             if self.is_dora(name):
                 dora.merge(self, name, unmerged)
@@ -270,22 +293,7 @@ class LoraLayer(nn.Module):
         if weight.dtype == torch.float32:
             weight.data.add_(delta)
         else:  # add in float32, round once
-            weight.data.copy_(_precise(weight.data) + delta)
-
-    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The plain computation the fast path must reproduce."""
-        result = self.base_layer(x)
-        for name in self._live():
-            if self.is_dora(name):
-                result = dora.reference_step(self, name, x, result)
-            else:
-                result = result + self._delta(x, name)
-        return result
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.routing is not None:
-            return self.routing.forward(self, x)
-        return self.reference_forward(x)
+            weight.data.copy_(precise(weight.data) + delta)
 
     def extra_repr(self) -> str:
         ranks = {n: self.rank(n) for n in self.adapter_names}

@@ -2,30 +2,31 @@
 
 output = base(x) + sum over active adapters of scaling * B(A(dropout(x)))   (Hu et al., 2021)
 
-What they share (adapters by name, active set, merge, DoRA hooks) is `LoraLayer` in
-layer_base.py; here each kind's shapes of A and B, its delta, and LoraLinear's fast path
-(fused.py). `wrapper_for` picks the class for a kind from targets.adaptable_kind.
+What they share (adapters by name, active set, merge, DoRA hooks, forward) is `LoraLayer` in
+layer_base.py; here each kind's shapes of A and B, its delta, and the fast kernels that may
+compute it (dispatch.py chooses). The quantized linear is quantized_layer.py; wrappers.py maps
+each kind of module (targets.adaptable_kind) to its class.
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import dora
-from .fused import Adapter, autocast_on, lora_linear
+from . import dispatch, torch_internals
 from .init_schemes import olora_pair, pissa_pair
-from .layer_base import LoraLayer, _precise
-from .targets import QUANTIZED_KINDS, adaptable_kind
+from .layer_base import LoraLayer
+from .precision import precise
+from .targets import adaptable_kind
 
-__all__ = ["LoraConv", "LoraEmbedding", "LoraLayer", "LoraLinear", "wrapper_for"]
+__all__ = ["LoraConv", "LoraEmbedding", "LoraLayer", "LoraLinear"]
 
 
 class LoraLinear(LoraLayer):
     """nn.Linear, or Transformers' Conv1D (weight stored (in, out): fan_in_fan_out)."""
+
+    kernels = (dispatch.LINEAR_LORA, dispatch.LINEAR_DORA)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -62,7 +63,7 @@ class LoraLinear(LoraLayer):
         return a, b, (residual.T.contiguous() if self.fan_in_fan_out else residual)
 
     def delta_from(self, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
-        delta = (_precise(b) @ _precise(a)) * scaling  # (out, in)
+        delta = (precise(b) @ precise(a)) * scaling  # (out, in)
         return delta.T if self.fan_in_fan_out else delta
 
     def lora_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -71,53 +72,6 @@ class LoraLinear(LoraLayer):
 
     def base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self._base_weight_oi())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.routing is not None:
-            return self.routing.forward(self, x)
-        prepared = self._prepared or self._prepare()
-        if not prepared.live:
-            return self.base_layer(x)
-        base = self.base_layer
-        adapters = prepared.adapters
-        if (
-            adapters is None
-            or x.dtype != prepared.dtype
-            or base._forward_hooks
-            or base._forward_pre_hooks
-            or autocast_on(x.device.type)
-        ):
-            return self.reference_forward(x)
-        if prepared.dora:
-            return self._dora_forward(prepared.live, x)
-        return lora_linear(x, base.weight, base.bias, adapters, self.fan_in_fan_out, self.training)
-
-    def _prepare(self) -> _Prepared:
-        """The live adapters, and for `fused.lora_linear` their tensors, or None where only the
-        reference is exact: a base class other than Linear / Conv1D (its own forward), or adapters
-        of another dtype than the base weight. Hooks, the input's dtype and autocast are checked
-        on every call."""
-        live = self._live()
-        base = self.base_layer
-        dtype = base.weight.dtype
-        adapters: list[Adapter] | None = []
-        if type(base) is not nn.Linear and not self.fan_in_fan_out:
-            adapters = None
-        for name in live if adapters is not None else ():
-            a, b = self.lora_A[name].weight, self.lora_B[name].weight
-            if a.dtype != dtype or b.dtype != dtype:
-                adapters = None
-                break
-            adapters.append(Adapter(a, b, self.scaling[name], self.dropout[name]))
-        self._prepared = _Prepared(live, adapters, dtype, any(self.is_dora(n) for n in live))
-        return self._prepared
-
-    def _dora_forward(self, live: list[str], x: torch.Tensor) -> torch.Tensor:
-        """DoRA's fast path (dora.py) for one live DoRA adapter without dropout; otherwise the reference."""
-        name = live[0]
-        if len(live) == 1 and not (self.training and self.dropout[name]):
-            return dora.linear_forward(self, name, x)
-        return self.reference_forward(x)
 
 
 class LoraEmbedding(LoraLayer):
@@ -146,7 +100,7 @@ class LoraEmbedding(LoraLayer):
         return self.lora_embedding_A[name], self.lora_embedding_B[name]
 
     def delta_from(self, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
-        return (_precise(b) @ _precise(a)).T * scaling  # (num, dim)
+        return (precise(b) @ precise(a)).T * scaling  # (num, dim)
 
     def lora_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
         a, b = self.pair(name)
@@ -199,28 +153,19 @@ class LoraConv(LoraLayer):
         return self.lora_A[name].weight, self.lora_B[name].weight
 
     def delta_from(self, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
-        b2 = _precise(b).flatten(1)  # (out, r): B is 1x1
-        return torch.einsum("or,r...->o...", b2, _precise(a)) * scaling
+        b2 = precise(b).flatten(1)  # (out, r): B is 1x1
+        return torch.einsum("or,r...->o...", b2, precise(a)) * scaling
 
     def lora_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
         x = x.to(self.pair(name)[0].dtype)
         return self.lora_B[name](self.lora_A[name](x)) * self.scaling[name]
 
     def base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer._conv_forward(x, self.base_layer.weight, None)
+        return torch_internals.conv_without_bias(self.base_layer, x)
 
     def magnitude_shape(self) -> tuple[int, ...]:
         w = self.base_layer.weight  # PEFT keeps a conv's magnitude as (1, out, 1, ...)
         return (1, w.shape[0]) + (1,) * (w.dim() - 2)
-
-
-class _Prepared(NamedTuple):
-    """What LoraLinear.forward needs, built when the adapters or their state change."""
-
-    live: list[str]
-    adapters: list[Adapter] | None  # None: only the reference path is exact
-    dtype: torch.dtype
-    dora: bool  # a live adapter is DoRA's: dora.linear_forward, not fused.lora_linear
 
 
 def _linear_holding(weight: torch.Tensor) -> nn.Linear:
@@ -228,12 +173,3 @@ def _linear_holding(weight: torch.Tensor) -> nn.Linear:
     layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     layer.weight = nn.Parameter(weight)
     return layer
-
-
-def wrapper_for(kind: str) -> type[LoraLayer]:
-    """The wrapper class for a kind reported by `targets.adaptable_kind`."""
-    if kind in QUANTIZED_KINDS:
-        from .quantized_layer import LoraQuantLinear  # it builds on this file
-
-        return LoraQuantLinear
-    return {"linear": LoraLinear, "conv1d_transposed": LoraLinear, "embedding": LoraEmbedding, "conv": LoraConv}[kind]

@@ -24,13 +24,14 @@ on CPU a C++ loop of one mm per segment, or a Python loop): the rank-r products 
 segment each are too small for the matmul kernel, while one batched call keeps it busy.
 
 Embeddings, convolutions and other cases (autocast, dtypes that differ) take the plain path:
-per adapter, its rows through the layer's own delta (`layer._delta`). So does a layer with a
-DoRA adapter, whose rows rescale the base output rather than add scaling * B A: `_fast_ok`, the
-one gate of both batched paths, says no for it, and `_delta` gives the whole change of those
-rows' output (dora.output_change). Trained copies of modules_to_save (a classifier head per
-adapter) are routed per row too. A PiSSA adapter loaded as such has put its
-residual into the base weights, which every row then sees (as `disabled` does); to serve one
-beside others, load it with `load_adapter(..., as_lora=True)`, as the adapter store does.
+per adapter, its rows through the layer's own delta (`layer.adapter_delta`). So does a layer
+with a DoRA adapter, whose rows rescale the base output rather than add scaling * B A:
+`_fast_ok`, the one gate of both batched paths, asks dispatch.batched_linear_ok (the same
+facts that choose a layer's own path), which says no for it, and `adapter_delta` gives the
+whole change of those rows' output (dora.output_change). Trained copies of modules_to_save
+(a classifier head per adapter) are routed per row too. A PiSSA adapter loaded as such has put
+its residual into the base weights, which every row then sees (as `disabled` does); to serve
+one beside others, load it with `load_adapter(..., as_lora=True)`, as the adapter store does.
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from .fused import Adapter, autocast_on, lora_linear
-from .layers import LoraLayer, LoraLinear
+from . import dispatch
+from .fused import Adapter, lora_linear
+from .layer_base import LoraLayer
+from .layers import LoraLinear
 from .registry import adapters, cached_wrappers
 from .saved_modules import SavedModule
 
@@ -139,7 +142,7 @@ class MixedBatch:
         if not layer.enabled or x.dim() == 0:
             return layer.base_layer(x)
         plan = self._plans.get(x.shape[0]) or self._plan(x.shape[0], layer)
-        fast = isinstance(layer, LoraLinear) and self._fast_ok(layer, x)
+        fast = self._fast_ok(layer, x)
         if plan.uniform is not None:
             return self._uniform(layer, x, plan.uniform, fast)
         groups = [g for g in plan.groups if g.name in layer.scaling]
@@ -151,11 +154,11 @@ class MixedBatch:
 
     def _uniform(self, layer: LoraLayer, x: torch.Tensor, route: _Normal, fast: bool) -> torch.Tensor:
         """Every row has the same route: the layer's own path for those adapters."""
-        adapters_ = layer._route_cache.get(route, _MISSING)  # kept on the layer until its adapters change
+        adapters_ = layer.forward_cache.get(route, _MISSING)  # kept on the layer until its adapters change
         if adapters_ is _MISSING:
             pairs = layer.pairs()
             live = [(pairs[n], layer.scaling[n] * w) for n, w in route if n in pairs]
-            adapters_ = layer._route_cache[route] = [Adapter(a, b, s, 0.0) for (a, b), s in live] or None
+            adapters_ = layer.forward_cache[route] = [Adapter(a, b, s, 0.0) for (a, b), s in live] or None
         if adapters_ is None:
             return layer.base_layer(x)
         if fast:
@@ -163,23 +166,14 @@ class MixedBatch:
             return lora_linear(x, base.weight, base.bias, adapters_, layer.fan_in_fan_out, False)
         result = layer.base_layer(x)
         for name, weight in ((n, w) for n, w in route if n in layer.scaling):
-            delta = layer._delta(x, name)
+            delta = layer.adapter_delta(x, name)
             result = result + (delta if weight == 1.0 else delta * weight)
         return result
 
     @staticmethod
-    def _fast_ok(layer: LoraLinear, x: torch.Tensor) -> bool:
-        """Whether the linear's batched path is exact here (as LoraLinear.forward decides for its
-        own): a plain Linear / Conv1D, no hooks, no autocast, the input in the weight's dtype, and
-        no DoRA adapter on the layer (its rows rescale the base output: `layer._delta`)."""
-        key = ("fast", x.dtype)
-        static = layer._route_cache.get(key)
-        base = layer.base_layer
-        if static is None:
-            static = layer._route_cache[key] = (
-                (type(base) is nn.Linear or layer.fan_in_fan_out) and x.dtype == base.weight.dtype
-                and not len(layer.lora_magnitude))
-        return static and not (base._forward_hooks or base._forward_pre_hooks or autocast_on(x.device.type))
+    def _fast_ok(layer: LoraLayer, x: torch.Tensor) -> bool:
+        """Whether the batched linear paths are exact for `layer` here: dispatch.py decides."""
+        return dispatch.batched_linear_ok(layer, x)
 
     # -- the adapted linear ------------------------------------------------------------------
     def _linear(self, layer: LoraLinear, x: torch.Tensor, plan: _RowPlan, groups: list[_Group]) -> torch.Tensor:
@@ -359,7 +353,7 @@ def _plain(layer: LoraLayer, x: torch.Tensor, groups: list[_Group]) -> torch.Ten
     rows = x.shape[0]
     for g in groups:
         rows_g = g.rows_on(x.device)
-        delta = layer._delta(x.index_select(0, rows_g), g.name)
+        delta = layer.adapter_delta(x.index_select(0, rows_g), g.name)
         if not g.unweighted:
             delta = delta * g.weights_like(delta)
         y.view(rows, -1).index_add_(0, rows_g, delta.to(y.dtype).reshape(rows_g.numel(), -1))

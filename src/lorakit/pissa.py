@@ -31,9 +31,10 @@ from torch import nn
 
 from . import peft_format as fmt
 from .config import LoraConfig
-from .layers import LoraLayer, wrapper_for
+from .layer_base import LoraLayer
 from .registry import AdapterRecord, adapters
 from .targets import adaptable_kind
+from .wrappers import wrapper_for
 
 RESIDUAL_INITS = {"pissa": "PiSSA", "olora": "OLoRA"}  # the inits whose base weight holds a residual
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from . import pissa
 from .config import LoraConfig
-from .layers import LoraLayer, wrapper_for
+from .layer_base import LoraLayer
 from .registry import (
     AdapterRecord,
     activate,
@@ -22,6 +22,7 @@ from .registry import (
 )
 from .saved_modules import SavedModule
 from .targets import adaptable_kind
+from .wrappers import wrapper_for
 
 
 class TensorError(ValueError):

@@ -16,8 +16,8 @@ with the ideas of fused.py:
   matmul, forward and backward: no extra weight-sized tensor at all.
 - Otherwise (bf16 compute, few tokens, dropout) the delta is accumulated into the output in
   place, the scaling riding on the rank-r product.
-- Backward keeps x (or what GELU / SwiGLU keep anyway, see fused._recipe), the (tokens, r)
-  products and the adapters; dropout masks are drawn again, not stored.
+- Backward keeps x (or what GELU / SwiGLU keep anyway, see torch_internals.recompute_recipe),
+  the (tokens, r) products and the adapters; dropout masks are drawn again, not stored.
 
 The base part reproduces the bitsandbytes layer's forward bit for bit (tests pin it): the weight
 dequantized straight into the compute dtype, `F.linear` on the input cast to it, the result
@@ -29,23 +29,37 @@ output's dtype before it is added, as the reference does.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 
 from .fused import (
     Adapter,
-    _fold_pays,
-    _grad_a,
-    _grad_b,
-    _project,
-    _project_grad,
+    Term,
     adapter_grads,
     add_deltas,
+    flat,
+    fold_pays,
+    grad_a,
+    grad_b,
     keep_input,
     kept_input,
+    mark_folded,
+    project,
+    project_grad,
+    save_terms,
+    saved_terms,
+    terms_of,
 )
 
 Dequantize = Callable[[torch.dtype], torch.Tensor]  # dtype -> a fresh (out, in) weight
+
+
+class QuantBase(NamedTuple):
+    """The frozen quantized linear as the kernel sees it (its bias is an autograd input)."""
+
+    dequantize: Dequantize  # a fresh (out, in) weight in the dtype asked for, ours to write
+    compute_dtype: torch.dtype  # the dtype bitsandbytes' own forward multiplies in
 
 
 def qlora_linear(
@@ -61,43 +75,43 @@ def qlora_linear(
 
     `dequantize(dtype)` gives the base weight, (out, in), as a new tensor the caller may write.
     """
-    dropouts = tuple(a.dropout if training else 0.0 for a in adapters)
-    scalings = tuple(a.scaling for a in adapters)
-    tensors = [a.a for a in adapters] + [a.b for a in adapters]
+    base = QuantBase(dequantize, compute_dtype)
+    terms = terms_of(adapters, training)
+    tensors = flat(terms)
     if torch.is_grad_enabled() and (
         x.requires_grad or (bias is not None and bias.requires_grad) or any(t.requires_grad for t in tensors)
     ):
-        return _QLoraLinear.apply(x, bias, dequantize, compute_dtype, scalings, dropouts, *tensors)
+        return _QLoraLinear.apply(x, bias, base, terms, *tensors)
     with torch.no_grad():
-        return _forward(x, bias, dequantize, compute_dtype, tensors, scalings, dropouts, None, False)[0]
+        return _forward(x, bias, base, terms, False)[0]
 
 
-def _fold(w: torch.Tensor, tensors, scalings, dropouts) -> None:
-    """w += s B A for every dropout-free adapter, in place (w is a fresh dequantized buffer)."""
-    k = len(scalings)
-    for i in range(k):
-        if not dropouts[i]:
-            w.addmm_(tensors[k + i], tensors[i], alpha=scalings[i])
+def _fold_into(w: torch.Tensor, terms: Sequence[Term]) -> None:
+    """w += s B A for every folded term, in place (w is a fresh dequantized buffer)."""
+    for term in terms:
+        if term.folded:
+            w.addmm_(term.b, term.a, alpha=term.scaling)
 
 
-def _forward(x, bias, dequantize, compute_dtype, tensors, scalings, dropouts, rng_states, keep_xa):
-    """(y, x as (tokens, in), [rank-r intermediates or None], folded)."""
+def _forward(x, bias, base: QuantBase, terms: list[Term], record: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, x as (tokens, in)); with `record`, the terms keep what backward needs."""
     x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
-    w = dequantize(compute_dtype)  # (out, in), ours to write
-    fold = compute_dtype == x.dtype == tensors[0].dtype and _fold_pays(x2, w, dropouts)
-    if fold:
-        _fold(w, tensors, scalings, dropouts)
+    compute_dtype, adapter_dtype = base.compute_dtype, terms[0].a.dtype
+    w = base.dequantize(compute_dtype)  # (out, in), ours to write
+    fold = compute_dtype == x.dtype == adapter_dtype and fold_pays(x2, w, [t.dropout for t in terms])
+    mark_folded(terms, fold)
+    _fold_into(w, terms)
     xc = x2 if x2.dtype == compute_dtype else x2.to(compute_dtype)
     b = bias if bias is None or bias.dtype == compute_dtype else bias.to(compute_dtype)
     y = torch.addmm(b, xc, w.t()) if b is not None else xc @ w.t()  # (tokens, out)
     del w
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
-    if tensors[0].dtype == x.dtype:
-        xas = add_deltas(y, x, x2, tensors, scalings, dropouts, fold, rng_states, keep_xa)
+    if adapter_dtype == x.dtype:
+        add_deltas(y, x, x2, terms, record)
     else:
-        xas = _add_cast_deltas(y, x2, tensors, scalings)
-    return y.view(*x.shape[:-1], y.shape[-1]), x2, xas, fold
+        _add_cast_deltas(y, x2, terms, record)
+    return y.view(*x.shape[:-1], y.shape[-1]), x2
 
 
 # Adapters in another dtype than x (float32 adapters on a bf16 model, PEFT's default): each delta
@@ -105,76 +119,72 @@ def _forward(x, bias, dequantize, compute_dtype, tensors, scalings, dropouts, rn
 # as the reference does. The cast of x is not kept: backward casts again (exact). No dropout here.
 
 
-def _add_cast_deltas(y, x2, tensors, scalings) -> list[torch.Tensor]:
-    k = len(scalings)
-    xc = x2.to(tensors[0].dtype)
-    xas = []
-    for i in range(k):
-        xa = _project(xc, tensors[i])
-        y.add_(torch.mm(xa, tensors[k + i].t()).mul_(scalings[i]).to(y.dtype))
-        xas.append(xa)
-    return xas
+def _add_cast_deltas(y: torch.Tensor, x2: torch.Tensor, terms: list[Term], record: bool) -> None:
+    xc = x2.to(terms[0].a.dtype)
+    for term in terms:
+        xa = project(xc, term.a)
+        y.add_(torch.mm(xa, term.b.t()).mul_(term.scaling).to(y.dtype))
+        if record and term.b.requires_grad:
+            term.xa = xa
 
 
-def _cast_adapter_grads(ctx, g, x2, grad_x, a_s, b_s, xas, need_a, need_b):
-    """adapter_grads (fused.py) for adapters in another dtype than x."""
-    gc = g.to(a_s[0].dtype)
-    xc = x2.to(a_s[0].dtype) if any(need_a) else None
-    grad_a, grad_b = [None] * len(a_s), [None] * len(a_s)
-    for i, (a, b, xa, s) in enumerate(zip(a_s, b_s, xas, ctx.scalings)):
-        if need_b[i]:
-            grad_b[i] = _grad_b(xa, gc, s)
-        if need_a[i] or grad_x is not None:
-            gb = _project_grad(gc, b, s)
-            if need_a[i]:
-                grad_a[i] = _grad_a(gb, xc)
+def _cast_adapter_grads(g, x2, grad_x, terms: list[Term], needs) -> list[torch.Tensor | None]:
+    """fused.adapter_grads for adapters in another dtype than x (no dropout, nothing folded)."""
+    dtype = terms[0].a.dtype
+    gc = g.to(dtype)
+    xc = x2.to(dtype) if any(needs[0::2]) else None
+    grads: list[torch.Tensor | None] = []
+    for term, need_a, need_b in zip(terms, needs[0::2], needs[1::2]):
+        ga = gb = None
+        if need_b:
+            gb = grad_b(term.xa, gc, term.scaling)
+        if need_a or grad_x is not None:
+            g_proj = project_grad(gc, term.b, term.scaling)
+            if need_a:
+                ga = grad_a(g_proj, xc)
             if grad_x is not None:
-                grad_x.add_((gb @ a).to(grad_x.dtype))
-    return grad_a, grad_b
+                grad_x.add_((g_proj @ term.a).to(grad_x.dtype))
+        grads += (ga, gb)
+    return grads
 
 
 class _QLoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, bias, dequantize, compute_dtype, scalings, dropouts, *tensors):
-        k = len(scalings)
-        rng_states: list[torch.Tensor] = []
-        keep_xa = any(t.requires_grad for t in tensors[k:])
-        y, x2, xas, fold = _forward(x, bias, dequantize, compute_dtype, tensors, scalings, dropouts, rng_states, keep_xa)
-        ctx.dequantize, ctx.compute_dtype, ctx.fold = dequantize, compute_dtype, fold
-        ctx.scalings, ctx.dropouts, ctx.rng_states = scalings, dropouts, rng_states
-        ctx.x_shape, ctx.x_stride = x.shape, x.stride()
+    def forward(ctx, x, bias, base, terms, *tensors):
+        # `tensors` is flat(terms), handed to apply so that autograd tracks A and B.
+        y, x2 = _forward(x, bias, base, terms, True)
+        ctx.base = base
+        ctx.x_layout = (x.shape, x.stride())
         ctx.bias_dtype = None if bias is None else bias.dtype
-        need_x = any(t.requires_grad for t in tensors[:k])  # x is needed for A's gradient only
+        need_x = any(term.a.requires_grad for term in terms)  # x is needed for A's gradient only
         kept = keep_input(ctx, x, x2, need_x)
-        xas = [xa if xa is not None else x2.new_empty(0) for xa in xas]
-        ctx.save_for_backward(*kept, *tensors, *xas)
+        save_terms(ctx, kept, terms)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        saved = ctx.saved_tensors
-        kept, rest = saved[: ctx.n_kept], saved[ctx.n_kept :]
-        k = len(ctx.scalings)
-        a_s, b_s, xas = rest[:k], rest[k : 2 * k], rest[2 * k :]
-        need = ctx.needs_input_grad  # x, bias, dequantize, compute_dtype, scalings, dropouts, *A, *B
+        kept, terms = saved_terms(ctx)
+        need = ctx.needs_input_grad  # x, bias, base, terms, A_0, B_0, A_1, ...
         x2 = kept_input(ctx, kept)
         g = grad_y.reshape(-1, grad_y.shape[-1])  # (tokens, out)
 
         grad_x = None
         if need[0]:
             # The same weight as forward: dequantized again, the same adapters folded in.
-            w = ctx.dequantize(ctx.compute_dtype)
-            if ctx.fold:
-                _fold(w, rest[: 2 * k], ctx.scalings, ctx.dropouts)
-            gc = g if g.dtype == ctx.compute_dtype else g.to(ctx.compute_dtype)
+            compute_dtype = ctx.base.compute_dtype
+            w = ctx.base.dequantize(compute_dtype)
+            _fold_into(w, terms)
+            gc = g if g.dtype == compute_dtype else g.to(compute_dtype)
             grad_x = gc @ w  # (tokens, in)
             del w
             if grad_x.dtype != grad_y.dtype:
                 grad_x = grad_x.to(grad_y.dtype)
         grad_bias = g.sum(0).to(ctx.bias_dtype) if need[1] else None
 
-        grads = adapter_grads if a_s[0].dtype == grad_y.dtype else _cast_adapter_grads
-        grad_a, grad_b = grads(ctx, g, x2, grad_x, a_s, b_s, xas, need[6 : 6 + k], need[6 + k :])
+        if terms[0].a.dtype == grad_y.dtype:
+            grads = adapter_grads(g, x2, grad_x, terms, need[4:], ctx.x_layout)
+        else:
+            grads = _cast_adapter_grads(g, x2, grad_x, terms, need[4:])
         if grad_x is not None:
-            grad_x = grad_x.view(ctx.x_shape)
-        return (grad_x, grad_bias, None, None, None, None, *grad_a, *grad_b)
+            grad_x = grad_x.view(ctx.x_layout[0])
+        return (grad_x, grad_bias, None, None, *grads)

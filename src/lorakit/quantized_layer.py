@@ -4,8 +4,8 @@ output = base(x) + sum over active adapters of scaling * B(A(dropout(x)))
          (Dettmers et al., 2023, arXiv:2305.14314; Hu et al., 2021, arXiv:2106.09685)
 
 The frozen base stays quantized and runs as the bitsandbytes layer itself computes; the adapters
-are float32 parameters, as in QLoRA, and the delta is computed in their dtype. The fast path
-(qlora_fused.py) gives the same numbers in one autograd node.
+are float32 parameters, as in QLoRA, and the delta is computed in their dtype. The fast kernel
+(qlora_fused.py, chosen by dispatch.py) gives the same numbers in one autograd node.
 
 Merging is where a quantized base differs: W + s B A can only be stored by re-quantizing it, and
 the rounding to 4 bits swamps most of a small update, so the merged model is not the trained
@@ -20,28 +20,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fused import Adapter, autocast_on
-from .layers import LoraLayer, LoraLinear
-from .qlora_fused import qlora_linear
+from . import dispatch
+from .layer_base import LoraLayer
+from .layers import LoraLinear
 from .quantized import (
     check_quantized,
-    compute_dtype,
     dequantize,
     keep_layout,
     quant_type,
-    quantized_kind,
-    relaid_out,
     restore,
     snapshot,
 )
 from .quantized import requantize as store_requantized
 
 ADAPTER_DTYPE = torch.float32  # QLoRA trains the adapters in full precision over the 4-bit base
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class LoraQuantLinear(LoraLinear):
     """A bitsandbytes Linear4bit (NF4 / FP4) or Linear8bitLt, and its float32 adapters."""
+
+    kernels = (dispatch.QUANT_LORA,)
 
     def __init__(self, base_layer: nn.Module) -> None:
         LoraLayer.__init__(self, base_layer)
@@ -70,50 +68,9 @@ class LoraQuantLinear(LoraLinear):
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The bitsandbytes layer, plus each delta computed in the adapter's dtype and cast to the output's."""
         result = self.base_layer(x)
-        for name in self._live():
-            result = result + self._delta(x, name).to(result.dtype)
+        for name in self.live_adapters():
+            result = result + self.adapter_delta(x, name).to(result.dtype)
         return result
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Unlike LoraLinear's, the path is chosen on every call: it depends on the base's mode and
-        # on the layout bitsandbytes keeps the weight in, which change without the adapters changing.
-        if self.routing is not None:
-            return self.routing.forward(self, x)
-        live = self._live()
-        if not live:
-            return self.base_layer(x)
-        adapters = self._fast_adapters(live, x)
-        if adapters is None:
-            return self.reference_forward(x)
-        base = self.base_layer
-        return qlora_linear(x, self._dequantize, compute_dtype(base, x.dtype), base.bias, adapters, self.training)
-
-    def _dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return dequantize(self.base_layer, dtype)
-
-    def _fast_adapters(self, live: list[str], x: torch.Tensor) -> list[Adapter] | None:
-        """The live adapters for `qlora_fused.qlora_linear`, or None where only the reference is
-        exact: hooks on the base, autocast, adapters of several dtypes, dropout on adapters of
-        another dtype than the input, an 8-bit layer in eval mode (bitsandbytes then multiplies
-        in int8), a weight in bitsandbytes' CPU inference layout."""
-        base = self.base_layer
-        if base._forward_hooks or base._forward_pre_hooks or autocast_on(x.device.type):
-            return None
-        if x.dtype not in _FLOATS or compute_dtype(base, x.dtype) not in _FLOATS:
-            return None
-        if quantized_kind(base) == "linear8bit" and not base.training:
-            return None
-        if quantized_kind(base) == "linear4bit" and relaid_out(base):
-            return None
-        adapters = []
-        for name in live:
-            a, b = self.lora_A[name].weight, self.lora_B[name].weight
-            if a.dtype != b.dtype or a.dtype != self.lora_A[live[0]].weight.dtype:
-                return None
-            if a.dtype != x.dtype and self.training and self.dropout[name]:
-                return None  # the fast path casts x for the adapters only without dropout
-            adapters.append(Adapter(a, b, self.scaling[name], self.dropout[name]))
-        return adapters
 
     # -- merge -------------------------------------------------------------------------------
     def check_merge(self, requantize: bool = False) -> None:
