@@ -20,7 +20,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("train", "eval", "generate", "merge", "inspect", "combine", "serve")
+COMMANDS = ("train", "data", "eval", "generate", "merge", "inspect", "combine", "serve")
 
 
 def _command(name: str):
