@@ -54,9 +54,9 @@ def run(args: argparse.Namespace) -> int:
     # The position limit is all that is needed of the model: its configuration, not its weights.
     max_length, notice = fit_max_length(config.max_length, SimpleNamespace(config=load_config(model_name)),
                                         "--max-length")
-    if notice:
-        print(f"lorakit data: notice: {notice}", file=sys.stderr)
     encoded = data_mod.encode(dataset, task, tokenizer, max_length, labels, config.train_on_inputs)
+    if notice:  # once the data is known to be good: an error is the only line then
+        print(f"lorakit data: notice: {notice}", file=sys.stderr)
     if args.json:
         try:
             for ids, trained in zip(encoded.input_ids, encoded.labels):
