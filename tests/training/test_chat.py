@@ -35,9 +35,39 @@ CONVERSATIONS = [THREE, TRAILING_USER, [turn("user", "list good"), turn("assista
                  [SYSTEM, turn("user", "count to 5"), turn("assistant", "1 2 3 4 5")]]
 
 
+# ChatML on a byte-level BPE tokenizer (spaces and newlines inside tokens, as in real models).
+CHATML_MARKED = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}"
+                 "{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}{% else %}{{ m['content'] }}"
+                 "<|im_end|>{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                 "{% endif %}")
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML_CONVERSATIONS = [
+    [turn("system", "You are terse."), turn("user", "What is 2 + 2?"), turn("assistant", "It is 4."),
+     turn("user", "And doubled?"), turn("assistant", " Eight, of course!\n"), turn("user", "Hello")],
+    [turn("user", "Hello there, how are you?"), turn("assistant", "Terse.")],
+]
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     return make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def chatml():
+    """A byte-level BPE tokenizer trained on a few sentences, with ChatML's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    text = "You are terse. What is 2 + 2? It is 4. And doubled? Eight, of course!\nHello there, how are you?"
+    core.train_from_iterator([text] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>")
 
 
 def with_template(tokenizer, template):
@@ -152,7 +182,7 @@ def test_a_template_that_raises_is_a_data_error(base, tmp_path):
 
 def test_an_assistant_first_conversation(base):
     messages = [turn("assistant", "good"), turn("user", "next"), turn("assistant", "fine")]
-    ids, labels = chat.encode_conversation(messages, with_template(base, MARKED), "c.jsonl:3")
+    _, labels = chat.encode_conversation(messages, with_template(base, MARKED), "c.jsonl:3")
     assert trained_runs(labels) == answers(base, messages)
     with pytest.raises(D.DataError, match=r"c\.jsonl:3: messages\[0\] is the assistant's"):
         chat.encode_conversation(messages, with_template(base, UNMARKED), "c.jsonl:3")
@@ -211,24 +241,32 @@ def test_max_length_cuts_and_says_which(base, tmp_path):
 # ---- TRL -----------------------------------------------------------------------------------
 
 
-def test_same_tokens_trained_as_trl_sft_trainer_with_assistant_only_loss(base, tmp_path):
+@pytest.mark.parametrize("kind", ["word-level", "chatml-bpe"])
+def test_same_tokens_trained_as_trl_sft_trainer_with_assistant_only_loss(base, chatml, tmp_path, kind):
     """TRL's SFTTrainer(assistant_only_loss=True), its dataset preparation and data collator, on
-    a template with generation marks: the labels are ours, through either way of finding turns."""
+    a template with generation marks: the same ids and labels as ours, through either way of
+    finding the turns (the marks, or the same template without them rendered turn by turn)."""
     datasets = pytest.importorskip("datasets")
     trl = pytest.importorskip("trl")
-    from helpers import VOCAB
 
-    marked = with_template(base, MARKED)
-    model = tiny_model("llama", vocab_size=len(VOCAB), pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    tokenizer, marked, unmarked, conversations = {
+        "word-level": (base, MARKED, UNMARKED, CONVERSATIONS),
+        "chatml-bpe": (chatml, CHATML_MARKED, CHATML, CHATML_CONVERSATIONS),
+    }[kind]
+    marked, unmarked = with_template(tokenizer, marked), with_template(tokenizer, unmarked)
+    model = tiny_model("llama", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     config = trl.SFTConfig(output_dir=str(tmp_path / "trl"), assistant_only_loss=True, report_to="none",
                            use_cpu=True, max_length=None)
-    rows = [{"messages": m} for m in CONVERSATIONS]
+    rows = [{"messages": m} for m in conversations]
     trainer = trl.SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(rows),
                              processing_class=marked)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
-    for row, messages in enumerate(CONVERSATIONS):
+    for row, messages in enumerate(conversations):
         width = int(batch["attention_mask"][row].sum())
         theirs = (batch["input_ids"][row, :width].tolist(), batch["labels"][row, :width].tolist())
         assert chat.encode_conversation(messages, marked, "c.jsonl:1") == theirs
-        assert chat.encode_conversation(messages, with_template(base, UNMARKED), "c.jsonl:1") == theirs
-        assert trained_runs(theirs[1]) == answers(base, messages)  # and it is not all masked
+        assert chat.encode_conversation(messages, unmarked, "c.jsonl:1") == theirs
+        # Not all masked: each assistant turn ends in a trained end-of-turn token.
+        runs = trained_runs(theirs[1])
+        assert len(runs) == sum(m["role"] == "assistant" for m in messages)
+        assert all(run[-1] == tokenizer.eos_token_id for run in runs)
