@@ -180,6 +180,12 @@ def test_a_template_that_raises_is_a_data_error(base, tmp_path):
         D.encode(ds, "causal-lm", tok, 64)
 
 
+def test_generation_marks_that_cover_no_assistant_turn_are_refused(base):
+    template = MARKED.replace("m['role'] == 'assistant'", "m['role'] == 'nobody'")
+    with pytest.raises(D.DataError, match=r"c\.jsonl:2: the chat template's \{% generation %\} marks cover none"):
+        chat.encode_conversation(THREE, with_template(base, template), "c.jsonl:2")
+
+
 def test_an_assistant_first_conversation(base):
     messages = [turn("assistant", "good"), turn("user", "next"), turn("assistant", "fine")]
     _, labels = chat.encode_conversation(messages, with_template(base, MARKED), "c.jsonl:3")

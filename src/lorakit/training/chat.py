@@ -75,6 +75,9 @@ def encode_conversation(messages: list[dict[str, str]], tokenizer: Any, where: s
         out = _render(tokenizer, messages, where, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
         ids = list(out["input_ids"])
         labels = [t if m else IGNORE for t, m in zip(ids, out["assistant_masks"])]
+        if all(t == IGNORE for t in labels) and any(m["role"] == "assistant" for m in messages):
+            raise DataError(f"{where}: the chat template's {{% generation %}} marks cover none of the assistant's "
+                            "turns; mark each assistant turn's text, or train on every token (--train-on-inputs)")
         return ids, labels
     plain = {} if template else {"chat_template": PLAIN_TEMPLATE, "end_of_turn": _end_of_turn(tokenizer)}
     text, spans = assistant_spans(messages, tokenizer, where, **plain)
