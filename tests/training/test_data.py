@@ -102,8 +102,8 @@ def test_infer_task(tmp_path):
         ([{"text": "a", "label": "x"}, {"text": "b"}], "classify", r":2: missing or empty column 'label'"),
         ([{"prompt": "a", "completion": "b"}, {"prompt": "a"}], "causal-lm", r":2: missing or empty column 'completion'"),
         ([{"prompt": "a", "completion": "b"}, {"completion": "b", "x": 1}], "causal-lm", r":2: missing column 'prompt'"),
-        ([{"messages": [{"role": "user", "content": "hi"}]}], "causal-lm", r":1: the last message must be the assistant's"),
-        ([{"messages": [{"role": "robot", "content": "hi"}]}], "causal-lm", r":1: messages\[0\] must be an object"),
+        ([{"messages": []}], "causal-lm", r":1: 'messages' must be a non-empty list"),
+        ([{"messages": [{"role": "robot", "content": "hi"}]}], "causal-lm", r":1: messages\[0\]: role must be one of"),
     ],
 )
 def test_validate_names_the_line(tmp_path, rows, task, message):

@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
     max_length, notice = fit_max_length(max_length, model, "--max-length")
     if notice and args.max_length:  # a run's own length was already fitted (and said so) in training
         print(f"lorakit eval: notice: {notice}", file=sys.stderr)
-    encoded = data_mod.encode(dataset, facts["task"], tokenizer, max_length, facts["labels"])
+    every_token = bool(saved_run and saved_run.train_on_inputs)  # the loss training measured
+    encoded = data_mod.encode(dataset, facts["task"], tokenizer, max_length, facts["labels"], every_token)
     result = evaluate(model, encoded, args.batch_size, torch.device("cpu"))
     if args.json:
         print(json.dumps({"examples": len(dataset), **result}, indent=2))

@@ -28,7 +28,7 @@ import os
 import signal
 import sys
 
-COMMANDS = ("train", "eval", "generate", "merge", "inspect", "combine", "serve")
+COMMANDS = ("train", "data", "eval", "generate", "merge", "inspect", "combine", "serve")
 
 
 def _command(name: str):

@@ -7,7 +7,8 @@ naming the file and line, raised while reading, before any training starts.
 Tasks and the columns that select them:
   classify   `text`, `label`
   causal-lm  `prompt`, `completion` (loss on completion tokens only), or chat `messages`
-             (a list of {role, content}; loss on the last message, which must be the assistant's)
+             (a list of {role, content}; loss on every assistant turn, see chat.py)
+With `train_on_inputs` a causal-lm example trains on every token instead.
 """
 
 from __future__ import annotations
@@ -22,19 +23,16 @@ from typing import Any
 import torch
 
 from ..json_file import jsonl_objects
+from . import chat
+from .chat import IGNORE  # the label the loss skips (prompt and padding tokens)
+from .errors import DataError
 
 TASKS = ("classify", "causal-lm")
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
-IGNORE = -100  # label id the loss skips (prompt and padding tokens)
-ROLES = ("system", "user", "assistant")
 
 BUNDLED = "bundled:sentiment"  # the name `--data` uses for the bundled set
 _BUNDLED_FILES = ("amazon_cells_labelled.txt", "yelp_labelled.txt")
 _BUNDLED_LABELS = {"0": "negative", "1": "positive"}
-
-
-class DataError(ValueError):
-    """A problem with a data file; the message names the file and, where it can, the line."""
 
 
 @dataclass
@@ -164,15 +162,15 @@ def validate(dataset: Dataset, task: str) -> None:
     """Check every record has what `task` needs; the error names the file and line."""
     if task not in TASKS:
         raise DataError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
-    chat = task == "causal-lm" and "messages" in dataset.columns
+    conversations = task == "causal-lm" and "messages" in dataset.columns
     for record, where in zip(dataset.records, dataset.lines):
         if task == "classify":
             _need_text(record, "text", where)
             label = record.get("label")
             if label is None or isinstance(label, (list, dict)) or str(label).strip() == "":
                 raise DataError(f"{where}: missing or empty column 'label' (a class name or number)")
-        elif chat:
-            _check_messages(record.get("messages"), where)
+        elif conversations:
+            chat.check_messages(record, where)
         else:
             if not isinstance(record.get("prompt"), str):
                 raise DataError(f"{where}: missing column 'prompt' (a string; may be empty)")
@@ -183,18 +181,6 @@ def _need_text(record: dict, key: str, where: str) -> None:
     value = record.get(key)
     if not isinstance(value, str) or not value.strip():
         raise DataError(f"{where}: missing or empty column {key!r} (a non-empty string)")
-
-
-def _check_messages(messages: Any, where: str) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise DataError(
-                f"{where}: messages[{i}] must be an object with 'role' ({', '.join(ROLES)}) and string 'content'"
-            )
-    if messages[-1]["role"] != "assistant":
-        raise DataError(f"{where}: the last message must be the assistant's (it is the one trained on)")
 
 
 def label_name(value: Any) -> str:
@@ -246,6 +232,7 @@ class Encoded:
     labels: list[Any]
     pad_id: int = 0
     lines: list[str] = field(default_factory=list)
+    cut: list[int] = field(default_factory=list)  # the examples --max-length shortened
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -268,6 +255,19 @@ class Encoded:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+CUT_SHARE = 0.01  # `train` warns when more than this share of the examples is cut by --max-length
+
+
+def cut_notice(encoded: Encoded, max_length: int) -> str | None:
+    """A warning when more than a few examples (CUT_SHARE) are longer than --max-length."""
+    count = len(encoded.cut)
+    if count <= CUT_SHARE * len(encoded):
+        return None
+    lost = "their ends are not trained" if encoded.task == "causal-lm" else "their ends are not seen"
+    return (f"{count} of {len(encoded)} training examples ({count / len(encoded):.0%}) are longer than "
+            f"--max-length {max_length} and are cut ({lost}); `lorakit data` shows them")
+
+
 def pad_id(tokenizer: Any) -> int:
     for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id):
         if token_id is not None:
@@ -275,49 +275,60 @@ def pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def encode(dataset: Dataset, task: str, tokenizer: Any, max_length: int, labels: list[str] | None = None) -> Encoded:
-    """Tokenise a validated dataset. classify needs `labels` (the label set, in id order)."""
+def encode(dataset: Dataset, task: str, tokenizer: Any, max_length: int, labels: list[str] | None = None,
+           train_on_inputs: bool = False) -> Encoded:
+    """Tokenise a validated dataset, each example cut to `max_length` tokens (`Encoded.cut` says which
+    were). classify needs `labels` (the label set, in id order); `train_on_inputs` (causal-lm)
+    labels every token, not only the completion or the assistant's turns."""
     if max_length < 2:
         raise DataError(f"--max-length must be at least 2, got {max_length}")
+    if train_on_inputs and task != "causal-lm":
+        raise DataError(f"--train-on-inputs is for causal-lm data; {dataset.source} is {task} data")
     out = Encoded(task, [], [], pad_id(tokenizer), list(dataset.lines))
     if task == "classify":
         ids = {name: i for i, name in enumerate(labels or [])}
         texts = [r["text"] for r in dataset.records]
+        full = tokenizer(texts)["input_ids"]  # only to tell which examples the cut shortens
         out.input_ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
         out.labels = [ids[label_name(r["label"])] for r in dataset.records]
+        out.cut = [i for i, x in enumerate(full) if len(x) > max_length]
         return out
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-    for record, where in zip(dataset.records, dataset.lines):
-        prompt, completion = render(record, tokenizer)
-        templated = "messages" in record and bool(getattr(tokenizer, "chat_template", None))
-        prompt_ids = tokenizer(prompt, add_special_tokens=not templated)["input_ids"] if prompt else []
-        if prompt and prompt_ids and prompt_ids[-1] == eos and eos != getattr(tokenizer, "bos_token_id", None):
-            prompt_ids = prompt_ids[:-1]  # tokenisers that close every text (BERT's [SEP]) must not close the prompt
-        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-        if eos is not None and completion_ids[-1:] != [eos]:  # chat templates may close the turn already
-            completion_ids = completion_ids + [eos]
-        if len(prompt_ids) >= max_length:
-            raise DataError(
-                f"{where}: the prompt is {len(prompt_ids)} tokens, no room for the completion within "
-                f"--max-length {max_length}; raise --max-length or shorten the prompt"
-            )
-        full = (prompt_ids + completion_ids)[:max_length]
-        out.input_ids.append(full)
-        out.labels.append(([IGNORE] * len(prompt_ids) + completion_ids)[:max_length])
+    for index, (record, where) in enumerate(zip(dataset.records, dataset.lines)):
+        if "messages" in record:
+            ids, trained = chat.encode_conversation(record["messages"], tokenizer, where)
+        else:
+            ids, trained = _prompt_completion(record, tokenizer, max_length, where, train_on_inputs)
+        if train_on_inputs:
+            trained = list(ids)
+        if len(ids) > max_length:
+            out.cut.append(index)
+        if all(t == IGNORE for t in trained[:max_length]):
+            first = next((k for k, t in enumerate(trained) if t != IGNORE), None)
+            raise DataError(f"{where}: nothing to train on" + (
+                " (no assistant turn)" if first is None else
+                f" within --max-length {max_length} (the first trained token is token {first + 1})"))
+        out.input_ids.append(ids[:max_length])
+        out.labels.append(trained[:max_length])
     return out
 
 
-def render(record: dict[str, Any], tokenizer: Any) -> tuple[str, str]:
-    """(prompt text, completion text) for a prompt/completion or chat record."""
-    if "messages" not in record:
-        return record["prompt"], record["completion"]
-    messages = record["messages"]
-    if getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
-        full = tokenizer.apply_chat_template(messages, tokenize=False)
-        if full.startswith(prompt):
-            return prompt, full[len(prompt) :]
-    return chat_prompt(messages[:-1]), messages[-1]["content"]
+def _prompt_completion(record: dict[str, Any], tokenizer: Any, max_length: int, where: str,
+                       train_on_inputs: bool) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of a prompt/completion pair: the completion, closed by end-of-text, is trained."""
+    prompt, completion = record["prompt"], record["completion"]
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    prompt_ids = tokenizer(prompt)["input_ids"] if prompt else []
+    if prompt and prompt_ids and prompt_ids[-1] == eos and eos != getattr(tokenizer, "bos_token_id", None):
+        prompt_ids = prompt_ids[:-1]  # tokenisers that close every text (BERT's [SEP]) must not close the prompt
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    if eos is not None and completion_ids[-1:] != [eos]:
+        completion_ids = completion_ids + [eos]
+    if len(prompt_ids) >= max_length and not train_on_inputs:
+        raise DataError(
+            f"{where}: the prompt is {len(prompt_ids)} tokens, no room for the completion within "
+            f"--max-length {max_length}; raise --max-length or shorten the prompt"
+        )
+    return prompt_ids + completion_ids, [IGNORE] * len(prompt_ids) + completion_ids
 
 
 def chat_prompt(messages: list[dict[str, str]]) -> str:

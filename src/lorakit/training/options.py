@@ -12,6 +12,7 @@ The mechanism is any dataclass's: `option()` fields, `add_options` (the parser f
 from __future__ import annotations
 
 import argparse
+from collections.abc import Collection
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,8 @@ class RunConfig:
     grad_accum: int = option(1, _TRAINING, "micro-batches per optimizer step (default: 1)", metavar="N", valid=">= 1")
     max_length: int = option(128, _TRAINING, "tokens per example; above the model's position limit it is lowered "
                              "to that limit, with a notice (default: 128)", metavar="TOKENS", valid=">= 2")
+    train_on_inputs: bool = option(False, _TRAINING, "causal-lm: train on every token (prompts, system and user "
+                                   "turns too), not only the completions or the assistant's turns")
     seed: int = option(0, _TRAINING, "seed for the initial weights, order and dropout (default: 0)", metavar="N",
                        valid="[-1e12, 1e12]")  # seed * 1_000_003 + epoch seeds a torch.Generator (64 bits)
     bf16: bool = option(False, _TRAINING, "compute in bfloat16 (autocast; with --quantize also the 4-bit "
@@ -182,17 +185,22 @@ def check_options(config: Any, error: type[Exception]) -> None:
             raise error(f"{flag} must be {'a string' if kind is str else 'true or false'}, got {value!r}")
 
 
-def add_run_options(parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """Add every RunConfig option to `parser`; returns the argument groups by title."""
-    return add_options(parser, RunConfig)
+def add_run_options(parser: argparse.ArgumentParser, only: Collection[str] | None = None) -> dict[str, Any]:
+    """Add every RunConfig option (or those named in `only`) to `parser`; returns the argument
+    groups by title."""
+    return add_options(parser, RunConfig, only)
 
 
-def add_options(parser: argparse.ArgumentParser, config_class: type) -> dict[str, Any]:
-    """Add every `option()` field of `config_class` to `parser`, in argument groups, with the
-    fields' defaults; returns the groups by title, for the caller's own options."""
+def add_options(parser: argparse.ArgumentParser, config_class: type,
+                only: Collection[str] | None = None) -> dict[str, Any]:
+    """Add every `option()` field of `config_class` (or those named in `only`) to `parser`, in
+    argument groups, with the fields' defaults; returns the groups by title, for the caller's own
+    options."""
     groups: dict[str, Any] = {}
     exclusive: dict[str, Any] = {}
     for f in option_fields(config_class):
+        if only is not None and f.name not in only:
+            continue
         meta = dict(f.metadata)
         group_name, help_text = meta.pop("group"), meta.pop("help")
         meta.pop("valid", None)

@@ -64,7 +64,7 @@ def prepare(config: RunConfig, world: World) -> Setup:
     else:
         train_set, held_set = data_mod.split(train_set, config.eval_split, SPLIT_SEED)
         how = f"a fixed {config.eval_split:.0%} split"
-    labels = _labels(config, task, train_set, held_set)
+    labels = run_labels(config, task, train_set, held_set)
     global_batch = config.batch_size * config.grad_accum * world.size
     if len(train_set) < global_batch:
         raise TrainingError(
@@ -80,8 +80,9 @@ def prepare(config: RunConfig, world: World) -> Setup:
     model = load_model(model_name, task, labels)  # float32 weights; --bf16 autocasts the compute
     prepare_model(model, tokenizer)
     max_length, notice = fit_max_length(config.max_length, model, "--max-length")
-    train_enc = data_mod.encode(train_set, task, tokenizer, max_length, labels)
-    held_enc = data_mod.encode(held_set, task, tokenizer, max_length, labels)
+    train_enc = data_mod.encode(train_set, task, tokenizer, max_length, labels, config.train_on_inputs)
+    held_enc = data_mod.encode(held_set, task, tokenizer, max_length, labels, config.train_on_inputs)
+    notices = [n for n in (notice, data_mod.cut_notice(train_enc, max_length)) if n]
     saved = [head_name(model)] if task == "classify" else []
     lora = config.lora(saved)
     _check_rank(model, lora)
@@ -104,7 +105,7 @@ def prepare(config: RunConfig, world: World) -> Setup:
         "model": f"{model_name if config.model else 'all-MiniLM-L6-v2 (bundled)'} ({type(model).__name__}){quantized}",
         "saved": saved,
         "max_length": max_length,
-        "notices": [notice] if notice else [],
+        "notices": notices,
     }
     return Setup(task, train_enc, held_enc, labels, model_name, model, describe)
 
@@ -139,14 +140,14 @@ def _check_rank(model: torch.nn.Module, lora: LoraConfig) -> None:
                             f"a LoRA pair that large holds more numbers than its weight: use --rank <= {widest}")
 
 
-def _labels(config: RunConfig, task: str, train_set: data_mod.Dataset, held_set: data_mod.Dataset) -> list[str] | None:
-    """classify: the label set (from --labels or the training data), checked against both sets."""
+def run_labels(config: RunConfig, task: str, train_set: data_mod.Dataset, *others: data_mod.Dataset) -> list[str] | None:
+    """classify: the label set (from --labels or the training data), checked against every set."""
     if task != "classify":
         return None
     labels = [data_mod.label_name(x) for x in config.labels] if config.labels else data_mod.label_set(train_set)
     if len(set(labels)) != len(labels) or len(labels) < 2:
         raise TrainingError(f"--labels must name at least 2 different labels, got {labels}")
     origin = "--labels" if config.labels else f"the training data {train_set.source}"
-    data_mod.check_labels(train_set, labels, origin)
-    data_mod.check_labels(held_set, labels, origin)
+    for dataset in (train_set, *others):
+        data_mod.check_labels(dataset, labels, origin)
     return labels

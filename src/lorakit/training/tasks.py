@@ -73,6 +73,16 @@ def load_tokenizer(name: str) -> Any:
         raise ModelError(f"could not load a tokenizer from {name!r}: {_short(err)}") from None
 
 
+def load_config(name: str) -> Any:
+    """The model's configuration alone, no weights (what `lorakit data` needs: the position limit)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(**_source(name))
+    except (OSError, ValueError) as err:
+        raise ModelError(f"could not load a model configuration from {name!r}: {_short(err)}") from None
+
+
 def load_model(name: str, task: str, labels: list[str] | None = None) -> nn.Module:
     """The base model for `task`; classify gets a fresh head sized to `labels`, named by them."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
