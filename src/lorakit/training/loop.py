@@ -153,8 +153,8 @@ class _Run:
             "model_path": setup.model_name,
             "task": setup.task,
             "labels": setup.labels,
-            "train_examples": len(setup.train),
-            "held_out_examples": len(setup.held_out),
+            "train_examples": setup.describe["train_examples"],  # len(setup.train) counts rows with --packing
+            "held_out_examples": setup.describe["held_out_examples"],
             "max_length": setup.describe.get("max_length", config.max_length),
             "processes": world.size,
             "threads": torch.get_num_threads(),

@@ -92,6 +92,8 @@ class RunConfig:
     grad_accum: int = option(1, _TRAINING, "micro-batches per optimizer step (default: 1)", metavar="N", valid=">= 1")
     max_length: int = option(128, _TRAINING, "tokens per example; above the model's position limit it is lowered "
                              "to that limit, with a notice (default: 128)", metavar="TOKENS", valid=">= 2")
+    packing: bool = option(False, _TRAINING, "causal-lm: pack examples into rows of up to --max-length tokens "
+                           "(positions restart per example, no attention across them); --batch-size counts rows")
     seed: int = option(0, _TRAINING, "seed for the initial weights, order and dropout (default: 0)", metavar="N",
                        valid="[-1e12, 1e12]")  # seed * 1_000_003 + epoch seeds a torch.Generator (64 bits)
     bf16: bool = option(False, _TRAINING, "compute in bfloat16 (autocast; with --quantize also the 4-bit "
