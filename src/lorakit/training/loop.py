@@ -44,6 +44,7 @@ from .metrics import (
     fmt_size,
     write_metrics,
 )
+from .new_tokens import write_tokenizer
 from .options import RUN_FILE, RunConfig
 from .out_folder import check_contents, check_destination, check_inputs, check_out, clear_previous_run
 from .plot import PLOT_FILE, plot_loss
@@ -343,6 +344,8 @@ class _Run:
         summary: dict[str, Any] = {"before": self.before, "after": after, "out": str(out), "steps": self.step}
         if self.world.main:
             save_adapter(s.model, out, **self._adapter_files())
+            if self.config.add_tokens:  # the adapter's new token ids mean nothing without it
+                write_tokenizer(s.tokenizer, out)
             write_metrics(out, self.metrics)
             plot_loss(self.metrics, out / PLOT_FILE, f"lorakit: {s.describe['model']}, {s.task}")
             size = (out / WEIGHTS_FILE).stat().st_size
@@ -350,7 +353,7 @@ class _Run:
             key = "accuracy" if s.task == "classify" else "perplexity"
             was = f" (before: {fmt_one(key, self.before[key])})" if key in self.before else ""
             self.say(f"after training: held-out {fmt_result(after)}{was}")
-            extras = f", {LABELS_FILE}" if s.labels else ""
+            extras = (f", {LABELS_FILE}" if s.labels else "") + (", the tokenizer" if self.config.add_tokens else "")
             self.say(f"adapter: {out}/{WEIGHTS_FILE} ({fmt_size(size)}) + {CONFIG_FILE}{extras}")
             self.say(f"also in {out}: {METRICS_FILE}, {PLOT_FILE}, {RUN_FILE}")
             self.say(f"done in {duration(time.monotonic() - started)}")

@@ -18,6 +18,7 @@ from ..json_file import read_json
 from ..quantize import KINDS as QUANTIZE_KINDS
 from . import data as data_mod
 from .errors import TrainingError
+from .new_tokens import check_tokens
 from .option_check import number_problem
 
 RUN_FILE = "run_config.json"
@@ -76,6 +77,9 @@ class RunConfig:
     dropout: float = option(0.0, _LORA, "dropout on the adapters' input (default: 0)", metavar="P", valid="[0, 1)")
     rslora: bool = option(False, _LORA, "scale by alpha / sqrt(rank) (rank-stabilised LoRA)")
     dora: bool = option(False, _LORA, "DoRA: also train a magnitude per output feature (weight-decomposed LoRA)")
+    add_tokens: list[str] | None = option(None, _LORA, "causal-lm: add these special tokens to the tokenizer "
+                                          "and train only their embedding rows (and the output head's), saved in "
+                                          "PEFT's layout with the tokenizer", metavar="TOKEN,...", type=_names)
     init: str = option("default", _LORA, "how A and B start; pissa / olora take the top of the base weight's "
                        "SVD / QR and leave the residual in the base (default: default)", choices=INIT_MODES)
     epochs: int = option(3, _TRAINING, "passes over the data (default: 3)", metavar="N", valid=">= 1")
@@ -140,6 +144,8 @@ class RunConfig:
             raise TrainingError(f"--labels must be a list of names, got {self.labels!r}")
         if self.loftq and not self.quantize:
             raise TrainingError("--loftq starts the adapters from the quantization error; it needs --quantize")
+        if self.add_tokens is not None:
+            check_tokens(self.add_tokens)
         targets = self.targets
         if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
             raise TrainingError(f"--targets must be a preset, a regex or a list of module names, got {targets!r}")

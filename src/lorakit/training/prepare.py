@@ -16,10 +16,12 @@ from ..model import add_adapter_from_tensors, inject, set_adapter
 from ..quantize import quantize
 from ..quantized import quantized_kind
 from ..targets import resolve_targets
+from ..token_rows import add_token_rows
 from . import data as data_mod
 from .distributed import World
 from .errors import TrainingError
 from .options import RunConfig
+from .new_tokens import add_tokens
 from .packing import Packed, check_model, efficiency, pack
 from .tasks import (
     default_model,
@@ -44,6 +46,7 @@ class Setup:
     model: torch.nn.Module
     describe: dict[str, Any]  # what to tell the user: "data", "model", "saved" (heads trained in full),
     # "max_length" (the tokens per example used), "train_examples", "held_out_examples", "notices"
+    tokenizer: Any = None
 
 
 def held_out_set(config: RunConfig) -> data_mod.Dataset:
@@ -58,8 +61,9 @@ def prepare(config: RunConfig, world: World) -> Setup:
     train_set = data_mod.read_dataset(config.data)
     task = config.task or data_mod.infer_task(train_set)
     data_mod.validate(train_set, task)
-    if config.packing and task != "causal-lm":
-        raise TrainingError(f"--packing packs token sequences for causal-lm training; the task here is {task}")
+    for flag, given in (("--packing", config.packing), ("--add-tokens", config.add_tokens)):
+        if given and task != "causal-lm":
+            raise TrainingError(f"{flag} is for causal-lm training; the task here is {task}")
     if config.eval_data:
         held_set = data_mod.read_dataset(config.eval_data)
         data_mod.validate(held_set, task)
@@ -82,6 +86,7 @@ def prepare(config: RunConfig, world: World) -> Setup:
     torch.manual_seed(config.seed)  # the new classifier head's initial weights
     model = load_model(model_name, task, labels)  # float32 weights; --bf16 autocasts the compute
     prepare_model(model, tokenizer)
+    new_ids = add_tokens(tokenizer, model, config.add_tokens, model_name) if config.add_tokens else []
     max_length, notice = fit_max_length(config.max_length, model, "--max-length")
     train_enc = data_mod.encode(train_set, task, tokenizer, max_length, labels)
     held_enc = data_mod.encode(held_set, task, tokenizer, max_length, labels)
@@ -101,6 +106,11 @@ def prepare(config: RunConfig, world: World) -> Setup:
         raise TrainingError(f"--quantize {config.quantize}: {err}") from None
     except ValueError as err:
         raise TrainingError(f"--targets {config.targets!r}: {err}") from None
+    if new_ids:
+        try:
+            add_token_rows(model, new_ids)  # after the adapter: adding it freezes everything else
+        except ValueError as err:
+            raise TrainingError(f"--add-tokens: {err}") from None
     model.to(world.device)
     packed = ""
     if config.packing:
@@ -114,7 +124,10 @@ def prepare(config: RunConfig, world: World) -> Setup:
         "max_length": max_length,
         "notices": [notice] if notice else [],
     }
-    return Setup(task, train_enc, held_enc, labels, model_name, model, describe)
+    if new_ids:
+        describe["notices"].append(f"added tokens {', '.join(f'{t} (id {i})' for t, i in zip(config.add_tokens, new_ids))}"
+                                   "; their embedding rows train, and the tokenizer is written with the adapter")
+    return Setup(task, train_enc, held_enc, labels, model_name, model, describe, tokenizer)
 
 
 def _pack(train: data_mod.Encoded, held: data_mod.Encoded, model: torch.nn.Module, max_length: int,
