@@ -4,16 +4,14 @@ token lists in one line."""
 
 from __future__ import annotations
 
-import io
 import json
 
 import pytest
 import torch
-from helpers import cli_here, tensors, write_jsonl
+from helpers import cli_here, tensors, whole_and_resumed, write_jsonl
 from helpers import train_tiny as run
 
 from lorakit.training import TrainingError
-from lorakit.training.loop import train
 
 TOKENS = ["<|im_start|>", "<|im_end|>"]
 
@@ -54,26 +52,12 @@ def test_new_tokens_train_and_round_trip_through_peft(tiny, tmp_path, chatml):
 
 
 def test_new_tokens_resume_bitwise(tiny, tmp_path, chatml, monkeypatch):
-    from lorakit.training import loop
-    from lorakit.training.options import read_run
-
-    options = dict(model=str(tiny["gpt2"]), data=str(chatml), add_tokens=list(TOKENS), max_steps=6, save_every=3)
-    run(tiny, tmp_path / "whole", **options)
-    real = loop._Run._save_checkpoint
-
-    def stop_after_saving(self):
-        real(self)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop._Run, "_save_checkpoint", stop_after_saving)
-    with pytest.raises(KeyboardInterrupt):
-        run(tiny, tmp_path / "cut", **options)
-    monkeypatch.undo()
-    train(read_run(tmp_path / "cut"), resume=True, stream=io.StringIO())
-    whole, resumed = tensors(tmp_path / "whole"), tensors(tmp_path / "cut")
-    assert any(k.endswith("trainable_tokens_delta") for k in whole) and whole.keys() == resumed.keys()
-    for key in whole:
-        assert torch.equal(whole[key], resumed[key]), key
+    whole, cut = whole_and_resumed(tiny, tmp_path, monkeypatch, model=str(tiny["gpt2"]), data=str(chatml),
+                                   add_tokens=list(TOKENS), max_steps=6, save_every=3)
+    assert any(k.endswith("trainable_tokens_delta") for k in tensors(whole))
+    assert tensors(whole).keys() == tensors(cut).keys()
+    for key, value in tensors(whole).items():
+        assert torch.equal(value, tensors(cut)[key]), key
 
 
 @pytest.mark.parametrize("given, message", [

@@ -4,18 +4,16 @@ whose held-out loss, first-step loss and resumed weights match the unpacked ones
 
 from __future__ import annotations
 
-import io
 import json
 import random
 
 import pytest
 import torch
-from helpers import tensors, tiny_model, write_jsonl
+from helpers import tensors, tiny_model, whole_and_resumed, write_jsonl
 from helpers import train_tiny as run
 
-from lorakit.training import RunConfig, TrainingError
+from lorakit.training import TrainingError
 from lorakit.training import data as D
-from lorakit.training.loop import train
 from lorakit.training.metrics import fmt_result
 from lorakit.training.packing import Packed, check_model, efficiency, pack, pack_lengths
 from lorakit.training.prepare import SPLIT_SEED
@@ -162,35 +160,19 @@ def test_held_out_and_first_step_losses_do_not_change_with_packing(tiny, tmp_pat
 
 
 def test_packed_run_resumes_bitwise(tiny, tmp_path, varied, monkeypatch):
-    from lorakit.training import loop
     from lorakit.training.options import read_run
 
-    options = dict(model=str(tiny["llama"]), data=str(varied), max_length=32, packing=True, batch_size=2,
-                   max_steps=6, save_every=3, dropout=0.1)
-    run(tiny, tmp_path / "whole", **options)
-    real = loop._Run._save_checkpoint
-
-    def stop_after_saving(self):
-        real(self)
-        raise KeyboardInterrupt  # as if killed right after the checkpoint at step 3
-
-    monkeypatch.setattr(loop._Run, "_save_checkpoint", stop_after_saving)
-    with pytest.raises(KeyboardInterrupt):
-        run(tiny, tmp_path / "cut", **options)
-    monkeypatch.undo()
-    config = read_run(tmp_path / "cut")
-    assert config.packing is True
-    train(config, resume=True, stream=io.StringIO())
-    whole, resumed = tensors(tmp_path / "whole"), tensors(tmp_path / "cut")
-    assert whole.keys() == resumed.keys()
-    for key in whole:
-        assert torch.equal(whole[key], resumed[key]), key
-    assert _loss(tmp_path / "whole") == _loss(tmp_path / "cut")
+    whole, cut = whole_and_resumed(tiny, tmp_path, monkeypatch, model=str(tiny["llama"]), data=str(varied),
+                                   max_length=32, packing=True, batch_size=2, max_steps=6, save_every=3, dropout=0.1)
+    assert read_run(cut).packing is True
+    assert tensors(whole).keys() == tensors(cut).keys()
+    for key, value in tensors(whole).items():
+        assert torch.equal(value, tensors(cut)[key]), key
+    assert _loss(whole) == _loss(cut)
 
 
 def test_packing_refuses_classification_before_writing(tiny, tmp_path):
-    with pytest.raises(TrainingError, match="--packing packs token sequences for causal-lm training; the task "
-                                            "here is classify"):
+    with pytest.raises(TrainingError, match="--packing is for causal-lm training; the task here is classify"):
         run(tiny, tmp_path / "never", packing=True)
     assert not (tmp_path / "never").exists()
 
@@ -198,6 +180,6 @@ def test_packing_refuses_classification_before_writing(tiny, tmp_path):
 def test_cli_packing_on_classification_is_one_line(tiny, tmp_path, capsys):
     from helpers import cli_here
 
-    code, out, err = cli_here(capsys, "train", "--model", str(tiny["bert"]), "--data", str(tiny["classify"]),
+    code, _, err = cli_here(capsys, "train", "--model", str(tiny["bert"]), "--data", str(tiny["classify"]),
                               "--out", str(tmp_path / "never"), "--packing")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--packing" in err

@@ -106,7 +106,8 @@ def efficiency(lengths: list[int], batch_size: int, *, packing_to: int | None = 
     None without. Batches are those of the training loop's first epoch (`epoch_batches`), with
     one process and no gradient accumulation; with fewer items than one batch, all in one.
     """
-    from .loop import epoch_batches  # loop imports this module (through prepare): imported when called
+    # Imported here: loop imports this module (through prepare).
+    from .loop import epoch_batches
 
     if packing_to is not None:
         lengths = [sum(lengths[i] for i in row) for row in pack_lengths(lengths, packing_to)]
