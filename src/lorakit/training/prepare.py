@@ -20,8 +20,8 @@ from ..token_rows import add_token_rows
 from . import data as data_mod
 from .distributed import World
 from .errors import TrainingError
-from .options import RunConfig
 from .new_tokens import add_tokens
+from .options import RunConfig
 from .packing import Packed, check_model, efficiency, pack
 from .tasks import (
     default_model,
@@ -125,8 +125,9 @@ def prepare(config: RunConfig, world: World) -> Setup:
         "notices": [notice] if notice else [],
     }
     if new_ids:
-        describe["notices"].append(f"added tokens {', '.join(f'{t} (id {i})' for t, i in zip(config.add_tokens, new_ids))}"
-                                   "; their embedding rows train, and the tokenizer is written with the adapter")
+        added = ", ".join(f"{token} (id {i})" for token, i in zip(config.add_tokens, new_ids))
+        describe["notices"].append(f"added tokens {added}; their embedding rows train, and the tokenizer is "
+                                   "written with the adapter")
     return Setup(task, train_enc, held_enc, labels, model_name, model, describe, tokenizer)
 
 
