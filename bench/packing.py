@@ -1,6 +1,6 @@
 """Packing (`--packing`): one epoch of causal-LM training on data of skewed lengths, packed and not.
 
-    python bench/packing.py            # writes the `packing` section of BENCHMARKS.md (about 4 minutes on 2 cores)
+    python bench/packing.py            # writes the `packing` section of BENCHMARKS.md
     python bench/packing.py --rounds 1 --out /tmp/x.md
 
 The data: 480 prompt/completion examples of random words, five in six 10 to 30 tokens long and
@@ -72,7 +72,8 @@ def make_data(path: Path, count: int, seed: int) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds of both runs (default 3)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="torch threads (default: all cores)")
     ap.add_argument("--out", default=None, help="markdown file (default BENCHMARKS.md)")
     args = ap.parse_args(argv)
     from lorakit.training import RunConfig, train
@@ -90,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         data, held = make_data(root / "train.jsonl", EXAMPLES, 0), make_data(root / "held.jsonl", 48, 1)
         lengths = [len(ids) for ids in encode(read_dataset(data), "causal-lm", load_tokenizer(str(model)),
                                               MAX_LENGTH).input_ids]
-        share = {"unpacked": 1 - efficiency(lengths, BATCH), "packed": 1 - efficiency(lengths, BATCH,
-                                                                                        packing_to=MAX_LENGTH)}
+        share = {"unpacked": 1 - efficiency(lengths, BATCH),
+                 "packed": 1 - efficiency(lengths, BATCH, packing_to=MAX_LENGTH)}
         times: dict[str, list[float]] = {"unpacked": [], "packed": []}
         steps: dict[str, int] = {}
         losses: dict[str, float] = {}
@@ -125,8 +126,8 @@ def markdown(r: dict, m: dict, args: argparse.Namespace) -> str:
 
 Written {m['date']}. {m['machine']}; {m['software']}; {m['run']}; machine load {m['load']}.
 
-{EXAMPLES} prompt/completion examples of random words ({r['tokens']:,} tokens; {r['long']} of about 250 tokens,
-the rest 10 to 30), 48 held out; a tiny random Llama (4 layers, hidden 256, GQA), rank 8 on the
+{EXAMPLES} prompt/completion examples of random words ({r['tokens']:,} tokens; {r['long']} of about
+250 tokens, the rest 10 to 30), 48 held out; a tiny random Llama (4 layers, hidden 256, GQA), rank 8 on the
 attention projections, --max-length {MAX_LENGTH}, one epoch, --batch-size {BATCH} (examples unpacked,
 rows of up to {MAX_LENGTH} tokens packed). Wall time is the whole `train()` call (held-out
 evaluation before and after included), median of {args.rounds} rounds run in alternating order.

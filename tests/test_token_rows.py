@@ -19,7 +19,8 @@ IDS = torch.tensor([[1, 120, 5, 121, 122, 7]])
 
 
 def _base(kind: str) -> torch.nn.Module:
-    model = tiny_model(kind, **({"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0} if kind == "gpt2" else {}))
+    no_dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0} if kind == "gpt2" else {}
+    model = tiny_model(kind, **no_dropout)
     torch.manual_seed(3)
     model.resize_token_embeddings(123)
     return model
@@ -67,7 +68,7 @@ def test_saved_in_peft_layout_and_loaded_by_peft_and_lorakit(kind, tmp_path):
     keys = sorted(k for k in tensors(tmp_path / "a") if k.endswith(ROWS_KEY))
     if kind == "llama":  # untied head: rows of its own, named per module
         assert config["trainable_token_indices"] == {"lm_head": NEW, "model.embed_tokens": NEW}
-        assert keys == [f"base_model.model.lm_head.{ROWS_KEY}", f"base_model.model.model.embed_tokens.{ROWS_KEY}"]
+        assert keys == [f"base_model.model.{m}.{ROWS_KEY}" for m in ("lm_head", "model.embed_tokens")]
     else:  # tied head: the embedding's rows only, as PEFT writes them
         assert config["trainable_token_indices"] == NEW
         assert keys == [f"base_model.model.transformer.wte.{ROWS_KEY}"]
@@ -107,7 +108,8 @@ def test_bad_token_entries_are_refused_with_the_file_named(tmp_path):
     for entry, message in ((["x"], "must be a list of token ids"), ({"nowhere": NEW}, "matches 0 modules"),
                            (None, "holds token rows, but adapter_config.json has no trainable_token_indices"),
                            ({"model.embed_tokens": NEW}, "unexpected key .*lm_head"),
-                           ({"lm_head": NEW, "model.embed_tokens": [120, 121]}, r"shape \(3, 32\), expected \(2, 32\)")):
+                           ({"lm_head": NEW, "model.embed_tokens": [120, 121]},
+                            r"shape \(3, 32\), expected \(2, 32\)")):
         config_file.write_text(json.dumps(dict(config, trainable_token_indices=entry)))
         with pytest.raises(AdapterFileError, match=message):
             lorakit.load_adapter(_base("llama"), folder)

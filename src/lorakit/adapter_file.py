@@ -71,7 +71,8 @@ def _state(model: nn.Module, name: str, record) -> dict[str, torch.Tensor]:
             module = model.get_submodule(path)
             for key, value in getattr(module, "original", module).state_dict().items():
                 state[fmt.key(path, key)] = value
-    for path, module in token_rows(model).items():  # new tokens' rows (token_rows.py), PEFT's TrainableTokens keys
+    # New tokens' rows (token_rows.py), under PEFT's TrainableTokens keys.
+    for path, module in token_rows(model).items():
         state[fmt.key(path, ROWS_KEY)] = module.rows
     return {k: v.detach() for k, v in state.items()}
 

@@ -55,14 +55,17 @@ def file_tensors(
     return pairs, magnitudes, base, saved
 
 
-def _token_rows(model: nn.Module, facts: dict, tensors: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+def _token_rows(
+    model: nn.Module, facts: dict, tensors: dict[str, torch.Tensor], where: str
+) -> dict[str, torch.Tensor]:
     """The base weights that new tokens' trained rows replace (token_rows.py): parameter name ->
     the weight with those rows in place. PEFT writes no rows for a head tied to the embedding."""
     entry = facts.get(CONFIG_KEY)
     keys = sorted(k for k in tensors if k.endswith("." + ROWS_KEY))
     if entry is None:
         if keys:
-            raise AdapterFileError(f"{where}: key {keys[0]!r} holds token rows, but {CONFIG_FILE} has no {CONFIG_KEY}")
+            raise AdapterFileError(f"{where}: key {keys[0]!r} holds token rows, but {CONFIG_FILE} has no "
+                                   f"{CONFIG_KEY}")
         return {}
     config_file = str(Path(where).with_name(CONFIG_FILE))
     try:
@@ -70,7 +73,7 @@ def _token_rows(model: nn.Module, facts: dict, tensors: dict[str, torch.Tensor],
         by_module = indices_by_module(model, entry, config_file)
     except ValueError as err:
         raise AdapterFileError(str(err)) from None
-    params = dict(model.named_parameters(remove_duplicate=False))  # a tied head's weight answers to its own name
+    params = dict(model.named_parameters(remove_duplicate=False))  # a tied head's weight too
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     base: dict[str, torch.Tensor] = {}
     for path, ids in by_module.items():
@@ -78,9 +81,11 @@ def _token_rows(model: nn.Module, facts: dict, tensors: dict[str, torch.Tensor],
         if weight is None:
             raise AdapterFileError(f"{config_file}: {CONFIG_KEY} names {path!r}, which has no weight")
         if key not in tensors:
-            if embedding is not None and weight is embedding.weight and model.get_submodule(path) is not embedding:
+            tied = embedding is not None and weight is embedding.weight
+            if tied and model.get_submodule(path) is not embedding:
                 continue  # a head tied to the embedding takes the embedding's rows
-            raise AdapterFileError(f"{where}: missing key {key!r} (the rows of the tokens {CONFIG_KEY} gives {path!r})")
+            raise AdapterFileError(f"{where}: missing key {key!r} (the rows of the tokens {CONFIG_KEY} "
+                                   f"gives {path!r})")
         _check_values(key, tensors[key], where, None)
         try:
             base[f"{path}.weight"] = rows_replacing(weight, ids, tensors[key], f"key {key!r}")
@@ -88,7 +93,8 @@ def _token_rows(model: nn.Module, facts: dict, tensors: dict[str, torch.Tensor],
             raise AdapterFileError(f"{where}: {err}") from None
     unexpected = [k for k in keys if k[len(fmt.PREFIX) : -len(ROWS_KEY) - 1] not in by_module]
     if unexpected:
-        raise AdapterFileError(f"{where}: unexpected key {unexpected[0]!r} ({CONFIG_KEY} names no such module)")
+        raise AdapterFileError(f"{where}: unexpected key {unexpected[0]!r} ({CONFIG_KEY} names no such "
+                               "module)")
     return base
 
 

@@ -32,11 +32,11 @@ class TokenRows(nn.Module):
     def __init__(self, base_layer: nn.Module, indices: list[int], rows: nn.Parameter | None = None) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.register_buffer("indices", torch.tensor(indices, dtype=torch.long, device=base_layer.weight.device),
-                             persistent=False)
+        ids = torch.tensor(indices, dtype=torch.long, device=base_layer.weight.device)
+        self.register_buffer("indices", ids, persistent=False)
         self.tied = rows is not None
         # Starting from the rows the base holds (a resized table's new rows), as PEFT does.
-        self.rows = rows if rows is not None else nn.Parameter(base_layer.weight.detach()[self.indices].clone())
+        self.rows = rows if rows is not None else nn.Parameter(base_layer.weight.detach()[ids].clone())
 
     @property
     def weight(self) -> torch.Tensor:
@@ -115,15 +115,15 @@ def indices_by_module(model: nn.Module, entry: Any, where: str) -> dict[str, lis
         embedding = model.get_input_embeddings()
         path = next((p for p, m in model.named_modules() if m is embedding), None)
         if path is None:
-            raise ValueError(f"{where}: {CONFIG_KEY} names the input embedding, which this model does not have")
+            raise ValueError(f"{where}: {CONFIG_KEY} names the input embedding, which this model lacks")
         return {path: entry}
     found: dict[str, list[int]] = {}
     names = [p for p, _ in model.named_modules()]
     for name, ids in entry.items():
         matches = [p for p in names if p == name or p.endswith("." + name)]
         if len(matches) != 1:
-            raise ValueError(f"{where}: {CONFIG_KEY} names {name!r}, which matches {len(matches)} modules of this "
-                             "model (one expected)")
+            raise ValueError(f"{where}: {CONFIG_KEY} names {name!r}, which matches {len(matches)} modules "
+                             "of this model (one expected)")
         found[matches[0]] = ids
     return found
 
@@ -142,8 +142,9 @@ def rows_replacing(weight: torch.Tensor, ids: list[int], rows: torch.Tensor, wha
     if len(set(ids)) != len(ids):
         raise ValueError(f"{what}: the token ids {ids} repeat one")
     if max(ids) >= weight.shape[0]:
-        raise ValueError(f"{what}: token id {max(ids)} is beyond this model's {weight.shape[0]} rows; resize its "
-                         "embeddings to the adapter's tokenizer first (model.resize_token_embeddings(len(tokenizer)))")
+        raise ValueError(f"{what}: token id {max(ids)} is beyond this model's {weight.shape[0]} rows; resize "
+                         "its embeddings to the adapter's tokenizer first "
+                         "(model.resize_token_embeddings(len(tokenizer)))")
     if tuple(rows.shape) != (len(ids), weight.shape[1]):
         raise ValueError(f"{what}: shape {tuple(rows.shape)}, expected {(len(ids), weight.shape[1])} "
                          f"({len(ids)} tokens x the width {weight.shape[1]})")

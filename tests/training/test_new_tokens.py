@@ -34,7 +34,7 @@ def test_new_tokens_train_and_round_trip_through_peft(tiny, tmp_path, chatml):
     tokenizer = AutoTokenizer.from_pretrained(out)
     ids = tokenizer.convert_tokens_to_ids(TOKENS)
     assert ids == [len(tokenizer) - 2, len(tokenizer) - 1]
-    assert tokenizer("<|im_start|> 3", add_special_tokens=False)["input_ids"][0] == ids[0]  # one token, never split
+    assert tokenizer("<|im_start|> 3", add_special_tokens=False)["input_ids"][0] == ids[0]  # never split
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["trainable_token_indices"] == {"lm_head": ids, "model.embed_tokens": ids}
 
@@ -44,7 +44,7 @@ def test_new_tokens_train_and_round_trip_through_peft(tiny, tmp_path, chatml):
     assert saved.shape == (2, 32) and start == ids[0]
 
     sample = tokenizer("<|im_start|> count from 3 : <|im_end|>", return_tensors="pt")["input_ids"]
-    ours, _, _ = load_trained(str(out), None)  # lorakit eval / generate: tokenizer from the folder, base resized
+    ours, _, _ = load_trained(str(out), None)  # as lorakit eval / generate load it: the base resized
     base.resize_token_embeddings(len(tokenizer))
     theirs = PeftModel.from_pretrained(base, out).eval()
     with torch.no_grad():
@@ -73,5 +73,6 @@ def test_bad_token_lists_are_one_line(tiny, tmp_path, chatml, capsys, given, mes
 
 
 def test_add_tokens_refuses_classification(tiny, tmp_path):
-    with pytest.raises(TrainingError, match="--add-tokens is for causal-lm training; the task here is classify"):
+    with pytest.raises(TrainingError, match="--add-tokens is for causal-lm training; the task here is "
+                                            "classify"):
         run(tiny, tmp_path / "never", add_tokens=["<x>"])

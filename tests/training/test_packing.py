@@ -57,14 +57,14 @@ def test_rows_hold_every_example_once_within_capacity():
 
 
 def test_packed_batch_restarts_positions_and_never_targets_a_first_token():
-    data = D.Encoded("causal-lm", [[5, 6, 7], [8, 9], [4, 4, 4, 4]], [[-100, 6, 7], [8, 9], [-100, -100, 4, 4]],
-                     pad_id=0, lines=["f:1", "f:2", "f:3"])
+    data = D.Encoded("causal-lm", [[5, 6, 7], [8, 9], [4, 4, 4, 4]],
+                     [[-100, 6, 7], [8, 9], [-100, -100, 4, 4]], pad_id=0, lines=["f:1", "f:2", "f:3"])
     packed = pack(data, 6)
     assert isinstance(packed, Packed) and len(packed) == 2 and packed.examples == 3
     assert packed.members == [[2, 1], [0]] and packed.pieces == [[4, 2], [3]]
     batch = packed.batch([0, 1])
     assert batch["input_ids"].tolist() == [[4, 4, 4, 4, 8, 9], [5, 6, 7, 0, 0, 0]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 1, 2]]  # padding: its own block
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 1, 2]]  # padding: a block
     assert batch["labels"].tolist() == [[-100, -100, 4, 4, -100, 9], [-100, 6, 7, -100, -100, -100]]
     assert "attention_mask" not in batch  # Transformers builds the mask from the positions
 
@@ -141,7 +141,8 @@ def _eval(out) -> list[dict]:
 
 
 def _loss(out) -> list[float]:
-    return [m["loss"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+    lines = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    return [m["loss"] for m in lines if "loss" in m]
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
@@ -152,7 +153,7 @@ def test_held_out_and_first_step_losses_do_not_change_with_packing(tiny, tmp_pat
     encoded = D.encode(train_set, "causal-lm", load_tokenizer(str(tiny[kind])), 32)
     rows = len(pack_lengths([len(ids) for ids in encoded.input_ids], 32))
     assert rows < 96
-    packed = run(tiny, tmp_path / "packed", batch_size=rows, packing=True, **common)  # one step takes every row
+    packed = run(tiny, tmp_path / "packed", batch_size=rows, packing=True, **common)  # one step: every row
     assert fmt_result(packed["before"]) == fmt_result(plain["before"])
     assert packed["before"]["loss"] == pytest.approx(plain["before"]["loss"], rel=1e-5)
     assert _loss(tmp_path / "packed")[0] == pytest.approx(_loss(tmp_path / "plain")[0], rel=1e-5)
@@ -163,7 +164,8 @@ def test_packed_run_resumes_bitwise(tiny, tmp_path, varied, monkeypatch):
     from lorakit.training.options import read_run
 
     whole, cut = whole_and_resumed(tiny, tmp_path, monkeypatch, model=str(tiny["llama"]), data=str(varied),
-                                   max_length=32, packing=True, batch_size=2, max_steps=6, save_every=3, dropout=0.1)
+                                   max_length=32, packing=True, batch_size=2, max_steps=6, save_every=3,
+                                   dropout=0.1)
     assert read_run(cut).packing is True
     assert tensors(whole).keys() == tensors(cut).keys()
     for key, value in tensors(whole).items():

@@ -353,7 +353,8 @@ class _Run:
             key = "accuracy" if s.task == "classify" else "perplexity"
             was = f" (before: {fmt_one(key, self.before[key])})" if key in self.before else ""
             self.say(f"after training: held-out {fmt_result(after)}{was}")
-            extras = (f", {LABELS_FILE}" if s.labels else "") + (", the tokenizer" if self.config.add_tokens else "")
+            extras = f", {LABELS_FILE}" if s.labels else ""
+            extras += ", the tokenizer" if self.config.add_tokens else ""
             self.say(f"adapter: {out}/{WEIGHTS_FILE} ({fmt_size(size)}) + {CONFIG_FILE}{extras}")
             self.say(f"also in {out}: {METRICS_FILE}, {PLOT_FILE}, {RUN_FILE}")
             self.say(f"done in {duration(time.monotonic() - started)}")

@@ -21,18 +21,21 @@ from ..atomic import make_temp_dir
 from .errors import TrainingError
 
 # What a tokenizer's save_pretrained writes (Transformers 5): the files a run may put in its folder.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model", "vocab.txt")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "vocab.txt")
 EXAMPLE = '"<|im_start|>,<|im_end|>"'
 
 
 def check_tokens(tokens: Any) -> None:
     """--add-tokens: a non-empty list of distinct tokens, none blank or with spaces inside."""
     if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
-        raise TrainingError(f"--add-tokens needs at least one token, comma-separated (e.g. {EXAMPLE}), got {tokens!r}")
+        raise TrainingError(f"--add-tokens needs at least one token, comma-separated (e.g. {EXAMPLE}), "
+                            f"got {tokens!r}")
     for token in tokens:
         if not token.strip() or any(c.isspace() for c in token):
-            raise TrainingError(f"--add-tokens: {token!r} is blank or holds a space; a token is one word (e.g. {EXAMPLE})")
+            raise TrainingError(f"--add-tokens: {token!r} is blank or holds a space; a token is one word "
+                                f"(e.g. {EXAMPLE})")
     repeated = sorted({t for t in tokens if tokens.count(t) > 1})
     if repeated:
         raise TrainingError(f"--add-tokens names {repeated[0]!r} more than once")

@@ -77,9 +77,10 @@ class RunConfig:
     dropout: float = option(0.0, _LORA, "dropout on the adapters' input (default: 0)", metavar="P", valid="[0, 1)")
     rslora: bool = option(False, _LORA, "scale by alpha / sqrt(rank) (rank-stabilised LoRA)")
     dora: bool = option(False, _LORA, "DoRA: also train a magnitude per output feature (weight-decomposed LoRA)")
-    add_tokens: list[str] | None = option(None, _LORA, "causal-lm: add these special tokens to the tokenizer "
-                                          "and train only their embedding rows (and the output head's), saved in "
-                                          "PEFT's layout with the tokenizer", metavar="TOKEN,...", type=_names)
+    add_tokens: list[str] | None = option(None, _LORA, "causal-lm: add these special tokens to the "
+                                          "tokenizer and train only their embedding rows (and the output "
+                                          "head's), saved in PEFT's layout with the tokenizer",
+                                          metavar="TOKEN,...", type=_names)
     init: str = option("default", _LORA, "how A and B start; pissa / olora take the top of the base weight's "
                        "SVD / QR and leave the residual in the base (default: default)", choices=INIT_MODES)
     epochs: int = option(3, _TRAINING, "passes over the data (default: 3)", metavar="N", valid=">= 1")
@@ -96,8 +97,9 @@ class RunConfig:
     grad_accum: int = option(1, _TRAINING, "micro-batches per optimizer step (default: 1)", metavar="N", valid=">= 1")
     max_length: int = option(128, _TRAINING, "tokens per example; above the model's position limit it is lowered "
                              "to that limit, with a notice (default: 128)", metavar="TOKENS", valid=">= 2")
-    packing: bool = option(False, _TRAINING, "causal-lm: pack examples into rows of up to --max-length tokens "
-                           "(positions restart per example, no attention across them); --batch-size counts rows")
+    packing: bool = option(False, _TRAINING, "causal-lm: pack examples into rows of up to --max-length "
+                           "tokens (positions restart per example, no attention across them); --batch-size "
+                           "counts rows")
     seed: int = option(0, _TRAINING, "seed for the initial weights, order and dropout (default: 0)", metavar="N",
                        valid="[-1e12, 1e12]")  # seed * 1_000_003 + epoch seeds a torch.Generator (64 bits)
     bf16: bool = option(False, _TRAINING, "compute in bfloat16 (autocast; with --quantize also the 4-bit "

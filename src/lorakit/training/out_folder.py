@@ -27,8 +27,8 @@ from .run_lock import LOCK_FILE, check_unlocked
 from .tasks import LABELS_FILE
 
 # Everything a run writes in its folder, and nothing else.
-RUN_OUTPUTS = (CONFIG_FILE, WEIGHTS_FILE, LABELS_FILE, METRICS_FILE, PLOT_FILE, RUN_FILE, CHECKPOINTS, LOCK_FILE,
-               *TOKENIZER_FILES)  # the tokenizer: with --add-tokens
+RUN_OUTPUTS = (CONFIG_FILE, WEIGHTS_FILE, LABELS_FILE, METRICS_FILE, PLOT_FILE, RUN_FILE, CHECKPOINTS,
+               LOCK_FILE, *TOKENIZER_FILES)  # the tokenizer: with --add-tokens
 
 
 def check_destination(out: Path, option: str = "--out") -> None:

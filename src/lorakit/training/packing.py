@@ -38,7 +38,8 @@ def pack_lengths(lengths: list[int], capacity: int) -> list[list[int]]:
     """
     too_long = [i for i, n in enumerate(lengths) if n > capacity]
     if too_long:
-        raise ValueError(f"example {too_long[0]} has {lengths[too_long[0]]} tokens, more than a row of {capacity}")
+        first = too_long[0]
+        raise ValueError(f"example {first} has {lengths[first]} tokens, more than a row of {capacity}")
     rows: list[list[int]] = []
     room: list[tuple[int, int]] = []  # (free tokens, row), sorted: the first that fits is the best fit
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
@@ -85,7 +86,8 @@ class Packed(Encoded):
 def pack(data: Encoded, max_length: int) -> Packed:
     """The causal-LM examples of `data` packed into rows of at most `max_length` tokens."""
     if data.task != "causal-lm":
-        raise TrainingError(f"--packing is for causal-lm training (it packs token sequences), not {data.task}")
+        raise TrainingError(f"--packing is for causal-lm training (it packs token sequences), not "
+                            f"{data.task}")
     rows = pack_lengths([len(ids) for ids in data.input_ids], max_length)
     packed = Packed(data.task, [], [], data.pad_id, [], examples=len(data))
     for members in rows:
@@ -139,11 +141,12 @@ def check_model(model: nn.Module, sample: list[list[int]], device: torch.device)
         positions = torch.tensor([[p for s in seqs for p in range(len(s))]], device=device)
         together = model(input_ids=ids, position_ids=positions, use_cache=False).logits[0]
     except (TypeError, ValueError) as err:  # a forward without position_ids or use_cache
-        raise TrainingError(f"--packing: {name} does not take packed rows ({err}); train without --packing") from None
+        raise TrainingError(f"--packing: {name} does not take packed rows ({err}); train without "
+                            "--packing") from None
     finally:
         model.train(was_training)
     gap = float((together.float() - apart.float()).abs().max())
     scale = float(apart.float().abs().max())
     if not gap <= 1e-3 * scale + 1e-5:  # float32 rounding is ~1e-7 of the scale; a leak is ~1e-2
-        raise TrainingError(f"--packing: {name} does not keep packed examples apart (its logits change by {gap:.3g} "
-                            "when examples share a row); train without --packing")
+        raise TrainingError(f"--packing: {name} does not keep packed examples apart (its logits change by "
+                            f"{gap:.3g} when examples share a row); train without --packing")

@@ -116,7 +116,8 @@ def prepare(config: RunConfig, world: World) -> Setup:
     if config.packing:
         train_enc, held_enc, packed = _pack(train_enc, held_enc, model, max_length, config, world)
     describe = {
-        "data": f"{train_set.source}: {len(train_set)} training examples, {len(held_set)} held out ({how}){packed}",
+        "data": f"{train_set.source}: {len(train_set)} training examples, {len(held_set)} held out ({how})"
+                f"{packed}",
         "train_examples": len(train_set),
         "held_out_examples": len(held_set),
         "model": f"{model_name if config.model else 'all-MiniLM-L6-v2 (bundled)'} ({type(model).__name__}){quantized}",
@@ -141,9 +142,9 @@ def _pack(train: data_mod.Encoded, held: data_mod.Encoded, model: torch.nn.Modul
     global_batch = config.batch_size * config.grad_accum * world.size
     if len(train_rows) < global_batch:
         raise TrainingError(
-            f"--packing: the {len(train)} training examples fill {len(train_rows)} rows of up to {max_length} tokens, "
-            f"fewer than one global batch ({config.batch_size} x {config.grad_accum} x {world.size} processes); "
-            "lower --batch-size (it counts rows with --packing)"
+            f"--packing: the {len(train)} training examples fill {len(train_rows)} rows of up to "
+            f"{max_length} tokens, fewer than one global batch ({config.batch_size} x {config.grad_accum} x "
+            f"{world.size} processes); lower --batch-size (it counts rows with --packing)"
         )
     packed = efficiency(lengths, config.batch_size, packing_to=max_length, seed=config.seed)
     unpacked = efficiency(lengths, config.batch_size, seed=config.seed)
