@@ -196,9 +196,9 @@ giving about as many optimizer steps as unpacked. The time compared is that of t
 (`train()`'s loop less its held-out evaluation), median of {args.rounds} rounds, the runs of a round in
 alternating order; the whole call (loading the model, tokenizing, checking that the model keeps
 packed examples apart, evaluating before and after) is shown too. Unpacked batches are already
-sorted by length within pools of 50 batches (training/loop.py), so their padding is what that sorting leaves; in a plain shuffled order,
-batches of {BATCH} padded to their longest example would be {r['unsorted']:.0%} padding on this data
-(computed, not run).
+sorted by length within pools of 50 batches (training/loop.py), so their padding is what that
+sorting leaves; in a plain shuffled order, batches of {BATCH} padded to their longest example would
+be {r['unsorted']:.0%} padding on this data (computed, not run).
 
 {chr(10).join(table)}
 
