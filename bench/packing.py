@@ -1,16 +1,17 @@
 """Packing (`--packing`): one epoch of causal-LM training on data of skewed lengths, packed and not.
 
-    python bench/packing.py            # writes the `packing` section of BENCHMARKS.md
+    python bench/packing.py            # writes the `packing` section of BENCHMARKS.md (~2 minutes on 2 cores)
     python bench/packing.py --rounds 1 --out /tmp/x.md
 
 The data: 480 prompt/completion examples of random words, five in six 10 to 30 tokens long and
-one in six about 250; --max-length 256, one epoch, batch 16 (examples unpacked, rows packed),
-rank 8 on the attention projections. The model: bench/run.py's tiny Llama (4 layers, hidden
-256, GQA) with a word-level tokenizer, saved in a temporary folder. Each round runs `train()`
-unpacked and packed in this process, in alternating order; the ratio is the median over rounds
-of packed / unpacked wall time within a round. The padding share is that of the tokens the
-epoch's forward passes take (`packing.efficiency`, the loop's own batches). Run it under the
-CPU lock (`flock /work/cpu.lock ...`).
+one in six about 250; --max-length 256, one epoch, rank 8 on the attention projections. The
+model: bench/run.py's tiny Llama (4 layers, hidden 256, GQA) with a word-level tokenizer, saved
+in a temporary folder. Each round runs `train()` unpacked (batch 16 examples), packed (batch 16
+rows) and packed at a batch of rows giving about as many steps as unpacked, in this process, in
+alternating order. The time compared is that of the epoch's steps (the loop less its held-out
+evaluation); the ratio is the median over rounds of packed / unpacked within a round. The
+padding share is that of the tokens the epoch's forward passes take (`packing.efficiency`, the
+loop's own batches). Run it under the CPU lock (`flock /work/cpu.lock ...`).
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def _time_the_steps() -> _Clock:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=3, help="timed rounds of both runs (default 3)")
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds of the three runs (default 5)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="torch threads (default: all cores)")
     ap.add_argument("--out", default=None, help="markdown file (default BENCHMARKS.md)")
