@@ -271,6 +271,29 @@ def train_tiny(tiny, out: Path, **options) -> dict:
     return train(RunConfig(**defaults), overwrite=overwrite, stream=io.StringIO())
 
 
+def whole_and_resumed(tiny, root: Path, monkeypatch, **options) -> tuple[Path, Path]:
+    """Train `options` twice under `root`: "whole" in one go, "cut" killed right after its first
+    checkpoint (--save-every) and resumed. Returns both folders, to compare bit for bit."""
+    import pytest
+
+    from lorakit.training import loop
+    from lorakit.training.options import read_run
+
+    train_tiny(tiny, root / "whole", **options)
+    real = loop._Run._save_checkpoint
+
+    def stop_after_saving(self):
+        real(self)
+        raise KeyboardInterrupt  # as if killed right after the checkpoint
+
+    monkeypatch.setattr(loop._Run, "_save_checkpoint", stop_after_saving)
+    with pytest.raises(KeyboardInterrupt):
+        train_tiny(tiny, root / "cut", **options)
+    monkeypatch.undo()
+    loop.train(read_run(root / "cut"), resume=True, stream=io.StringIO())
+    return root / "whole", root / "cut"
+
+
 def cli(*args: str, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
     """`python -m lorakit ARGS` in a subprocess."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")

@@ -32,6 +32,7 @@ from .pissa import RESIDUAL_INITS, as_plain_lora, plain_pairs
 from .plan import TensorError
 from .registry import adapters, base_biases
 from .targets import adaptable_kind
+from .token_rows import CONFIG_KEY, ROWS_KEY, config_entry, token_rows
 
 CONFIG_FILE = fmt.CONFIG_FILE
 WEIGHTS_FILE = fmt.WEIGHTS_FILE
@@ -70,6 +71,9 @@ def _state(model: nn.Module, name: str, record) -> dict[str, torch.Tensor]:
             module = model.get_submodule(path)
             for key, value in getattr(module, "original", module).state_dict().items():
                 state[fmt.key(path, key)] = value
+    # New tokens' rows (token_rows.py), under PEFT's TrainableTokens keys.
+    for path, module in token_rows(model).items():
+        state[fmt.key(path, ROWS_KEY)] = module.rows
     return {k: v.detach() for k, v in state.items()}
 
 
@@ -119,6 +123,9 @@ def save_adapter(
         base_model_name_or_path=base_model_name_or_path,
         task_type=task_type,
     )
+    tokens = config_entry(model)
+    if tokens is not None:
+        peft_config[CONFIG_KEY] = tokens
     # Copies: safetensors refuses tensors that share memory, and the file must not alias the model.
     tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in state.items()}
     folder = Path(path)

@@ -23,6 +23,7 @@ from .plan import check_shape, check_values, get_adapted, saved_module_paths
 from .registry import base_biases, named_base_modules
 from .saved_modules import SavedModule
 from .targets import adaptable_kind
+from .token_rows import CONFIG_KEY, ROWS_KEY, check_entry, indices_by_module, rows_replacing
 
 CONFIG_FILE = fmt.CONFIG_FILE
 _PEFT_SAVED_INSIDE = ("modules_to_save.", "original_module.")  # PEFT's names inside its modules_to_save wrapper
@@ -42,10 +43,59 @@ def file_tensors(
         saved_paths = saved_module_paths(model, config.modules_to_save)
     except ValueError as err:
         raise AdapterFileError(f"{where}: {err}") from None
+    rows = _token_rows(model, facts, tensors, where)
+    tensors = {k: v for k, v in tensors.items() if not k.endswith("." + ROWS_KEY)}
     pairs, magnitudes, base, saved = _sort_keys(model, config, tensors, saved_paths, where)
+    both = sorted(set(rows) & set(base))
+    if both:
+        raise AdapterFileError(f"{where}: {both[0]!r} is both saved whole and given token rows")
+    base.update(rows)
     _check_targets(model, config, facts, pairs, where)
     _check_biases(model, config, pairs, base, saved_paths, where)
     return pairs, magnitudes, base, saved
+
+
+def _token_rows(
+    model: nn.Module, facts: dict, tensors: dict[str, torch.Tensor], where: str
+) -> dict[str, torch.Tensor]:
+    """The base weights that new tokens' trained rows replace (token_rows.py): parameter name ->
+    the weight with those rows in place. PEFT writes no rows for a head tied to the embedding."""
+    entry = facts.get(CONFIG_KEY)
+    keys = sorted(k for k in tensors if k.endswith("." + ROWS_KEY))
+    if entry is None:
+        if keys:
+            raise AdapterFileError(f"{where}: key {keys[0]!r} holds token rows, but {CONFIG_FILE} has no "
+                                   f"{CONFIG_KEY}")
+        return {}
+    config_file = str(Path(where).with_name(CONFIG_FILE))
+    try:
+        check_entry(entry, config_file)
+        by_module = indices_by_module(model, entry, config_file)
+    except ValueError as err:
+        raise AdapterFileError(str(err)) from None
+    params = dict(model.named_parameters(remove_duplicate=False))  # a tied head's weight too
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    base: dict[str, torch.Tensor] = {}
+    for path, ids in by_module.items():
+        key, weight = fmt.key(path, ROWS_KEY), params.get(f"{path}.weight")
+        if weight is None:
+            raise AdapterFileError(f"{config_file}: {CONFIG_KEY} names {path!r}, which has no weight")
+        if key not in tensors:
+            tied = embedding is not None and weight is embedding.weight
+            if tied and model.get_submodule(path) is not embedding:
+                continue  # a head tied to the embedding takes the embedding's rows
+            raise AdapterFileError(f"{where}: missing key {key!r} (the rows of the tokens {CONFIG_KEY} "
+                                   f"gives {path!r})")
+        _check_values(key, tensors[key], where, None)
+        try:
+            base[f"{path}.weight"] = rows_replacing(weight, ids, tensors[key], f"key {key!r}")
+        except ValueError as err:
+            raise AdapterFileError(f"{where}: {err}") from None
+    unexpected = [k for k in keys if k[len(fmt.PREFIX) : -len(ROWS_KEY) - 1] not in by_module]
+    if unexpected:
+        raise AdapterFileError(f"{where}: unexpected key {unexpected[0]!r} ({CONFIG_KEY} names no such "
+                               "module)")
+    return base
 
 
 def _sort_keys(

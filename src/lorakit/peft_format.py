@@ -5,7 +5,8 @@ keys are `base_model.model.<module path>.<suffix>`: `lora_A.weight` / `lora_B.we
 linear or convolution layer, `lora_embedding_A` / `lora_embedding_B` for an embedding,
 `lora_magnitude_vector` for a DoRA adapter's magnitude (any layer kind), `base_layer.bias` for a
 trained bias of an adapted layer, `base_layer.weight` for a whole embedding table, and
-`<parameter>` for the trained copy of a module in modules_to_save.
+`<parameter>` for the trained copy of a module in modules_to_save, and
+`token_adapter.trainable_tokens_delta` for the trained rows of new tokens (token_rows.py).
 PEFT drops the adapter's name from every key; the file holds one adapter.
 """
 
@@ -60,7 +61,6 @@ _PEFT_NULL_FIELDS = (
     "loftq_config",
     "eva_config",
     "corda_config",
-    "trainable_token_indices",
     "target_parameters",
     "alora_invocation_tokens",
     "arrow_config",
@@ -214,6 +214,7 @@ def from_peft_dict(raw: Any, where: str) -> tuple[LoraConfig, dict[str, Any]]:
         "base_model_name_or_path": raw.get("base_model_name_or_path"),
         "task_type": raw.get("task_type"),
         "fan_in_fan_out": bool(raw.get("fan_in_fan_out", False)),
+        "trainable_token_indices": raw.get("trainable_token_indices"),  # token_rows.py; checked there
     }
     return config, facts
 

@@ -60,9 +60,12 @@ def load_trained(folder: str, model_name: str | None, adapter: bool = True, quan
         raise AdapterFileError(f"{Path(folder) / CONFIG_FILE}: base_model_name_or_path {base} is not a folder "
                                "(moved or deleted?); pass --model FOLDER")
     quiet_transformers()
-    tokenizer = load_tokenizer(base)
+    own = (Path(folder) / "tokenizer_config.json").is_file()  # --add-tokens writes one
+    tokenizer = load_tokenizer(str(folder) if own else base)
     model = load_model(base, facts["task"], facts["labels"])
     prepare_model(model, tokenizer)
+    if own and len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))  # the adapter brings the new rows' values
     kind, bf16 = run_quantization(folder) if quantize == "run" else (quantize, False)
     quantize_base(model, kind, bf16)
     facts["quantize"] = kind

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from . import packing
 from .data import IGNORE, Encoded
 from .loop import epoch_batches
 from .options import RunConfig
@@ -38,6 +39,9 @@ def efficiency(encoded: Encoded, config: RunConfig) -> tuple[str, float]:
     examples' own, not padding). The place a way of forming batches other than padding each to
     its longest example (packing) gives its own figure."""
     lengths = [len(ids) for ids in encoded.input_ids]
+    if getattr(config, "packing", False):
+        return "packing", packing.efficiency(lengths, config.batch_size, packing_to=config.max_length,
+                                             seed=config.seed)
     return "padding", padding_efficiency(lengths, config.batch_size, config.grad_accum, config.seed)
 
 

@@ -45,6 +45,7 @@ from .metrics import (
     fmt_size,
     write_metrics,
 )
+from .new_tokens import write_tokenizer
 from .options import RUN_FILE, RunConfig
 from .out_folder import RUN, check_out, clear_previous_run
 from .plot import PLOT_FILE, plot_loss
@@ -156,8 +157,8 @@ class _Run:
             "model_path": setup.model_name,
             "task": setup.task,
             "labels": setup.labels,
-            "train_examples": len(setup.train),
-            "held_out_examples": len(setup.held_out),
+            "train_examples": setup.describe["train_examples"],  # len(setup.train) counts rows with --packing
+            "held_out_examples": setup.describe["held_out_examples"],
             "max_length": setup.describe.get("max_length", config.max_length),
             "processes": world.size,
             "threads": torch.get_num_threads(),
@@ -352,6 +353,8 @@ class _Run:
                                    **verdict.record()}
         if self.world.main:
             save_adapter(s.model, out, **self._adapter_files())
+            if self.config.add_tokens:  # the adapter's new token ids mean nothing without it
+                write_tokenizer(s.tokenizer, out)
             write_verdict(out, self.metrics, verdict)
             plot_loss(self.metrics, out / PLOT_FILE, f"lorakit: {s.describe['model']}, {s.task}")
             size = (out / WEIGHTS_FILE).stat().st_size
@@ -360,6 +363,7 @@ class _Run:
             was = f" (before: {fmt_one(key, self.before[key])})" if key in self.before else ""
             self.say(f"after training: held-out {fmt_result(after)}{was}")
             extras = f", {LABELS_FILE}" if s.labels else ""
+            extras += ", the tokenizer" if self.config.add_tokens else ""
             self.say(f"adapter: {out}/{WEIGHTS_FILE} ({fmt_size(size)}) + {CONFIG_FILE}{extras}")
             self.say(f"also in {out}: {METRICS_FILE}, {PLOT_FILE}, {RUN_FILE}")
             self.say(f"done in {duration(time.monotonic() - started)}")

@@ -22,6 +22,7 @@ from ..json_file import read_json
 from ..quantize import KINDS as QUANTIZE_KINDS
 from . import data as data_mod
 from .errors import TrainingError
+from .new_tokens import check_tokens
 from .option_check import number_problem
 
 RUN_FILE = "run_config.json"
@@ -83,6 +84,10 @@ class RunConfig:
                           "(bundled task, rank 8: --lr 3.5e-4 gives 94.00%%; the default 1e-3 is at the "
                           "edge: 45.50%%, chance, with 2 threads)")
     dora: bool = option(False, _LORA, "DoRA: also train a magnitude per output feature (weight-decomposed LoRA)")
+    add_tokens: list[str] | None = option(None, _LORA, "causal-lm: add these special tokens to the "
+                                          "tokenizer and train only their embedding rows (and the output "
+                                          "head's), saved in PEFT's layout with the tokenizer",
+                                          metavar="TOKEN,...", type=_names)
     init: str = option("default", _LORA, "how A and B start; pissa / olora take the top of the base weight's "
                        "SVD / QR and leave the residual in the base (default: default)", choices=INIT_MODES)
     epochs: int = option(3, _TRAINING, "passes over the data (default: 3)", metavar="N", valid=">= 1")
@@ -103,6 +108,9 @@ class RunConfig:
                              "to that limit, with a notice (default: 128)", metavar="TOKENS", valid=">= 2")
     train_on_inputs: bool = option(False, _TRAINING, "causal-lm: train on every token (prompts, system and user "
                                    "turns too), not only the completions or the assistant's turns")
+    packing: bool = option(False, _TRAINING, "causal-lm: pack examples into rows of up to --max-length "
+                           "tokens (positions restart per example, no attention across them); --batch-size "
+                           "counts rows")
     seed: int = option(0, _TRAINING, "seed for the initial weights, order and dropout (default: 0)", metavar="N",
                        valid="[-1e12, 1e12]")  # seed * 1_000_003 + epoch seeds a torch.Generator (64 bits)
     bf16: bool = option(False, _TRAINING, "compute in bfloat16 (autocast; with --quantize also the 4-bit "
@@ -136,6 +144,8 @@ class RunConfig:
             raise TrainingError(f"--labels must be a list of names, got {self.labels!r}")
         if self.loftq and not self.quantize:
             raise TrainingError("--loftq starts the adapters from the quantization error; it needs --quantize")
+        if self.add_tokens is not None:
+            check_tokens(self.add_tokens)
         targets = self.targets
         if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
             raise TrainingError(f"--targets must be a preset, a regex or a list of module names, got {targets!r}")

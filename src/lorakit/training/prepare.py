@@ -16,10 +16,13 @@ from ..model import add_adapter_from_tensors, inject, set_adapter
 from ..quantize import quantize
 from ..quantized import quantized_kind
 from ..targets import resolve_targets
+from ..token_rows import add_token_rows
 from . import data as data_mod
 from .distributed import World
 from .errors import TrainingError
+from .new_tokens import add_tokens
 from .options import RunConfig
+from .packing import Packed, check_model, efficiency, pack
 from .tasks import (
     default_model,
     fit_max_length,
@@ -42,7 +45,8 @@ class Setup:
     model_name: str  # the base model's folder (absolute) or hub id, as the adapter names it
     model: torch.nn.Module
     describe: dict[str, Any]  # what to tell the user: "data", "model", "saved" (heads trained in full),
-    # "max_length" (the tokens per example used), "notices"
+    # "max_length" (the tokens per example used), "train_examples", "held_out_examples", "notices"
+    tokenizer: Any = None
 
 
 def held_out_set(config: RunConfig) -> data_mod.Dataset:
@@ -57,6 +61,9 @@ def prepare(config: RunConfig, world: World) -> Setup:
     train_set = data_mod.read_dataset(config.data)
     task = config.task or data_mod.infer_task(train_set)
     data_mod.validate(train_set, task)
+    for flag, given in (("--packing", config.packing), ("--add-tokens", config.add_tokens)):
+        if given and task != "causal-lm":
+            raise TrainingError(f"{flag} is for causal-lm training; the task here is {task}")
     if config.eval_data:
         held_set = data_mod.read_dataset(config.eval_data)
         data_mod.validate(held_set, task)
@@ -79,6 +86,7 @@ def prepare(config: RunConfig, world: World) -> Setup:
     torch.manual_seed(config.seed)  # the new classifier head's initial weights
     model = load_model(model_name, task, labels)  # float32 weights; --bf16 autocasts the compute
     prepare_model(model, tokenizer)
+    new_ids = add_tokens(tokenizer, model, config.add_tokens, model_name) if config.add_tokens else []
     max_length, notice = fit_max_length(config.max_length, model, "--max-length")
     train_enc = data_mod.encode(train_set, task, tokenizer, max_length, labels, config.train_on_inputs)
     held_enc = data_mod.encode(held_set, task, tokenizer, max_length, labels, config.train_on_inputs)
@@ -99,15 +107,50 @@ def prepare(config: RunConfig, world: World) -> Setup:
         raise TrainingError(f"--quantize {config.quantize}: {err}") from None
     except ValueError as err:
         raise TrainingError(f"--targets {config.targets!r}: {err}") from None
+    if new_ids:
+        try:
+            add_token_rows(model, new_ids)  # after the adapter: adding it freezes everything else
+        except ValueError as err:
+            raise TrainingError(f"--add-tokens: {err}") from None
     model.to(world.device)
+    packed = ""
+    if config.packing:
+        train_enc, held_enc, packed = _pack(train_enc, held_enc, model, max_length, config, world)
     describe = {
-        "data": f"{train_set.source}: {len(train_set)} training examples, {len(held_set)} held out ({how})",
+        "data": f"{train_set.source}: {len(train_set)} training examples, {len(held_set)} held out ({how})"
+                f"{packed}",
+        "train_examples": len(train_set),
+        "held_out_examples": len(held_set),
         "model": f"{model_name if config.model else 'all-MiniLM-L6-v2 (bundled)'} ({type(model).__name__}){quantized}",
         "saved": saved,
         "max_length": max_length,
         "notices": notices,
     }
-    return Setup(task, train_enc, held_enc, labels, model_name, model, describe)
+    if new_ids:
+        added = ", ".join(f"{token} (id {i})" for token, i in zip(config.add_tokens, new_ids))
+        describe["notices"].append(f"added tokens {added}; their embedding rows train, and the tokenizer is "
+                                   "written with the adapter")
+    return Setup(task, train_enc, held_enc, labels, model_name, model, describe, tokenizer)
+
+
+def _pack(train: data_mod.Encoded, held: data_mod.Encoded, model: torch.nn.Module, max_length: int,
+          config: RunConfig, world: World) -> tuple[Packed, Packed, str]:
+    """--packing: both sets in rows of up to `max_length` tokens, once the model is known to keep
+    packed examples apart; returns them and what to tell the user."""
+    check_model(model, train.input_ids, world.device)
+    lengths = [len(ids) for ids in train.input_ids]
+    train_rows, held_rows = pack(train, max_length), pack(held, max_length)
+    global_batch = config.batch_size * config.grad_accum * world.size
+    if len(train_rows) < global_batch:
+        raise TrainingError(
+            f"--packing: the {len(train)} training examples fill {len(train_rows)} rows of up to "
+            f"{max_length} tokens, fewer than one global batch ({config.batch_size} x {config.grad_accum} x "
+            f"{world.size} processes); lower --batch-size (it counts rows with --packing)"
+        )
+    packed = efficiency(lengths, config.batch_size, packing_to=max_length, seed=config.seed)
+    unpacked = efficiency(lengths, config.batch_size, seed=config.seed)
+    return train_rows, held_rows, (f"; packed into {len(train_rows)} rows of up to {max_length} tokens "
+                                   f"({packed:.0%} of the tokens are not padding; unpacked {unpacked:.0%})")
 
 
 def quantize_base(model: torch.nn.Module, kind: str | None, bf16: bool) -> str:

@@ -204,7 +204,9 @@ def label_count(task: str, labels: torch.Tensor) -> int:
 
 
 def forward(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device, bf16: bool) -> torch.Tensor:
-    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    inputs: dict[str, Any] = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    if "position_ids" in inputs:  # packed rows: without a cache, or Transformers builds no mask from them
+        inputs["use_cache"] = False
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         return model(**inputs).logits
 
