@@ -162,7 +162,7 @@ process's user + system time, which other load on the machine disturbs less than
 One seed per row: differences of a few tenths of a percent (one or two of 400 sentences) are
 within what another seed would change. The thread count changes the order of float sums, and a
 run at the edge of diverging can end either way: rsLoRA at 1e-3 learns with `--threads 1` and
-ends at chance with `--threads 2` on the same machine (README, "A run that did not learn").
+ends at chance with `--threads 2` on the same machine (docs/cli.md, "A run that did not learn").
 The sweep's one epoch is a cheap stand-in for three: where it chose another rate than 1e-3, the
 full run at that rate can end below the default-lr run.
 

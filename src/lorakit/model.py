@@ -195,7 +195,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside the block the model is the base model (see the README for PiSSA and trained biases).
+    """Inside the block the model is the base model (docs/guarantees.md: PiSSA, trained biases).
 
     Blocks nest: adapters come back when the outermost one closes, however it closes. Adapters
     added inside a block are off until then too; merging inside one is refused.
