@@ -78,12 +78,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"lorakit serve: listening on {url}" + (" (API key required)" if settings.api_key else "")
               + "; Ctrl-C to stop", flush=True)
 
+    interrupted = False
     try:
         run_server(app, args.host, args.port, announce)
     except KeyboardInterrupt:
-        pass  # uvicorn has drained and stopped; the signal comes back to us afterwards
+        interrupted = True  # uvicorn has drained and stopped; the signal comes back to us afterwards
     print(f"lorakit serve: stopped after {sum(app.state.metrics.requests.values())} requests", flush=True)
-    return 0
+    return 130 if interrupted else 0  # Ctrl-C ends every command with 130, after the drain here
 
 
 def _api_key(given: str | None) -> str | None:
