@@ -17,6 +17,7 @@ from torch import nn
 
 from . import peft_format as fmt
 from .config import LoraConfig
+from .errors import LorakitError
 from .layer_base import LoraLayer
 from .peft_targets import peft_saved_modules, targeted_modules
 from .plan import check_shape, check_values, get_adapted, saved_module_paths
@@ -29,7 +30,7 @@ CONFIG_FILE = fmt.CONFIG_FILE
 _PEFT_SAVED_INSIDE = ("modules_to_save.", "original_module.")  # PEFT's names inside its modules_to_save wrapper
 
 
-class AdapterFileError(ValueError):
+class AdapterFileError(LorakitError, ValueError):
     """An adapter folder that cannot be loaded onto this model; the message names file and key."""
 
 

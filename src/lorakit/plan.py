@@ -10,6 +10,7 @@ from torch import nn
 
 from . import pissa
 from .config import LoraConfig
+from .errors import LorakitError
 from .layer_base import LoraLayer
 from .registry import (
     AdapterRecord,
@@ -25,8 +26,10 @@ from .targets import adaptable_kind
 from .wrappers import wrapper_for
 
 
-class TensorError(ValueError):
+class TensorError(LorakitError, ValueError):
     """A given A, B or DoRA magnitude ("m") that does not fit its module; `module` and `role` say which."""
+
+    user_fixable = False  # the caller's tensors, given in Python; the CLI's come from files (AdapterFileError)
 
     def __init__(self, message: str, module: str, role: str) -> None:
         super().__init__(message)

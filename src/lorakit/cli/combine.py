@@ -19,13 +19,13 @@ from ..adapter_file import load_adapter, save_adapter
 from ..arithmetic import METHODS, combine
 from ..output_folder import Output
 from ..peft_format import CONFIG_FILE, WEIGHTS_FILE
-from ..training import TrainingError
 from ..training.tasks import LABELS_FILE, TASK_TYPES, labels_json
+from .errors import CommandError
 from .trained import adapter_facts, load_trained
 
 RECORD_FILE = "combine.json"
 COMBINED = Output(command="lorakit combine", what="a combined adapter folder", marker=RECORD_FILE,
-                  names=(CONFIG_FILE, WEIGHTS_FILE, LABELS_FILE, RECORD_FILE), error=TrainingError)
+                  names=(CONFIG_FILE, WEIGHTS_FILE, LABELS_FILE, RECORD_FILE), error=CommandError)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         message = str(err)
         for name, folder in zip(names, args.adapters):
             message = message.replace(repr(name), folder)
-        raise TrainingError(message) from None
+        raise CommandError(message) from None
     record = {"adapters": [str(Path(a).resolve()) for a in args.adapters], "weights": weights,
               "method": args.method, "rank": report.rank, "density": args.density,
               "seed": args.seed if args.method == "dare" else None, "relative_error": report.errors}
@@ -89,9 +89,9 @@ def _weights(text: str | None, count: int) -> list[float]:
     try:
         weights = [float(w) for w in text.split(",")]
     except ValueError:
-        raise TrainingError(f"--weights {text!r}: expected numbers separated by commas, e.g. 0.6,0.4") from None
+        raise CommandError(f"--weights {text!r}: expected numbers separated by commas, e.g. 0.6,0.4") from None
     if len(weights) != count:
-        raise TrainingError(f"--weights {text!r}: {len(weights)} number(s) for {count} adapters; give one per adapter")
+        raise CommandError(f"--weights {text!r}: {len(weights)} number(s) for {count} adapters; give one per adapter")
     return weights
 
 
@@ -100,11 +100,11 @@ def _check_alike(folders: list[str], facts: list[dict], model: str | None) -> No
     first = facts[0]
     for folder, f in zip(folders[1:], facts[1:]):
         if f["task"] != first["task"]:
-            raise TrainingError(f"{folder} is a {f['task']} adapter, {folders[0]} a {first['task']} one; "
+            raise CommandError(f"{folder} is a {f['task']} adapter, {folders[0]} a {first['task']} one; "
                                 "only adapters of one task combine")
         if f["labels"] != first["labels"]:
-            raise TrainingError(f"{folder}/{LABELS_FILE} names the labels {f['labels']}, {folders[0]} has "
+            raise CommandError(f"{folder}/{LABELS_FILE} names the labels {f['labels']}, {folders[0]} has "
                                 f"{first['labels']}; classifier heads combine only over the same labels")
         if model is None and f["base"] != first["base"]:
-            raise TrainingError(f"{folder} was trained on {f['base']!r}, {folders[0]} on {first['base']!r}; "
+            raise CommandError(f"{folder} was trained on {f['base']!r}, {folders[0]} on {first['base']!r}; "
                                 "adapters combine on one base model (pass --model to choose it)")

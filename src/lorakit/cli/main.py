@@ -49,18 +49,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions that mean a mistake the user can fix: one line, exit status 2."""
-    from ..adapter_file import AdapterFileError
-    from ..serving.deps import ServeError
-    from ..training.checkpoints import CheckpointError
-    from ..training.data import DataError
-    from ..training.errors import TrainingError
-    from ..training.tasks import ModelError
+    """The exceptions that may mean a mistake the user can fix: one line, exit status 2 (a
+    LorakitError only where its class says `user_fixable`, see `is_user_error`)."""
+    from ..errors import LorakitError
 
     # The file-system errors a user's paths cause (a folder they cannot read, a file where a
     # folder should be) name the path; they are shown as one line, not a traceback.
-    return (DataError, ModelError, AdapterFileError, TrainingError, CheckpointError, ServeError, FileExistsError,
-            FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+    return (LorakitError, FileExistsError, FileNotFoundError, PermissionError, IsADirectoryError,
+            NotADirectoryError)
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Whether `err` is shown as one line with exit status 2 rather than a traceback."""
+    from ..errors import LorakitError
+
+    if isinstance(err, LorakitError):
+        return err.user_fixable
+    return isinstance(err, user_errors())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,7 +113,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         return _command(args.command).run(args)
     except user_errors() as err:
-        if args.debug:
+        if args.debug or not is_user_error(err):
             raise
         print(f"lorakit {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2

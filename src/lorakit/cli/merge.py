@@ -28,7 +28,7 @@ from ..quantize import INT8_THRESHOLD, dequantize
 from ..quantize import KINDS as QUANTIZE_KINDS
 from ..quantized import quantized_kind
 from ..registry import lora_layers
-from ..training import TrainingError
+from .errors import CommandError
 from .merge_check import Probe, probe_for
 from .trained import adapter_facts, load_trained
 
@@ -36,7 +36,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 RECORD_FILE = "merge.json"
 # The model's and tokenizer's files vary with the model: merge.json lists them.
 MERGED = Output(command="lorakit merge", what="a merged model folder", marker=RECORD_FILE, names=(RECORD_FILE,),
-                error=TrainingError)
+                error=CommandError)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer, facts = load_trained(args.adapter, args.model, quantize=args.quantize or "run")
     kind, dtype = facts["quantize"], DTYPES[args.dtype]
     if args.requantize and kind is None:
-        raise TrainingError(f"--requantize: {args.adapter} was not trained on a quantized base (pass --quantize KIND "
+        raise CommandError(f"--requantize: {args.adapter} was not trained on a quantized base (pass --quantize KIND "
                             "if it was)")
     probe = probe_for(args.adapter, model, tokenizer, facts) if kind else None
     trained = probe.outputs(model) if probe else None
@@ -101,7 +101,7 @@ def _unload(model: torch.nn.Module, folder: str) -> torch.nn.Module:
     try:
         return unload(model, merge=True)
     except ValueError as err:  # e.g. an adapter on a weight tied to another module
-        raise TrainingError(f"{folder}: {err}") from None
+        raise CommandError(f"{folder}: {err}") from None
 
 
 def _dequantized_report(args, plain, probe: Probe, trained, kind: str, dtype: torch.dtype) -> str:

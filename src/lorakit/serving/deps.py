@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib
 
+from ..errors import LorakitError
 
-class ServeError(Exception):
+
+class ServeError(LorakitError):
     """`lorakit serve` cannot start: a missing library, a bad option, a port in use."""
 
 

@@ -28,13 +28,16 @@ import torch
 from torch import nn
 
 from ..adapter_file import AdapterFileError
+from ..errors import LorakitError
 from ..mixed import Route, mixed_batch
 from .sampling import Sampling, TokenLogprob, pick
 from .store import AdapterStore
 
 
-class RowError(Exception):
+class RowError(LorakitError):
     """A row that cannot run: an HTTP status and the message for the client."""
+
+    user_fixable = False  # becomes a Problem (an HTTP answer); one reaching the command line is a bug
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)

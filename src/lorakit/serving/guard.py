@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..errors import LorakitError
 from . import protocol as P
 from .metrics import Metrics
 
@@ -28,8 +29,10 @@ ENDPOINTS = ("/v1/models", "/classify", "/v1/classify", "/v1/completions", "/v1/
              "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/health", "/metrics")
 
 
-class Problem(Exception):
+class Problem(LorakitError):
     """An answer other than 200, with the message for the client."""
+
+    user_fixable = False  # answered over HTTP; one reaching the command line is a bug
 
     def __init__(self, status: int, message: str, param: str | None = None, headers: dict | None = None) -> None:
         super().__init__(message)

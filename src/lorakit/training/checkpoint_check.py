@@ -15,12 +15,14 @@ from typing import Any
 
 import torch
 
+from ..errors import LorakitError
+
 # AdamW's state per parameter (the loop's optimizer); "step" is a scalar, the others the
 # parameter's shape.
 ADAMW_FIELDS = ("step", "exp_avg", "exp_avg_sq")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LorakitError, ValueError):
     """A checkpoint that cannot be resumed from; the message names the file and the problem."""
 
 

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+from ..errors import LorakitError
 
-class TrainingError(RuntimeError):
+
+class TrainingError(LorakitError, RuntimeError):
     """The run cannot start or had to stop; the message says why and what was kept."""
 
 
-class DataError(ValueError):
+class DataError(LorakitError, ValueError):
     """A problem with a data file; the message names the file and, where it can, the line."""

@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ..adapter_file import AdapterFileError
+from ..errors import LorakitError
 from ..json_file import read_json
 from .data import IGNORE, Encoded, pad_id
 
@@ -30,7 +31,7 @@ HEAD_NAMES = ("classifier", "score")  # sequence-classification heads in Transfo
 LABELS_FILE = "labels.json"  # saved next to a classifier adapter: id2label / label2id
 
 
-class ModelError(ValueError):
+class ModelError(LorakitError, ValueError):
     """The model could not be found or loaded; the message says what was tried."""
 
 
