@@ -6,7 +6,8 @@ import pytest
 from helpers import make_tokenizer
 
 from lorakit.training.data import IGNORE
-from lorakit.training.data_report import marked_text, padding_efficiency
+from lorakit.training.data_report import marked_text
+from lorakit.training.packing import efficiency as padding_efficiency
 
 
 @pytest.mark.parametrize(

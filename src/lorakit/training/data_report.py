@@ -9,7 +9,6 @@ from typing import Any
 
 from . import packing
 from .data import IGNORE, Encoded
-from .loop import epoch_batches
 from .options import RunConfig
 
 # How trained text is marked: colour on a terminal, brackets where colour would be noise.
@@ -36,26 +35,12 @@ def summarize(encoded: Encoded, config: RunConfig) -> DataSummary:
 
 def efficiency(encoded: Encoded, config: RunConfig) -> tuple[str, float]:
     """(what is measured, the share of the tokens the steps of one epoch process that are the
-    examples' own, not padding). The place a way of forming batches other than padding each to
-    its longest example (packing) gives its own figure."""
+    examples' own, not padding): packed rows with --packing, else batches padded to their longest."""
     lengths = [len(ids) for ids in encoded.input_ids]
-    if getattr(config, "packing", False):
-        return "packing", packing.efficiency(lengths, config.batch_size, packing_to=config.max_length,
-                                             seed=config.seed)
-    return "padding", padding_efficiency(lengths, config.batch_size, config.grad_accum, config.seed)
-
-
-def padding_efficiency(lengths: list[int], batch_size: int, grad_accum: int = 1, seed: int = 0) -> float:
-    """Real tokens / processed tokens over the micro-batches of the first epoch, formed as the
-    training loop forms them (loop.epoch_batches, one process), each padded to its longest."""
-    batches = epoch_batches(lengths, seed, 0, batch_size * grad_accum) or [list(range(len(lengths)))]
-    real = processed = 0
-    for batch in batches:
-        for start in range(0, len(batch), batch_size):
-            micro = [lengths[i] for i in batch[start : start + batch_size]]
-            real += sum(micro)
-            processed += max(micro, default=0) * len(micro)
-    return real / processed if processed else 1.0
+    packing_to = config.max_length if config.packing else None
+    share = packing.efficiency(lengths, config.batch_size, grad_accum=config.grad_accum, packing_to=packing_to,
+                               seed=config.seed)
+    return ("packing" if packing_to else "padding"), share
 
 
 def marked_text(ids: list[int], labels: list[int], tokenizer: Any, colour: bool = False) -> str:

@@ -100,13 +100,15 @@ def pack(data: Encoded, max_length: int) -> Packed:
     return packed
 
 
-def efficiency(lengths: list[int], batch_size: int, *, packing_to: int | None = None, seed: int = 0) -> float:
+def efficiency(lengths: list[int], batch_size: int, *, grad_accum: int = 1, packing_to: int | None = None,
+               seed: int = 0) -> float:
     """The share of the tokens one epoch's forward passes take that are not padding.
 
     `lengths`: the tokenized examples' lengths (after --max-length); `batch_size`: examples
-    (packed: rows) per forward pass; `packing_to`: the row length with --packing (--max-length),
-    None without. Batches are those of the training loop's first epoch (`epoch_batches`), with
-    one process and no gradient accumulation; with fewer items than one batch, all in one.
+    (packed: rows) per forward pass, `grad_accum` of them to a global batch; `packing_to`: the row
+    length with --packing (--max-length), None without. Batches are those of the training loop's
+    first epoch (`epoch_batches`, one process), each micro-batch padded to its longest; with fewer
+    items than one global batch, all in one.
     """
     # Imported here: loop imports this module (through prepare).
     from .loop import epoch_batches
@@ -115,10 +117,13 @@ def efficiency(lengths: list[int], batch_size: int, *, packing_to: int | None = 
         lengths = [sum(lengths[i] for i in row) for row in pack_lengths(lengths, packing_to)]
     if not lengths:
         return 1.0
-    size = min(batch_size, len(lengths))
-    batches = epoch_batches(lengths, seed, 0, size)
-    processed = sum(len(b) * max(lengths[i] for i in b) for b in batches)
-    return sum(lengths[i] for b in batches for i in b) / processed
+    real = processed = 0
+    for batch in epoch_batches(lengths, seed, 0, min(batch_size * grad_accum, len(lengths))):
+        for start in range(0, len(batch), batch_size):
+            micro = [lengths[i] for i in batch[start : start + batch_size]]
+            real += sum(micro)
+            processed += max(micro) * len(micro)
+    return real / processed
 
 
 @torch.no_grad()
