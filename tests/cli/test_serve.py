@@ -72,8 +72,8 @@ def test_ctrl_c_answers_the_requests_in_flight_then_stops(adapters):
         deadline = time.time() + 60
         while time.time() < deadline:
             metrics = dict(line.rsplit(" ", 1) for line in c.get("/metrics").text.splitlines() if line[:1] != "#")
-            waiting = int(metrics["lorakit_queue_depth"])
-            answered = int(metrics.get('lorakit_requests_total{endpoint="/v1/completions",status="200"}', 0))
+            waiting = float(metrics["lorakit_queue_depth"])
+            answered = float(metrics.get('lorakit_requests_total{endpoint="/v1/completions",status="200"}', 0))
             if waiting and waiting + answered >= 11:
                 break
             time.sleep(0.005)
@@ -139,7 +139,7 @@ def test_the_port_in_use_is_one_line(adapters):
 def test_missing_web_libraries_name_the_extra(monkeypatch):
     import importlib
 
-    from lorakit.serving.deps import ServeError, require_web
+    from lorakit.serving.extra_check import ServeError, require_web
 
     real = importlib.import_module
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..peft_format import CONFIG_FILE
-from ..serving.deps import ServeError, require_web
+from ..serving.extra_check import ServeError, require_web
 from ..training.options import add_options, check_options, option, options_from_args
 
 API_KEY_ENV = "LORAKIT_API_KEY"
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         run_server(app, args.host, args.port, announce)
     except KeyboardInterrupt:
         interrupted = True  # uvicorn has drained and stopped; the signal comes back to us afterwards
-    print(f"lorakit serve: stopped after {sum(app.state.metrics.requests.values())} requests", flush=True)
+    print(f"lorakit serve: stopped after {app.state.metrics.handled} requests", flush=True)
     return 130 if interrupted else 0  # Ctrl-C ends every command with 130, after the drain here
 
 

@@ -12,7 +12,7 @@ import torch
 from ..adapter_file import AdapterFileError
 from ..config import LoraConfig
 from ..peft_format import CONFIG_FILE
-from ..serving.deps import ServeError
+from ..serving.extra_check import ServeError
 from ..serving.engine import Engine
 from ..serving.store import AdapterStore
 from ..training.data import chat_prompt

@@ -1,11 +1,17 @@
-"""Dynamic batching for `lorakit serve`: rows from many requests, whatever their adapters, run
-as one mixed batch on the single model thread.
+"""Batching for `lorakit serve`: rows from many requests, whatever their adapters, run as mixed
+batches on the single model thread.
 
-The first row that arrives opens a batch; rows arriving within `max_wait` join it, up to
-`max_batch`; then the batch runs (engine.py) while the next one gathers. Rows wait in a queue
-of at most `max_queue` rows: a request whose rows do not all fit is turned away whole (429),
-never half queued. All model work, including loading and unloading adapters, goes through one
-thread, so nothing else touches the model while a batch runs.
+Generation is scheduled per decoding step (scheduler.py): rows join the running batch between
+two steps and leave as soon as they finish, so a short request does not wait for a long one.
+Classification (and generation with `Settings.continuous` off, kept to measure against) is
+batched statically: the first row that arrives opens a batch, rows arriving within `max_wait`
+join it, up to `max_batch`; then the batch runs (engine.py) while the next one gathers.
+
+An idle server waits `max_wait` after the first row for company in either mode. Rows wait in a
+queue of at most `max_queue` rows: a request whose rows do not all fit is turned away whole
+(429), never half queued. All model work, including loading and unloading adapters, goes
+through one thread, so nothing else touches the model during a step or a batch (a load or an
+unload runs between two steps).
 """
 
 from __future__ import annotations
@@ -17,26 +23,34 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .engine import Engine, Row
+from .events import Failed
 from .metrics import Metrics
+from .scheduler import Scheduler
+from .settings import Settings
 
 
 class Batcher:
-    def __init__(self, engine: Engine, max_batch: int, max_wait_s: float, max_queue: int, metrics: Metrics) -> None:
+    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics) -> None:
         self.engine, self.metrics = engine, metrics
-        self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue
+        self.max_batch, self.max_wait_s, self.max_queue = settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue
         self._queue: asyncio.Queue[tuple[Row, asyncio.Future | None]] | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-model")
         self._task: asyncio.Task | None = None
         self._running = 0  # rows in the batch on the model thread
+        continuous = engine.task == "causal-lm" and settings.continuous
+        self.scheduler = Scheduler(engine, settings.max_batch, settings.max_batch_tokens, metrics) if continuous \
+            else None
+        self._arrived: asyncio.Event | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
-        self._queue = asyncio.Queue()
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._queue, self._arrived = asyncio.Queue(), asyncio.Event()
+        work = self._steps() if self.scheduler is not None else self._loop()
+        self._task = asyncio.get_running_loop().create_task(work)
 
     async def stop(self) -> None:
         """Run what is queued, then stop (Ctrl-C drains the queue)."""
-        while self._queue is not None and (self._queue.qsize() or self._running):
+        while self._queue is not None and self.alive and (self.depth or self._running or self._scheduler_busy):
             await asyncio.sleep(0.01)
         if self._task is not None:
             self._task.cancel()
@@ -55,13 +69,23 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize() if self._queue is not None else 0
+        """Rows waiting (not yet running)."""
+        waiting = len(self.scheduler.waiting) if self.scheduler is not None else 0
+        return waiting + (self._queue.qsize() if self._queue is not None else 0)
+
+    @property
+    def _scheduler_busy(self) -> bool:
+        return self.scheduler is not None and self.scheduler.busy
 
     def submit(self, rows: list[Row], with_results: bool) -> list[asyncio.Future] | None:
         """Queue `rows` (the caller checked `room()` first, with no await in between, so the
         check and the puts are one step of the event loop). Classify rows get a future each."""
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in rows] if with_results else [None] * len(rows)
+        if self.scheduler is not None:
+            self.scheduler.waiting.extend(rows)
+            self._arrived.set()
+            return None
         for row, future in zip(rows, futures):
             self._queue.put_nowait((row, future))
         return futures if with_results else None
@@ -70,7 +94,32 @@ class Batcher:
         """Run `fn(*args)` on the model thread, between batches."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    # -- the loop ----------------------------------------------------------------------------
+    # -- the loops ---------------------------------------------------------------------------
+    async def _steps(self) -> None:
+        """Continuous batching: one scheduler step at a time on the model thread; rows that
+        arrive meanwhile join at the next step."""
+        loop, scheduler = asyncio.get_running_loop(), self.scheduler
+        while True:
+            if not scheduler.busy:
+                self._arrived.clear()
+                if not scheduler.waiting:
+                    await self._arrived.wait()
+                    continue
+                deadline = loop.time() + self.max_wait_s  # idle: the first row waits a moment for company
+                while len(scheduler.waiting) < self.max_batch and (left := deadline - loop.time()) > 0:
+                    self._arrived.clear()
+                    try:
+                        await asyncio.wait_for(self._arrived.wait(), left)
+                    except asyncio.TimeoutError:
+                        break
+            try:
+                await loop.run_in_executor(self._pool, scheduler.step)
+            except Exception as err:  # outside any row's forward (the scheduler isolates those): every row says why
+                for row in scheduler.drop_all():
+                    if not row.ended:
+                        row.ended = True
+                        row.emit(Failed(err))
+
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -93,7 +142,7 @@ class Batcher:
             if not batch:
                 continue
             self._running = len(batch)
-            self.metrics.batch(len(batch))
+            self.metrics.batch_rows.observe(len(batch))
             try:
                 await self._run(batch)
             finally:
@@ -117,4 +166,4 @@ class Batcher:
             for row in rows:
                 if not row.ended:
                     row.ended = True
-                    row.emit(("error", err))
+                    row.emit(Failed(err))

@@ -20,6 +20,7 @@ the failed step), so only a row that fails by itself gets the error.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,8 @@ from torch import nn
 from ..adapter_file import AdapterFileError
 from ..errors import LorakitError
 from ..mixed import Route, mixed_batch
+from .events import Done, Event, Failed, Text
+from .kv_rows import pad, select_rows
 from .sampling import Sampling, TokenLogprob, pick
 from .store import AdapterStore
 
@@ -56,7 +59,7 @@ class Row:
     sampling: Sampling = field(default_factory=Sampling)
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    emit: Callable[[tuple], None] | None = None  # events to the request, called from the model thread
+    emit: Callable[[Event], None] | None = None  # events to the request, called from the model thread
     cancelled: bool = False  # the client went away: drop the row at the next chance
     out: list[int] = field(default_factory=list)  # generated token ids (a stop token or end of text too)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token of `out`, if asked for
@@ -64,6 +67,8 @@ class Row:
     ended: bool = False  # finished or failed: no more events
     sent_logprobs: int = 0  # entries of `logprobs` already emitted
     stops_from: int = 0  # where in the text a stop string may start (vLLM: not within min_tokens)
+    arrived: float = field(default_factory=time.perf_counter)  # for the time-to-first-token metric
+    first_token_at: float | None = None
 
 
 class Engine:
@@ -125,7 +130,7 @@ class Engine:
     def classify(self, rows: list[Row]) -> list[Any]:
         """Per row: (probabilities, label), a RowError, or the exception its forward alone raised."""
         results: list[Any] = [None] * len(rows)
-        live = self._acquire(rows, results)
+        live = self.acquire(rows, results)
         if not live:
             return results
         try:
@@ -146,7 +151,7 @@ class Engine:
             return err
 
     def _classify(self, rows: list[Row]) -> list[tuple[list[float], str | None]]:
-        ids, mask = _pad([r.ids for r in rows], self.pad_id, left=False)
+        ids, mask = pad([r.ids for r in rows], self.pad_id, left=False)
         with torch.inference_mode(), mixed_batch(self.model, [r.route for r in rows]):
             logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
         probs = logits.softmax(-1) if logits.shape[-1] > 1 else logits.sigmoid()
@@ -160,18 +165,17 @@ class Engine:
 
     def generate(self, rows: list[Row]) -> None:
         """Run the rows to their ends, one decoding step at a time; events go through row.emit:
-        ("text", delta, logprob entries), ("done", finish_reason, stop_reason, logprob entries),
-        ("error", a RowError or the exception); the entries are those of the row's tokens not sent before."""
+        Text, Done or Failed (events.py)."""
         errors: list[Any] = [None] * len(rows)
-        live = [rows[i] for i in self._acquire(rows, errors)]
+        live = [rows[i] for i in self.acquire(rows, errors)]
         for row, err in zip(rows, errors):
             if err is not None:
-                row.emit(("error", err))
+                row.emit(Failed(err))
         live = [r for r in live if not r.cancelled]
-        streams = {id(r): _generator(r.seed) for r in live}
-        self._decode_isolated(live, streams)
+        streams = {id(r): row_stream(r.seed) for r in live}
+        self.decode_isolated(live, streams)
 
-    def _decode_isolated(self, rows: list[Row], streams: dict[int, torch.Generator]) -> None:
+    def decode_isolated(self, rows: list[Row], streams: dict[int, torch.Generator]) -> None:
         """Decode `rows` as one batch; if that raises, each row that has not ended goes on alone
         from where it stood, so a failure is only the failing row's."""
         before: dict[int, tuple[int, Any]] = {}  # per row: (tokens so far, random state) at the step's start
@@ -183,18 +187,18 @@ class Engine:
                     streams[id(row)].set_state(before[id(row)][1])
             if len(rows) == 1:
                 rows[0].ended = True
-                rows[0].emit(("error", err))
+                rows[0].emit(Failed(err))
                 return
             for row in rows:
                 if not row.ended and not row.cancelled:
-                    self._decode_isolated([row], streams)
+                    self.decode_isolated([row], streams)
 
     def _decode(self, live: list[Row], streams: dict[int, torch.Generator],
                 before: dict[int, tuple[int, Any]]) -> None:
         live = [r for r in live if not r.ended and not r.cancelled]
         if not live:
             return
-        ids, mask = _pad([r.ids + r.out for r in live], self.pad_id, left=True)  # goes on from its tokens
+        ids, mask = pad([r.ids + r.out for r in live], self.pad_id, left=True)  # goes on from its tokens
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         generators = [streams[id(r)] for r in live]
         past = None
@@ -207,12 +211,12 @@ class Engine:
                 logits = out.logits[:, -1, :].float()
                 tokens, entries = pick(logits, [r.sampling for r in live], [r.ids for r in live],
                                        [r.out for r in live], self.eos_ids, generators)
-                keep = [j for j, row in enumerate(live) if not self._step(row, tokens[j], entries[j])]
+                keep = [j for j, row in enumerate(live) if not self.take_token(row, tokens[j], entries[j])]
                 if not keep:
                     return
                 if len(keep) < len(live):  # finished rows leave: drop their cache rows
                     index = torch.tensor(keep)
-                    _select_rows(past, index)
+                    select_rows(past, index)
                     mask, positions = mask[index], positions[index]
                     live = [live[j] for j in keep]
                     generators = [generators[j] for j in keep]
@@ -222,7 +226,7 @@ class Engine:
                 mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
                 positions = positions[:, -1:] + 1
 
-    def _step(self, row: Row, token: int, logprob: TokenLogprob | None = None) -> bool:
+    def take_token(self, row: Row, token: int, logprob: TokenLogprob | None = None) -> bool:
         """Take the row's next token; emit its new text; True when the row is finished.
 
         The checks are vLLM's (end of text unless ignore_eos, then stop_token_ids, which stay in
@@ -261,12 +265,12 @@ class Engine:
         if ready.endswith("\ufffd"):
             ready = ready.rstrip("\ufffd")
         if len(ready) > len(row.sent) and ready.startswith(row.sent):
-            row.emit(("text", ready[len(row.sent) :], self._unsent_logprobs(row)))
+            row.emit(Text(ready[len(row.sent) :], self._unsent_logprobs(row)))
             row.sent = ready
 
     def _finish(self, row: Row, reason: str, stop: str | int | None) -> bool:
         row.ended = True
-        row.emit(("done", reason, stop, self._unsent_logprobs(row)))
+        row.emit(Done(reason, stop, self._unsent_logprobs(row)))
         return True
 
     def _unsent_logprobs(self, row: Row) -> list[TokenLogprob]:
@@ -274,12 +278,12 @@ class Engine:
         row.sent_logprobs = len(row.logprobs)
         return entries
 
-    def _acquire(self, rows: list[Row], results: list[Any]) -> list[int]:
+    def acquire(self, rows: list[Row], results: list[Any], keep: tuple[str, ...] = ()) -> list[int]:
         """Load the adapters the rows need; rows whose adapter failed get the error. The indices
-        of the rows that can run."""
+        of the rows that can run. `keep`: adapters of rows already running, kept from eviction."""
         names = {n for r in rows if not r.cancelled for n in r.names}
         missing = {n for n in names if n not in self.store.entries}
-        failed: dict[str, Exception] = self.store.acquire(sorted(names - missing))
+        failed: dict[str, Exception] = self.store.acquire([*keep, *sorted(names - missing)])
         live = []
         for i, row in enumerate(rows):
             gone = [n for n in row.names if n in missing]
@@ -304,26 +308,6 @@ def _max_positions(config: Any, tokenizer: Any) -> int:
     return value if isinstance(value, int) and 0 < value < 1_000_000 else 2048
 
 
-def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention mask) of the rows padded to the longest."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        cols = slice(width - len(s), width) if left else slice(0, len(s))
-        ids[i, cols] = torch.tensor(s, dtype=torch.long)
-        mask[i, cols] = 1
-    return ids, mask
-
-
-def _generator(seed: int | None) -> torch.Generator:
+def row_stream(seed: int | None) -> torch.Generator:
     """A row's own random stream: the same seed gives the same text whatever else is in the batch."""
     return torch.Generator().manual_seed(seed if seed is not None else random.getrandbits(63))
-
-
-def _select_rows(past: Any, index: torch.Tensor) -> None:
-    """Keep only rows `index` of a Transformers KV cache, in place."""
-    if hasattr(past, "batch_select_indices"):
-        past.batch_select_indices(index)
-    else:
-        past.reorder_cache(index)

@@ -1,81 +1,82 @@
-"""What `GET /metrics` reports, in Prometheus' text format (version 0.0.4), written by hand: a few
-counters, gauges and histograms need no client library."""
+"""What `GET /metrics` reports, through `prometheus_client`, on a registry of the app's own (two
+apps in one process, as in the tests, count apart)."""
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from .store import AdapterStore
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)  # seconds per token
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
-class Histogram:
-    def __init__(self, buckets: tuple[float, ...]) -> None:
-        self.buckets = buckets
-        self.counts = [0] * len(buckets)
-        self.total = 0
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.total += 1
-        self.sum += value
-        for i, edge in enumerate(self.buckets):
-            if value <= edge:
-                self.counts[i] += 1
-
-    def lines(self, name: str, labels: str = "") -> list[str]:
-        sep = "," if labels else ""
-        out = [f'{name}_bucket{{{labels}{sep}le="{_num(edge)}"}} {count}' for edge, count in zip(self.buckets, self.counts)]
-        out.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.total}')
-        braces = f"{{{labels}}}" if labels else ""
-        return out + [f"{name}_sum{braces} {self.sum:.6f}", f"{name}_count{braces} {self.total}"]
+_STEP_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Metrics:
-    """Counters of the server, updated on the event loop (requests) and after each batch."""
+    """The server's counters, updated on the event loop (requests) and by the batch loop."""
 
-    def __init__(self) -> None:
-        self.requests: dict[tuple[str, int], int] = defaultdict(int)  # (endpoint, status) -> count
-        self.latency: dict[str, Histogram] = {}
-        self.batch_rows = Histogram(_BATCH_BUCKETS)
-        self.queue_depth = 0
+    def __init__(self, store: AdapterStore | None = None) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self._requests = Counter("lorakit_requests", "HTTP requests by endpoint and status.",
+                                 ["endpoint", "status"], registry=r)
+        self._errors = Counter("lorakit_request_errors", "HTTP requests answered with a 4xx or 5xx status.",
+                               registry=r)
+        self._latency = Histogram("lorakit_request_duration_seconds", "Time from request to the end of the response.",
+                                  ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("lorakit_queue_depth", "Rows waiting to run (not yet in a batch).", registry=r)
+        self.batch_rows = Histogram("lorakit_batch_rows", "Rows per batch (generation: per group admitted at once).",
+                                    buckets=_BATCH_BUCKETS, registry=r)
+        self.running = Gauge("lorakit_running_rows", "Generation rows in the running batch.", registry=r)
+        self.step_tokens = Histogram("lorakit_step_tokens", "Tokens through the model per generation step "
+                                     "(decoding rows plus prefill).", buckets=_STEP_TOKEN_BUCKETS, registry=r)
+        self.ttft = Histogram("lorakit_time_to_first_token_seconds", "From a row's arrival to its first token.",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("lorakit_time_per_output_token_seconds", "A row's time per token after its first.",
+                              buckets=_TOKEN_BUCKETS, registry=r)
+        if store is not None:
+            r.register(_StoreCollector(store))
+        self._handled = 0
 
     def request(self, endpoint: str, status: int, seconds: float) -> None:
-        self.requests[(endpoint, status)] += 1
-        self.latency.setdefault(endpoint, Histogram(_LATENCY_BUCKETS)).observe(seconds)
+        self._requests.labels(endpoint, str(status)).inc()
+        if status >= 400:
+            self._errors.inc()
+        self._latency.labels(endpoint).observe(seconds)
+        self._handled += 1
 
-    def batch(self, rows: int) -> None:
-        self.batch_rows.observe(rows)
+    @property
+    def handled(self) -> int:
+        """Requests answered so far."""
+        return self._handled
 
-    def text(self, store: AdapterStore) -> str:
-        lines = ["# HELP lorakit_requests_total HTTP requests by endpoint and status.",
-                 "# TYPE lorakit_requests_total counter"]
-        lines += [f'lorakit_requests_total{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in sorted(self.requests.items())]
-        errors = sum(n for (_, s), n in self.requests.items() if s >= 400)
-        lines += ["# HELP lorakit_request_errors_total HTTP requests answered with a 4xx or 5xx status.",
-                  "# TYPE lorakit_request_errors_total counter", f"lorakit_request_errors_total {errors}",
-                  "# HELP lorakit_request_duration_seconds Time from request to the end of the response.",
-                  "# TYPE lorakit_request_duration_seconds histogram"]
-        for endpoint, hist in sorted(self.latency.items()):
-            lines += hist.lines("lorakit_request_duration_seconds", f'endpoint="{endpoint}"')
-        lines += ["# HELP lorakit_queue_depth Rows waiting for a batch.", "# TYPE lorakit_queue_depth gauge",
-                  f"lorakit_queue_depth {self.queue_depth}",
-                  "# HELP lorakit_batch_rows Rows per batch run on the model.", "# TYPE lorakit_batch_rows histogram"]
-        lines += self.batch_rows.lines("lorakit_batch_rows")
-        gauges = [("adapters_registered", "Adapters the server knows.", len(store.entries)),
-                  ("adapters_loaded", "Adapters loaded on the model.", len(store.loaded)),
-                  ("adapter_loaded_bytes", "Bytes of the loaded adapters' tensors.", store.loaded_bytes)]
-        for name, text, value in gauges:
-            lines += [f"# HELP lorakit_{name} {text}", f"# TYPE lorakit_{name} gauge", f"lorakit_{name} {value}"]
-        counters = [("adapter_loads_total", "Adapter loads.", store.loads),
-                    ("adapter_evictions_total", "Adapters unloaded to stay within the byte budget.", store.evictions),
-                    ("adapter_load_failures_total", "Adapter loads that failed.", store.failures)]
-        for name, text, value in counters:
-            lines += [f"# HELP lorakit_{name} {text}", f"# TYPE lorakit_{name} counter", f"lorakit_{name} {value}"]
-        return "\n".join(lines) + "\n"
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float | None:
+        """One sample, by its name in the exposition (e.g. "lorakit_batch_rows_count")."""
+        return self.registry.get_sample_value(name, labels or {})
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)
 
 
-def _num(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(value)
+class _StoreCollector(Collector):
+    """The adapter store's numbers, read when /metrics is asked."""
+
+    def __init__(self, store: AdapterStore) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.store
+        yield GaugeMetricFamily("lorakit_adapters_registered", "Adapters the server knows.", value=len(s.entries))
+        yield GaugeMetricFamily("lorakit_adapters_loaded", "Adapters loaded on the model.", value=len(s.loaded))
+        yield GaugeMetricFamily("lorakit_adapter_loaded_bytes", "Bytes of the loaded adapters' tensors.",
+                                value=s.loaded_bytes)
+        yield CounterMetricFamily("lorakit_adapter_loads", "Adapter loads.", value=s.loads)
+        yield CounterMetricFamily("lorakit_adapter_evictions", "Adapters unloaded to stay within the byte budget.",
+                                  value=s.evictions)
+        yield CounterMetricFamily("lorakit_adapter_load_failures", "Adapter loads that failed.", value=s.failures)

@@ -12,8 +12,8 @@ class ServeError(LorakitError):
 
 
 def require_web() -> None:
-    """Raise ServeError naming the extra to install when FastAPI, uvicorn or pydantic is missing."""
-    for name in ("fastapi", "uvicorn", "pydantic"):
+    """Raise ServeError naming the extra to install when FastAPI, uvicorn, pydantic or prometheus_client is missing."""
+    for name in ("fastapi", "uvicorn", "pydantic", "prometheus_client"):
         try:
             importlib.import_module(name)
         except ImportError:
