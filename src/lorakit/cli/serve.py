@@ -35,7 +35,11 @@ class ServeOptions:
     port: int = option(8000, _SERVER, "port (default 8000; 0: any free port)", valid="[0, 65535]")
     api_key: str | None = option(None, _SERVER, "require 'Authorization: Bearer KEY' (default: "
                                  f"${API_KEY_ENV} if set)", metavar="KEY")
-    max_batch: int = option(32, _BATCHES, "rows per batch (default 32)", metavar="ROWS", valid=">= 1")
+    max_batch: int = option(32, _BATCHES, "rows per batch; generation: rows decoding together (default 32)",
+                            metavar="ROWS", valid=">= 1")
+    max_batch_tokens: int = option(2048, _BATCHES, "generation: tokens through the model per step, one per "
+                                   "decoding row plus a chunk of waiting prompts (default 2048)", metavar="TOKENS",
+                                   valid=">= 1")
     # A batch that waits longer than a minute for company leaves a lone request hanging.
     max_wait_ms: float = option(5.0, _BATCHES, "how long a batch waits for more rows, at most a minute "
                                 "(default 5)", metavar="MS", valid="[0, 60000]")
@@ -67,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     engine, skipped = build_engine(pinned, found, args.model, int(args.max_loaded_mb * 2**20))
     for folder, err in skipped:
         print(f"lorakit serve: skipping {folder}: {err}", file=sys.stderr)
-    settings = Settings(api_key=api_key, max_batch=args.max_batch,
+    settings = Settings(api_key=api_key, max_batch=args.max_batch, max_batch_tokens=args.max_batch_tokens,
                         max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, adapter_root=root)
     app = build_app(engine, settings)
     names = list(engine.store.entries)
