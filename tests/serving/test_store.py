@@ -15,7 +15,7 @@ from torch import nn
 
 import lorakit
 from lorakit.serving import AdapterStore
-from lorakit.training.tasks import load_model
+from lorakit.training.base_model import load_model
 
 
 @pytest.fixture

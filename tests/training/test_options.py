@@ -15,13 +15,13 @@ import pytest
 from lorakit.cli import main
 from lorakit.training import RunConfig, TrainingError
 from lorakit.training.option_check import number_problem, parse_bounds
-from lorakit.training.options import RUN_FILE, _option_fields, add_run_options, read_run
+from lorakit.training.options import RUN_FILE, add_run_options, run_option_fields, read_run
 
 
 def numeric_options() -> list[tuple[str, type, str]]:
     """(name, int or float, range) of every numeric option, read from the definitions."""
     found = []
-    for f in _option_fields():
+    for f in run_option_fields():
         kind = f.metadata.get("type") or type(f.default)
         if kind in (int, float):
             found.append((f.name, kind, f.metadata.get("valid")))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from lorakit.training.data import examples as D
-from lorakit.training.tasks import fit_max_length, label_count, loss_sum, position_limit
+from lorakit.training.tasks import label_count, loss_sum
+from lorakit.training.base_model import fit_max_length, position_limit
 
 
 def test_causal_loss_counts_completion_tokens_only():

@@ -26,7 +26,6 @@ from .plan import (
     commit,
     get_adapted,
     load_copy,
-    replace_module,
     saved_module_paths,
     saved_wrapper_paths,
 )
@@ -36,14 +35,17 @@ from .registry import (
     activate,
     active_adapters,
     adapters,
+    check_new_name,
     disabled_depth,
     forget,
     lora_layers,
-    named_base_modules,
+    refuse_if_merged,
+    replace_module,
     set_disabled_depth,
     wrappers,
 )
 from .saved_modules import SavedModule
+from ..module_tree import base_modules
 from ..targets import resolve_targets
 
 # ---- public API ----------------------------------------------------------------------------
@@ -58,9 +60,9 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
 
 def add_adapter(model: nn.Module, name: str, config: LoraConfig) -> nn.Module:
     """Add adapter `name` (active only if no other adapter is); see `set_adapter`."""
-    _check_new_name(model, name)
+    check_new_name(model, name)
     _check_config(config)
-    _refuse_if_merged(model, "adding an adapter")
+    refuse_if_merged(model, "adding an adapter")
     exclude = list(config.modules_to_save) + saved_wrapper_paths(model)
     modules = resolve_targets(model, config.targets, config.layers, exclude=exclude, layers_pattern=config.layers_pattern)
     # Nothing inside a module trained in full gets an adapter as well.
@@ -94,9 +96,9 @@ def add_adapter_from_tensors(
     integer dtypes); a ValueError names the module, parameter or tensor at fault. The adapter
     becomes active if no other adapter is.
     """
-    _check_new_name(model, name)
+    check_new_name(model, name)
     _check_config(config)
-    _refuse_if_merged(model, "loading an adapter")
+    refuse_if_merged(model, "loading an adapter")
     if not pairs:
         raise ValueError("no LoRA weights given (pairs is empty)")
     for path in pairs:
@@ -108,7 +110,7 @@ def add_adapter_from_tensors(
     unknown = sorted(set(magnitudes or {}) - set(pairs))
     if unknown:
         raise ValueError(f"magnitudes: {unknown[0]!r} has no (A, B) pair in pairs")
-    order = {p: i for i, (p, _) in enumerate(named_base_modules(model))}
+    order = {p: i for i, (p, _) in enumerate(base_modules(model))}
     modules = sorted(pairs, key=lambda p: order[p])
     plan = build_plan(model, name, config, modules, tensors=pairs, magnitudes=(magnitudes or {}) if config.use_dora else None)
     saved = saved or {}
@@ -151,7 +153,7 @@ def set_adapter(model: nn.Module, names: str | list[str]) -> None:
     for n in names:
         if n not in known:
             raise ValueError(f"no adapter named {n!r}; the model has {sorted(known) or 'none'}")
-    _refuse_if_merged(model, "switching adapters")
+    refuse_if_merged(model, "switching adapters")
     for path, module in wrappers(model):
         if isinstance(module, SavedModule) and sum(n in module.copies for n in names) > 1:
             raise ValueError(
@@ -200,7 +202,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     Blocks nest: adapters come back when the outermost one closes, however it closes. Adapters
     added inside a block are off until then too; merging inside one is refused.
     """
-    _refuse_if_merged(model, "disabling adapters")
+    refuse_if_merged(model, "disabling adapters")
     set_disabled_depth(model, disabled_depth(model) + 1)
     _set_enabled(model, False)
     try:
@@ -254,7 +256,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     if not merge:
         for record in adapters(model).values():
             _give_back_base(model, record)
-    for path, module in list(model.named_modules()):
+    for path, module in wrappers(model):
         if isinstance(module, LoraLayer):
             replace_module(model, path, module.base_layer)
         elif isinstance(module, SavedModule):
@@ -273,29 +275,9 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 # ---- small helpers -------------------------------------------------------------------------
 
 
-def _check_new_name(model: nn.Module, name: str) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(name, str) or not name or "." in name:
-        raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
-    # Each wrapper keeps its adapters in an nn.ModuleDict / nn.ParameterDict keyed by name, and
-    # those refuse the names of their own attributes; caught here, before anything changes.
-    taken = next((d for d in (nn.ModuleDict(), nn.ParameterDict()) if hasattr(d, name)), None)
-    if taken is not None:
-        raise ValueError(f"adapter name {name!r} is the name of an attribute of torch's {type(taken).__name__}, "
-                         "which holds each layer's adapters by name; pick another name")
-    if name in adapters(model):
-        raise ValueError(f"the model already has an adapter named {name!r}; delete_adapter it or pick another name")
-
-
 def _check_config(config: LoraConfig) -> None:
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a lorakit.LoraConfig, got {type(config).__name__} {config!r}"[:200])
-
-
-def _refuse_if_merged(model: nn.Module, doing: str) -> None:
-    if any(layer.merged for layer in lora_layers(model)):
-        raise ValueError(f"adapters are merged into the weights; call lorakit.unmerge(model) before {doing}")
 
 
 def _check_merge(model: nn.Module, requantize: bool) -> None:

@@ -17,11 +17,11 @@ from .registry import (
     activate,
     active_adapters,
     disabled_depth,
-    named_base_modules,
     register,
-    structure_changed,
+    replace_module,
 )
 from .saved_modules import SavedModule
+from ..module_tree import base_modules, get_module, is_wrapper, name_matches, within
 from ..targets import adaptable_kind
 from ..layers.kinds import wrapper_for
 
@@ -148,13 +148,13 @@ def commit(model: nn.Module, plan: Plan) -> None:
 def saved_module_paths(model: nn.Module, names: list[str]) -> list[str]:
     """Module paths matching each modules_to_save entry (exact name or '.'-suffix)."""
     paths: list[str] = []
-    modules = named_base_modules(model)
-    wrappers = [p for p, m in modules if isinstance(m, (LoraLayer, SavedModule))]
+    modules = base_modules(model)
+    wrappers = [p for p, m in modules if is_wrapper(m)]
     for entry in names:
         found = [
             p
             for p, m in modules
-            if p and (p == entry or p.endswith("." + entry)) and not any(p.startswith(w + ".") for w in wrappers)
+            if p and name_matches(p, entry) and not within(p, wrappers)
         ]
         if not found:
             raise ValueError(f"modules_to_save entry {entry!r} matches no module of the model")
@@ -164,7 +164,7 @@ def saved_module_paths(model: nn.Module, names: list[str]) -> list[str]:
 
 def saved_wrapper_paths(model: nn.Module) -> list[str]:
     """Paths of existing modules_to_save wrappers: never LoRA targets themselves."""
-    return [p for p, m in named_base_modules(model) if isinstance(m, SavedModule)]
+    return [p for p, m in base_modules(model) if isinstance(m, SavedModule)]
 
 
 def given_pair(
@@ -243,17 +243,3 @@ def get_adapted(model: nn.Module, path: str) -> nn.Module:
     if adaptable_kind(module) is None:
         raise ValueError(f"module {path!r} ({type(module).__name__}) cannot carry a LoRA adapter")
     return module
-
-
-def get_module(model: nn.Module, path: str) -> nn.Module:
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        raise ValueError(f"the model has no module named {path!r}") from None
-
-
-def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, child, new)
-    structure_changed(model)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import named_base_modules
+from ..module_tree import base_modules, name_matches
 
 ROWS_KEY = "token_adapter.trainable_tokens_delta"  # PEFT's key suffix for a wrapped module's rows
 CONFIG_KEY = "trainable_token_indices"
@@ -95,7 +95,7 @@ def add_token_rows(model: nn.Module, indices: list[int]) -> list[str]:
 def token_rows(model: nn.Module) -> dict[str, TokenRows]:
     """The model's TokenRows that own their rows (not tied to another's), by module path."""
     # The base modules only: saving costs the same however many adapters are loaded (registry.py).
-    return {p: m for p, m in named_base_modules(model) if isinstance(m, TokenRows) and not m.tied}
+    return {p: m for p, m in base_modules(model) if isinstance(m, TokenRows) and not m.tied}
 
 
 def config_entry(model: nn.Module) -> list[int] | dict[str, list[int]] | None:
@@ -116,14 +116,14 @@ def indices_by_module(model: nn.Module, entry: Any, where: str) -> dict[str, lis
     is the name or ends with "." + name."""
     if isinstance(entry, list):
         embedding = model.get_input_embeddings()
-        path = next((p for p, m in named_base_modules(model) if m is embedding), None)
+        path = next((p for p, m in base_modules(model) if m is embedding), None)
         if path is None:
             raise ValueError(f"{where}: {CONFIG_KEY} names the input embedding, which this model lacks")
         return {path: entry}
     found: dict[str, list[int]] = {}
-    names = [p for p, _ in named_base_modules(model)]
+    names = [p for p, _ in base_modules(model)]
     for name, ids in entry.items():
-        matches = [p for p in names if p == name or p.endswith("." + name)]
+        matches = [p for p in names if name_matches(p, name)]
         if len(matches) != 1:
             raise ValueError(f"{where}: {CONFIG_KEY} names {name!r}, which matches {len(matches)} modules "
                              "of this model (one expected)")

@@ -19,7 +19,8 @@ from ..files.adapter_file import load_adapter, save_adapter
 from ..tools.arithmetic import METHODS, combine
 from ..files.output_folder import Output
 from ..files.peft_format import CONFIG_FILE, WEIGHTS_FILE
-from ..training.tasks import LABELS_FILE, TASK_TYPES, labels_json
+from ..training.tasks import TASK_TYPES
+from ..training.labels import LABELS_FILE, labels_json
 from .errors import CommandError
 from .trained import adapter_facts, load_trained
 

@@ -19,7 +19,7 @@ from ..training.data import examples as data_mod
 from ..training.data.report import DataSummary, marked_text, summarize
 from ..training.options import add_run_options
 from ..training.prepare import run_labels
-from ..training.tasks import default_model, fit_max_length, load_config, load_tokenizer, quiet_transformers
+from ..training.base_model import default_model, fit_max_length, load_config, load_tokenizer, quiet_transformers
 
 # The RunConfig options that decide what training sees of the data. Those RunConfig defines are
 # offered (a data option RunConfig gains, such as `packing`, joins when it is defined there).

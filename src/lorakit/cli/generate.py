@@ -13,7 +13,8 @@ import argparse
 import torch
 
 from ..training import TrainingError
-from ..training.tasks import model_inputs, position_limit
+from ..training.tasks import model_inputs
+from ..training.base_model import position_limit
 from .trained import load_trained
 
 

@@ -11,7 +11,8 @@ from typing import Any
 from ..files.adapter_file import read_adapter_config, read_tensor_shapes
 from ..files.peft_format import PREFIX, WEIGHTS_FILE, split_pair_key
 from ..training.report.metrics_log import METRICS_FILE, evaluations, fmt_result, read_metrics
-from ..training.tasks import TASK_OF_TYPE, read_labels
+from ..training.tasks import TASK_OF_TYPE
+from ..training.labels import read_labels
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

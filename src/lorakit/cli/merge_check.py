@@ -11,7 +11,7 @@ import torch
 from ..training.data import examples as data_mod
 from ..training.options import RUN_FILE, read_run
 from ..training.prepare import held_out_set
-from ..training.tasks import fit_max_length
+from ..training.base_model import fit_max_length
 
 EXAMPLES = 16
 

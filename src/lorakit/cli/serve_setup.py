@@ -16,7 +16,8 @@ from ..serving.extra_check import ServeError
 from ..serving.engine import Engine
 from ..serving.store import AdapterStore
 from ..training.data.examples import chat_prompt
-from ..training.tasks import LABELS_FILE, load_model, load_tokenizer, prepare_model, quiet_transformers
+from ..training.base_model import load_base
+from ..training.labels import LABELS_FILE
 from .trained import adapter_facts
 
 
@@ -40,11 +41,8 @@ def build_engine(pinned: list[Path], found: list[Path], model_name: str | None,
         raise ServeError(f"{pinned[0] if pinned else found[0]}: base_model_name_or_path is empty; pass --model")
     task = first["task"] if first else "causal-lm"
     labels = first["labels"] if first else None
-    quiet_transformers()
-    tokenizer = load_tokenizer(base)
-    torch.manual_seed(0)  # a classifier's base head is fresh: the same one on every start
-    model = load_model(base, task, labels)
-    prepare_model(model, tokenizer)
+    # seed: a classifier's base head is fresh, the same one on every start
+    model, tokenizer = load_base(base, task, labels, seed=0)
     model.eval()
 
     def check(folder: Path, _config: LoraConfig, _facts: dict[str, Any]) -> dict[str, Any]:

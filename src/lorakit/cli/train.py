@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from ..training import RunConfig, TrainingError, train
-from ..training.options import _option_fields, add_run_options, read_run
+from ..training.options import add_run_options, run_option_fields, read_run
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -47,7 +47,7 @@ def _refuse_run_options(args: argparse.Namespace, mode: str) -> None:
     """--resume and --repeat take the run's saved options: one given as well would be ignored in silence
     (`--resume R --epochs 5` would stop at the saved epochs)."""
     defaults = RunConfig()
-    given = [f"--{f.name.replace('_', '-')}" for f in _option_fields()
+    given = [f"--{f.name.replace('_', '-')}" for f in run_option_fields()
              if f.name != "out" and getattr(args, f.name) != getattr(defaults, f.name)]
     if given:
         raise TrainingError(f"{mode} uses every option saved in its run_config.json, so {', '.join(given)} would be "

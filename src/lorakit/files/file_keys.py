@@ -21,7 +21,8 @@ from ..errors import LorakitError
 from ..layers.base import LoraLayer
 from .peft_targets import peft_saved_modules, targeted_modules
 from ..adapting.plan import check_shape, check_values, get_adapted, saved_module_paths
-from ..adapting.registry import base_biases, named_base_modules
+from ..adapting.registry import base_biases
+from ..module_tree import base_modules
 from ..adapting.saved_modules import SavedModule
 from ..targets import adaptable_kind
 from ..adapting.token_rows import CONFIG_KEY, ROWS_KEY, check_entry, indices_by_module, rows_replacing
@@ -294,7 +295,7 @@ def _present_saved_modules(model: nn.Module, config: LoraConfig, tensors: dict[s
     PEFT writes both `classifier` and `score` for any sequence-classification adapter; the one
     the model lacks (and the file has no weights for) is dropped, as PEFT does.
     """
-    names = [p for p, _ in named_base_modules(model) if p]
+    names = [p for p, _ in base_modules(model) if p]
     keys = [k[len(fmt.PREFIX):] for k in tensors if k.startswith(fmt.PREFIX)]
 
     def known(entry: str) -> bool:  # PEFT's rule: a plain suffix of the name (peft_targets.py)

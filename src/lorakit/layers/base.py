@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dispatch, dora
-from ..adapting.init_schemes import init_pair
+from .init_schemes import init_pair
 from .precision import precise
 
 

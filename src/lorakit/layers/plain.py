@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dispatch, torch_internals
-from ..adapting.init_schemes import olora_pair, pissa_pair
+from .init_schemes import olora_pair, pissa_pair
 from .base import LoraLayer
 from .precision import precise
 from ..targets import adaptable_kind

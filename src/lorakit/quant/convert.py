@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from ..layers.plain import LoraLayer, LoraLinear
-from ..adapting.plan import replace_module
+from ..adapting.registry import replace_module
+from ..module_tree import inside, name_matches
 from .bnb import bitsandbytes, keep_layout, quantized_kind
 from .bnb import dequantize as dequantized_weight
-from ..targets import _inside, _names, output_head_names
+from ..targets import output_head_names
 
 KINDS = ("nf4", "fp4", "int8")
 BLOCKSIZE = 64  # QLoRA's block size, and what Transformers uses
@@ -95,7 +96,7 @@ def _quantizable(model: nn.Module, skip: list[str]) -> list[tuple[str, nn.Linear
     """(path, layer) of every nn.Linear to quantize; a skip entry that names nothing is an error."""
     names = [p for p, _ in model.named_modules() if p]
     for entry in skip:
-        if not any(_names(p, entry) for p in names):
+        if not any(name_matches(p, entry) for p in names):
             raise ValueError(f"quantize: skip entry {entry!r} names no module of the model")
     keep = sorted(output_head_names(model)) + skip
     owners: dict[int, int] = {}
@@ -108,7 +109,7 @@ def _quantizable(model: nn.Module, skip: list[str]) -> list[tuple[str, nn.Linear
         parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
         if isinstance(parent, nn.MultiheadAttention):
             continue  # it reads out_proj.weight directly
-        if any(_inside(path, entry) for entry in keep):
+        if any(inside(path, entry) for entry in keep):
             continue
         if owners.get(id(module.weight), 0) > 1:
             continue  # tied to another module: quantizing one copy would untie them

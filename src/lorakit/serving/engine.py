@@ -29,7 +29,7 @@ from torch import nn
 
 from ..files.adapter_file import AdapterFileError
 from ..errors import LorakitError
-from ..layers.mixed import Route, mixed_batch
+from ..adapting.mixed import Route, mixed_batch
 from .sampling import Sampling, TokenLogprob, pick
 from .store import AdapterStore
 

@@ -6,7 +6,7 @@ so thousands of folders register in moments. Loading is `load_adapter`'s transac
 folder fails its own load with an AdapterFileError naming the file, and nothing else changes.
 The budget is in bytes, not a count: adapters' sizes differ by orders of magnitude with rank.
 Loading and evicting cost O(the adapter's size), however many adapters are loaded (the model
-walks in lorakit skip the adapters' own modules; see registry.named_base_modules). A PiSSA
+walks in lorakit skip the adapters' own modules; see module_tree.base_modules). A PiSSA
 adapter is loaded as the plain LoRA adapter it equals (`load_adapter(as_lora=True)`): its
 residual must not replace base weights that every other adapter and base request shares.
 

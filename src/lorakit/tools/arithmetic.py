@@ -40,7 +40,8 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..layers.base import LoraLayer
-from ..adapting.manage import _check_new_name, _refuse_if_merged, add_adapter_from_tensors
+from ..adapting.manage import add_adapter_from_tensors
+from ..adapting.registry import check_new_name, refuse_if_merged
 from ..adapting.registry import adapters, lora_layers, wrappers
 
 METHODS = ("linear", "cat", "svd", "ties", "dare")
@@ -109,8 +110,8 @@ def combine(
 
 
 def _check(model, weights, name, method, rank, density) -> dict[str, float]:
-    _check_new_name(model, name)
-    _refuse_if_merged(model, "combining adapters")
+    check_new_name(model, name)
+    refuse_if_merged(model, "combining adapters")
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     if not isinstance(weights, dict) or not weights:

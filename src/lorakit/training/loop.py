@@ -45,7 +45,8 @@ from .report.plot import PLOT_FILE, plot_loss
 from .prepare import Setup, prepare
 from .report.progress import Progress, duration
 from .run_lock import RunLock, check_unlocked
-from .tasks import LABELS_FILE, TASK_TYPES, evaluate, forward, label_count, labels_json, loss_sum
+from .tasks import TASK_TYPES, evaluate, forward, label_count, loss_sum
+from .labels import LABELS_FILE, labels_json
 from .report.verdict import Verdict, advice, judge, write_verdict
 
 

@@ -167,7 +167,8 @@ def option_fields(config_class: type) -> list[Field]:
     return [f for f in fields(config_class) if "group" in f.metadata]
 
 
-def _option_fields() -> list[Field]:
+def run_option_fields() -> list[Field]:
+    """The options of `lorakit train` (RunConfig's)."""
     return option_fields(RunConfig)
 
 

@@ -22,7 +22,7 @@ from .new_tokens import TOKENIZER_FILES
 from .options import RUN_FILE
 from .report.plot import PLOT_FILE
 from .run_lock import LOCK_FILE, check_unlocked
-from .tasks import LABELS_FILE
+from .labels import LABELS_FILE
 
 # Everything a run writes in its folder, and nothing else.
 RUN_OUTPUTS = (CONFIG_FILE, WEIGHTS_FILE, LABELS_FILE, METRICS_FILE, PLOT_FILE, RUN_FILE, CHECKPOINTS,

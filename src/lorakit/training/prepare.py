@@ -23,15 +23,8 @@ from .errors import TrainingError
 from .new_tokens import add_tokens
 from .options import RunConfig
 from .data.packing import Packed, check_model, efficiency, pack
-from .tasks import (
-    default_model,
-    fit_max_length,
-    head_name,
-    load_model,
-    load_tokenizer,
-    prepare_model,
-    quiet_transformers,
-)
+from .tasks import head_name
+from .base_model import default_model, fit_max_length, load_base
 
 SPLIT_SEED = 0  # the held-out split is fixed by the data, not by --seed
 
@@ -81,11 +74,8 @@ def prepare(config: RunConfig, world: World) -> Setup:
     model_name = config.model or default_model()
     if Path(model_name).is_dir():
         model_name = str(Path(model_name).resolve())  # the adapter names its base wherever it is read
-    quiet_transformers()
-    tokenizer = load_tokenizer(model_name)
-    torch.manual_seed(config.seed)  # the new classifier head's initial weights
-    model = load_model(model_name, task, labels)  # float32 weights; --bf16 autocasts the compute
-    prepare_model(model, tokenizer)
+    # float32 weights (--bf16 autocasts the compute); the seed sets a new classifier head's weights
+    model, tokenizer = load_base(model_name, task, labels, seed=config.seed)
     new_ids = add_tokens(tokenizer, model, config.add_tokens, model_name) if config.add_tokens else []
     max_length, notice = fit_max_length(config.max_length, model, "--max-length")
     train_enc = data_mod.encode(train_set, task, tokenizer, max_length, labels, config.train_on_inputs)

@@ -17,7 +17,8 @@ from lorakit.training.data import examples as D
 from lorakit.training.report.metrics_log import fmt_result
 from lorakit.training.data.packing import Packed, check_model, efficiency, pack, pack_lengths
 from lorakit.training.prepare import SPLIT_SEED
-from lorakit.training.tasks import forward, label_count, load_tokenizer, loss_sum
+from lorakit.training.tasks import forward, label_count, loss_sum
+from lorakit.training.base_model import load_tokenizer
 
 
 def varied_rows(n: int, seed: int = 0) -> list[dict]:

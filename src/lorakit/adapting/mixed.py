@@ -44,12 +44,12 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from . import dispatch
-from .fused import Adapter, lora_linear
-from .base import LoraLayer
-from .plain import LoraLinear
-from ..adapting.registry import adapters, cached_wrappers
-from ..adapting.saved_modules import SavedModule
+from ..layers import dispatch
+from ..layers.base import LoraLayer
+from ..layers.fused import Adapter, lora_linear
+from ..layers.plain import LoraLinear
+from .registry import adapters, cached_wrappers
+from .saved_modules import SavedModule
 
 Route = Union[str, None, Mapping[str, float]]
 _Normal = tuple[tuple[str, float], ...]  # a route as ((name, weight), ...), sorted; () is the base
