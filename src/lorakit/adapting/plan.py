@@ -37,13 +37,24 @@ class TensorError(LorakitError, ValueError):
 
 
 @dataclass
+class NewPair:
+    """One layer's part of a new adapter, as `LoraLayer.attach` takes it."""
+
+    layer: LoraLayer
+    a: torch.Tensor
+    b: torch.Tensor
+    scaling: float
+    dropout: float
+    magnitude: torch.Tensor | None = None  # DoRA's m
+
+
+@dataclass
 class Plan:
     name: str
     record: AdapterRecord
     wrappers: list[tuple[str, nn.Module]] = field(default_factory=list)  # (path, new wrapper)
-    pairs: list[tuple[LoraLayer, torch.Tensor, torch.Tensor, float, float]] = field(default_factory=list)
+    pairs: list[NewPair] = field(default_factory=list)
     residuals: list[tuple[LoraLayer, torch.Tensor]] = field(default_factory=list)  # PiSSA / OLoRA bases
-    magnitudes: dict[int, torch.Tensor] = field(default_factory=dict)  # DoRA: index in `pairs` -> m
     copies: list[tuple[SavedModule, nn.Module]] = field(default_factory=list)
     base_values: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)  # replaced base tensors
 
@@ -91,15 +102,16 @@ def build_plan(
             a, b = given_pair(layer, path, rank, tensors[path])
         else:
             a, b = layer.build_pair(rank, config.init)
+        magnitude = None
         if config.use_dora:
             if not layer.supports_dora:
                 raise ValueError(f"module {path!r}: DoRA needs a full-precision base weight, and this one is "
                                  f"{type(layer.base_layer).__name__}; train plain LoRA on it, or dequantize the model")
             if magnitudes is not None:
-                plan.magnitudes[len(plan.pairs)] = given_magnitude(layer, path, magnitudes.get(path))
+                magnitude = given_magnitude(layer, path, magnitudes.get(path))
             else:
-                plan.magnitudes[len(plan.pairs)] = layer.initial_magnitude(a, b, scaling, residual)
-        plan.pairs.append((layer, a, b, scaling, config.dropout))
+                magnitude = layer.initial_magnitude(a, b, scaling, residual)
+        plan.pairs.append(NewPair(layer, a, b, scaling, config.dropout, magnitude))
     for path in saved_module_paths(model, config.modules_to_save):
         module = get_module(model, path)
         if isinstance(module, LoraLayer):
@@ -124,8 +136,9 @@ def commit(model: nn.Module, plan: Plan) -> None:
             layer.base_layer.weight.copy_(residual)
         for param, value in plan.base_values:
             param.copy_(value)
-    for i, (layer, a, b, scaling, dropout) in enumerate(plan.pairs):
-        layer.attach(plan.name, a, b, scaling, dropout, plan.magnitudes.get(i))
+    for pair in plan.pairs:
+        layer = pair.layer
+        layer.attach(plan.name, pair.a, pair.b, pair.scaling, pair.dropout, pair.magnitude)
         # New modules train; in an eval-mode model the adapter's dropout would then act at inference.
         # (_store_pair gives the new pair the layer's mode: a layer already right costs nothing more,
         # where train() would walk every adapter the layer holds.)
@@ -136,8 +149,8 @@ def commit(model: nn.Module, plan: Plan) -> None:
     if active_adapters(model):
         # The active set stays as it is, so only the new, inactive adapter's flags change:
         # O(its size), however many adapters the model holds.
-        for layer, *_ in plan.pairs:
-            for p in layer.adapter_parameters(plan.name).values():
+        for pair in plan.pairs:
+            for p in pair.layer.adapter_parameters(plan.name).values():
                 p.requires_grad_(False)
         for _, clone in plan.copies:
             clone.requires_grad_(False)

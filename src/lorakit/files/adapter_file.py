@@ -230,12 +230,13 @@ def load_adapter(
     config, facts = read_adapter_config(path)
     tensors = read_adapter_tensors(path)
     where = str(Path(path) / WEIGHTS_FILE)
-    pairs, magnitudes, base, saved = file_tensors(model, config, facts, tensors, where)
+    found = file_tensors(model, config, facts, tensors, where)
+    pairs = found.pairs
     try:
         if as_lora and config.init in RESIDUAL_INITS:
             config, pairs = plain_pairs(model, config, pairs)
-        add_adapter_from_tensors(model, name, config, pairs, saved=saved, base=base, magnitudes=magnitudes or None,
-                                 trainable=trainable)
+        add_adapter_from_tensors(model, name, config, pairs, saved=found.saved, base=found.base,
+                                 magnitudes=found.magnitudes or None, trainable=trainable)
     except TensorError as err:  # say which key of the file it is
         embedding = adaptable_kind(model.get_submodule(err.module)) == "embedding"
         key = fmt.key(err.module, fmt.pair_keys(embedding)[err.role])

@@ -10,6 +10,7 @@ first key, module or field at fault.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,11 +36,21 @@ class AdapterFileError(LorakitError, ValueError):
     """An adapter folder that cannot be loaded onto this model; the message names file and key."""
 
 
+@dataclass
+class FileTensors:
+    """An adapter file's tensors by what they are on the model, as `add_adapter_from_tensors` takes them."""
+
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A, B)
+    magnitudes: dict[str, torch.Tensor]  # module path -> DoRA's m
+    base: dict[str, torch.Tensor]  # parameter name -> value replacing the base's (biases, token rows)
+    saved: dict[str, dict[str, torch.Tensor]]  # modules_to_save path -> its state dict
+
+
 def file_tensors(
     model: nn.Module, config: LoraConfig, facts: dict, tensors: dict[str, torch.Tensor], where: str
-) -> tuple[dict, dict, dict, dict]:
-    """(pairs, magnitudes, base, saved) of the file's `tensors` on `model`, every key checked;
-    sets config.modules_to_save to the modules the file trains in full (`where`: the file)."""
+) -> FileTensors:
+    """The file's `tensors` on `model`, every key checked; sets config.modules_to_save to the
+    modules the file trains in full (`where`: the file)."""
     try:
         config.modules_to_save = _saved_paths(model, _present_saved_modules(model, config, tensors), tensors)
         saved_paths = saved_module_paths(model, config.modules_to_save)
@@ -54,7 +65,7 @@ def file_tensors(
     base.update(rows)
     _check_targets(model, config, facts, pairs, where)
     _check_biases(model, config, pairs, base, saved_paths, where)
-    return pairs, magnitudes, base, saved
+    return FileTensors(pairs, magnitudes, base, saved)
 
 
 def _token_rows(

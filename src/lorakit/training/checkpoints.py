@@ -44,32 +44,37 @@ RNG_FILE = "rng.safetensors"
 KEEP = 2  # checkpoints kept: the newest, and the one to fall back on if the newest is damaged
 
 
-def save_checkpoint(
-    out: Path,
-    step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    names: list[str],
-    state: dict[str, Any],
-    rng_states: dict[str, torch.Tensor],
-    adapter_kwargs: dict[str, Any],
-    metrics: list[dict[str, Any]],
-) -> Path:
-    """Write checkpoint `step` (atomically, as a folder); keep it and the one before it.
+@dataclass
+class Snapshot:
+    """What a checkpoint holds of a run at one step."""
+
+    step: int
+    model: nn.Module  # its adapter is saved
+    optimizer: torch.optim.Optimizer
+    names: list[str]  # the optimizer's parameters by name, in its order
+    state: dict[str, Any]  # the schedule, epoch, processes: trainer_state.json
+    rng_states: dict[str, torch.Tensor]
+    adapter_kwargs: dict[str, Any]  # save_adapter's keywords for the adapter folder
+    metrics: list[dict[str, Any]]  # the log up to this step
+
+
+def save_checkpoint(out: Path, snap: Snapshot) -> Path:
+    """Write checkpoint `snap.step` (atomically, as a folder); keep it and the one before it.
 
     Checkpoints of later steps (left by a run that was resumed from an earlier one) and the
     leftovers of a kill mid-write are removed."""
     root = out / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
+    step = snap.step
     final = root / f"step-{step:06d}"
     tmp = make_temp_dir(root, f"step-{step:06d}")
     try:
-        save_adapter(model, tmp, **adapter_kwargs)
-        tensors, scalars = _flatten_optimizer(optimizer, names)
+        save_adapter(snap.model, tmp, **snap.adapter_kwargs)
+        tensors, scalars = _flatten_optimizer(snap.optimizer, snap.names)
         write_atomic(tmp / OPTIMIZER_FILE, lambda p: save_file(tensors, p))
-        write_atomic(tmp / RNG_FILE, lambda p: save_file({k: v.contiguous() for k, v in rng_states.items()}, p))
-        full = dict(state, step=step, optimizer=scalars, python_random=_python_random_state())
-        write_metrics(tmp, metrics)  # the log up to this step travels with the checkpoint
+        write_atomic(tmp / RNG_FILE, lambda p: save_file({k: v.contiguous() for k, v in snap.rng_states.items()}, p))
+        full = dict(snap.state, step=step, optimizer=scalars, python_random=_python_random_state())
+        write_metrics(tmp, snap.metrics)  # the log up to this step travels with the checkpoint
         write_json_atomic(tmp / STATE_FILE, full)
         if final.exists():  # a step saved twice (a resumed run re-saving the same step)
             shutil.rmtree(final)

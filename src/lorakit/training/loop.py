@@ -35,7 +35,7 @@ from ..tools.loraplus import param_groups
 from ..adapting.manage import adapters, trainable_parameters
 from ..files.peft_format import CONFIG_FILE, WEIGHTS_FILE
 from . import distributed as dist_mod
-from .checkpoints import choose_checkpoint, latest_checkpoint, resumable_checkpoints, save_checkpoint
+from .checkpoints import Snapshot, choose_checkpoint, latest_checkpoint, resumable_checkpoints, save_checkpoint
 from .errors import TrainingError
 from .report.metrics_log import METRICS_FILE, evaluations, fmt_one, fmt_result, fmt_size, write_metrics
 from .new_tokens import write_tokenizer
@@ -309,8 +309,9 @@ class _Run:
         if self.world.main:
             state = {"epoch": self.step / self.per_epoch, "total_steps": self.total, "processes": self.world.size,
                      "schedule": {"kind": "linear", "peak": self.config.lr, "warmup": self.config.warmup}}
-            save_checkpoint(self.out, self.step, self.setup.model, self.optimizer, self.names, state, rng,
+            snap = Snapshot(self.step, self.setup.model, self.optimizer, self.names, state, rng,
                             self._adapter_files(), self.metrics)
+            save_checkpoint(self.out, snap)
             write_metrics(self.out, self.metrics)
         dist_mod.barrier(self.world)
 
