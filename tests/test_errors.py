@@ -30,8 +30,11 @@ def _error_classes() -> list[type[BaseException]]:
             if err.name and err.name.split(".")[0] in _OPTIONAL:
                 continue
             raise
-        found += [c for _, c in inspect.getmembers(module, inspect.isclass)
-                  if issubclass(c, BaseException) and c.__module__ == info.name]
+        found += [
+            c
+            for _, c in inspect.getmembers(module, inspect.isclass)
+            if issubclass(c, BaseException) and c.__module__ == info.name
+        ]
     return found
 
 

@@ -68,7 +68,10 @@ class LoraConfig:
         if self.modules_to_save is None:
             self.modules_to_save = []
         # A plain string would be taken letter by letter.
-        if not (isinstance(self.modules_to_save, (list, tuple)) and all(isinstance(m, str) and m for m in self.modules_to_save)):
+        if not (
+            isinstance(self.modules_to_save, (list, tuple))
+            and all(isinstance(m, str) and m for m in self.modules_to_save)
+        ):
             raise ValueError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
         self.modules_to_save = list(self.modules_to_save)
 
@@ -91,7 +94,9 @@ def check_targets(targets: Any) -> str | list[str]:
             raise ValueError(f"targets must be a non-empty list of module names, got {targets!r}")
         return list(targets)
     if not isinstance(targets, str) or not targets:
-        raise ValueError(f"targets must be a list of module names, a regex, or one of {', '.join(PRESETS)}; got {targets!r}")
+        raise ValueError(
+            f"targets must be a list of module names, a regex, or one of {', '.join(PRESETS)}; got {targets!r}"
+        )
     if targets not in PRESETS:
         try:
             re.compile(targets)

@@ -32,7 +32,9 @@ def unwrapped(module: nn.Module) -> nn.Module:
     return module.base_layer if is_lora_layer(module) else module
 
 
-def walk(module: nn.Module, prefix: str = "", seen: set[int] | None = None) -> Iterator[tuple[str, nn.Module, nn.Module]]:
+def walk(
+    module: nn.Module, prefix: str = "", seen: set[int] | None = None
+) -> Iterator[tuple[str, nn.Module, nn.Module]]:
     """(name, module, parent) for every submodule in `named_modules` order, never entering a
     wrapper: a LoRA layer's base layer is no target of its own, and a module trained in full gets
     no adapters inside. A shared module keeps its first name, as in `named_modules`."""

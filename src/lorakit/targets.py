@@ -253,8 +253,7 @@ def _matching(
         shown += [f"  ... and {len(named) - 10} more"] if len(named) > 10 else []
         raise ValueError(
             f"target {entry!r} names only modules LoRA cannot adapt (it takes nn.Linear, Transformers' "
-            f"Conv1D, nn.Embedding, nn.Conv1d and nn.Conv2d):\n"
-            + "\n".join(shown + [_describe_adaptable(kinds)])
+            f"Conv1D, nn.Embedding, nn.Conv1d and nn.Conv2d):\n" + "\n".join(shown + [_describe_adaptable(kinds)])
         )
     return chosen
 
@@ -299,5 +298,3 @@ def _adaptable(module: nn.Module, parent: nn.Module) -> bool:
 def _is_block_list(part: str) -> bool:
     part = part.lower()
     return part == "h" or part.endswith(("layer", "layers", "block", "blocks"))
-
-

@@ -67,10 +67,18 @@ def test_the_linear_kernels_take_what_they_can_compute(monkeypatch):
     assert _path(_linear(dora=True, dropout=0.1).eval(), _x(), monkeypatch) == "dora"
 
 
-@pytest.mark.parametrize("case", [
-    "nn.Linear subclass", "adapter dtype", "forward hook", "pre-hook", "autocast",
-    "two adapters with DoRA", "DoRA with dropout in training",
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "nn.Linear subclass",
+        "adapter dtype",
+        "forward hook",
+        "pre-hook",
+        "autocast",
+        "two adapters with DoRA",
+        "DoRA with dropout in training",
+    ],
+)
 def test_the_reference_runs_where_no_kernel_is_exact(case, monkeypatch):
     layer = {
         "nn.Linear subclass": lambda: _linear(_Subclass(IN, OUT)),

@@ -8,10 +8,15 @@ import torch
 from lorakit.layers.precision import precise
 
 
-@pytest.mark.parametrize(("dtype", "want"), [
-    (torch.bfloat16, torch.float32), (torch.float16, torch.float32),
-    (torch.float32, torch.float32), (torch.float64, torch.float64),
-])
+@pytest.mark.parametrize(
+    ("dtype", "want"),
+    [
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float32),
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float64),
+    ],
+)
 def test_precise_dtype(dtype, want):
     t = torch.tensor([1.0, 2.5], dtype=dtype)
     assert precise(t).dtype == want

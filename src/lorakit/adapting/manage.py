@@ -16,9 +16,12 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from . import pissa
 from ..config import LoraConfig
 from ..layers.base import LoraLayer
+from ..module_tree import base_modules
+from ..quant.bnb import logical_numel
+from ..targets import resolve_targets
+from . import pissa
 from .plan import (
     build_plan,
     check_shape,
@@ -29,7 +32,6 @@ from .plan import (
     saved_module_paths,
     saved_wrapper_paths,
 )
-from ..quant.bnb import logical_numel
 from .registry import (
     AdapterRecord,
     activate,
@@ -45,8 +47,6 @@ from .registry import (
     wrappers,
 )
 from .saved_modules import SavedModule
-from ..module_tree import base_modules
-from ..targets import resolve_targets
 
 # ---- public API ----------------------------------------------------------------------------
 
@@ -64,7 +64,9 @@ def add_adapter(model: nn.Module, name: str, config: LoraConfig) -> nn.Module:
     _check_config(config)
     refuse_if_merged(model, "adding an adapter")
     exclude = list(config.modules_to_save) + saved_wrapper_paths(model)
-    modules = resolve_targets(model, config.targets, config.layers, exclude=exclude, layers_pattern=config.layers_pattern)
+    modules = resolve_targets(
+        model, config.targets, config.layers, exclude=exclude, layers_pattern=config.layers_pattern
+    )
     # Nothing inside a module trained in full gets an adapter as well.
     whole = saved_wrapper_paths(model) + saved_module_paths(model, config.modules_to_save)
     modules = [m for m in modules if not any(m.startswith(w + ".") for w in whole)]
@@ -112,14 +114,18 @@ def add_adapter_from_tensors(
         raise ValueError(f"magnitudes: {unknown[0]!r} has no (A, B) pair in pairs")
     order = {p: i for i, (p, _) in enumerate(base_modules(model))}
     modules = sorted(pairs, key=lambda p: order[p])
-    plan = build_plan(model, name, config, modules, tensors=pairs, magnitudes=(magnitudes or {}) if config.use_dora else None)
+    plan = build_plan(
+        model, name, config, modules, tensors=pairs, magnitudes=(magnitudes or {}) if config.use_dora else None
+    )
     saved = saved or {}
     for (_, clone), path in zip(plan.copies, plan.record.saved):
         load_copy(clone, saved.get(path), path)
     unknown = sorted(set(saved) - set(plan.record.saved))
     if unknown:
         raise ValueError(f"saved: {unknown[0]!r} is not one of the modules_to_save {plan.record.saved}")
-    params = dict(model.named_parameters(remove_duplicate=False)) if base else {}  # a tied weight answers to each of its names
+    params = (
+        dict(model.named_parameters(remove_duplicate=False)) if base else {}
+    )  # a tied weight answers to each of its names
     for pname, value in (base or {}).items():
         if pname not in params:
             raise ValueError(f"base: the model has no parameter named {pname!r}")
@@ -128,7 +134,10 @@ def add_adapter_from_tensors(
         check_values(f"{pname!r}", value)
         owner = next((n for n, r in adapters(model).items() if any(p is param for p, _ in r.replaced)), None)
         if owner is not None:
-            raise ValueError(f"base: {pname!r} already holds the value adapter {owner!r} brought; two adapters cannot each replace it")
+            raise ValueError(
+                f"base: {pname!r} already holds the value adapter {owner!r} brought; "
+                "two adapters cannot each replace it"
+            )
         plan.base_values.append((param, value.to(param.device, param.dtype)))
         plan.record.replaced.append((param, param.detach().to("cpu", copy=True)))
     plan.record.trainable = trainable
@@ -146,7 +155,9 @@ def set_adapter(model: nn.Module, names: str | list[str]) -> None:
     names = [names] if isinstance(names, str) else list(names)
     known = adapters(model)
     if not names:
-        raise ValueError("set_adapter needs at least one adapter name; for the base model alone use lorakit.disabled(model)")
+        raise ValueError(
+            "set_adapter needs at least one adapter name; for the base model alone use lorakit.disabled(model)"
+        )
     repeated = sorted({n for n in names if names.count(n) > 1}, key=names.index)
     if repeated:
         raise ValueError(f"adapter {repeated[0]!r} is named more than once in {names}; each active adapter counts once")
@@ -227,8 +238,10 @@ def merge(model: nn.Module, requantize: bool = False) -> nn.Module:
         layer.merge(requantize=requantize)
     errors = [e for e in (getattr(layer, "requantize_error", None) for layer in lora_layers(model)) if e is not None]
     if requantize and errors:
-        warnings.warn(f"merged by re-quantizing {len(errors)} quantized weights; largest weight error "
-                      f"{max(errors):.3g}", stacklevel=2)
+        warnings.warn(
+            f"merged by re-quantizing {len(errors)} quantized weights; largest weight error {max(errors):.3g}",
+            stacklevel=2,
+        )
     return model
 
 
@@ -318,6 +331,7 @@ def _refuse_tied(model: nn.Module) -> None:
             tied = owners.get(id(layer.base_layer.weight), [])
             if len(tied) > 1:
                 raise ValueError(
-                    f"cannot merge into {path!r}: its weight is tied to {[t for t in tied if not t.startswith(path + '.')]}, "
+                    f"cannot merge into {path!r}: its weight is tied to "
+                    f"{[t for t in tied if not t.startswith(path + '.')]}, "
                     "which merging would change too; keep this adapter unmerged"
                 )

@@ -29,12 +29,12 @@ import math
 import torch
 from torch import nn
 
-from ..files import peft_format as fmt
 from ..config import LoraConfig
+from ..files import peft_format as fmt
 from ..layers.base import LoraLayer
-from .registry import AdapterRecord, adapters
-from ..targets import adaptable_kind
 from ..layers.kinds import wrapper_for
+from ..targets import adaptable_kind
+from .registry import AdapterRecord, adapters
 
 RESIDUAL_INITS = {"pissa": "PiSSA", "olora": "OLoRA"}  # the inits whose base weight holds a residual
 
@@ -61,7 +61,8 @@ def check_alone(model: nn.Module, layer: LoraLayer, path: str, config: LoraConfi
         )
     if config.init in RESIDUAL_INITS:
         raise ValueError(
-            f"module {path!r} already carries adapters {[n for n in layer.scaling if n in known]}; a {RESIDUAL_INITS[config.init]} adapter replaces "
+            f"module {path!r} already carries adapters {[n for n in layer.scaling if n in known]}; "
+            f"a {RESIDUAL_INITS[config.init]} adapter replaces "
             f"the base weight by its residual, which they would then act on. Put the {RESIDUAL_INITS[config.init]} "
             "adapter on a model of its own"
         )

@@ -8,10 +8,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import pissa
 from ..config import LoraConfig
 from ..errors import LorakitError
 from ..layers.base import LoraLayer
+from ..layers.kinds import wrapper_for
+from ..module_tree import base_modules, get_module, is_wrapper, name_matches, within
+from ..targets import adaptable_kind
+from . import pissa
 from .registry import (
     AdapterRecord,
     activate,
@@ -21,9 +24,6 @@ from .registry import (
     replace_module,
 )
 from .saved_modules import SavedModule
-from ..module_tree import base_modules, get_module, is_wrapper, name_matches, within
-from ..targets import adaptable_kind
-from ..layers.kinds import wrapper_for
 
 
 class TensorError(LorakitError, ValueError):
@@ -105,8 +105,10 @@ def build_plan(
         magnitude = None
         if config.use_dora:
             if not layer.supports_dora:
-                raise ValueError(f"module {path!r}: DoRA needs a full-precision base weight, and this one is "
-                                 f"{type(layer.base_layer).__name__}; train plain LoRA on it, or dequantize the model")
+                raise ValueError(
+                    f"module {path!r}: DoRA needs a full-precision base weight, and this one is "
+                    f"{type(layer.base_layer).__name__}; train plain LoRA on it, or dequantize the model"
+                )
             if magnitudes is not None:
                 magnitude = given_magnitude(layer, path, magnitudes.get(path))
             else:
@@ -164,11 +166,7 @@ def saved_module_paths(model: nn.Module, names: list[str]) -> list[str]:
     modules = base_modules(model)
     wrappers = [p for p, m in modules if is_wrapper(m)]
     for entry in names:
-        found = [
-            p
-            for p, m in modules
-            if p and name_matches(p, entry) and not within(p, wrappers)
-        ]
+        found = [p for p, m in modules if p and name_matches(p, entry) and not within(p, wrappers)]
         if not found:
             raise ValueError(f"modules_to_save entry {entry!r} matches no module of the model")
         paths += [p for p in found if p not in paths]
@@ -189,7 +187,9 @@ def given_pair(
     a, b = pair
     given = a.shape[0] if a.dim() else 0
     if given != rank:
-        raise TensorError(f"module {path!r}: A has rank {given}, but the config gives rank {rank} for {path!r}", path, "A")
+        raise TensorError(
+            f"module {path!r}: A has rank {given}, but the config gives rank {rank} for {path!r}", path, "A"
+        )
     for role, tensor, shape in zip(("A", "B"), (a, b), layer.pair_shapes(rank)):
         try:
             check_shape(f"module {path!r}: {role}", tensor, shape)

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..module_tree import base_modules, set_module
 from ..config import LoraConfig
 from ..layers.base import LoraLayer
+from ..module_tree import base_modules, set_module
 from .saved_modules import SavedModule
 
 _REGISTRY = "_lorakit_adapters"  # attribute on the user's model: name -> AdapterRecord
@@ -139,7 +139,6 @@ def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     structure_changed(model)
 
 
-
 def disabled_depth(model: nn.Module) -> int:
     """How many `lorakit.disabled` blocks are open on the model (0: adapters on)."""
     return getattr(model, _DISABLED, 0)
@@ -151,6 +150,7 @@ def set_disabled_depth(model: nn.Module, depth: int) -> None:
     elif hasattr(model, _DISABLED):
         object.__delattr__(model, _DISABLED)
 
+
 def check_new_name(model: nn.Module, name: str) -> None:
     """Refuse a name a new adapter cannot take on this model, before anything changes."""
     if not isinstance(model, nn.Module):
@@ -161,8 +161,10 @@ def check_new_name(model: nn.Module, name: str) -> None:
     # those refuse the names of their own attributes; caught here, before anything changes.
     taken = next((d for d in (nn.ModuleDict(), nn.ParameterDict()) if hasattr(d, name)), None)
     if taken is not None:
-        raise ValueError(f"adapter name {name!r} is the name of an attribute of torch's {type(taken).__name__}, "
-                         "which holds each layer's adapters by name; pick another name")
+        raise ValueError(
+            f"adapter name {name!r} is the name of an attribute of torch's {type(taken).__name__}, "
+            "which holds each layer's adapters by name; pick another name"
+        )
     if name in adapters(model):
         raise ValueError(f"the model already has an adapter named {name!r}; delete_adapter it or pick another name")
 

@@ -67,7 +67,7 @@ def peft_saved_modules(model: nn.Module, entries: list[str]) -> list[str]:
     """
     chosen: list[str] = []
     modules = base_modules(model)  # not the adapters' own modules: O(the base), however many are loaded
-    for name, module in modules:
+    for name, _ in modules:
         if not name or within(name, chosen):
             continue
         if any(name.endswith(entry) for entry in entries):

@@ -97,8 +97,9 @@ def prepare_model(model: nn.Module, tokenizer: Any) -> None:
         model.config.pad_token_id = pad_id(tokenizer)
 
 
-def load_base(name: str, task: str, labels: list[str] | None = None, tokenizer_from: str | None = None,
-              seed: int | None = None) -> tuple[nn.Module, Any]:
+def load_base(
+    name: str, task: str, labels: list[str] | None = None, tokenizer_from: str | None = None, seed: int | None = None
+) -> tuple[nn.Module, Any]:
     """(model, tokenizer): the base model for `task` and its tokenizer (from `tokenizer_from` when
     an adapter folder brings its own), quietly, with the padding id set. `seed` seeds torch first:
     a classifier's fresh head is then the same on every load."""
@@ -139,10 +140,12 @@ def fit_max_length(max_length: int, model: nn.Module, option: str) -> tuple[int,
     if found is None or max_length <= found[0]:
         return max_length, None
     limit, key = found
-    return limit, f"{option} {max_length} is above the model's position limit, {limit} (from {key} in its config); using {limit}"
+    return (
+        limit,
+        f"{option} {max_length} is above the model's position limit, {limit} (from {key} in its config); using {limit}",
+    )
 
 
 def _short(err: Exception) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
-

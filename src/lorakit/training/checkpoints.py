@@ -41,6 +41,7 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
+CPU = torch.device("cpu")
 KEEP = 2  # checkpoints kept: the newest, and the one to fall back on if the newest is damaged
 
 
@@ -136,8 +137,12 @@ class Restored:
 
 
 def read_checkpoint(
-    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, names: list[str], processes: int = 1,
-    device: torch.device = torch.device("cpu"),
+    folder: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    names: list[str],
+    processes: int = 1,
+    device: torch.device = CPU,
 ) -> Restored:
     """Read checkpoint `folder` and check every file against the run (its model, its freshly
     built optimizer, its number of processes); changes nothing. A `CheckpointError` names the
@@ -156,12 +161,19 @@ def read_checkpoint(
         raise CheckpointError(f"{folder / WEIGHTS_FILE}: keys do not match the run's adapter: {extra}")
     for key, tensor in live.items():
         if tensor.shape != weights[key].shape:
-            raise CheckpointError(f"{folder / WEIGHTS_FILE}: {key!r} has shape {tuple(weights[key].shape)}, "
-                                  f"expected {tuple(tensor.shape)}")
+            raise CheckpointError(
+                f"{folder / WEIGHTS_FILE}: {key!r} has shape {tuple(weights[key].shape)}, "
+                f"expected {tuple(tensor.shape)}"
+            )
         if not torch.isfinite(weights[key]).all():
             raise CheckpointError(f"{folder / WEIGHTS_FILE}: {key!r} holds values that are not finite")
-    opt_state = optimizer_state(_read_tensors(folder / OPTIMIZER_FILE), state["optimizer"], names, optimizer,
-                                (folder / OPTIMIZER_FILE, folder / STATE_FILE))
+    opt_state = optimizer_state(
+        _read_tensors(folder / OPTIMIZER_FILE),
+        state["optimizer"],
+        names,
+        optimizer,
+        (folder / OPTIMIZER_FILE, folder / STATE_FILE),
+    )
     rng = _read_tensors(folder / RNG_FILE)
     check_rng(rng, processes, device, folder / RNG_FILE)
     pyrandom = python_random(state["python_random"], folder / STATE_FILE)
@@ -175,8 +187,12 @@ def read_checkpoint(
 
 
 def choose_checkpoint(
-    out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, names: list[str], processes: int = 1,
-    device: torch.device = torch.device("cpu"),
+    out: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    names: list[str],
+    processes: int = 1,
+    device: torch.device = CPU,
 ) -> tuple[Restored, list[str]]:
     """The newest checkpoint of `out` that reads and checks whole, and a notice for each newer
     one that did not (what is wrong, in which file). None whole: the newest one's error."""

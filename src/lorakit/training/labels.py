@@ -30,4 +30,3 @@ def read_labels(folder: str | Path) -> list[str] | None:
     if not labels or not all(isinstance(n, str) for n in labels):
         raise AdapterFileError(f'{file}: expected {{"id2label": {{"0": name, "1": name, ...}}}} with ids 0..n-1')
     return labels
-

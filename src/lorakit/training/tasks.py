@@ -96,4 +96,3 @@ def evaluate(
     if data.task == "classify":
         return {"accuracy": correct / max(count, 1), "loss": loss}
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
-
