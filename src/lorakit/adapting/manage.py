@@ -22,13 +22,10 @@ from ..module_tree import base_modules
 from ..quant.bnb import logical_numel
 from ..targets import resolve_targets
 from . import pissa
+from .given import check_shape, check_values, get_adapted, load_copy
 from .plan import (
     build_plan,
-    check_shape,
-    check_values,
     commit,
-    get_adapted,
-    load_copy,
     saved_module_paths,
     saved_wrapper_paths,
 )

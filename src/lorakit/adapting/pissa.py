@@ -34,6 +34,7 @@ from ..files import peft_format as fmt
 from ..layers.base import LoraLayer
 from ..layers.kinds import wrapper_for
 from ..targets import adaptable_kind
+from .given import get_adapted, given_pair
 from .registry import AdapterRecord, adapters
 
 RESIDUAL_INITS = {"pissa": "PiSSA", "olora": "OLoRA"}  # the inits whose base weight holds a residual
@@ -124,7 +125,6 @@ def plain_pairs(
     would. The base is left unchanged, so other adapters and the base model itself can share it
     (`load_adapter(..., as_lora=True)`, which lorakit serve uses). Each given pair is checked
     against its module first (plan.TensorError names the module and A or B)."""
-    from .plan import get_adapted, given_pair  # plan imports this file
 
     converted = {}
     for path, pair in pairs.items():

@@ -21,9 +21,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..adapting.given import TensorError
 from ..adapting.manage import add_adapter_from_tensors
 from ..adapting.pissa import RESIDUAL_INITS, as_plain_lora, plain_pairs
-from ..adapting.plan import TensorError
 from ..adapting.registry import adapters, base_biases
 from ..adapting.token_rows import CONFIG_KEY, ROWS_KEY, config_entry, token_rows
 from ..config import LoraConfig

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..adapting.plan import check_shape, check_values, get_adapted, saved_module_paths
+from ..adapting.given import check_shape, check_values, get_adapted
+from ..adapting.plan import saved_module_paths
 from ..adapting.registry import base_biases
 from ..adapting.saved_modules import SavedModule
 from ..adapting.token_rows import CONFIG_KEY, ROWS_KEY, check_entry, indices_by_module, rows_replacing

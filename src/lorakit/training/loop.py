@@ -36,6 +36,7 @@ from ..files.peft_format import CONFIG_FILE, WEIGHTS_FILE
 from ..tools.loraplus import param_groups
 from . import distributed as dist_mod
 from .checkpoints import Snapshot, choose_checkpoint, latest_checkpoint, resumable_checkpoints, save_checkpoint
+from .data.batches import epoch_batches
 from .errors import TrainingError
 from .labels import LABELS_FILE, labels_json
 from .new_tokens import write_tokenizer
@@ -56,24 +57,6 @@ def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
     if step < warm:
         return peak * (step + 1) / warm
     return peak * max(0.0, (total - step) / max(1, total - warm))
-
-
-def epoch_batches(lengths: list[int], seed: int, epoch: int, size: int) -> list[list[int]]:
-    """The global batches of one epoch, a pure function of (seed, epoch).
-
-    A seeded shuffle, cut into pools of 50 batches; each pool is sorted by length before it is
-    cut into batches (less padding, so less compute), then the batches are shuffled. The last
-    len % size examples of the shuffle sit this epoch out.
-    """
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(len(lengths), generator=generator).tolist()
-    order = order[: len(order) // size * size]
-    batches: list[list[int]] = []
-    pool = 50 * size
-    for start in range(0, len(order), pool):
-        chunk = sorted(order[start : start + pool], key=lambda i: lengths[i])
-        batches += [chunk[k : k + size] for k in range(0, len(chunk), size)]
-    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
 def train(

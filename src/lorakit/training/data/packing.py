@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import TrainingError
+from .batches import epoch_batches
 from .examples import IGNORE, Encoded
 
 
@@ -110,8 +111,6 @@ def efficiency(
     first epoch (`epoch_batches`, one process), each micro-batch padded to its longest; with fewer
     items than one global batch, all in one.
     """
-    # Imported here: loop imports this module (through prepare).
-    from ..loop import epoch_batches
 
     if packing_to is not None:
         lengths = [sum(lengths[i] for i in row) for row in pack_lengths(lengths, packing_to)]
