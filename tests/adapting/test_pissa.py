@@ -1,4 +1,4 @@
-"""pissa.py: PiSSA adapters load to the model that was trained (the residual recomputed, as PEFT
+"""adapting/pissa.py: PiSSA adapters load to the model that was trained (the residual recomputed, as PEFT
 does), convert to plain LoRA for the original base, give the base back, and refuse what cannot
 be reproduced. Pinned to PEFT both ways. OLoRA adapters (the same mechanism) at the end."""
 

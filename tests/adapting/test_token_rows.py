@@ -1,4 +1,4 @@
-"""token_rows.py: new tokens' rows trained alone, saved in PEFT's TrainableTokens layout, loaded
+"""adapting/token_rows.py: new tokens' rows trained alone, saved in PEFT's TrainableTokens layout, loaded
 back by PEFT and by lorakit with the same outputs (untied Llama head, tied GPT-2 head)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`lorakit data` (cli/data.py; named apart from tests/training/test_data.py, as pytest needs): what training
+"""`lorakit data` (cli/data.py; named apart from tests/training/data/, as pytest needs): what training
 will see, as a summary with the trained tokens marked and as JSON."""
 
 from __future__ import annotations

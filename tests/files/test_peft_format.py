@@ -1,4 +1,4 @@
-"""peft_format.py: adapter_config.json written so that it means what the config meant, and read
+"""files/peft_format.py: adapter_config.json written so that it means what the config meant, and read
 with every field checked for its JSON type (a string "false" is not false)."""
 
 from __future__ import annotations

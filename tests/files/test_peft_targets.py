@@ -1,4 +1,4 @@
-"""peft_targets.py: the modules an adapter_config.json targets, pinned to what PEFT adapts; and
+"""files/peft_targets.py: the modules an adapter_config.json targets, pinned to what PEFT adapts; and
 loading refuses a file whose pairs are not exactly those modules (PEFT would skip the extra ones)."""
 
 from __future__ import annotations

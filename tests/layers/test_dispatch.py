@@ -1,4 +1,4 @@
-"""dispatch.py: which path each adapted layer takes, chosen in one place and kept per change.
+"""layers/dispatch.py: which path each adapted layer takes, chosen in one place and kept per change.
 
 The numbers of each kernel are pinned to the reference in test_fused.py, test_dora.py and
 test_quantized.py; here, which computation runs, and that what the chooser keeps follows the

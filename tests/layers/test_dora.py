@@ -1,4 +1,4 @@
-"""dora.py: DoRA pinned to a plain formula, its fast path to the reference, and both to PEFT.
+"""layers/dora.py: DoRA pinned to a plain formula, its fast path to the reference, and both to PEFT.
 
 The plain formula, written here from the paper: y = m / ||W + s B A||_c * (x (W + s B A)^T) + bias,
 the norm per output feature and a constant for the gradient; training with dropout follows

@@ -1,4 +1,4 @@
-"""init_schemes.py: how A and B start (PiSSA, OLoRA, gaussian)."""
+"""layers/init_schemes.py: how A and B start (PiSSA, OLoRA, gaussian)."""
 
 from __future__ import annotations
 

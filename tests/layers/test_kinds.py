@@ -1,4 +1,4 @@
-"""wrappers.py: each kind of module `targets.adaptable_kind` reports has its wrapper class."""
+"""layers/kinds.py: each kind of module `targets.adaptable_kind` reports has its wrapper class."""
 
 from __future__ import annotations
 

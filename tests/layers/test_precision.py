@@ -1,4 +1,4 @@
-"""precision.py: weight-sized results in float32 at least, float64 kept."""
+"""layers/precision.py: weight-sized results in float32 at least, float64 kept."""
 
 from __future__ import annotations
 

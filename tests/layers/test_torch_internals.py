@@ -1,4 +1,4 @@
-"""torch_internals.py: each private behaviour is checked at import, a failed check is noticed,
+"""layers/torch_internals.py: each private behaviour is checked at import, a failed check is noticed,
 and with a failed check lorakit still computes what the plain reference computes."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Quantized bases (quantized.py, quantize.py, quantized_layer.py, qlora_fused.py): the facts
+"""Quantized bases (quant/bnb.py, quant/convert.py, quant/loftq.py, layers/quantized.py and
+layers/quantized_fused.py): the facts
 about bitsandbytes' layers lorakit relies on, quantize / dequantize, the wrapper's forward, fast
 path, merge rules and adapter files; and the core without bitsandbytes."""
 

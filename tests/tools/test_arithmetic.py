@@ -1,4 +1,4 @@
-"""arithmetic.py: combining adapters, pinned to the plain sums and to PEFT's add_weighted_adapter."""
+"""tools/arithmetic.py: combining adapters, pinned to the plain sums and to PEFT's add_weighted_adapter."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""loraplus.py: optimizer parameter groups, LoRA+ (B at ratio x lr) and what is not decayed."""
+"""tools/loraplus.py: optimizer parameter groups, LoRA+ (B at ratio x lr) and what is not decayed."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""prepare.py: the data as training takes it: --train-on-inputs, and a warning when --max-length cuts
+"""training/prepare.py: the data as training takes it: --train-on-inputs, and a warning when --max-length cuts
 more than a few examples. (The rest of prepare is exercised through every training test.)"""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""training/tasks.py: the losses and what they count."""
+"""training/tasks.py: the losses and what they count; training/base_model.py: the position limit."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""chat.py: every assistant turn trained, with and without {% generation %} marks, the rest masked;
+"""training/data/chat.py: every assistant turn trained, with and without {% generation %} marks, the rest masked;
 what is refused; --train-on-inputs; the same tokens trained as TRL's SFTTrainer(assistant_only_loss)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""data.py: reading files, errors that name file and line, labels, splits, tokenising."""
+"""training/data/examples.py: reading files, errors that name file and line, labels, splits, tokenising."""
 
 from __future__ import annotations
 

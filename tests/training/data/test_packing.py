@@ -1,4 +1,4 @@
-"""training/packing.py: best-fit-decreasing rows, packed batches, the mask Transformers builds
+"""training/data/packing.py: best-fit-decreasing rows, packed batches, the mask Transformers builds
 from restarting positions, the refusal of models that leak across examples, and packed runs
 whose held-out loss, first-step loss and resumed weights match the unpacked ones."""
 

@@ -1,4 +1,4 @@
-"""data_report.py: the padding figure and an example's text with its trained tokens marked."""
+"""training/data/report.py: the padding figure and an example's text with its trained tokens marked."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""training/verdict.py: the rule for a run that did not learn, its smoothing, and the advice."""
+"""training/report/verdict.py: the rule for a run that did not learn, its smoothing, and the advice."""
 
 from __future__ import annotations
 
