@@ -30,7 +30,7 @@ LIVE = [
 
 # What the figures mean for the targets; kept next to the code that prints them.
 NOTES = """\
-How lorakit's fast path (src/lorakit/fused.py) gets there: one autograd node per adapted
+How lorakit's fast path (src/lorakit/layers/fused.py) gets there: one autograd node per adapted
 linear; with many tokens in float32 the dropout-free adapters are folded into the weight for
 the one matmul (W + s B A, rebuilt on each call and never kept, the base weight never
 written); otherwise the rank-r product is accumulated in place with the scaling on the

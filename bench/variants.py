@@ -181,7 +181,7 @@ two cases' ratio within a round (bench/report.py `paired`).
 
 {chr(10).join(rows)}
 
-How: DoRA's layer (src/lorakit/dora.py) is one autograd node that reuses fused.py's pieces. The
+How: DoRA's layer (src/lorakit/layers/dora.py) is one autograd node that reuses fused.py's pieces. The
 norm ||W + s B A|| comes from the same W + s B A buffer the forward matmul uses (so the base
 output is never computed twice), and at inference it is cached until W, A, B or the scaling
 change (tensor version counters); g = m / norm rescales the output in the pass that adds the
@@ -213,7 +213,7 @@ def _why(label: str, train: dict) -> str:
             f"CPU it is {peft_ratio:.2f} of it. Of PEFT's DoRA time above the floor ({over_peft:.0%} of the "
             f"floor), lorakit's DoRA step keeps {over_ours / max(over_peft, 1e-9):.0%}."
         )
-    return "See the timings below and src/lorakit/dora.py for what each step does."
+    return "See the timings below and src/lorakit/layers/dora.py for what each step does."
 
 
 if __name__ == "__main__":
