@@ -9,7 +9,6 @@ first key, module or field at fault.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from ..layers.base import LoraLayer
 from ..module_tree import base_modules
 from ..targets import adaptable_kind
 from . import peft_format as fmt
-from .peft_targets import peft_saved_modules, targeted_modules
+from .peft_targets import config_targets, peft_saved_modules
 
 CONFIG_FILE = fmt.CONFIG_FILE
 _PEFT_SAVED_INSIDE = ("modules_to_save.", "original_module.")  # PEFT's names inside its modules_to_save wrapper
@@ -226,19 +225,9 @@ def _check_targets(model: nn.Module, config: LoraConfig, facts: dict, pairs: dic
         raise AdapterFileError(f"{where}: holds no LoRA weights")
     config_file = Path(where).with_name(CONFIG_FILE)
     try:
-        expected = targeted_modules(
-            model,
-            facts.get("target_modules"),
-            layers=config.layers,
-            layers_pattern=config.layers_pattern,
-            exclude=facts.get("exclude_modules"),
-            modules_to_save=config.modules_to_save,
-            task_type=facts.get("task_type"),
-        )
-    except re.error as err:
-        raise AdapterFileError(
-            f"{config_file}: target_modules or exclude_modules is not a valid regex: {err}"
-        ) from None
+        expected = config_targets(model, config, facts)
+    except ValueError as err:
+        raise AdapterFileError(f"{config_file}: {err}") from None
     if expected is None:
         return
     for path in sorted(pairs):

@@ -58,6 +58,24 @@ def targeted_modules(
     return [n for n in chosen if not _excluded(n, exclude, modules_to_save)]
 
 
+def config_targets(model: nn.Module, config: Any, facts: dict[str, Any]) -> list[str] | None:
+    """`targeted_modules` for an adapter file: its `adapter_config.json` as read (`facts`) and as a
+    `LoraConfig` (`config`: layers, layers_pattern, modules_to_save). ValueError naming the keys
+    when target_modules or exclude_modules is no valid regex."""
+    try:
+        return targeted_modules(
+            model,
+            facts.get("target_modules"),
+            layers=config.layers,
+            layers_pattern=config.layers_pattern,
+            exclude=facts.get("exclude_modules"),
+            modules_to_save=config.modules_to_save,
+            task_type=facts.get("task_type"),
+        )
+    except re.error as err:
+        raise ValueError(f"target_modules or exclude_modules is not a valid regex: {err}") from None
+
+
 def peft_saved_modules(model: nn.Module, entries: list[str]) -> list[str]:
     """The modules PEFT trains in full for `modules_to_save` entries, in model order.
 

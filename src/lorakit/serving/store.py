@@ -16,7 +16,6 @@ Torch only, like the core: the HTTP server (app.py) drives a store, and so can a
 from __future__ import annotations
 
 import os
-import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from ..files.adapter_file import (
     read_adapter_config,
     read_tensor_shapes,
 )
-from ..files.peft_targets import targeted_modules
+from ..files.peft_targets import config_targets
 
 # check(folder, config, facts) -> extra facts kept with the entry (e.g. label names); raises
 # AdapterFileError when the adapter does not fit what is being served.
@@ -92,17 +91,9 @@ class AdapterStore:
                 "one base model, so only bias='none' can be served"
             )
         try:  # the modules loading will want, by PEFT's rules (peft_targets.py)
-            found = targeted_modules(
-                self.model,
-                facts.get("target_modules"),
-                layers=config.layers,
-                layers_pattern=config.layers_pattern,
-                exclude=facts.get("exclude_modules"),
-                modules_to_save=config.modules_to_save,
-                task_type=facts.get("task_type"),
-            )
-        except re.error as err:
-            raise AdapterFileError(f"{where}: target_modules or exclude_modules is not a valid regex: {err}") from None
+            found = config_targets(self.model, config, facts)
+        except ValueError as err:
+            raise AdapterFileError(f"{where}: {err}") from None
         if found == []:
             raise AdapterFileError(
                 f"{where}: the adapter does not fit this base model: target_modules={facts.get('target_modules')!r}"
