@@ -21,11 +21,30 @@ import torch
 
 # kind -> (config class, keyword arguments); every model is 2 blocks of width 32.
 _CONFIGS = {
-    "bert": ("BertConfig", dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                intermediate_size=64, max_position_embeddings=64)),
+    "bert": (
+        "BertConfig",
+        dict(
+            vocab_size=120,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        ),
+    ),
     "gpt2": ("GPT2Config", dict(vocab_size=120, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
-    "llama": ("LlamaConfig", dict(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)),
+    "llama": (
+        "LlamaConfig",
+        dict(
+            vocab_size=120,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        ),
+    ),
 }
 # (kind, head) -> model class; head "classify" is a sequence classifier, "base" the bare encoder.
 _CLASSES = {
@@ -166,19 +185,26 @@ def make_tokenizer(folder: Path):
 
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]",
-                                  bos_token="[BOS]", eos_token="[EOS]")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]"
+    )
     tok.save_pretrained(folder)
     return tok
 
 
 # Folder models: VOCAB-sized, no dropout, the tokenizer's special ids.
 _FOLDER_CONFIGS = {
-    "bert": dict(num_attention_heads=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0,
-                 initializer_range=0.2),
+    "bert": dict(
+        num_attention_heads=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=0,
+        initializer_range=0.2,
+    ),
     "llama": dict(pad_token_id=0, bos_token_id=2, eos_token_id=3),
-    "gpt2": dict(n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0, bos_token_id=2,
-                 eos_token_id=3),
+    "gpt2": dict(
+        n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0, bos_token_id=2, eos_token_id=3
+    ),
 }
 
 
@@ -196,11 +222,13 @@ def make_model(folder: Path, kind: str, seed: int = 0) -> Path:
 LABELS = ("neg", "pos")
 
 
-def make_adapter(base: Path, out: Path, task: str, seed: int, rank: int = 4, targets="all-linear",
-                 labels: tuple[str, ...] = LABELS) -> Path:
+def make_adapter(
+    base: Path, out: Path, task: str, seed: int, rank: int = 4, targets="all-linear", labels: tuple[str, ...] = LABELS
+) -> Path:
     """An adapter folder on `base` with random nonzero weights (and, for a classifier, its own head)."""
     import lorakit
-    from lorakit.training.tasks import labels_json, load_model
+    from lorakit.training.base_model import load_model
+    from lorakit.training.labels import labels_json
 
     model = load_model(str(base), task, list(labels) if task == "classify" else None)
     saved = ["classifier"] if task == "classify" else []
@@ -211,8 +239,13 @@ def make_adapter(base: Path, out: Path, task: str, seed: int, rank: int = 4, tar
             for p in model.classifier.copies["default"].parameters():
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
     extra = {"labels.json": labels_json(list(labels))} if task == "classify" else None
-    lorakit.save_adapter(model, out, base_model_name_or_path=str(base),
-                         task_type="SEQ_CLS" if task == "classify" else "CAUSAL_LM", extra_files=extra)
+    lorakit.save_adapter(
+        model,
+        out,
+        base_model_name_or_path=str(base),
+        task_type="SEQ_CLS" if task == "classify" else "CAUSAL_LM",
+        extra_files=extra,
+    )
     return out
 
 
@@ -240,8 +273,10 @@ def completion_rows(n: int, seed: int = 0) -> list[dict]:
 
 
 def chat_rows(n: int, seed: int = 0) -> list[dict]:
-    return [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
-            for r in completion_rows(n, seed)]
+    return [
+        {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
+        for r in completion_rows(n, seed)
+    ]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -264,8 +299,9 @@ def train_tiny(tiny, out: Path, **options) -> dict:
     """Train in this process on a tiny model; returns the summary."""
     from lorakit.training import RunConfig, train
 
-    defaults = dict(model=str(tiny["bert"]), data=str(tiny["classify"]), out=str(out), batch_size=8,
-                    epochs=1, lr=1e-2, threads=1)
+    defaults = dict(
+        model=str(tiny["bert"]), data=str(tiny["classify"]), out=str(out), batch_size=8, epochs=1, lr=1e-2, threads=1
+    )
     defaults.update(options)
     overwrite = defaults.pop("overwrite", False)
     return train(RunConfig(**defaults), overwrite=overwrite, stream=io.StringIO())
@@ -297,8 +333,9 @@ def whole_and_resumed(tiny, root: Path, monkeypatch, **options) -> tuple[Path, P
 def cli(*args: str, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
     """`python -m lorakit ARGS` in a subprocess."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, timeout=timeout, env=env, **kw
+    )
 
 
 def cli_here(capsys, *args: str) -> tuple[int, str, str]:
@@ -320,8 +357,11 @@ def tensors(folder: Path) -> dict[str, torch.Tensor]:
 def files_of(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
     """Every file under `folder` (relative path -> bytes), to check that a refused command
     changed nothing; `skip`: names to leave out."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*"))
-            if p.is_file() and p.name not in skip}
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(Path(folder).rglob("*"))
+        if p.is_file() and p.name not in skip
+    }
 
 
 # ---- float32 comparisons -------------------------------------------------------------------
@@ -332,8 +372,9 @@ def files_of(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
 TINY_MODEL_N = 500
 
 
-def assert_rounding_close(got: torch.Tensor, want: torch.Tensor, *, n: int, scale: float | None = None,
-                          msg: str | None = None) -> None:
+def assert_rounding_close(
+    got: torch.Tensor, want: torch.Tensor, *, n: int, scale: float | None = None, msg: str | None = None
+) -> None:
     """`got` and `want` compute the same numbers two ways that differ only in rounding (another
     order of sums, a fused kernel, a merged weight, another library): they must agree within
     8 * eps * sqrt(n) * scale, elementwise.
@@ -356,8 +397,8 @@ def assert_rounding_close(got: torch.Tensor, want: torch.Tensor, *, n: int, scal
     eps = torch.finfo(low).eps
     if scale is None:
         scale = want.detach().abs().max().item() if want.numel() else 0.0
-    atol = 8 * eps * n ** 0.5 * scale
-    _log_ratio(got, want, eps * n ** 0.5 * scale)
+    atol = 8 * eps * n**0.5 * scale
+    _log_ratio(got, want, eps * n**0.5 * scale)
     torch.testing.assert_close(got, want, rtol=0, atol=atol, check_dtype=False, msg=msg)
 
 

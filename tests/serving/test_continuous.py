@@ -36,6 +36,7 @@ def test_staggered_requests_join_the_running_batch_and_equal_generate_alone(adap
 
     async def go():
         async with client(app) as c:
+
             def post(model, prompt, n):
                 body = {"prompt": prompt, "max_tokens": n, "temperature": 0}
                 return asyncio.ensure_future(c.post("/v1/completions", json=dict(body, model=model) if model else body))
@@ -67,7 +68,7 @@ def _base_text(folder, prompt: str, n: int) -> str:
     enc = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
         ids = model.generate(**enc, max_new_tokens=n, do_sample=False, pad_token_id=model.config.pad_token_id)
-    return tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def test_a_short_request_finishes_while_a_long_one_decodes(adapters):
@@ -76,11 +77,22 @@ def test_a_short_request_finishes_while_a_long_one_decodes(adapters):
 
     async def go():
         async with client(app) as c:
-            long = asyncio.ensure_future(c.post("/v1/completions", json={
-                "model": "x", "prompt": "count from 3 :", "max_tokens": 50, "ignore_eos": True, "temperature": 0}))
+            long = asyncio.ensure_future(
+                c.post(
+                    "/v1/completions",
+                    json={
+                        "model": "x",
+                        "prompt": "count from 3 :",
+                        "max_tokens": 50,
+                        "ignore_eos": True,
+                        "temperature": 0,
+                    },
+                )
+            )
             await until(lambda: scheduler.rows and len(scheduler.rows[0].out) >= 2)
-            short = await c.post("/v1/completions", json={"model": "x", "prompt": "9 8 7", "max_tokens": 4,
-                                                           "temperature": 0})
+            short = await c.post(
+                "/v1/completions", json={"model": "x", "prompt": "9 8 7", "max_tokens": 4, "temperature": 0}
+            )
             still = [len(r.out) for r in scheduler.rows]
             return short, still, await long
 
@@ -92,15 +104,25 @@ def test_a_short_request_finishes_while_a_long_one_decodes(adapters):
 
 def test_seeded_sampling_repeats_whatever_joins_the_batch(adapters):
     app, engine = build([adapters["x"], adapters["y"]], None, max_wait_ms=0)
-    seeded = {"model": "y", "prompt": "count from 11 :", "max_tokens": 12, "temperature": 1.0, "seed": 7,
-              "ignore_eos": True}
+    seeded = {
+        "model": "y",
+        "prompt": "count from 11 :",
+        "max_tokens": 12,
+        "temperature": 1.0,
+        "seed": 7,
+        "ignore_eos": True,
+    }
     scheduler = app.state.batcher.scheduler
 
     async def go():
         async with client(app) as c:
             alone = await c.post("/v1/completions", json=seeded)
-            other = asyncio.ensure_future(c.post("/v1/completions", json={
-                "model": "x", "prompt": "count from 3 :", "max_tokens": 30, "temperature": 0.8, "seed": 1}))
+            other = asyncio.ensure_future(
+                c.post(
+                    "/v1/completions",
+                    json={"model": "x", "prompt": "count from 3 :", "max_tokens": 30, "temperature": 0.8, "seed": 1},
+                )
+            )
             await until(lambda: scheduler.rows and len(scheduler.rows[0].out) >= 3)
             joined = await c.post("/v1/completions", json=seeded)
             await other
@@ -116,8 +138,12 @@ def test_a_client_that_goes_away_frees_its_row_at_the_next_step(adapters):
 
     async def go():
         async with client(app) as c:
-            task = asyncio.ensure_future(c.post("/v1/completions", json={
-                "model": "x", "prompt": "count from 3 :", "max_tokens": 50, "ignore_eos": True}))
+            task = asyncio.ensure_future(
+                c.post(
+                    "/v1/completions",
+                    json={"model": "x", "prompt": "count from 3 :", "max_tokens": 50, "ignore_eos": True},
+                )
+            )
             await until(lambda: scheduler.rows and len(scheduler.rows[0].out) >= 2)
             row = scheduler.rows[0]
             task.cancel()

@@ -32,14 +32,19 @@ from .settings import Settings
 class Batcher:
     def __init__(self, engine: Engine, settings: Settings, metrics: Metrics) -> None:
         self.engine, self.metrics = engine, metrics
-        self.max_batch, self.max_wait_s, self.max_queue = settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue
+        self.max_batch, self.max_wait_s, self.max_queue = (
+            settings.max_batch,
+            settings.max_wait_ms / 1000,
+            settings.max_queue,
+        )
         self._queue: asyncio.Queue[tuple[Row, asyncio.Future | None]] | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-model")
         self._task: asyncio.Task | None = None
         self._running = 0  # rows in the batch on the model thread
         continuous = engine.task == "causal-lm" and settings.continuous
-        self.scheduler = Scheduler(engine, settings.max_batch, settings.max_batch_tokens, metrics) if continuous \
-            else None
+        self.scheduler = (
+            Scheduler(engine, settings.max_batch, settings.max_batch_tokens, metrics) if continuous else None
+        )
         self._arrived: asyncio.Event | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------

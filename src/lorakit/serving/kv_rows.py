@@ -40,8 +40,10 @@ def _tensors(past: Any) -> list[Any]:
     other rules, so joining one is refused (the engine then runs those rows alone)."""
     layers = getattr(past, "layers", None)
     if layers is None or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
-        raise NotImplementedError(f"joining KV caches needs Transformers' DynamicCache of DynamicLayer "
-                                  f"layers; this model's cache is {type(past).__name__}")
+        raise NotImplementedError(
+            f"joining KV caches needs Transformers' DynamicCache of DynamicLayer "
+            f"layers; this model's cache is {type(past).__name__}"
+        )
     return layers
 
 

@@ -24,22 +24,43 @@ class Metrics:
     def __init__(self, store: AdapterStore | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self._requests = Counter("lorakit_requests", "HTTP requests by endpoint and status.",
-                                 ["endpoint", "status"], registry=r)
-        self._errors = Counter("lorakit_request_errors", "HTTP requests answered with a 4xx or 5xx status.",
-                               registry=r)
-        self._latency = Histogram("lorakit_request_duration_seconds", "Time from request to the end of the response.",
-                                  ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
+        self._requests = Counter(
+            "lorakit_requests", "HTTP requests by endpoint and status.", ["endpoint", "status"], registry=r
+        )
+        self._errors = Counter("lorakit_request_errors", "HTTP requests answered with a 4xx or 5xx status.", registry=r)
+        self._latency = Histogram(
+            "lorakit_request_duration_seconds",
+            "Time from request to the end of the response.",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_depth = Gauge("lorakit_queue_depth", "Rows waiting to run (not yet in a batch).", registry=r)
-        self.batch_rows = Histogram("lorakit_batch_rows", "Rows per batch (generation: per group admitted at once).",
-                                    buckets=_BATCH_BUCKETS, registry=r)
+        self.batch_rows = Histogram(
+            "lorakit_batch_rows",
+            "Rows per batch (generation: per group admitted at once).",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
         self.running = Gauge("lorakit_running_rows", "Generation rows in the running batch.", registry=r)
-        self.step_tokens = Histogram("lorakit_step_tokens", "Tokens through the model per generation step "
-                                     "(decoding rows plus prefill).", buckets=_STEP_TOKEN_BUCKETS, registry=r)
-        self.ttft = Histogram("lorakit_time_to_first_token_seconds", "From a row's arrival to its first token.",
-                              buckets=_LATENCY_BUCKETS, registry=r)
-        self.tpot = Histogram("lorakit_time_per_output_token_seconds", "A row's time per token after its first.",
-                              buckets=_TOKEN_BUCKETS, registry=r)
+        self.step_tokens = Histogram(
+            "lorakit_step_tokens",
+            "Tokens through the model per generation step (decoding rows plus prefill).",
+            buckets=_STEP_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "lorakit_time_to_first_token_seconds",
+            "From a row's arrival to its first token.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "lorakit_time_per_output_token_seconds",
+            "A row's time per token after its first.",
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
         if store is not None:
             r.register(_StoreCollector(store))
         self._handled = 0
@@ -74,9 +95,11 @@ class _StoreCollector(Collector):
         s = self.store
         yield GaugeMetricFamily("lorakit_adapters_registered", "Adapters the server knows.", value=len(s.entries))
         yield GaugeMetricFamily("lorakit_adapters_loaded", "Adapters loaded on the model.", value=len(s.loaded))
-        yield GaugeMetricFamily("lorakit_adapter_loaded_bytes", "Bytes of the loaded adapters' tensors.",
-                                value=s.loaded_bytes)
+        yield GaugeMetricFamily(
+            "lorakit_adapter_loaded_bytes", "Bytes of the loaded adapters' tensors.", value=s.loaded_bytes
+        )
         yield CounterMetricFamily("lorakit_adapter_loads", "Adapter loads.", value=s.loads)
-        yield CounterMetricFamily("lorakit_adapter_evictions", "Adapters unloaded to stay within the byte budget.",
-                                  value=s.evictions)
+        yield CounterMetricFamily(
+            "lorakit_adapter_evictions", "Adapters unloaded to stay within the byte budget.", value=s.evictions
+        )
         yield CounterMetricFamily("lorakit_adapter_load_failures", "Adapter loads that failed.", value=s.failures)

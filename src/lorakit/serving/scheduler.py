@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..mixed import mixed_batch
+from ..adapting.mixed import mixed_batch
 from . import kv_rows
 from .engine import Engine, Row, RowError, row_stream
 from .events import Failed
@@ -103,21 +103,31 @@ class Scheduler:
         before = self._states(rows)
         try:
             with torch.inference_mode(), mixed_batch(self.engine.model, [r.route for r in rows]):
-                out = self.engine.model(input_ids=self.pending.view(-1, 1), attention_mask=mask,
-                                        position_ids=self.positions.view(-1, 1), past_key_values=self.past,
-                                        use_cache=True)
+                out = self.engine.model(
+                    input_ids=self.pending.view(-1, 1),
+                    attention_mask=mask,
+                    position_ids=self.positions.view(-1, 1),
+                    past_key_values=self.past,
+                    use_cache=True,
+                )
             self.past, self.mask = out.past_key_values, mask
             self.pending = self._take(rows, out.logits[:, -1, :].float())
-        except Exception:
-            self._isolate(rows, before)
+        except Exception as err:
+            self._isolate(rows, before, err)
             self._leave(list(range(len(self.rows))))
             return
         self.positions = self.positions + 1
 
     def _take(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
         """Pick each row's next token and hand it to the row (which emits its text); the tokens."""
-        tokens, entries = pick(logits, [r.sampling for r in rows], [r.ids for r in rows], [r.out for r in rows],
-                               self.engine.eos_ids, [self.streams[id(r)] for r in rows])
+        tokens, entries = pick(
+            logits,
+            [r.sampling for r in rows],
+            [r.ids for r in rows],
+            [r.out for r in rows],
+            self.engine.eos_ids,
+            [self.streams[id(r)] for r in rows],
+        )
         now = time.perf_counter()
         for row, token, entry in zip(rows, tokens, entries):
             self.engine.take_token(row, token, entry)
@@ -162,9 +172,14 @@ class Scheduler:
         """Per row: (tokens so far, random state), to rewind a stream that a failed step drew from."""
         return [(len(r.out), self.streams[id(r)].get_state()) for r in rows]
 
-    def _isolate(self, rows: list[Row], before: list[tuple[int, Any]] | None) -> None:
+    def _isolate(self, rows: list[Row], before: list[tuple[int, Any]] | None, err: Exception | None) -> None:
         """After a failed step: each row goes on alone from where it stood, to its end (the
-        engine's static path), so a failure is only the failing row's."""
+        engine's static path), so a failure is only the failing row's; a row that failed alone
+        gets the error (as in Engine.decode_isolated)."""
+        if err is not None and len(rows) == 1:
+            rows[0].ended = True
+            rows[0].emit(Failed(err))
+            return
         streams = {id(r): self.streams[id(r)] for r in rows}
         for row, (count, state) in zip(rows, before or []):
             if len(row.out) == count:
@@ -229,17 +244,21 @@ class Scheduler:
         before = self._states(rows)
         try:
             with torch.inference_mode(), mixed_batch(self.engine.model, [r.route for r in rows]):
-                out = self.engine.model(input_ids=p.ids[:, p.done:end], attention_mask=p.mask[:, :end],
-                                        position_ids=p.positions[:, p.done:end], past_key_values=p.past,
-                                        use_cache=True)
+                out = self.engine.model(
+                    input_ids=p.ids[:, p.done : end],
+                    attention_mask=p.mask[:, :end],
+                    position_ids=p.positions[:, p.done : end],
+                    past_key_values=p.past,
+                    use_cache=True,
+                )
             ran = len(rows) * (end - p.done)
             p.past, p.done = out.past_key_values, end
             if end < p.width:
                 return ran
             first = self._take(rows, out.logits[:, -1, :].float())
-        except Exception:
+        except Exception as err:
             self.prefill = None
-            self._isolate(rows, before)
+            self._isolate(rows, before, err)
             return 0
         self.prefill = None
         self._join(rows, p, first)
@@ -265,7 +284,7 @@ class Scheduler:
         try:
             self.mask = kv_rows.join(self.past, self.mask, p.past, mask)
         except NotImplementedError:  # a cache kind that cannot be joined: these rows go on alone
-            self._isolate(joining, None)
+            self._isolate(joining, None, None)
             return
         self.rows = self.rows + joining
         self.pending = torch.cat([self.pending, pending])

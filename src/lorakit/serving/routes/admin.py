@@ -7,7 +7,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from ...adapter_file import AdapterFileError
+from ...files.adapter_file import AdapterFileError
 from .. import protocol as P
 from ..engine import Engine
 from ..guard import Problem

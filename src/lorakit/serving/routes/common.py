@@ -41,8 +41,12 @@ def resolve(engine: Engine, model: str | None, mix: dict[str, float] | None) -> 
     store = engine.store
     if mix is not None:
         if model not in (None, engine.base_id):
-            raise Problem(422, f"`adapters` mixes adapters over the base model; give model "
-                               f"{engine.base_id!r} (or none) with it, not {model!r}", "model")
+            raise Problem(
+                422,
+                f"`adapters` mixes adapters over the base model; give model "
+                f"{engine.base_id!r} (or none) with it, not {model!r}",
+                "model",
+            )
         unknown = [n for n in mix if n not in store.entries]
         if unknown:
             raise Problem(404, _unknown(engine, unknown[0]), "adapters")
@@ -74,11 +78,15 @@ def enqueue(batcher: Batcher, settings: Settings, rows: list[Row], with_results:
     if not batcher.alive:  # queued rows would wait for ever
         raise Problem(503, "the server's batch loop has stopped; see the server's log")
     if len(rows) > settings.max_queue:  # it would never fit: retrying (as clients do on 429) cannot help
-        raise Problem(413, f"this request has {len(rows)} rows (inputs x n), more than the "
-                           f"{settings.max_queue} the server queues (--max-queue); send it in parts")
+        raise Problem(
+            413,
+            f"this request has {len(rows)} rows (inputs x n), more than the "
+            f"{settings.max_queue} the server queues (--max-queue); send it in parts",
+        )
     if batcher.room() < len(rows):
-        raise Problem(429, f"the queue is full ({settings.max_queue} rows waiting); retry shortly",
-                      headers={"Retry-After": "1"})
+        raise Problem(
+            429, f"the queue is full ({settings.max_queue} rows waiting); retry shortly", headers={"Retry-After": "1"}
+        )
     return batcher.submit(rows, with_results)
 
 
@@ -87,8 +95,12 @@ def check_lengths(engine: Engine, rows: list[Row], new_tokens: int) -> None:
         if not row.ids:
             raise Problem(422, "an input is empty after tokenizing")
         if len(row.ids) + new_tokens > engine.max_length:
-            raise Problem(413, f"the input is {len(row.ids)} tokens" + (f" + {new_tokens} to generate" if new_tokens
-                          else "") + f", more than this model's maximum context of {engine.max_length} tokens")
+            raise Problem(
+                413,
+                f"the input is {len(row.ids)} tokens"
+                + (f" + {new_tokens} to generate" if new_tokens else "")
+                + f", more than this model's maximum context of {engine.max_length} tokens",
+            )
 
 
 def cancel(rows: list[Row]) -> None:

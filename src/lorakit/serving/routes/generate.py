@@ -22,8 +22,9 @@ Kind = Literal["text", "chat"]
 
 
 @router.post("/v1/completions")
-async def completions(body: P.CompletionRequest, engine: EngineDep, batcher: BatcherDep,
-                      settings: SettingsDep) -> Response:
+async def completions(
+    body: P.CompletionRequest, engine: EngineDep, batcher: BatcherDep, settings: SettingsDep
+) -> Response:
     prompts = [token_ids(engine, p) for p in P.as_list(body.prompt)]
     return await generate("text", body, prompts, body.max_tokens, engine, batcher, settings)
 
@@ -40,8 +41,7 @@ async def chat(body: P.ChatRequest, engine: EngineDep, batcher: BatcherDep, sett
     return await generate("chat", body, [prompt], body.limit(), engine, batcher, settings)
 
 
-def rows_of(engine: Engine, body: Any, prompts: list[list[int]], limit: int | None,
-            emit: Any) -> list[Row]:
+def rows_of(engine: Engine, body: Any, prompts: list[list[int]], limit: int | None, emit: Any) -> list[Row]:
     """The request's rows: each prompt `n` times, the same sampling fields, seeds seed, seed+1, ..."""
     route, names, _ = resolve(engine, body.model, body.adapters)
     sampling, stop = body.settings(), body.stops()  # the same for every row of the request
@@ -52,22 +52,31 @@ def rows_of(engine: Engine, body: Any, prompts: list[list[int]], limit: int | No
     for p, ids in enumerate(prompts):
         for c in range(body.n):
             index = p * body.n + c
-            rows.append(Row(ids, route, names, max_tokens=limit or max(engine.max_length - len(ids), 1),
-                            sampling=sampling, seed=None if body.seed is None else body.seed + c, stop=stop,
-                            emit=lambda ev, i=index: emit(i, ev)))
+            rows.append(
+                Row(
+                    ids,
+                    route,
+                    names,
+                    max_tokens=limit or max(engine.max_length - len(ids), 1),
+                    sampling=sampling,
+                    seed=None if body.seed is None else body.seed + c,
+                    stop=stop,
+                    emit=lambda ev, i=index: emit(i, ev),
+                )
+            )
     check_lengths(engine, rows, limit or 0)
     return rows
 
 
-async def generate(kind: Kind, body: Any, prompts: list[list[int]], limit: int | None, engine: Engine,
-                   batcher: Any, settings: Settings) -> Response:
+async def generate(
+    kind: Kind, body: Any, prompts: list[list[int]], limit: int | None, engine: Engine, batcher: Any, settings: Settings
+) -> Response:
     if engine.task != "causal-lm":
         raise Problem(404, "this server runs a sequence classifier: use /v1/classify")
     _, _, shown = resolve(engine, body.model, body.adapters)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
-    rows = rows_of(engine, body, prompts, limit,
-                   lambda i, ev: loop.call_soon_threadsafe(events.put_nowait, (i, ev)))
+    rows = rows_of(engine, body, prompts, limit, lambda i, ev: loop.call_soon_threadsafe(events.put_nowait, (i, ev)))
     enqueue(batcher, settings, rows, with_results=False)
     rid, created = P.request_id("cmpl" if kind == "text" else "chatcmpl"), int(time.time())
     first = await next_event(events, rows)
@@ -97,8 +106,11 @@ async def generate(kind: Kind, body: Any, prompts: list[list[int]], limit: int |
     sampling = rows[0].sampling
     logprobs = [logprobs_of(kind, engine, r.logprobs)[0] if sampling.logprobs is not None else None for r in rows]
     choices = [P.completion_choice(kind, i, texts[i], *finish[i], logprobs[i]) for i in range(len(rows))]
-    return JSONResponse(P.completion_answer(kind, rid, created, shown, choices, sum(len(r.ids) for r in rows),
-                                            sum(len(r.out) for r in rows)))
+    return JSONResponse(
+        P.completion_answer(
+            kind, rid, created, shown, choices, sum(len(r.ids) for r in rows), sum(len(r.out) for r in rows)
+        )
+    )
 
 
 async def next_event(events: asyncio.Queue, rows: list[Row]) -> tuple[int, Event]:

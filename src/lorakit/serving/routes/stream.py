@@ -15,6 +15,7 @@ from .common import cancel, problem
 
 def logprobs_of(kind: Literal["text", "chat"], engine: Engine, entries: list, offset: int = 0) -> tuple[dict, int]:
     """A choice's `logprobs` for some of its tokens, and (completions) the text offset after them."""
+
     def decode(token: int) -> str:
         return engine.tokenizer.decode([token])
 
@@ -23,9 +24,19 @@ def logprobs_of(kind: Literal["text", "chat"], engine: Engine, entries: list, of
     return P.chat_logprobs(entries, decode), offset
 
 
-async def sse(kind: Literal["text", "chat"], rid: str, created: int, model: str, rows: list[Row],
-              events: asyncio.Queue, first: tuple, include_usage: bool, engine: Engine) -> AsyncIterator[str]:
+async def sse(
+    kind: Literal["text", "chat"],
+    rid: str,
+    created: int,
+    model: str,
+    rows: list[Row],
+    events: asyncio.Queue,
+    first: tuple,
+    include_usage: bool,
+    engine: Engine,
+) -> AsyncIterator[str]:
     """Server-sent events: a chunk per piece of new text, a last chunk per choice, [DONE]."""
+
     def data(obj: dict) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -48,8 +59,19 @@ async def sse(kind: Literal["text", "chat"], rid: str, created: int, model: str,
             if isinstance(ev, Text):
                 yield data(P.chunk(kind, rid, created, model, index, ev.delta, logprobs=logprobs(index, ev.logprobs)))
             elif isinstance(ev, Done):
-                yield data(P.chunk(kind, rid, created, model, index, "", finish=ev.finish_reason, stop=ev.stop,
-                                   logprobs=logprobs(index, ev.logprobs) if ev.logprobs else None))
+                yield data(
+                    P.chunk(
+                        kind,
+                        rid,
+                        created,
+                        model,
+                        index,
+                        "",
+                        finish=ev.finish_reason,
+                        stop=ev.stop,
+                        logprobs=logprobs(index, ev.logprobs) if ev.logprobs else None,
+                    )
+                )
                 finished += 1
             else:  # the status line is gone already: the error goes in-band
                 failure = problem(ev.error)
@@ -58,8 +80,16 @@ async def sse(kind: Literal["text", "chat"], rid: str, created: int, model: str,
             if finished == len(rows):
                 if include_usage:
                     prompt, completion = sum(len(r.ids) for r in rows), sum(len(r.out) for r in rows)
-                    yield data({"id": rid, "object": "text_completion" if kind == "text" else "chat.completion.chunk",
-                                "created": created, "model": model, "choices": [], "usage": P.usage(prompt, completion)})
+                    yield data(
+                        {
+                            "id": rid,
+                            "object": "text_completion" if kind == "text" else "chat.completion.chunk",
+                            "created": created,
+                            "model": model,
+                            "choices": [],
+                            "usage": P.usage(prompt, completion),
+                        }
+                    )
                 break
             event = await events.get()
         yield "data: [DONE]\n\n"
