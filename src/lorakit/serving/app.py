@@ -44,6 +44,6 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
     app.state.engine, app.state.batcher, app.state.metrics, app.state.settings = engine, batcher, metrics, settings
     app.add_middleware(Guard, api_key=settings.api_key, max_body=settings.max_body_bytes, metrics=metrics)
     error_handlers(app)
-    for router in (routes.admin, routes.classify, routes.generate):
+    for router in routes.ROUTERS:
         app.include_router(router)
     return app

@@ -50,6 +50,7 @@ class Batcher:
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         self._queue, self._arrived = asyncio.Queue(), asyncio.Event()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-model")  # a stopped app restarts
         work = self._steps() if self.scheduler is not None else self._loop()
         self._task = asyncio.get_running_loop().create_task(work)
 

@@ -2,8 +2,8 @@
 the metrics and the settings through the dependencies of `common.py`, so a test can mount one
 router on a bare app and override them."""
 
-from .admin import router as admin
-from .classify import router as classify
-from .generate import router as generate
+from . import admin, classify, generate
 
-__all__ = ["admin", "classify", "generate"]
+ROUTERS = (admin.router, classify.router, generate.router)
+
+__all__ = ["ROUTERS", "admin", "classify", "generate"]
