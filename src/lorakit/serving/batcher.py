@@ -18,15 +18,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .engine import Engine, Row
-from .events import Failed
+from .events import Event, Failed
 from .metrics import Metrics
 from .scheduler import Scheduler
 from .settings import Settings
+
+
+# How long the model thread steps before it hands the thread back between steps (for loads and
+# unloads): each hand-back costs a trip through the event loop, about as long as a small step.
+STEPS_SECONDS = 0.02
 
 
 class Batcher:
@@ -50,6 +57,7 @@ class Batcher:
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         self._queue, self._arrived = asyncio.Queue(), asyncio.Event()
+        self._event_loop, self._outbox, self._flush_pending = asyncio.get_running_loop(), deque(), False
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-model")  # a stopped app restarts
         work = self._steps() if self.scheduler is not None else self._loop()
         self._task = asyncio.get_running_loop().create_task(work)
@@ -88,6 +96,9 @@ class Batcher:
         check and the puts are one step of the event loop). Classify rows get a future each."""
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in rows] if with_results else [None] * len(rows)
+        for row in rows:
+            if row.emit is not None:  # the request's callback runs on the loop; the model thread posts to it
+                row.emit = functools.partial(self._post, row.emit)
         if self.scheduler is not None:
             self.scheduler.waiting.extend(rows)
             self._arrived.set()
@@ -95,6 +106,21 @@ class Batcher:
         for row, future in zip(rows, futures):
             self._queue.put_nowait((row, future))
         return futures if with_results else None
+
+    def _post(self, emit: Callable[[Event], None], event: Event) -> None:
+        """From the model thread: queue `emit(event)` for the event loop. One wake-up of the loop
+        delivers every event posted until then (one per token would cost the model thread the
+        interpreter lock at each token)."""
+        self._outbox.append((emit, event))
+        if not self._flush_pending:
+            self._flush_pending = True
+            self._event_loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_pending = False  # before draining: an event posted from now on schedules another flush
+        while self._outbox:
+            emit, event = self._outbox.popleft()
+            emit(event)
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run `fn(*args)` on the model thread, between batches."""
@@ -119,7 +145,7 @@ class Batcher:
                     except asyncio.TimeoutError:
                         break
             try:
-                await loop.run_in_executor(self._pool, scheduler.step)
+                await loop.run_in_executor(self._pool, scheduler.run, STEPS_SECONDS)
             except Exception as err:  # outside any row's forward (the scheduler isolates those): every row says why
                 for row in scheduler.drop_all():
                     if not row.ended:

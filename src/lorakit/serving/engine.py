@@ -59,7 +59,7 @@ class Row:
     sampling: Sampling = field(default_factory=Sampling)
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    emit: Callable[[Event], None] | None = None  # events to the request, called from the model thread
+    emit: Callable[[Event], None] | None = None  # events to the request (the batcher posts them to the event loop)
     cancelled: bool = False  # the client went away: drop the row at the next chance
     out: list[int] = field(default_factory=list)  # generated token ids (a stop token or end of text too)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token of `out`, if asked for

@@ -21,6 +21,7 @@ the event loop and popped here (a deque: both ends are thread-safe).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from typing import Any
@@ -62,6 +63,11 @@ class Scheduler:
         self.positions = torch.zeros(0, dtype=torch.long)  # the position of that token
         self.prefill: _Prefill | None = None
         self.streams: dict[int, torch.Generator] = {}
+        # One mixed_batch block stays open across steps while the routes stay the same: its plans
+        # (which rows go through which adapter) are then made once, not at every step.
+        self._block: contextlib.ExitStack | None = None
+        self._batch: Any = None
+        self._routes: list[Any] | None = None
 
     @property
     def busy(self) -> bool:
@@ -79,6 +85,32 @@ class Scheduler:
         self.mask, self.pending, self.positions = self.mask[:0, :0], self.pending[:0], self.positions[:0]
         self.streams.clear()
         return rows
+
+    def run(self, seconds: float) -> None:
+        """Steps while there is work, for about `seconds` (then the batcher gets the thread back
+        for a load or an unload); rows that arrive meanwhile join at the next step."""
+        deadline = time.perf_counter() + seconds
+        try:
+            self.step()
+            while (self.busy or self.waiting) and time.perf_counter() < deadline:
+                self.step()
+        finally:
+            self.release()  # a load or an unload may run next: the model leaves the block
+
+    def release(self) -> None:
+        """Leave the open mixed_batch block (before adapters load, or the engine runs rows alone)."""
+        if self._block is not None:
+            self._block.close()
+        self._block = self._batch = self._routes = None
+
+    def _route(self, routes: list[Any]) -> None:
+        """The next forward's rows go through `routes`."""
+        if self._batch is None:
+            self._block = contextlib.ExitStack()
+            self._batch = self._block.enter_context(mixed_batch(self.engine.model, routes))
+        elif routes != self._routes:
+            self._batch.reroute(routes)
+        self._routes = routes
 
     def step(self) -> None:
         """One decoding step of the running batch, then one prefill chunk of waiting rows."""
@@ -102,7 +134,8 @@ class Scheduler:
         mask = torch.cat([self.mask, self.mask.new_ones(len(rows), 1)], dim=1)
         before = self._states(rows)
         try:
-            with torch.inference_mode(), mixed_batch(self.engine.model, [r.route for r in rows]):
+            self._route([r.route for r in rows])
+            with torch.inference_mode():
                 out = self.engine.model(
                     input_ids=self.pending.view(-1, 1),
                     attention_mask=mask,
@@ -176,6 +209,7 @@ class Scheduler:
         """After a failed step: each row goes on alone from where it stood, to its end (the
         engine's static path), so a failure is only the failing row's; a row that failed alone
         gets the error (as in Engine.decode_isolated)."""
+        self.release()  # the engine's static path opens its own block
         if err is not None and len(rows) == 1:
             rows[0].ended = True
             rows[0].emit(Failed(err))
@@ -209,6 +243,7 @@ class Scheduler:
             return None
         if self.metrics is not None:
             self.metrics.batch_rows.observe(len(group))
+        self.release()  # acquiring may load adapters the open block does not know
         errors: list[Any] = [None] * len(group)
         running = tuple(sorted({n for r in self.rows for n in r.names}))
         live = set(self.engine.acquire(group, errors, keep=running))
@@ -243,7 +278,8 @@ class Scheduler:
         end = min(p.width, p.done + max(budget // len(rows), 1))
         before = self._states(rows)
         try:
-            with torch.inference_mode(), mixed_batch(self.engine.model, [r.route for r in rows]):
+            self._route([r.route for r in rows])
+            with torch.inference_mode():
                 out = self.engine.model(
                     input_ids=p.ids[:, p.done : end],
                     attention_mask=p.mask[:, :end],

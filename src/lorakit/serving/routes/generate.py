@@ -76,7 +76,7 @@ async def generate(
     _, _, shown = resolve(engine, body.model, body.adapters)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
-    rows = rows_of(engine, body, prompts, limit, lambda i, ev: loop.call_soon_threadsafe(events.put_nowait, (i, ev)))
+    rows = rows_of(engine, body, prompts, limit, lambda i, ev: events.put_nowait((i, ev)))  # on the loop (batcher)
     enqueue(batcher, settings, rows, with_results=False)
     rid, created = P.request_id("cmpl" if kind == "text" else "chatcmpl"), int(time.time())
     first = await next_event(events, rows)
