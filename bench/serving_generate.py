@@ -187,7 +187,6 @@ def offline(engine, rows: list[tuple[str, str]], new: int) -> dict:
         with torch.inference_mode(), mixed_batch(engine.model, [a for _, a in rows]):
             out = engine.model.generate(**enc, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
         times.append(time.perf_counter() - t)
-    print("offline seconds", times, flush=True)
     texts = [tok.decode(o[enc["input_ids"].shape[1] :], skip_special_tokens=True) for o in out]
     return {"tok_s": len(rows) * new / min(times), "seconds": min(times), "texts": texts}
 
@@ -232,9 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--requests", type=int, default=64, help="load generator requests")
     ap.add_argument("--rate", type=float, default=8.0, help="load generator arrivals per second")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: cores - 1)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    # One core left to the event loop: torch's threads and the loop's on the same cores stall each other
+    # (with every core to torch, served throughput fell to 0.3-0.4 of offline on 2 cores).
+    torch.set_num_threads(args.threads or max((os.cpu_count() or 2) - 1, 1))
     from lorakit.cli.serve_setup import build_engine
     from lorakit.training.base_model import quiet_transformers
 

@@ -30,7 +30,6 @@ from .metrics import Metrics
 from .scheduler import Scheduler
 from .settings import Settings
 
-
 # How long the model thread steps before it hands the thread back between steps (for loads and
 # unloads): each hand-back costs a trip through the event loop, about as long as a small step.
 STEPS_SECONDS = 0.02

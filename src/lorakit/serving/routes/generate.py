@@ -74,7 +74,6 @@ async def generate(
     if engine.task != "causal-lm":
         raise Problem(404, "this server runs a sequence classifier: use /v1/classify")
     _, _, shown = resolve(engine, body.model, body.adapters)
-    loop = asyncio.get_running_loop()
     events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
     rows = rows_of(engine, body, prompts, limit, lambda i, ev: events.put_nowait((i, ev)))  # on the loop (batcher)
     enqueue(batcher, settings, rows, with_results=False)
