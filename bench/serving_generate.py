@@ -287,7 +287,7 @@ def markdown(res: dict, argv: list[str]) -> str:
         "## Serving: generation, continuous against static batching",
         "",
         f"`python bench/serving_generate.py {' '.join(argv)}`".replace(" `", "`"),
-        f"({res['threads']} torch threads; a random 4-layer Llama, 8 rank-8 adapters; engine and batcher in one "
+        f"(torch threads: {res['threads']}, one core left to the event loop; a random 4-layer Llama, 8 rank-8 adapters; engine and batcher in one "
         "process, see the script's docstring). Static: a batch runs until its last row ends; continuous: rows join "
         "and leave between decoding steps.",
         "",
@@ -300,6 +300,10 @@ def markdown(res: dict, argv: list[str]) -> str:
         f"(tokens/s) | {s['concurrent']['ratio']:.2f} | {c['concurrent']['ratio']:.2f} "
         f"({c['concurrent']['tok_s']:.0f} / {res['offline']['tok_s']:.0f}) | >= 0.8 |",
         f"| same greedy text as offline (of 32) | {s['concurrent']['same_text']} | {c['concurrent']['same_text']} | |",
+        "",
+        "Same text: offline forbids end-of-text (`min_new_tokens`) where the served rows, with `ignore_eos`, may "
+        "pick it and go on, so a row can differ after such a token. Transformers' own continuous-batching "
+        "`generate_batch` is not in the table: it cannot route adapters per request (docs/serving.md).",
         "",
         f"Load generator: {res['requests']} requests, Poisson arrivals at {res['rate']:g}/s, prompts 8-96 words, "
         "outputs 8-160 tokens, adapters drawn from 8:",
