@@ -287,7 +287,8 @@ def markdown(res: dict, argv: list[str]) -> str:
         "## Serving: generation, continuous against static batching",
         "",
         f"`python bench/serving_generate.py {' '.join(argv)}`".replace(" `", "`"),
-        f"(torch threads: {res['threads']}, one core left to the event loop; a random 4-layer Llama, 8 rank-8 adapters; engine and batcher in one "
+        f"(torch threads: {res['threads']}, one core left to the event loop; a random 4-layer Llama, "
+        "8 rank-8 adapters; engine and batcher in one "
         "process, see the script's docstring). Static: a batch runs until its last row ends; continuous: rows join "
         "and leave between decoding steps.",
         "",
