@@ -49,15 +49,18 @@ def test_staggered_requests_join_the_running_batch_and_equal_generate_alone(adap
                 rest.append(post(*job))
                 await until(lambda k=k: groups() == k + 2 and scheduler.prefill is None)  # it has joined
             answers = await asyncio.gather(first, *rest)
-            return answers, app.state.metrics.value("lorakit_batch_rows_count")
+            m = app.state.metrics
+            within = m.value("lorakit_step_tokens_bucket", {"le": "8.0"}) == m.value("lorakit_step_tokens_count")
+            return answers, m.value("lorakit_batch_rows_count"), within
 
-    answers, groups = run(go())
+    answers, groups, within = run(go())
     assert [r.status_code for r in answers] == [200] * 4, [r.text for r in answers]
     for (model, prompt, n), r in zip(jobs, answers):
         want = offline_text(adapters[model], prompt, n) if model else _base_text(adapters["llama"], prompt, n)
         assert r.json()["choices"][0]["text"] == want, (model, prompt)
     assert groups == 4  # each request joined on its own, none waited for a batch to end
     assert widest[0] >= 2  # rows decoded side by side
+    assert within  # no step ran more than the 8-token budget: the long prompt went in chunks
 
 
 def _base_text(folder, prompt: str, n: int) -> str:

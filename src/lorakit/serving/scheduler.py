@@ -68,6 +68,7 @@ class Scheduler:
         self._block: contextlib.ExitStack | None = None
         self._batch: Any = None
         self._routes: list[Any] | None = None
+        self._admitting: list[Row] = []  # taken from `waiting`, not yet in a prefill (for drop_all)
 
     @property
     def busy(self) -> bool:
@@ -80,7 +81,8 @@ class Scheduler:
 
     def drop_all(self) -> list[Row]:
         """Forget the running and admitted rows (after a failure outside any row); those rows."""
-        rows = self.rows + (self.prefill.rows if self.prefill else [])
+        rows = self.rows + (self.prefill.rows if self.prefill else []) + self._admitting
+        self._admitting = []
         self.rows, self.past, self.prefill = [], None, None
         self.mask, self.pending, self.positions = self.mask[:0, :0], self.pending[:0], self.positions[:0]
         self.streams.clear()
@@ -244,6 +246,7 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.batch_rows.observe(len(group))
         self.release()  # acquiring may load adapters the open block does not know
+        self._admitting = group
         errors: list[Any] = [None] * len(group)
         running = tuple(sorted({n for r in self.rows for n in r.names}))
         live = set(self.engine.acquire(group, errors, keep=running))
@@ -254,6 +257,7 @@ class Scheduler:
         group = [r for j, r in enumerate(group) if j in live]
         for row in group:
             self.streams[id(row)] = row_stream(row.seed)
+        self._admitting = []
         return _Prefill(group, self.engine.pad_id) if group else None
 
     def _prefill_chunk(self, budget: int) -> int:
