@@ -158,3 +158,24 @@ def test_a_client_that_goes_away_frees_its_row_at_the_next_step(adapters):
     row, running, answer = run(go())
     assert row.cancelled and len(row.out) < 50
     assert running == 0 and answer.status_code == 200
+
+
+def test_unloading_an_adapter_ends_its_running_rows_with_404(adapters):
+    app, engine = build([], adapters["lm_root"], max_wait_ms=0)
+    scheduler = app.state.batcher.scheduler
+
+    async def go():
+        async with client(app) as c:
+            running = asyncio.ensure_future(
+                c.post(
+                    "/v1/completions",
+                    json={"model": "y", "prompt": "count from 3 :", "max_tokens": 50, "ignore_eos": True},
+                )
+            )
+            await until(lambda: scheduler.rows and len(scheduler.rows[0].out) >= 2)
+            unloaded = await c.post("/v1/unload_lora_adapter", json={"lora_name": "y"})
+            return unloaded, await running
+
+    unloaded, running = run(go())
+    assert unloaded.status_code == 200
+    assert running.status_code == 404 and "unloaded while this request ran" in running.json()["error"]["message"]
