@@ -179,3 +179,24 @@ def test_unloading_an_adapter_ends_its_running_rows_with_404(adapters):
     unloaded, running = run(go())
     assert unloaded.status_code == 200
     assert running.status_code == 404 and "unloaded while this request ran" in running.json()["error"]["message"]
+
+
+def test_a_weighted_mix_answers_the_same_alone_and_joined(adapters):
+    app, engine = build([adapters["x"], adapters["y"]], None, max_wait_ms=0)
+    mix = {"adapters": {"x": 0.7, "y": 0.3}, "prompt": "9 8 7", "max_tokens": 10, "temperature": 0}
+    scheduler = app.state.batcher.scheduler
+
+    async def go():
+        async with client(app) as c:
+            alone = await c.post("/v1/completions", json=mix)
+            other = asyncio.ensure_future(
+                c.post("/v1/completions", json={"model": "x", "prompt": "9 8 7", "max_tokens": 40, "ignore_eos": True})
+            )
+            await until(lambda: scheduler.rows and len(scheduler.rows[0].out) >= 3)
+            joined = await c.post("/v1/completions", json=mix)
+            await other
+            return alone, joined
+
+    alone, joined = run(go())
+    assert alone.status_code == joined.status_code == 200
+    assert alone.json()["choices"][0]["text"] == joined.json()["choices"][0]["text"]
