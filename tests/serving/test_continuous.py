@@ -200,3 +200,54 @@ def test_a_weighted_mix_answers_the_same_alone_and_joined(adapters):
     alone, joined = run(go())
     assert alone.status_code == joined.status_code == 200
     assert alone.json()["choices"][0]["text"] == joined.json()["choices"][0]["text"]
+
+
+def test_a_disconnect_before_a_whole_answer_frees_the_row(adapters):
+    """The server's side of a dropped connection (no task cancelled, as under uvicorn): the ASGI
+    `receive` says http.disconnect while a non-streamed answer is being generated."""
+    import json
+
+    app, engine = build([adapters["x"]], None, max_wait_ms=0)
+    scheduler = app.state.batcher.scheduler
+    body = json.dumps({"model": "x", "prompt": "count from 3 :", "max_tokens": 50, "ignore_eos": True}).encode()
+
+    async def go():
+        async with client(app):
+            gone = asyncio.Event()
+            sent: list[dict] = []
+            messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+            async def receive():
+                if messages:
+                    return messages.pop()
+                await gone.wait()
+                return {"type": "http.disconnect"}
+
+            async def send(message):
+                sent.append(message)
+
+            scope = {
+                "type": "http",
+                "method": "POST",
+                "path": "/v1/completions",
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                "query_string": b"",
+                "http_version": "1.1",
+                "scheme": "http",
+                "server": ("t", 80),
+                "client": ("c", 1),
+                "root_path": "",
+                "raw_path": b"/v1/completions",
+                "app": app,
+            }
+            call = asyncio.ensure_future(app(scope, receive, send))
+            await until(lambda: scheduler.rows and len(scheduler.rows[0].out) >= 2)
+            row = scheduler.rows[0]
+            gone.set()
+            await until(lambda: not scheduler.rows)
+            await call
+            return row, sent
+
+    row, sent = run(go())
+    assert row.cancelled and len(row.out) < 50
+    assert sent[0]["status"] == 499

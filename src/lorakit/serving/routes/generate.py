@@ -6,7 +6,7 @@ import asyncio
 import time
 from typing import Any, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .. import protocol as P
@@ -23,14 +23,16 @@ Kind = Literal["text", "chat"]
 
 @router.post("/v1/completions")
 async def completions(
-    body: P.CompletionRequest, engine: EngineDep, batcher: BatcherDep, settings: SettingsDep
+    body: P.CompletionRequest, request: Request, engine: EngineDep, batcher: BatcherDep, settings: SettingsDep
 ) -> Response:
     prompts = [token_ids(engine, p) for p in P.as_list(body.prompt)]
-    return await generate("text", body, prompts, body.max_tokens, engine, batcher, settings)
+    return await generate("text", body, prompts, body.max_tokens, engine, batcher, settings, request)
 
 
 @router.post("/v1/chat/completions")
-async def chat(body: P.ChatRequest, engine: EngineDep, batcher: BatcherDep, settings: SettingsDep) -> Response:
+async def chat(
+    body: P.ChatRequest, request: Request, engine: EngineDep, batcher: BatcherDep, settings: SettingsDep
+) -> Response:
     try:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         prompt = engine.chat_ids(messages)
@@ -38,7 +40,7 @@ async def chat(body: P.ChatRequest, engine: EngineDep, batcher: BatcherDep, sett
         raise Problem(422, str(err), "messages") from None
     except RowError as err:
         raise Problem(err.status, err.message) from None
-    return await generate("chat", body, [prompt], body.limit(), engine, batcher, settings)
+    return await generate("chat", body, [prompt], body.limit(), engine, batcher, settings, request)
 
 
 def rows_of(engine: Engine, body: Any, prompts: list[list[int]], limit: int | None, emit: Any) -> list[Row]:
@@ -69,7 +71,14 @@ def rows_of(engine: Engine, body: Any, prompts: list[list[int]], limit: int | No
 
 
 async def generate(
-    kind: Kind, body: Any, prompts: list[list[int]], limit: int | None, engine: Engine, batcher: Any, settings: Settings
+    kind: Kind,
+    body: Any,
+    prompts: list[list[int]],
+    limit: int | None,
+    engine: Engine,
+    batcher: Any,
+    settings: Settings,
+    request: Request | None = None,
 ) -> Response:
     if engine.task != "causal-lm":
         raise Problem(404, "this server runs a sequence classifier: use /v1/classify")
@@ -78,6 +87,26 @@ async def generate(
     rows = rows_of(engine, body, prompts, limit, lambda i, ev: events.put_nowait((i, ev)))  # on the loop (batcher)
     enqueue(batcher, settings, rows, with_results=False)
     rid, created = P.request_id("cmpl" if kind == "text" else "chatcmpl"), int(time.time())
+    # A client that disconnects before the answer (or its first chunk) cancels the rows: Starlette
+    # notices a disconnect only while it streams.
+    watcher = asyncio.ensure_future(watch_disconnect(request, rows, events)) if request is not None else None
+    try:
+        return await answer(kind, body, rows, events, rid, created, shown, engine)
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+
+
+async def watch_disconnect(request: Request, rows: list[Row], events: asyncio.Queue) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    cancel(rows)  # they leave the running batch at the next step
+    events.put_nowait((0, Failed(RowError(499, "the client closed the connection"))))
+
+
+async def answer(
+    kind: Kind, body: Any, rows: list[Row], events: asyncio.Queue, rid: str, created: int, shown: str, engine: Engine
+) -> Response:
     first = await next_event(events, rows)
     if isinstance(first[1], Failed):
         cancel(rows)
