@@ -27,6 +27,8 @@ from ..config import LoraConfig
 from .file_keys import AdapterFileError, file_tensors
 from .json_file import read_json
 from ..adapting.manage import add_adapter_from_tensors
+from ..layers.experts import LoraExpertParam, expert_parameters
+from .peft_params import pair_to_file, wrapper_paths
 from .peft_targets import peft_saved_modules
 from ..adapting.pissa import RESIDUAL_INITS, as_plain_lora, plain_pairs
 from ..adapting.plan import TensorError
@@ -50,7 +52,15 @@ def adapter_state_dict(model: nn.Module, name: str = "default", *, as_lora: bool
 
 def _state(model: nn.Module, name: str, record) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
+    # Expert parameters: PEFT's flattened pair under its (nested) wrapper's path (peft_params.py).
+    experts = wrapper_paths(model, expert_paths(model, record))
+    for path, module_path in experts.items():
+        a, b = pair_to_file(*model.get_submodule(path).pair(name))
+        state[fmt.key(module_path, fmt.LINEAR_KEYS["A"])] = a
+        state[fmt.key(module_path, fmt.LINEAR_KEYS["B"])] = b
     for path in record.modules:
+        if path in experts:
+            continue
         layer = model.get_submodule(path)
         keys = fmt.pair_keys(layer.lookup_table)
         for role, p in layer.adapter_parameters(name).items():
@@ -116,9 +126,11 @@ def save_adapter(
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     fan_in_fan_out = any(getattr(model.get_submodule(p), "fan_in_fan_out", False) for p in record.modules)
+    parameters = expert_paths(model, record)
     peft_config = fmt.to_peft_dict(
         config,
-        record.modules,
+        [m for m in record.modules if m not in parameters],
+        parameter_names=parameters,
         fan_in_fan_out=fan_in_fan_out,
         base_model_name_or_path=base_model_name_or_path,
         task_type=task_type,
@@ -237,12 +249,21 @@ def load_adapter(
         add_adapter_from_tensors(model, name, config, pairs, saved=saved, base=base, magnitudes=magnitudes or None,
                                  trainable=trainable)
     except TensorError as err:  # say which key of the file it is
-        embedding = adaptable_kind(model.get_submodule(err.module)) == "embedding"
-        key = fmt.key(err.module, fmt.pair_keys(embedding)[err.role])
+        experts = wrapper_paths(model, [p for p in pairs if p in set(expert_parameters(model))])
+        if err.module in experts:
+            key = fmt.key(experts[err.module], fmt.LINEAR_KEYS[err.role])
+        else:
+            embedding = adaptable_kind(model.get_submodule(err.module)) == "embedding"
+            key = fmt.key(err.module, fmt.pair_keys(embedding)[err.role])
         raise AdapterFileError(f"{where}: key {key!r}: {err}") from None
     except ValueError as err:
         raise AdapterFileError(f"{where}: {err}") from None
     return model
+
+
+def expert_paths(model: nn.Module, record) -> list[str]:
+    """The adapter's expert parameters (its paths whose layer is a `LoraExpertParam`), in its order."""
+    return [p for p in record.modules if isinstance(model.get_submodule(p), LoraExpertParam)]
 
 
 def _check_path(path: Any) -> None:
