@@ -331,3 +331,91 @@ def _mixed(host: LoraExperts, routing, hidden_states: torch.Tensor, top_k_index:
         take = (rows[:, None] * per_route + torch.arange(per_route, device=rows.device)).reshape(-1)
         out[take] = grouped_forward(host.base_layer, hidden_states[take], top_k_index[take], top_k_weights[take], terms)
     return out
+
+
+# -- which expert parameters an adapter takes ----------------------------------------------------
+EXPERT_PRESETS = ("attention+mlp", "all-linear")  # the presets that reach the experts by themselves
+
+
+def resolve_parameters(model: nn.Module, config, exclude: list[str] = ()) -> list[str]:
+    """The expert parameters `config` adapts, in model order: those `target_parameters` names by
+    PEFT's rule (the full name, or a suffix after a "."), and with a preset that reaches the MLP
+    every one; then `layers` and `exclude` as for modules. A `target_parameters` entry that names
+    no expert parameter is an error naming what exists (a parameter that is not a fused expert
+    weight included)."""
+    from .targets import layer_index  # targets.py imports no layer; imported here to keep it so
+
+    found = expert_parameters(model)
+    chosen: set[str] = set()
+    if isinstance(config.targets, str) and config.targets in EXPERT_PRESETS:
+        chosen.update(found)
+    for entry in config.target_parameters:
+        named = [p for p in found if p == entry or p.endswith("." + entry)]
+        if not named:
+            other = [n for n, _ in _all_parameter_names(model) if n == entry or n.endswith("." + entry)]
+            what = (f"it names {other[0]!r}, which is not a fused 3-D expert weight (lorakit adapts the "
+                    "gate_up_proj / up_proj / down_proj of Transformers' experts modules)") if other else \
+                "it names no parameter of the model"
+            raise ValueError(f"target_parameters entry {entry!r} selects no expert parameter: {what}. "
+                             + _describe(found))
+        chosen.update(named)
+    if config.layers is not None:
+        chosen = {p for p in chosen if layer_index(p, config.layers_pattern) in config.layers}
+    chosen = {p for p in chosen
+              if not any(p == e or p.endswith("." + e) or f".{e}." in f".{p}." for e in exclude)}
+    return [p for p in found if p in chosen]
+
+
+def _all_parameter_names(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    # A wrapped experts module's own names, as PEFT strips ".base_layer" before matching.
+    return [(n.replace(".base_layer.", "."), p) for n, p in model.named_parameters()]
+
+
+def _describe(found: list[str]) -> str:
+    if not found:
+        return "The model has no fused expert parameters."
+    kinds = sorted({p.rsplit(".", 2)[-2] + "." + p.rsplit(".", 1)[-1] for p in found})
+    return f"The model's expert parameters ({len(found)}), by name: {', '.join(kinds)}."
+
+
+def expert_hint(model: nn.Module, targets) -> str:
+    """A line for an error about `targets` that name expert parameters, not modules."""
+    entries = [targets] if isinstance(targets, str) else list(targets or [])
+    found = expert_parameters(model)
+    named = [e for e in entries if any(p == e or p.endswith("." + e) for p in found)]
+    if not named:
+        return ""
+    return (f"{named[0]!r} is a fused expert parameter, not a module: pass it as "
+            f"target_parameters=[{named[0]!r}] (or use the preset 'attention+mlp' / 'all-linear').\n")
+
+
+def host_and_layer(model: nn.Module, path: str) -> tuple[str, nn.Module, LoraExpertParam | None] | None:
+    """For an expert parameter `path`: (the experts module's path, that module (plain or the
+    LoraExperts holding it), the parameter's existing LoraExpertParam or None); None when `path`
+    is no expert parameter."""
+    host_path, _, name = path.rpartition(".")
+    try:
+        host = model.get_submodule(host_path) if host_path else model
+    except AttributeError:
+        return None
+    experts = host.base_layer if isinstance(host, LoraExperts) else host
+    if not is_experts(experts) or name not in _projections(experts):
+        return None
+    layer = host._modules.get(name) if isinstance(host, LoraExperts) else None
+    return host_path, host, layer
+
+
+def new_layer(host: nn.Module, name: str) -> LoraExpertParam:
+    """A LoraExpertParam for parameter `name` of `host` (plain experts or LoraExperts), in its mode."""
+    experts = host.base_layer if isinstance(host, LoraExperts) else host
+    return LoraExpertParam(experts, name).train(experts.training)
+
+
+def unwrap(model: nn.Module, path: str, layer: LoraExpertParam, replace) -> None:
+    """Take the adapter-less `layer` out of its LoraExperts; a LoraExperts left with none gives
+    its place back to the experts module (`replace(model, path, module)` does the swap)."""
+    host_path = path.rpartition(".")[0]
+    host = model.get_submodule(host_path)
+    del host._modules[layer.parameter_name]
+    if not host.params():
+        replace(model, host_path, host.base_layer)
