@@ -158,6 +158,11 @@ class LoraExpertParam(LoraLayer):
     def rank(self, name: str) -> int:
         return self.lora_A[name].shape[1]
 
+    @staticmethod
+    def rank_of(a: torch.Tensor) -> int:
+        """The rank of a given A (E, r, in)."""
+        return a.shape[1]
+
     def delta_from(self, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
         delta = torch.bmm(precise(b), precise(a)) * scaling  # (E, out, in)
         return delta.transpose(1, 2) if self.transposed else delta
@@ -175,6 +180,23 @@ class LoraExpertParam(LoraLayer):
         """(A, B, scaling, dropout) of each live adapter, what the experts forward adds."""
         p = self.dropout if self.training else {}
         return [(*self.pair(n), self.scaling[n], p.get(n, 0.0)) for n in self.live_adapters()]
+
+
+class ExpertSlice:
+    """Expert `e` of a LoraExpertParam seen as a plain linear layer's adapters (its pairs,
+    scalings and shapes): what per-module arithmetic (combine) works on."""
+
+    def __init__(self, layer: LoraExpertParam, expert: int) -> None:
+        self.layer, self.expert = layer, expert
+        self.scaling = layer.scaling
+        self.out_dim = 1 if layer.transposed else 0  # the base weight's own layout of this expert
+
+    def pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = self.layer.pair(name)
+        return a[self.expert], b[self.expert]
+
+    def pair_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (rank, self.layer.in_features), (self.layer.out_features, rank)
 
 
 # -- the experts module with its adapted parameters ----------------------------------------------
