@@ -4,7 +4,7 @@
     python bench/ablate.py --reps 20 --out -     # more rounds, print only
 
 A diagnostic, not a target. Each ablated case runs lorakit's training step with one piece of
-`lorakit.fused` replaced by a zero tensor of the same shape (or, for the fold, by the plain
+`lorakit.layers.fused` replaced by a zero tensor of the same shape (or, for the fold, by the plain
 weight), so its gradients are WRONG: the case is timed, never trained or checked. The saving
 of a piece is what the step costs with it minus without it. Also timed: the plain reference
 composition (`LoraLinear.reference_forward`, what the fast path replaces).

@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="markdown file (default BENCHMARKS.md)")
     args = ap.parse_args(argv)
     from lorakit.training import RunConfig, train
-    from lorakit.training.data import encode, read_dataset
-    from lorakit.training.packing import efficiency, pack_lengths
+    from lorakit.training.data.examples import encode, read_dataset
+    from lorakit.training.data.packing import efficiency, pack_lengths
     from lorakit.training.tasks import load_tokenizer, quiet_transformers
 
     quiet_transformers()

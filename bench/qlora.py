@@ -281,7 +281,7 @@ def _case_table(name: str, res: dict) -> list[str]:
 
 
 def _bnb_version() -> str:
-    from lorakit.quantized import bitsandbytes
+    from lorakit.quant.bnb import bitsandbytes
 
     return bitsandbytes().__version__
 

@@ -91,7 +91,7 @@ def inputs(model: nn.Module, shape: Model) -> torch.Tensor:
 
 def quantized_bytes(model: nn.Module) -> tuple[int, int]:
     """(bytes of the quantized layers' stored weights, bytes of the same weights in bf16)."""
-    from lorakit.quantized import quantized_kind, stored_bytes
+    from lorakit.quant.bnb import quantized_kind, stored_bytes
 
     layers = [m for m in model.modules() if quantized_kind(m) is not None]
     return sum(stored_bytes(m) for m in layers), sum(2 * m.in_features * m.out_features for m in layers)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402
 from sections import write_section  # noqa: E402
 
-from lorakit.training import data as data_mod  # noqa: E402
+from lorakit.training.data import examples as data_mod  # noqa: E402
 from lorakit.training.prepare import SPLIT_SEED  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -102,7 +102,7 @@ def make_adapters(root: Path, count: int) -> str:
 
 def requests(count: int, adapters: int, sentences: int) -> tuple[list[str], list[str]]:
     """Texts of `sentences` bundled review sentences each, and an adapter per request."""
-    from lorakit.training.data import bundled_sentiment
+    from lorakit.training.data.examples import bundled_sentiment
 
     lines = [record["text"] for record in bundled_sentiment().records]
     rng = random.Random(0)

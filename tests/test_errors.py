@@ -68,7 +68,7 @@ def test_the_cli_shows_a_lorakit_error_as_one_line_and_exit_2(monkeypatch, capsy
 
 
 def test_the_cli_keeps_the_traceback_of_errors_that_are_not_the_users(monkeypatch):
-    from lorakit.plan import TensorError
+    from lorakit.adapting.plan import TensorError
     from lorakit.serving.engine import RowError
 
     for err in (TensorError("bad A", "q", "A"), RowError(404, "gone"), RuntimeError("a bug")):

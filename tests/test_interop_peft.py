@@ -140,7 +140,7 @@ def test_lorakit_adapter_loads_in_peft(case, tmp_path, ids):
     lorakit.inject(model, lorakit.LoraConfig(**ours))
     randomize_adapter(model)
     for module in model.modules():
-        if isinstance(module, lorakit.saved_modules.SavedModule):
+        if isinstance(module, lorakit.adapting.saved_modules.SavedModule):
             with torch.no_grad():
                 module.copies["default"].weight.mul_(1.5)
     if ours.get("bias") in ("lora_only", "all"):

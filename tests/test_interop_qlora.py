@@ -16,7 +16,7 @@ from helpers import (
 )
 
 import lorakit
-from lorakit.quantized import keep_layouts, quantized_kind
+from lorakit.quant.bnb import keep_layouts, quantized_kind
 
 pytestmark = pytest.mark.numeric  # pins float32 numbers to references (helpers.assert_rounding_close)
 

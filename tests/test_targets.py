@@ -12,13 +12,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorakit import targets
-from lorakit.targets import (
-    adaptable_kind,
-    adaptable_modules,
-    layer_index,
-    output_head_names,
-    resolve_targets,
-)
+from lorakit.targets import adaptable_kind, adaptable_modules, layer_index, output_head_names, resolve_targets
 
 BLOCKS = 2
 DECODER_KW = dict(vocab_size=100, hidden_size=32, num_hidden_layers=BLOCKS, num_attention_heads=4,

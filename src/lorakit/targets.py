@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from .config import PRESETS
-from .quantized import KINDS as QUANTIZED_KINDS
-from .quantized import quantized_kind
+from .quant.bnb import KINDS as QUANTIZED_KINDS
+from .quant.bnb import quantized_kind
 
 # Per architecture: (attention, mlp) patterns, each matched against the end of a module name on a
 # dot boundary, so "attention\.output\.dense" matches "...layer.3.attention.output.dense" only.

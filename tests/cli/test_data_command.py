@@ -10,7 +10,7 @@ import pytest
 from helpers import cli_here as lorakit
 from helpers import write_jsonl
 
-from lorakit.training import data as D
+from lorakit.training.data import examples as D
 
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {% if m['role'] == 'assistant' %}{% generation %}"
             "{{ m['content'] }} [EOS]{% endgeneration %}{% else %}{{ m['content'] }} [EOS]{% endif %} {% endfor %}"

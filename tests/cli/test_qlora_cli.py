@@ -15,7 +15,7 @@ from helpers import TINY_MODEL_N, assert_rounding_close, cli_here
 import lorakit
 from lorakit.cli import main
 from lorakit.cli.trained import load_trained
-from lorakit.quantized import quantized_kind
+from lorakit.quant.bnb import quantized_kind
 
 pytest.importorskip("bitsandbytes")
 
@@ -77,7 +77,7 @@ def test_merge_requantize_writes_a_quantized_folder_and_reports_its_error(qlora_
     model, tokenizer, _ = load_trained(str(qlora_run), None)
     with pytest.warns(UserWarning):
         lorakit.merge(model, requantize=True)
-    lorakit.quantized.keep_layouts(loaded)
+    lorakit.quant.bnb.keep_layouts(loaded)
     ids = tokenizer(["count from 3 : 4 5"], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.equal(loaded.eval()(ids).logits, model.eval()(ids).logits)

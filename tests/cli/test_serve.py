@@ -139,7 +139,7 @@ def test_the_port_in_use_is_one_line(adapters):
 def test_missing_web_libraries_name_the_extra(monkeypatch):
     import importlib
 
-    from lorakit.serving.deps import ServeError, require_web
+    from lorakit.serving.extra_check import ServeError, require_web
 
     real = importlib.import_module
 

@@ -15,7 +15,7 @@ from helpers import tensors
 from helpers import train_tiny as run
 
 from lorakit.training import RunConfig, TrainingError
-from lorakit.training import data as D
+from lorakit.training.data import examples as D
 from lorakit.training.loop import lr_at, train
 
 # ---- outputs ---------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lorakit.training import data as D
+from lorakit.training.data import examples as D
 from lorakit.training.tasks import fit_max_length, label_count, loss_sum, position_limit
 
 

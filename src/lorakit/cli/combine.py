@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..adapter_file import load_adapter, save_adapter
-from ..arithmetic import METHODS, combine
-from ..output_folder import Output
-from ..peft_format import CONFIG_FILE, WEIGHTS_FILE
+from ..files.adapter_file import load_adapter, save_adapter
+from ..tools.arithmetic import METHODS, combine
+from ..files.output_folder import Output
+from ..files.peft_format import CONFIG_FILE, WEIGHTS_FILE
 from ..training.tasks import LABELS_FILE, TASK_TYPES, labels_json
 from .errors import CommandError
 from .trained import adapter_facts, load_trained

@@ -15,17 +15,11 @@ import sys
 from types import SimpleNamespace
 
 from ..training import RunConfig, TrainingError
-from ..training import data as data_mod
-from ..training.data_report import DataSummary, marked_text, summarize
+from ..training.data import examples as data_mod
+from ..training.data.report import DataSummary, marked_text, summarize
 from ..training.options import add_run_options
 from ..training.prepare import run_labels
-from ..training.tasks import (
-    default_model,
-    fit_max_length,
-    load_config,
-    load_tokenizer,
-    quiet_transformers,
-)
+from ..training.tasks import default_model, fit_max_length, load_config, load_tokenizer, quiet_transformers
 
 # The RunConfig options that decide what training sees of the data. Those RunConfig defines are
 # offered (a data option RunConfig gains, such as `packing`, joins when it is defined there).

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from ..training import TrainingError
-from ..training import data as data_mod
-from ..training.metrics import fmt_result
+from ..training.data import examples as data_mod
+from ..training.report.metrics_log import fmt_result
 from ..training.options import RUN_FILE, read_run
 from ..training.prepare import held_out_set
 from ..training.tasks import LABELS_FILE, evaluate, fit_max_length

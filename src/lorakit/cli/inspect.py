@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..adapter_file import read_adapter_config, read_tensor_shapes
-from ..peft_format import PREFIX, WEIGHTS_FILE, split_pair_key
-from ..training.metrics import METRICS_FILE, evaluations, fmt_result, read_metrics
+from ..files.adapter_file import read_adapter_config, read_tensor_shapes
+from ..files.peft_format import PREFIX, WEIGHTS_FILE, split_pair_key
+from ..training.report.metrics_log import METRICS_FILE, evaluations, fmt_result, read_metrics
 from ..training.tasks import TASK_OF_TYPE, read_labels
 
 

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from ..model import merge, unload
-from ..output_folder import Output
-from ..quantize import INT8_THRESHOLD, dequantize
-from ..quantize import KINDS as QUANTIZE_KINDS
-from ..quantized import quantized_kind
-from ..registry import lora_layers
+from ..adapting.manage import merge, unload
+from ..files.output_folder import Output
+from ..quant.convert import INT8_THRESHOLD, dequantize
+from ..quant.convert import KINDS as QUANTIZE_KINDS
+from ..quant.bnb import quantized_kind
+from ..adapting.registry import lora_layers
 from .errors import CommandError
 from .merge_check import Probe, probe_for
 from .trained import adapter_facts, load_trained

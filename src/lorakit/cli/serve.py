@@ -12,8 +12,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..peft_format import CONFIG_FILE
-from ..serving.deps import ServeError, require_web
+from ..files.peft_format import CONFIG_FILE
+from ..serving.extra_check import ServeError, require_web
 from ..training.options import add_options, check_options, option, options_from_args
 
 API_KEY_ENV = "LORAKIT_API_KEY"

@@ -9,13 +9,13 @@ from typing import Any
 
 import torch
 
-from ..adapter_file import AdapterFileError
+from ..files.adapter_file import AdapterFileError
 from ..config import LoraConfig
-from ..peft_format import CONFIG_FILE
-from ..serving.deps import ServeError
+from ..files.peft_format import CONFIG_FILE
+from ..serving.extra_check import ServeError
 from ..serving.engine import Engine
 from ..serving.store import AdapterStore
-from ..training.data import chat_prompt
+from ..training.data.examples import chat_prompt
 from ..training.tasks import LABELS_FILE, load_model, load_tokenizer, prepare_model, quiet_transformers
 from .trained import adapter_facts
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..adapter_file import AdapterFileError, load_adapter, read_adapter_config
-from ..peft_format import CONFIG_FILE
+from ..files.adapter_file import AdapterFileError, load_adapter, read_adapter_config
+from ..files.peft_format import CONFIG_FILE
 from ..training.options import RUN_FILE, read_run
 from ..training.prepare import quantize_base
 from ..training.tasks import (

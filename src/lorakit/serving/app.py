@@ -26,7 +26,7 @@ from typing import Any, Literal
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..adapter_file import AdapterFileError
+from ..files.adapter_file import AdapterFileError
 from . import protocol as P
 from .batcher import Batcher
 from .engine import Engine, Row, RowError

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapter_file import AdapterFileError
+from ..files.adapter_file import AdapterFileError
 from ..errors import LorakitError
-from ..mixed import Route, mixed_batch
+from ..layers.mixed import Route, mixed_batch
 from .sampling import Sampling, TokenLogprob, pick
 from .store import AdapterStore
 

@@ -7,7 +7,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from .deps import ServeError
+from .extra_check import ServeError
 
 
 def run(app: Any, host: str, port: int, announce: Callable[[str], None]) -> None:

@@ -25,12 +25,18 @@ from typing import Any
 
 from torch import nn
 
-from .. import peft_format as fmt
-from ..adapter_file import AdapterFileError, adapter_state_dict, load_adapter, read_adapter_config, read_tensor_shapes
+from ..files import peft_format as fmt
+from ..files.adapter_file import (
+    AdapterFileError,
+    adapter_state_dict,
+    load_adapter,
+    read_adapter_config,
+    read_tensor_shapes,
+)
 from ..config import LoraConfig
-from ..model import delete_adapter
-from ..peft_targets import targeted_modules
-from ..registry import adapters
+from ..adapting.manage import delete_adapter
+from ..files.peft_targets import targeted_modules
+from ..adapting.registry import adapters
 
 # check(folder, config, facts) -> extra facts kept with the entry (e.g. label names); raises
 # AdapterFileError when the adapter does not fit what is being served.

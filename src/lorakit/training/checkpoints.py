@@ -27,15 +27,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..adapter_file import adapter_state_dict, save_adapter
-from ..atomic import make_temp_dir, write_atomic, write_json_atomic
-from ..json_file import read_json
-from ..peft_format import WEIGHTS_FILE
+from ..files.adapter_file import adapter_state_dict, save_adapter
+from ..files.atomic import make_temp_dir, write_atomic, write_json_atomic
+from ..files.json_file import read_json
+from ..files.peft_format import WEIGHTS_FILE
 
 # CheckpointError is defined with the checks; it is imported from here too (cli/main.py).
 from .checkpoint_check import CheckpointError, check_rng, check_state, optimizer_state, python_random
 from .errors import TrainingError
-from .metrics import METRICS_FILE, read_metrics, write_metrics
+from .report.metrics_log import METRICS_FILE, read_metrics, write_metrics
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"

@@ -29,40 +29,25 @@ from typing import Any, TextIO
 
 import torch
 
-from ..adapter_file import save_adapter
-from ..atomic import write_json_atomic
-from ..loraplus import param_groups
-from ..experts import expert_parameters
-from ..model import adapters, trainable_parameters
-from ..peft_format import CONFIG_FILE, WEIGHTS_FILE
+from ..files.adapter_file import save_adapter
+from ..files.atomic import write_json_atomic
+from ..tools.loraplus import param_groups
+from ..layers.experts import expert_parameters
+from ..adapting.manage import adapters, trainable_parameters
+from ..files.peft_format import CONFIG_FILE, WEIGHTS_FILE
 from . import distributed as dist_mod
 from .checkpoints import choose_checkpoint, latest_checkpoint, resumable_checkpoints, save_checkpoint
 from .errors import TrainingError
-from .metrics import (
-    METRICS_FILE,
-    evaluations,
-    fmt_one,
-    fmt_result,
-    fmt_size,
-    write_metrics,
-)
+from .report.metrics_log import METRICS_FILE, evaluations, fmt_one, fmt_result, fmt_size, write_metrics
 from .new_tokens import write_tokenizer
 from .options import RUN_FILE, RunConfig
 from .out_folder import RUN, check_out, clear_previous_run
-from .plot import PLOT_FILE, plot_loss
+from .report.plot import PLOT_FILE, plot_loss
 from .prepare import Setup, prepare
-from .progress import Progress, duration
+from .report.progress import Progress, duration
 from .run_lock import RunLock, check_unlocked
-from .tasks import (
-    LABELS_FILE,
-    TASK_TYPES,
-    evaluate,
-    forward,
-    label_count,
-    labels_json,
-    loss_sum,
-)
-from .verdict import Verdict, advice, judge, write_verdict
+from .tasks import LABELS_FILE, TASK_TYPES, evaluate, forward, label_count, labels_json, loss_sum
+from .report.verdict import Verdict, advice, judge, write_verdict
 
 
 def lr_at(step: int, total: int, peak: float, warmup: float) -> float:

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from ..atomic import make_temp_dir
+from ..files.atomic import make_temp_dir
 from .errors import TrainingError
 
 # What a tokenizer's save_pretrained writes (Transformers 5): the files a run may put in its folder.

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from ..config import INIT_MODES, LoraConfig
-from ..json_file import read_json
-from ..quantize import KINDS as QUANTIZE_KINDS
-from . import data as data_mod
+from ..files.json_file import read_json
+from ..quant.convert import KINDS as QUANTIZE_KINDS
+from .data import examples as data_mod
 from .errors import TrainingError
 from .new_tokens import check_tokens
 from .option_check import number_problem

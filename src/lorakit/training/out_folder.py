@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..output_folder import Inputs, Output
-from ..peft_format import CONFIG_FILE, WEIGHTS_FILE
+from ..files.output_folder import Inputs, Output
+from ..files.peft_format import CONFIG_FILE, WEIGHTS_FILE
 from .checkpoints import CHECKPOINTS
 from .errors import TrainingError
-from .metrics import METRICS_FILE
+from .report.metrics_log import METRICS_FILE
 from .new_tokens import TOKENIZER_FILES
 from .options import RUN_FILE
-from .plot import PLOT_FILE
+from .report.plot import PLOT_FILE
 from .run_lock import LOCK_FILE, check_unlocked
 from .tasks import LABELS_FILE
 

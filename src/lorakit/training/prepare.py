@@ -11,18 +11,18 @@ from typing import Any
 import torch
 
 from ..config import LoraConfig
-from ..loftq import loftq_pairs
-from ..model import add_adapter_from_tensors, inject, set_adapter
-from ..quantize import quantize
-from ..quantized import quantized_kind
+from ..quant.loftq import loftq_pairs
+from ..adapting.manage import add_adapter_from_tensors, inject, set_adapter
+from ..quant.convert import quantize
+from ..quant.bnb import quantized_kind
 from ..targets import resolve_targets
-from ..token_rows import add_token_rows
-from . import data as data_mod
+from ..adapting.token_rows import add_token_rows
+from .data import examples as data_mod
 from .distributed import World
 from .errors import TrainingError
 from .new_tokens import add_tokens
 from .options import RunConfig
-from .packing import Packed, check_model, efficiency, pack
+from .data.packing import Packed, check_model, efficiency, pack
 from .tasks import (
     default_model,
     fit_max_length,

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import nn
 
-from ..adapter_file import AdapterFileError
+from ..files.adapter_file import AdapterFileError
 from ..errors import LorakitError
-from ..json_file import read_json
-from .data import IGNORE, Encoded, pad_id
+from ..files.json_file import read_json
+from .data.examples import IGNORE, Encoded, pad_id
 
 TASK_TYPES = {"classify": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}  # PEFT's task_type names
 TASK_OF_TYPE = {v: k for k, v in TASK_TYPES.items()}

@@ -22,8 +22,8 @@ from transformers import (
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..adapter_file import save_adapter
-from ..registry import adapters
+from ..files.adapter_file import save_adapter
+from ..adapting.registry import adapters
 from .tasks import TASK_TYPES
 
 # Transformers class-name endings -> PEFT's task_type.

@@ -1,0 +1,120 @@
+"""Which modules an adapter_config.json targets on a given model, by PEFT's own rules.
+
+Loading compares this set with the modules the weight file holds pairs for, both ways: a pair
+the config does not target (PEFT would skip it without a word) and a target without weights are
+both refused. lorakit's own `targets` (targets.py) choose modules for a new adapter and may be
+smarter; a file on disk means what PEFT makes of it. PEFT's rules (its
+`check_target_module_exists` and all-linear expansion, as of 0.21), restated:
+
+- `exclude_modules`: a string is a regex over the whole module name; a list names a module by
+  its whole name or by a dotted suffix. Modules inside `modules_to_save` are never targets.
+- `target_modules` as a string: "all-linear" (every Linear and Conv1D but the output layer; for
+  SEQ_CLS without one, but the `score` / `classifier` head) or a regex over the whole name.
+- as a list: an entry equal to the whole name selects it outright; otherwise an entry must be a
+  dotted suffix, and `layers_to_transform` then filters by block index: the number after the
+  first segment matching `layers_pattern`, or without one the first "<segment>.<number>." that
+  has a segment before it. A name with no index is not selected.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from torch import nn
+
+from ..adapting.registry import named_base_modules
+from ..targets import adaptable_modules, layer_index
+
+ALL_LINEAR = "all-linear"
+_SEQ_CLS_HEADS = ("score", "classifier")
+# Without layers_pattern, PEFT takes the first "<segment>.<number>." after at least one segment.
+_FIRST_INDEX = re.compile(r".*?\.[^.]*\.(\d+)\.")
+
+
+def targeted_modules(
+    model: nn.Module,
+    target_modules: Any,
+    *,
+    layers: list[int] | None = None,
+    layers_pattern: str | list[str] | None = None,
+    exclude: str | list[str] | None = None,
+    modules_to_save: list[str] = (),
+    task_type: str | None = None,
+) -> list[str] | None:
+    """The adaptable modules the config selects, in model order; None when it names no targets
+    (null or empty target_modules), where the file's own keys are all there is to go by."""
+    if target_modules is None or target_modules == []:
+        return None
+    names = adaptable_modules(model)
+    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+        skip = _output_layers(model, task_type)
+        linear = {n for n in names if _is_linear(model.get_submodule(n))}
+        chosen = [n for n in names if n in linear and n not in skip]
+    elif isinstance(target_modules, str):
+        chosen = [n for n in names if re.fullmatch(target_modules, n)]
+    else:
+        chosen = [n for n in names if _listed(n, list(target_modules), layers, layers_pattern)]
+    return [n for n in chosen if not _excluded(n, exclude, modules_to_save)]
+
+
+def peft_saved_modules(model: nn.Module, entries: list[str]) -> list[str]:
+    """The modules PEFT trains in full for `modules_to_save` entries, in model order.
+
+    PEFT's rule is a plain string suffix: "classifier" takes DistilBERT's "pre_classifier" too, and
+    "norm" every "...layernorm". Where such modules nest, the outer one is taken (PEFT wraps it
+    first). Nothing inside a lorakit wrapper counts.
+    """
+    chosen: list[str] = []
+    modules = named_base_modules(model)  # not the adapters' own modules: O(the base), however many are loaded
+    for name, module in modules:
+        if not name or any(name.startswith(c + ".") for c in chosen):
+            continue
+        if any(name.endswith(entry) for entry in entries):
+            chosen.append(name)
+    wrappers = [n for n, m in modules if getattr(type(m), "is_lora_layer", False)
+                or getattr(type(m), "is_saved_module", False)]
+    return [c for c in chosen if not any(c.startswith(w + ".") for w in wrappers)]
+
+
+def _listed(name: str, entries: list[str], layers: list[int] | None, pattern: str | list[str] | None) -> bool:
+    if name in entries:
+        return True  # a whole name: no layer filter
+    if not any(name.endswith("." + e) for e in entries):
+        return False
+    if not layers:  # None or [] mean every block
+        return True
+    if pattern:
+        index = layer_index(name, pattern)
+    else:
+        found = _FIRST_INDEX.match(name)
+        index = int(found.group(1)) if found else None
+    return index is not None and index in layers
+
+
+def _excluded(name: str, exclude: str | list[str] | None, modules_to_save: list[str]) -> bool:
+    if isinstance(exclude, str):
+        if re.fullmatch(exclude, name):
+            return True
+    elif exclude and (name in exclude or any(name.endswith("." + e) for e in exclude)):
+        return True
+    return any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in modules_to_save)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    base = getattr(module, "base_layer", module) if getattr(type(module), "is_lora_layer", False) else module
+    return isinstance(base, nn.Linear) or type(base).__name__ == "Conv1D"
+
+
+def _output_layers(model: nn.Module, task_type: str | None) -> set[str]:
+    """The module PEFT's all-linear leaves out: the output embedding, else a SEQ_CLS head."""
+    getter = getattr(model, "get_output_embeddings", None)
+    try:
+        out = getter() if callable(getter) else None
+    except (NotImplementedError, AttributeError):
+        out = None
+    if out is None and task_type == "SEQ_CLS":
+        out = next((getattr(model, n) for n in _SEQ_CLS_HEADS if getattr(model, n, None) is not None), None)
+    if not isinstance(out, nn.Module):
+        return set()
+    return {name for name, module in named_base_modules(model) if module is out}
