@@ -20,12 +20,24 @@ import torch
 # ---- tiny models ---------------------------------------------------------------------------
 
 # kind -> (config class, keyword arguments); every model is 2 blocks of width 32.
+_MOE = dict(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, num_experts_per_tok=2)
+MOE_KINDS = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss")
 _CONFIGS = {
     "bert": ("BertConfig", dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                 intermediate_size=64, max_position_embeddings=64)),
     "gpt2": ("GPT2Config", dict(vocab_size=120, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
     "llama": ("LlamaConfig", dict(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)),
+    # Mixture-of-Experts (Transformers 5: fused 3-D expert weights), 4 experts, top-2.
+    "qwen3_moe": ("Qwen3MoeConfig", dict(_MOE, num_experts=4, moe_intermediate_size=16, head_dim=8)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(_MOE, num_experts=4, moe_intermediate_size=16,
+                                         shared_expert_intermediate_size=24)),
+    "mixtral": ("MixtralConfig", dict(_MOE, num_local_experts=4, head_dim=8)),
+    "olmoe": ("OlmoeConfig", dict(_MOE, num_experts=4, pad_token_id=1, eos_token_id=2)),
+    "gpt_oss": ("GptOssConfig", dict(_MOE, num_local_experts=4, intermediate_size=16, head_dim=8,
+                                     layer_types=["full_attention", "sliding_attention"], sliding_window=8,
+                                     rope_parameters=dict(rope_type="default", rope_theta=10000.0))),
 }
 # (kind, head) -> model class; head "classify" is a sequence classifier, "base" the bare encoder.
 _CLASSES = {
@@ -33,8 +45,13 @@ _CLASSES = {
     ("bert", "base"): "BertModel",
     ("gpt2", "causal-lm"): "GPT2LMHeadModel",
     ("llama", "causal-lm"): "LlamaForCausalLM",
+    ("qwen3_moe", "causal-lm"): "Qwen3MoeForCausalLM",
+    ("qwen2_moe", "causal-lm"): "Qwen2MoeForCausalLM",
+    ("mixtral", "causal-lm"): "MixtralForCausalLM",
+    ("olmoe", "causal-lm"): "OlmoeForCausalLM",
+    ("gpt_oss", "causal-lm"): "GptOssForCausalLM",
 }
-_DEFAULT_HEAD = {"bert": "classify", "gpt2": "causal-lm", "llama": "causal-lm"}
+_DEFAULT_HEAD = {"bert": "classify", "gpt2": "causal-lm", "llama": "causal-lm"} | {k: "causal-lm" for k in MOE_KINDS}
 
 
 def tiny_model(kind: str, *, head: str | None = None, seed: int = 0, **config) -> torch.nn.Module:
