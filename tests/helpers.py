@@ -20,26 +20,25 @@ import torch
 # ---- tiny models ---------------------------------------------------------------------------
 
 # kind -> (config class, keyword arguments); every model is 2 blocks of width 32.
-_MOE = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            num_experts_per_tok=2, max_position_embeddings=64)
+_MOE = dict(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, num_experts_per_tok=2)
+MOE_KINDS = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss")
 _CONFIGS = {
     "bert": ("BertConfig", dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                 intermediate_size=64, max_position_embeddings=64)),
     "gpt2": ("GPT2Config", dict(vocab_size=120, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
     "llama": ("LlamaConfig", dict(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)),
-    # Mixture-of-Experts: 4 experts of width 12 (gate_up 24 wide, so no shape of a pair equals
-    # another's), top-2, fused 3-D expert parameters as Transformers 5 keeps them.
-    "qwen3_moe": ("Qwen3MoeConfig", dict(_MOE, moe_intermediate_size=12, intermediate_size=40, num_experts=4,
-                                         head_dim=8)),
-    "qwen2_moe": ("Qwen2MoeConfig", dict(_MOE, moe_intermediate_size=12, intermediate_size=40, num_experts=4,
-                                         shared_expert_intermediate_size=20)),
-    "mixtral": ("MixtralConfig", dict(_MOE, intermediate_size=12, num_local_experts=4)),
-    "olmoe": ("OlmoeConfig", dict(_MOE, intermediate_size=12, num_experts=4, pad_token_id=0, eos_token_id=3)),
-    "gpt_oss": ("GptOssConfig", dict(_MOE, intermediate_size=12, num_local_experts=4, head_dim=8,
-                                     layer_types=["sliding_attention", "full_attention"])),
+    # Mixture-of-Experts (Transformers 5: fused 3-D expert weights), 4 experts, top-2.
+    "qwen3_moe": ("Qwen3MoeConfig", dict(_MOE, num_experts=4, moe_intermediate_size=16, head_dim=8)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(_MOE, num_experts=4, moe_intermediate_size=16,
+                                         shared_expert_intermediate_size=24)),
+    "mixtral": ("MixtralConfig", dict(_MOE, num_local_experts=4, head_dim=8)),
+    "olmoe": ("OlmoeConfig", dict(_MOE, num_experts=4, pad_token_id=1, eos_token_id=2)),
+    "gpt_oss": ("GptOssConfig", dict(_MOE, num_local_experts=4, intermediate_size=16, head_dim=8,
+                                     layer_types=["full_attention", "sliding_attention"], sliding_window=8,
+                                     rope_parameters=dict(rope_type="default", rope_theta=10000.0))),
 }
-MOE_KINDS = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss")
 # (kind, head) -> model class; head "classify" is a sequence classifier, "base" the bare encoder.
 _CLASSES = {
     ("bert", "classify"): "BertForSequenceClassification",
@@ -56,7 +55,7 @@ _DEFAULT_HEAD = {"bert": "classify", "gpt2": "causal-lm", "llama": "causal-lm"} 
 
 
 def tiny_model(kind: str, *, head: str | None = None, seed: int = 0, **config) -> torch.nn.Module:
-    """A tiny random `kind` model ("bert", "gpt2", "llama", or one of MOE_KINDS) in eval mode; `config` overrides
+    """A tiny random `kind` model ("bert", "gpt2", "llama") in eval mode; `config` overrides
     its configuration (e.g. num_labels, vocab_size)."""
     import transformers
 
@@ -195,15 +194,13 @@ _FOLDER_CONFIGS = {
     "bert": dict(num_attention_heads=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0,
                  initializer_range=0.2),
     "llama": dict(pad_token_id=0, bos_token_id=2, eos_token_id=3),
-    **{k: dict(pad_token_id=0, bos_token_id=2, eos_token_id=3) for k in MOE_KINDS},
     "gpt2": dict(n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0, bos_token_id=2,
                  eos_token_id=3),
 }
 
 
 def make_model(folder: Path, kind: str, seed: int = 0) -> Path:
-    """Save a tiny random `kind` ("bert" as a bare encoder, "llama", "gpt2", one of MOE_KINDS) and the
-    tokenizer in `folder`."""
+    """Save a tiny random `kind` ("bert" as a bare encoder, "llama", "gpt2") and the tokenizer in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     make_tokenizer(folder)
     head = "base" if kind == "bert" else None

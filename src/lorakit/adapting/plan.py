@@ -11,6 +11,7 @@ from torch import nn
 from . import pissa
 from ..config import LoraConfig
 from ..errors import LorakitError
+from ..layers import experts
 from ..layers.base import LoraLayer
 from .registry import (
     AdapterRecord,
@@ -65,12 +66,16 @@ def build_plan(
     """
     record = AdapterRecord(config=config, modules=list(modules))
     plan = Plan(name=name, record=record)
+    hosts: dict[str, nn.Module] = {}  # experts modules by path: a new LoraExperts, or the one in place
     for path in modules:
-        module = get_module(model, path)
-        kind = adaptable_kind(module)
+        expert = experts.host_and_layer(model, path)
+        module = get_module(model, path) if expert is None else None
+        kind = adaptable_kind(module) if expert is None else "experts"
         if kind is None:
             raise ValueError(f"module {path!r} ({type(module).__name__}) cannot carry a LoRA adapter")
-        if isinstance(module, LoraLayer):
+        if expert is not None:
+            layer = _expert_layer(plan, hosts, path, expert, config)
+        elif isinstance(module, LoraLayer):
             layer = module
         else:
             try:
@@ -112,11 +117,35 @@ def build_plan(
     return plan
 
 
+def _expert_layer(plan: Plan, hosts: dict[str, nn.Module], path: str, expert: tuple, config: LoraConfig) -> LoraLayer:
+    """The LoraExpertParam of expert parameter `path`: the one in place, or a new one planned
+    (with a new LoraExperts around its experts module where there is none yet)."""
+    host_path, host, layer = expert
+    if config.use_dora:
+        raise ValueError(f"parameter {path!r}: DoRA on fused expert weights is not supported (its norm per "
+                         "output feature of each expert is not implemented; PEFT refuses it too); train plain LoRA "
+                         "there, or leave the experts out of the targets")
+    if layer is not None:
+        return layer
+    if host_path not in hosts:
+        hosts[host_path] = host
+        if not isinstance(host, experts.LoraExperts):
+            hosts[host_path] = experts.LoraExperts(host)
+            plan.wrappers.append((host_path, hosts[host_path]))
+    try:
+        layer = experts.new_layer(hosts[host_path], path.rpartition(".")[2])
+    except ValueError as err:  # quantized or otherwise unusable expert weights
+        raise ValueError(f"parameter {path!r}: {err}") from None
+    plan.wrappers.append((path, layer))
+    return layer
+
+
 def commit(model: nn.Module, plan: Plan) -> None:
     """Swap in what `build_plan` built; nothing here can fail on valid input."""
     register(model, plan.name, plan.record)
     for path, wrapper in plan.wrappers:
-        wrapper.train(model.get_submodule(path).training)  # added to a model in eval mode, it is in eval mode
+        if not isinstance(wrapper, experts.LoraExpertParam):  # that one took its experts' mode when built
+            wrapper.train(model.get_submodule(path).training)  # added to a model in eval mode, it is in eval mode
         wrapper.enabled = disabled_depth(model) == 0  # inside lorakit.disabled, new wrappers are off too
         replace_module(model, path, wrapper)
     with torch.no_grad():
@@ -174,7 +203,8 @@ def given_pair(
     if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(t, torch.Tensor) for t in pair)):
         raise ValueError(f"module {path!r}: expected a pair of tensors (A, B)")
     a, b = pair
-    given = a.shape[0] if a.dim() else 0
+    axis = 1 if isinstance(layer, experts.LoraExpertParam) else 0  # experts: A is (E, r, in)
+    given = a.shape[axis] if a.dim() > axis else 0
     if given != rank:
         raise TensorError(f"module {path!r}: A has rank {given}, but the config gives rank {rank} for {path!r}", path, "A")
     for role, tensor, shape in zip(("A", "B"), (a, b), layer.pair_shapes(rank)):
@@ -234,8 +264,11 @@ def check_values(what: str, tensor: torch.Tensor, like: torch.Tensor | None = No
         raise ValueError(f"{what} holds {bad} NaN or infinite value{'s' if bad > 1 else ''}")
 
 
-def get_adapted(model: nn.Module, path: str) -> nn.Module:
-    """The module at `path`, which must exist and be able to carry an adapter."""
+def get_adapted(model: nn.Module, path: str) -> nn.Module | None:
+    """The module at `path`, which must exist and be able to carry an adapter (None for an
+    expert parameter, which can)."""
+    if experts.host_and_layer(model, path) is not None:
+        return None
     try:
         module = model.get_submodule(path)
     except AttributeError:
@@ -250,6 +283,14 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
         return model.get_submodule(path)
     except AttributeError:
         raise ValueError(f"the model has no module named {path!r}") from None
+
+
+def unwrap(model: nn.Module, path: str, wrapper: LoraLayer) -> None:
+    """Put back what the adapter-less `wrapper` at `path` stands in for."""
+    if isinstance(wrapper, experts.LoraExpertParam):
+        experts.unwrap(model, path, wrapper, replace_module)
+    else:
+        replace_module(model, path, wrapper.base_layer)
 
 
 def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:

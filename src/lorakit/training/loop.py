@@ -32,6 +32,7 @@ import torch
 from ..files.adapter_file import save_adapter
 from ..files.atomic import write_json_atomic
 from ..tools.loraplus import param_groups
+from ..layers.experts import expert_parameters
 from ..adapting.manage import adapters, trainable_parameters
 from ..files.peft_format import CONFIG_FILE, WEIGHTS_FILE
 from . import distributed as dist_mod
@@ -214,7 +215,10 @@ class _Run:
         s, config = self.setup, self.config
         trainable, everything = trainable_parameters(s.model)
         record = adapters(s.model)["default"]
-        kinds = sorted({p.rsplit(".", 1)[-1] for p in record.modules})
+        expert = set(expert_parameters(s.model))  # fused MoE expert weights, adapted as parameters
+        kinds = sorted({p.rsplit(".", 1)[-1] for p in record.modules if p not in expert})
+        experts = sorted({p.rsplit(".", 1)[-1] for p in record.modules if p in expert})
+        on_experts = f" and {sum(p in expert for p in record.modules)} expert parameters ({', '.join(experts)})" if experts else ""
         self.say(f"lorakit train: {s.describe['model']}, task {s.task}")
         self.say(f"data: {s.describe['data']}")
         if s.labels:
@@ -224,7 +228,7 @@ class _Run:
                            f", {config.init} init" if config.init != "default" else "",
                            f", LoRA+ ratio {config.loraplus_ratio:g}" if config.loraplus_ratio else ""])
         self.say(f"LoRA: rank {config.rank}, alpha {config.alpha:g}{variant} on "
-                 f"{len(record.modules)} modules ({', '.join(kinds)}){head}")
+                 f"{len(record.modules) - len(expert & set(record.modules))} modules ({', '.join(kinds)}){on_experts}{head}")
         self.say(f"trainable parameters: {trainable:,} of {everything:,} ({100 * trainable / everything:.2f}%)")
         processes = f", {self.world.size} processes" if self.world.distributed else ""
         self.say(f"steps: {self.total} ({self.per_epoch} per epoch, global batch {self.global_batch}{processes})")
