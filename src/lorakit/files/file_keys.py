@@ -120,12 +120,12 @@ def _token_rows(
 
 def _sort_keys(
     model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], saved_paths: list[str], where: str,
-    params: dict[str, str],
+    wrapped: dict[str, str],
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor], dict[str, torch.Tensor],
            dict[str, dict[str, torch.Tensor]]]:
     """Split the file's keys into LoRA pairs and DoRA magnitudes (by module), base tensors (by
     parameter name: trained biases, embedding tables) and modules_to_save states (by module);
-    every key must find a place; `params`: expert parameter -> the module path its keys use."""
+    every key must find a place; `wrapped`: expert parameter -> the module path its keys use."""
     halves: dict[str, dict[str, torch.Tensor]] = {}
     base: dict[str, torch.Tensor] = {}
     saved: dict[str, dict[str, torch.Tensor]] = {p: {} for p in saved_paths}
@@ -172,7 +172,7 @@ def _sort_keys(
         if same is None or same.shape != tensors[key].shape or not torch.equal(same.to(tensors[key].dtype), tensors[key]):
             what = "the trained copy's value" if inside == "modules_to_save" else "the model's own value"
             raise AdapterFileError(f"{where}: key {key!r} differs from {what} for {owner}.{tensor_name} (modules_to_save)")
-    experts = {path: param for param, path in params.items()}
+    experts = {path: param for param, path in wrapped.items()}
     pairs = {experts[m]: _expert_pair(model, config, experts[m], m, half, where) for m, half in halves.items()
              if m in experts}
     pairs |= {m: _pair(model, m, half, config.use_dora, where) for m, half in halves.items() if m not in experts}
