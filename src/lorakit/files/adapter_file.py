@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import peft_format as fmt
+from .expert_layout import LAYOUTS, per_expert_pairs
 from .atomic import make_temp_dir, write_atomic, write_json_atomic
 from ..config import LoraConfig
 from .file_keys import AdapterFileError, file_tensors
@@ -50,11 +52,12 @@ def adapter_state_dict(model: nn.Module, name: str = "default", *, as_lora: bool
     return as_plain_lora(model, record, state)[1] if as_lora and record.config.init in RESIDUAL_INITS else state
 
 
-def _state(model: nn.Module, name: str, record) -> dict[str, torch.Tensor]:
+def _state(model: nn.Module, name: str, record, *, fused_experts: bool = True) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
-    # Expert parameters: PEFT's flattened pair under its (nested) wrapper's path (peft_params.py).
+    # Expert parameters: PEFT's flattened pair under its (nested) wrapper's path (peft_params.py);
+    # without `fused_experts`, none (save_adapter writes them per expert, expert_layout.py).
     experts = wrapper_paths(model, expert_paths(model, record))
-    for path, module_path in experts.items():
+    for path, module_path in experts.items() if fused_experts else ():
         a, b = pair_to_file(*model.get_submodule(path).pair(name))
         state[fmt.key(module_path, fmt.LINEAR_KEYS["A"])] = a
         state[fmt.key(module_path, fmt.LINEAR_KEYS["B"])] = b
@@ -96,6 +99,7 @@ def save_adapter(
     task_type: str | None = None,
     extra_files: dict[str, Any] | None = None,
     as_lora: bool = False,
+    expert_layout: str = "fused",
 ) -> Path:
     """Write adapter `name` to folder `path` in PEFT's layout; `extra_files` are more JSON files.
 
@@ -104,12 +108,29 @@ def save_adapter(
     saved as it is, such an adapter is the trained A, B, loaded by recomputing the residual.
     For any other adapter it changes nothing.
 
+    `expert_layout` says how pairs on fused expert parameters are written: "fused" (PEFT's
+    `target_parameters` layout, which PEFT and lorakit read, and vLLM for gpt-oss-like models) or
+    "per-expert" (one 2-D pair per expert and projection under the names of the model's own
+    checkpoint, which vLLM reads for Qwen3-MoE, Qwen2-MoE, OLMoE, Mixtral, DeepSeek; expert_layout.py).
+
     Returns the folder. A new folder appears whole (built aside, then renamed); in an existing
     one each file is replaced atomically.
     """
     _check_path(path)
+    if expert_layout not in LAYOUTS:
+        raise ValueError(f"expert_layout must be one of {', '.join(LAYOUTS)}; got {expert_layout!r}")
     record = _record(model, name)
-    config, state = record.config, _state(model, name, record)
+    parameters = expert_paths(model, record)
+    per_expert = expert_layout == "per-expert" and bool(parameters)
+    config, state = record.config, _state(model, name, record, fused_experts=not per_expert)
+    modules = [m for m in record.modules if m not in parameters]
+    if per_expert:  # every check before anything is written
+        split = per_expert_pairs(model, name, parameters)
+        for module, (_, a, b) in split.items():
+            state[fmt.key(module, fmt.LINEAR_KEYS["A"])] = a
+            state[fmt.key(module, fmt.LINEAR_KEYS["B"])] = b
+        config = _exact_patterns(config, {m: m for m in modules} | {m: p for m, (p, _, _) in split.items()})
+        modules, parameters = modules + list(split), []
     for fname, obj in (extra_files or {}).items():
         try:
             json.dumps(obj)
@@ -126,10 +147,9 @@ def save_adapter(
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     fan_in_fan_out = any(getattr(model.get_submodule(p), "fan_in_fan_out", False) for p in record.modules)
-    parameters = expert_paths(model, record)
     peft_config = fmt.to_peft_dict(
         config,
-        [m for m in record.modules if m not in parameters],
+        modules,
         parameter_names=parameters,
         fan_in_fan_out=fan_in_fan_out,
         base_model_name_or_path=base_model_name_or_path,
@@ -157,6 +177,16 @@ def save_adapter(
             shutil.rmtree(target, ignore_errors=True)
         raise
     return folder
+
+
+def _exact_patterns(config: LoraConfig, sources: dict[str, str]) -> LoraConfig:
+    """`config` with rank / alpha patterns naming each written module exactly (`sources`: written
+    module -> the adapted module or parameter whose rank and alpha it has)."""
+    ranks = {re.escape(m): config.rank_for(s) for m, s in sources.items() if config.rank_for(s) != config.rank}
+    alphas = {re.escape(m): config.alpha_for(s) for m, s in sources.items() if config.alpha_for(s) != config.alpha}
+    # (targets is not written, target_modules is: [] would only be valid with target_parameters)
+    return dataclasses.replace(config, rank_pattern=ranks, alpha_pattern=alphas, target_parameters=[],
+                               targets=config.targets or "all-linear")
 
 
 # ---- loading -------------------------------------------------------------------------------

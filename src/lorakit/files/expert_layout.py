@@ -1,0 +1,86 @@
+"""The per-expert layout of an expert adapter: one 2-D LoRA pair per expert and projection, the
+way vLLM reads MoE adapters for most model classes (see docs/moe.md for which engine reads what).
+
+Transformers 5 holds a layer's experts fused (`mlp.experts.gate_up_proj`, (E, 2I, H)), but its
+checkpoints keep them apart (`mlp.experts.{e}.gate_proj.weight`, (I, H)), and so does vLLM's
+per-expert LoRA loader (`FusedMoEWithLoRA`, models whose `is_3d_moe_weight` is false: Qwen3-MoE,
+Qwen2-MoE, OLMoE, Mixtral, DeepSeek ...). This layout names expert e's pairs as the checkpoint
+names its weights:
+
+    <experts path>.{e}.<gate>.lora_A.weight (r, H)   .lora_B.weight (I, r)   rows 0..I-1 of B[e]
+    <experts path>.{e}.<up>.lora_A.weight   (r, H)   .lora_B.weight (I, r)   rows I..2I-1 of B[e]
+    <experts path>.{e}.<down>.lora_A.weight (r, I)   .lora_B.weight (H, r)
+
+gate and up share expert e's A (the fused pair's rank-r inputs), so each is exactly the fused
+update's slice. The split is Transformers' own (conversion_mapping.py: gate and up concatenated
+along the output dimension); the names and the experts path per model family as there
+(Mixtral: `block_sparse_moe.experts.{e}.w1` / `w3` / `w2`). gpt-oss keeps its experts fused in
+its checkpoint, transposed, gate and up interleaved, and vLLM reads its adapters in PEFT's fused
+layout: it has no per-expert layout here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import LorakitError
+from ..layers.experts import LoraExperts
+
+LAYOUTS = ("fused", "per-expert")  # save_adapter(expert_layout=...): PEFT's 3-D layout, or this one
+
+
+class ExpertLayoutError(LorakitError, ValueError):
+    """An adapter that cannot be written in the per-expert layout; the message says why."""
+
+
+# Per model family: (fused experts path segment, checkpoint's), gate, up, down names. Transformers
+# 5.25 conversion_mapping.py: these model types convert their checkpoints like qwen2_moe / mixtral.
+_QWEN2_MOE = (None, "gate_proj", "up_proj", "down_proj")
+_MIXTRAL = ((".mlp.experts", ".block_sparse_moe.experts"), "w1", "w3", "w2")
+_FAMILIES = {
+    **dict.fromkeys(["qwen2_moe", "qwen3_moe", "olmoe", "flex_olmo", "deepseek_v2", "deepseek_v3", "qwen3_next",
+                     "glm4_moe", "dots1", "ernie4_5_moe", "hunyuan_v1_moe"], _QWEN2_MOE),
+    **dict.fromkeys(["mixtral", "minimax"], _MIXTRAL),
+}
+
+
+def per_expert_pairs(
+    model: nn.Module, name: str, parameters: list[str]
+) -> dict[str, tuple[str, torch.Tensor, torch.Tensor]]:
+    """Per-expert module path -> (the fused parameter it comes from, A (r, in), B (out, r)) for
+    adapter `name` on the expert `parameters`; ExpertLayoutError where the model has no such layout."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    family = _FAMILIES.get(model_type)
+    if family is None:
+        known = ", ".join(sorted(_FAMILIES))
+        why = ("its checkpoints keep the experts fused and vLLM reads its adapters in the fused layout"
+               if model_type == "gpt_oss" else f"lorakit knows the per-expert names of {known}")
+        raise ExpertLayoutError(f"no per-expert layout for model type {model_type!r}: {why}; save it with "
+                                "expert_layout='fused' (PEFT's target_parameters layout)")
+    rename, gate, up, down = family
+    pairs: dict[str, tuple[str, torch.Tensor, torch.Tensor]] = {}
+    for param in parameters:
+        owner, _, short = param.rpartition(".")
+        layer = model.get_submodule(param)
+        experts = model.get_submodule(owner)
+        experts = experts.base_layer if isinstance(experts, LoraExperts) else experts
+        if layer.transposed:
+            raise ExpertLayoutError(f"{param}: stored (experts, in, out); lorakit knows no per-expert checkpoint "
+                                    "layout for transposed experts")
+        a, b = (t.detach() for t in layer.pair(name))  # (E, r, in), (E, out, r)
+        path = owner.replace(*rename) if rename else owner
+        if short == "gate_up_proj":
+            width = getattr(experts, "down_proj").shape[-1]  # down_proj (E, H, I): I
+            if b.shape[1] != 2 * width:
+                raise ExpertLayoutError(f"{param}: {b.shape[1]} outputs, not gate and up of {width} each "
+                                        f"(down_proj takes {width})")
+            for e in range(layer.num_experts):
+                pairs[f"{path}.{e}.{gate}"] = (param, a[e], b[e, :width])
+                pairs[f"{path}.{e}.{up}"] = (param, a[e], b[e, width:])
+        elif short in ("up_proj", "down_proj"):
+            for e in range(layer.num_experts):
+                pairs[f"{path}.{e}.{up if short == 'up_proj' else down}"] = (param, a[e], b[e])
+        else:
+            raise ExpertLayoutError(f"{param}: lorakit knows no per-expert name for {short!r}")
+    return pairs
