@@ -23,13 +23,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import peft_format as fmt
-from .expert_layout import LAYOUTS, per_expert_pairs
+from .expert_layout import LAYOUTS, expert_paths, per_expert_pairs
 from .atomic import make_temp_dir, write_atomic, write_json_atomic
 from ..config import LoraConfig
 from .file_keys import AdapterFileError, file_tensors
 from .json_file import read_json
 from ..adapting.manage import add_adapter_from_tensors
-from ..layers.experts import LoraExpertParam, expert_parameters
+from ..layers.experts import expert_parameters
 from .peft_params import pair_to_file, wrapper_paths
 from .peft_targets import peft_saved_modules
 from ..adapting.pissa import RESIDUAL_INITS, as_plain_lora, plain_pairs
@@ -289,11 +289,6 @@ def load_adapter(
     except ValueError as err:
         raise AdapterFileError(f"{where}: {err}") from None
     return model
-
-
-def expert_paths(model: nn.Module, record) -> list[str]:
-    """The adapter's expert parameters (its paths whose layer is a `LoraExpertParam`), in its order."""
-    return [p for p in record.modules if isinstance(model.get_submodule(p), LoraExpertParam)]
 
 
 def _check_path(path: Any) -> None:

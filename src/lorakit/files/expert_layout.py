@@ -24,8 +24,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..adapting.registry import adapters
 from ..errors import LorakitError
-from ..layers.experts import LoraExperts
+from ..layers.experts import LoraExpertParam, LoraExperts
 
 LAYOUTS = ("fused", "per-expert")  # save_adapter(expert_layout=...): PEFT's 3-D layout, or this one
 
@@ -43,6 +44,18 @@ _FAMILIES = {
                      "glm4_moe", "dots1", "ernie4_5_moe", "hunyuan_v1_moe"], _QWEN2_MOE),
     **dict.fromkeys(["mixtral", "minimax"], _MIXTRAL),
 }
+
+
+def expert_paths(model: nn.Module, record) -> list[str]:
+    """An adapter's expert parameters (its paths whose layer is a `LoraExpertParam`), in its order."""
+    return [p for p in record.modules if isinstance(model.get_submodule(p), LoraExpertParam)]
+
+
+def check_layout(model: nn.Module, layout: str, name: str = "default") -> None:
+    """Raise ExpertLayoutError now if adapter `name` could not be saved in `layout` (a run checks
+    this before it trains)."""
+    if layout == "per-expert":
+        per_expert_pairs(model, name, expert_paths(model, adapters(model)[name]))
 
 
 def per_expert_pairs(

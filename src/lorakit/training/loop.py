@@ -341,7 +341,7 @@ class _Run:
         summary: dict[str, Any] = {"before": self.before, "after": after, "out": str(out), "steps": self.step,
                                    **verdict.record()}
         if self.world.main:
-            save_adapter(s.model, out, **self._adapter_files())
+            save_adapter(s.model, out, **self._adapter_files(), expert_layout=self.config.expert_layout)
             if self.config.add_tokens:  # the adapter's new token ids mean nothing without it
                 write_tokenizer(s.tokenizer, out)
             write_verdict(out, self.metrics, verdict)

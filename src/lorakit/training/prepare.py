@@ -13,6 +13,7 @@ import torch
 from ..config import LoraConfig
 from ..quant.loftq import loftq_pairs
 from ..adapting.manage import add_adapter_from_tensors, inject, set_adapter
+from ..files.expert_layout import check_layout
 from ..quant.convert import quantize
 from ..quant.bnb import quantized_kind
 from ..targets import resolve_targets
@@ -107,6 +108,10 @@ def prepare(config: RunConfig, world: World) -> Setup:
         raise TrainingError(f"--quantize {config.quantize}: {err}") from None
     except ValueError as err:
         raise TrainingError(f"--targets {config.targets!r}: {err}") from None
+    try:
+        check_layout(model, config.expert_layout)  # before training, not when the adapter is written
+    except ValueError as err:
+        raise TrainingError(f"--expert-layout {config.expert_layout}: {err}") from None
     if new_ids:
         try:
             add_token_rows(model, new_ids)  # after the adapter: adding it freezes everything else
