@@ -21,12 +21,17 @@ layout: it has no per-expert layout here.
 
 from __future__ import annotations
 
+import math
+import re
+
 import torch
 from torch import nn
 
 from ..adapting.registry import adapters
+from ..config import LoraConfig
 from ..errors import LorakitError
-from ..layers.experts import LoraExpertParam, LoraExperts
+from ..layers.experts import LoraExpertParam, LoraExperts, expert_parameters
+from . import peft_format as fmt
 
 LAYOUTS = ("fused", "per-expert")  # save_adapter(expert_layout=...): PEFT's 3-D layout, or this one
 
@@ -97,3 +102,73 @@ def per_expert_pairs(
         else:
             raise ExpertLayoutError(f"{param}: lorakit knows no per-expert name for {short!r}")
     return pairs
+
+
+# ---- reading it back --------------------------------------------------------------------------
+
+_PER_EXPERT = re.compile(r"(.+)\.(\d+)\.([^.]+)")
+
+
+def gather_per_expert(
+    model: nn.Module, config: LoraConfig, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[str]]:
+    """`pairs` with every per-expert pair of a fused expert parameter gathered into lorakit's
+    per-expert pair of that parameter, and the parameters so found; `config` gets their exact rank
+    and alpha (and target_parameters). Gate and up pairs that share A (as lorakit writes them) keep
+    rank r; others become rank 2r, [A_gate; A_up] with B block-diagonal, the same update exactly.
+    ExpertLayoutError names a missing or misshapen expert pair."""
+    family = _FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None))
+    owners = {p.rpartition(".")[0] for p in expert_parameters(model)}
+    if family is None or not owners:
+        return pairs, []
+    rename, gate, up, down = family
+    groups: dict[str, dict[int, dict[str, str]]] = {}  # fused owner -> expert -> name -> path in the file
+    for path in pairs:
+        found = _PER_EXPERT.fullmatch(path)
+        if found and found.group(3) in (gate, up, down):
+            owner = found.group(1).replace(rename[1], rename[0]) if rename else found.group(1)
+            if owner in owners:
+                groups.setdefault(owner, {}).setdefault(int(found.group(2)), {})[found.group(3)] = path
+    gathered: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    exact: dict[str, tuple[int, float]] = {}
+    for owner, by_expert in groups.items():
+        experts = model.get_submodule(owner)
+        experts = experts.base_layer if isinstance(experts, LoraExperts) else experts
+        count = experts.down_proj.shape[0]
+        for names, param in (((gate, up), "gate_up_proj"), ((down,), "down_proj")):
+            paths = [[by_expert.get(e, {}).get(n) for n in names] for e in range(count)]
+            if all(p is None for row in paths for p in row):
+                continue
+            absent = next((f"{owner}.{e}.{n}" for e, row in enumerate(paths) for n, p in zip(names, row) if p is None),
+                          None)
+            if absent is not None:
+                raise ExpertLayoutError(f"missing key {fmt.key(absent, fmt.LINEAR_KEYS['A'])} (the file holds other "
+                                        f"experts' pairs of {owner}.{param}, per expert)")
+            scaling = config.scaling_for(paths[0][0])  # the gathered pair's; any other folded into B
+            rows = [[_scaled(pairs[p], config.scaling_for(p) / scaling) for p in row] for row in paths]
+            try:
+                a, b, rank = _stack(rows)
+            except RuntimeError as err:  # torch.stack / cat of misfit shapes
+                raise ExpertLayoutError(f"the per-expert pairs of {owner}.{param} do not fit together: {err}") from None
+            gathered[f"{owner}.{param}"] = (a, b)
+            exact[f"{owner}.{param}"] = (rank, scaling * (math.sqrt(rank) if config.rslora else rank))
+    if not gathered:
+        return pairs, []
+    taken = {p for owner in groups for row in groups[owner].values() for p in row.values()}
+    config.rank_pattern = {re.escape(p): r for p, (r, _) in exact.items()} | config.rank_pattern
+    config.alpha_pattern = {re.escape(p): a for p, (_, a) in exact.items()} | config.alpha_pattern
+    config.target_parameters = sorted(set(config.target_parameters) | set(gathered))
+    return {p: v for p, v in pairs.items() if p not in taken} | gathered, list(gathered)
+
+
+def _scaled(pair: tuple[torch.Tensor, torch.Tensor], factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return pair if factor == 1 else (pair[0], pair[1] * factor)
+
+
+def _stack(rows: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(A (E, r, in), B (E, out, r), r) from each expert's pairs (one, or gate and up)."""
+    shared = all(len(row) == 1 or torch.equal(row[0][0], row[1][0]) for row in rows)
+    a_rows = [row[0][0] if shared else torch.cat([a for a, _ in row]) for row in rows]
+    b_rows = [torch.cat([b for _, b in row]) if shared else torch.block_diag(*[b for _, b in row]) for row in rows]
+    a, b = torch.stack(a_rows), torch.stack(b_rows)
+    return a, b, a.shape[1]

@@ -20,6 +20,7 @@ from ..config import LoraConfig
 from ..errors import LorakitError
 from ..layers.base import LoraLayer
 from ..layers.experts import expert_parameters
+from .expert_layout import gather_per_expert
 from .peft_params import not_adaptable, pair_from_file, targeted_parameters, wrapper_paths
 from .peft_targets import peft_saved_modules, targeted_modules
 from ..adapting.plan import check_shape, check_values, get_adapted, saved_module_paths
@@ -50,6 +51,11 @@ def file_tensors(
     tensors = {k: v for k, v in tensors.items() if not k.endswith("." + ROWS_KEY)}
     params = expert_keys(model, config, where)
     pairs, magnitudes, base, saved = _sort_keys(model, config, tensors, saved_paths, where, params)
+    try:  # vLLM's per-expert layout (expert_layout.py) of a fused expert parameter
+        pairs, gathered = gather_per_expert(model, config, pairs)
+    except ValueError as err:
+        raise AdapterFileError(f"{where}: {err}") from None
+    params |= {p: p for p in gathered}
     both = sorted(set(rows) & set(base))
     if both:
         raise AdapterFileError(f"{where}: {both[0]!r} is both saved whole and given token rows")
