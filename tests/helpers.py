@@ -214,14 +214,16 @@ LABELS = ("neg", "pos")
 
 
 def make_adapter(base: Path, out: Path, task: str, seed: int, rank: int = 4, targets="all-linear",
-                 labels: tuple[str, ...] = LABELS) -> Path:
-    """An adapter folder on `base` with random nonzero weights (and, for a classifier, its own head)."""
+                 labels: tuple[str, ...] = LABELS, expert_layout: str = "fused", **config) -> Path:
+    """An adapter folder on `base` with random nonzero weights (and, for a classifier, its own head);
+    `config`: more LoraConfig fields (target_parameters)."""
     import lorakit
     from lorakit.training.tasks import labels_json, load_model
 
     model = load_model(str(base), task, list(labels) if task == "classify" else None)
     saved = ["classifier"] if task == "classify" else []
-    lorakit.inject(model, lorakit.LoraConfig(rank=rank, alpha=2 * rank, targets=targets, modules_to_save=saved))
+    lorakit.inject(model, lorakit.LoraConfig(rank=rank, alpha=2 * rank, targets=targets, modules_to_save=saved,
+                                             **config))
     randomize_adapter(model, seed=seed)
     if saved:
         with torch.no_grad():
@@ -229,7 +231,8 @@ def make_adapter(base: Path, out: Path, task: str, seed: int, rank: int = 4, tar
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
     extra = {"labels.json": labels_json(list(labels))} if task == "classify" else None
     lorakit.save_adapter(model, out, base_model_name_or_path=str(base),
-                         task_type="SEQ_CLS" if task == "classify" else "CAUSAL_LM", extra_files=extra)
+                         task_type="SEQ_CLS" if task == "classify" else "CAUSAL_LM", extra_files=extra,
+                         expert_layout=expert_layout)
     return out
 
 
