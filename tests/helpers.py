@@ -194,6 +194,7 @@ _FOLDER_CONFIGS = {
     "bert": dict(num_attention_heads=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0,
                  initializer_range=0.2),
     "llama": dict(pad_token_id=0, bos_token_id=2, eos_token_id=3),
+    **{kind: dict(pad_token_id=0, bos_token_id=2, eos_token_id=3) for kind in MOE_KINDS},
     "gpt2": dict(n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0, bos_token_id=2,
                  eos_token_id=3),
 }

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 import torch
-from helpers import TINY_MODEL_N, assert_rounding_close
+from helpers import TINY_MODEL_N, VOCAB, assert_rounding_close
 from served import build, client, run
 
 import lorakit
@@ -28,11 +28,10 @@ def test_the_store_serves_moe_adapters_in_one_mixed_batch(moe, ids):
     model = load_model(str(moe["base"]), "causal-lm", None).eval()
     store = AdapterStore(model)
     for name in ("m1", "m2"):
-        entry = store.register(name, moe[name])
-        assert entry.config.target_parameters  # the fused layout names them; the per-expert one is gathered
+        store.register(name, moe[name])
     assert store.acquire(["m1", "m2"]) == {}
     assert all(p.endswith(("gate_up_proj", "down_proj")) for p in lorakit.adapters(model)["m2"].modules)
-    rows = ids[:1].repeat(4, 1)
+    rows = (ids[:1] % len(VOCAB)).repeat(4, 1)
     with torch.no_grad(), lorakit.mixed_batch(model, ["m1", None, "m2", {"m1": 0.5, "m2": 0.5}]):
         mixed = model(rows).logits
     with torch.no_grad():

@@ -117,18 +117,10 @@ def gather_per_expert(
     and alpha (and target_parameters). Gate and up pairs that share A (as lorakit writes them) keep
     rank r; others become rank 2r, [A_gate; A_up] with B block-diagonal, the same update exactly.
     ExpertLayoutError names a missing or misshapen expert pair."""
-    family = _FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None))
-    owners = {p.rpartition(".")[0] for p in expert_parameters(model)}
-    if family is None or not owners:
+    groups, family = _groups(model, list(pairs))
+    if not groups:
         return pairs, []
-    rename, gate, up, down = family
-    groups: dict[str, dict[int, dict[str, str]]] = {}  # fused owner -> expert -> name -> path in the file
-    for path in pairs:
-        found = _PER_EXPERT.fullmatch(path)
-        if found and found.group(3) in (gate, up, down):
-            owner = found.group(1).replace(rename[1], rename[0]) if rename else found.group(1)
-            if owner in owners:
-                groups.setdefault(owner, {}).setdefault(int(found.group(2)), {})[found.group(3)] = path
+    _, gate, up, down = family
     gathered: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     exact: dict[str, tuple[int, float]] = {}
     for owner, by_expert in groups.items():
@@ -159,6 +151,46 @@ def gather_per_expert(
     config.alpha_pattern = {re.escape(p): a for p, (_, a) in exact.items()} | config.alpha_pattern
     config.target_parameters = sorted(set(config.target_parameters) | set(gathered))
     return {p: v for p, v in pairs.items() if p not in taken} | gathered, list(gathered)
+
+
+def per_expert_parameters(model: nn.Module, module_names) -> list[str]:
+    """The fused expert parameters of `model` that per-expert module names (a file's target_modules:
+    whole per-expert names, or the bare checkpoint names "gate_proj" ...) stand for, in model order."""
+    if isinstance(module_names, str) or not module_names:
+        return []
+    groups, family = _groups(model, [m for m in module_names if isinstance(m, str)])
+    if not family:
+        return []
+    _, gate, up, down = family
+    bare = {m for m in module_names if m in (gate, up, down)}
+    for owner in {p.rpartition(".")[0] for p in expert_parameters(model)} if bare else ():
+        groups.setdefault(owner, {}).setdefault(0, {}).update(dict.fromkeys(bare, ""))
+    wanted = set()
+    for owner, by_expert in groups.items():
+        names = {n for row in by_expert.values() for n in row}
+        wanted |= {f"{owner}.gate_up_proj"} if names & {gate, up} else set()
+        wanted |= {f"{owner}.down_proj"} if down in names else set()
+    return [p for p in expert_parameters(model) if p in wanted]
+
+
+def _groups(model: nn.Module, paths) -> tuple[dict[str, dict[int, dict[str, str]]], tuple]:
+    """Per-expert module paths grouped as fused experts owner -> expert -> checkpoint name -> path,
+    and the model family's names; empty where the model has no per-expert layout or no experts."""
+    family = _FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None))
+    owners = {p.rpartition(".")[0] for p in expert_parameters(model)}
+    if family is None or not owners:
+        return {}, ()
+    if not paths:
+        return {}, family
+    rename, gate, up, down = family
+    groups: dict[str, dict[int, dict[str, str]]] = {}
+    for path in paths:
+        found = _PER_EXPERT.fullmatch(path)
+        if found and found.group(3) in (gate, up, down):
+            owner = found.group(1).replace(rename[1], rename[0]) if rename else found.group(1)
+            if owner in owners:
+                groups.setdefault(owner, {}).setdefault(int(found.group(2)), {})[found.group(3)] = path
+    return groups, family
 
 
 def _scaled(pair: tuple[torch.Tensor, torch.Tensor], factor: float) -> tuple[torch.Tensor, torch.Tensor]:

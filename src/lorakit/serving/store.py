@@ -35,6 +35,7 @@ from ..files.adapter_file import (
 )
 from ..config import LoraConfig
 from ..adapting.manage import delete_adapter
+from ..files.expert_layout import per_expert_parameters
 from ..files.peft_params import not_adaptable, targeted_parameters
 from ..files.peft_targets import targeted_modules
 from ..adapting.registry import adapters
@@ -99,12 +100,13 @@ class AdapterStore:
         except re.error as err:
             raise AdapterFileError(f"{where}: target_modules or exclude_modules is not a valid regex: {err}") from None
         parameters = targeted_parameters(self.model, config.target_parameters)  # fused MoE experts
+        per_expert = per_expert_parameters(self.model, facts.get("target_modules"))  # or vLLM's layout of them
         other = not_adaptable(self.model, parameters)
         if config.target_parameters and (not parameters or other):
             what = f"selects {other[0]!r}, which lorakit cannot adapt" if other else "selects no parameter of it"
             raise AdapterFileError(f"{where}: the adapter does not fit this base model: target_parameters="
                                    f"{config.target_parameters!r} {what}")
-        if found == [] and not parameters:
+        if found == [] and not parameters and not per_expert:
             raise AdapterFileError(
                 f"{where}: the adapter does not fit this base model: target_modules={facts.get('target_modules')!r}"
                 f"{'' if config.layers is None else f', layers_to_transform={config.layers}'} selects none of its modules")
