@@ -83,3 +83,21 @@ def test_a_model_without_a_per_expert_layout_is_refused_before_training(tiny, tm
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "--expert-layout per-expert" in err and "gpt_oss" in err
     assert not out.exists() or files_of(out) == {}
+
+
+def test_combine_moe_runs_and_write_them_per_expert(moe, moe_run, tmp_path, capsys):
+    from lorakit import load_adapter, mixed_batch
+
+    out = tmp_path / "combined"
+    code, _, err = lorakit(capsys, "combine", str(moe_run), str(moe["m1"]), "--method", "cat", "--out", str(out),
+                           "--expert-layout", "per-expert")
+    assert code == 0, err
+    assert "base_model.model.model.layers.0.mlp.experts.2.gate_proj.lora_A.weight" in tensors(out)
+    combined, tokenizer, _ = load_trained(str(out), None)
+    both, _, _ = load_trained(str(moe_run), None)
+    load_adapter(both, moe["m1"], "second")
+    ids = tokenizer(["count from 3 : 4 5"], return_tensors="pt")["input_ids"]
+    with torch.no_grad(), mixed_batch(both, [{"default": 0.5, "second": 0.5}]):
+        want = both(ids).logits  # cat is exact: the combined delta is the weighted sum of the two
+    with torch.no_grad():
+        assert_rounding_close(combined(ids).logits, want, n=TINY_MODEL_N)
