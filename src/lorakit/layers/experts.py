@@ -290,13 +290,67 @@ def grouped_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index
 def _project(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor,
              bias: torch.Tensor | None, transposed: bool, terms) -> torch.Tensor:
     """x through each pair's expert weight (+ bias), plus scaling * B[e] A[e] x for each term."""
-    out = _grouped(x, weight if transposed else weight.transpose(1, 2), offsets, counts)
+    weight_t = weight if transposed else weight.transpose(1, 2)  # (E, in, out)
+    if terms:
+        p = max(t[3] for t in terms)
+        x_lora = F.dropout(x, p, True) if p else None  # one mask for the adapters of this projection
+        flat = [t for a, b, _, _ in terms for t in (a.transpose(1, 2), b.transpose(1, 2))]
+        out = _ExpertProjection.apply(x, x_lora, weight_t, offsets, counts, tuple(t[2] for t in terms), *flat)
+    else:
+        out = _grouped(x, weight_t, offsets, counts)
     if bias is not None:
         out = out + bias
-    for a, b, scaling, p in terms:
-        xa = _grouped(F.dropout(x, p, True) if p else x, a.transpose(1, 2), offsets, counts)  # (pairs, r)
-        out = out + _grouped(xa * scaling, b.transpose(1, 2), offsets, counts)
     return out
+
+
+class _ExpertProjection(torch.autograd.Function):
+    """x W_e^T + sum_i s_i (x A_ie^T) B_ie^T over the sorted (token, expert) pairs, one node:
+    each low-rank product lands in the base product's buffer (no (pairs, out) temporary summed
+    afterwards), and backward adds the rank-r path's input gradient into the base one's likewise.
+    Saves x and each (pairs, r) x A^T; the frozen weight is read, never copied."""
+
+    @staticmethod
+    def forward(ctx, x, x_lora, weight_t, offsets, counts, scalings, *factors):
+        src = x if x_lora is None else x_lora
+        out = _grouped(x, weight_t, offsets, counts)
+        projected = []
+        for i, scaling in enumerate(scalings):
+            a_t, b_t = factors[2 * i], factors[2 * i + 1]  # (E, in, r), (E, r, out)
+            xa = _grouped(src, a_t, offsets, counts).mul_(scaling)  # (pairs, r)
+            out.add_(_grouped(xa, b_t, offsets, counts))
+            projected.append(xa)
+        ctx.save_for_backward(src, weight_t, offsets, counts, *factors, *projected)
+        ctx.scalings, ctx.split = scalings, x_lora is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        src, weight_t, offsets, counts, *rest = ctx.saved_tensors
+        n = len(ctx.scalings)
+        factors, projected = rest[: 2 * n], rest[2 * n:]
+        grad = grad.contiguous()
+        grad_x = _grouped(grad, weight_t.transpose(1, 2), offsets, counts) if ctx.needs_input_grad[0] else None
+        grad_lora = None
+        grads = []
+        for i, scaling in enumerate(ctx.scalings):
+            a_t, b_t = factors[2 * i], factors[2 * i + 1]
+            grad_b = _grouped_outer(projected[i], grad, offsets, counts)  # (E, r, out)
+            grad_xa = _grouped(grad, b_t.transpose(1, 2), offsets, counts).mul_(scaling)  # (pairs, r)
+            grad_a = _grouped_outer(src, grad_xa, offsets, counts)  # (E, in, r)
+            to_x = _grouped(grad_xa, a_t.transpose(1, 2), offsets, counts)
+            if ctx.split:
+                grad_lora = to_x if grad_lora is None else grad_lora.add_(to_x)
+            elif grad_x is not None:
+                grad_x.add_(to_x)
+            grads += [grad_a, grad_b]
+        return (grad_x, grad_lora, None, None, None, None, *grads)
+
+
+def _grouped_outer(u: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Per expert e, u_e^T v_e over its rows: (E, u's width, v's width) (a weight's gradient)."""
+    if u.dtype in _GROUPED_DTYPES and _grouped_mm_ok(u) and _aligned(u.t()) and _aligned(v):
+        return F.grouped_mm(u.t(), v, offs=offsets)
+    return torch.stack([u_e.t() @ v_e for u_e, v_e in zip(torch.split(u, counts.tolist()), torch.split(v, counts.tolist()))])
 
 
 def _grouped(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
