@@ -101,3 +101,13 @@ def test_combine_moe_runs_and_write_them_per_expert(moe, moe_run, tmp_path, caps
         want = both(ids).logits  # cat is exact: the combined delta is the weighted sum of the two
     with torch.no_grad():
         assert_rounding_close(combined(ids).logits, want, n=TINY_MODEL_N)
+
+
+def test_an_moe_run_resumed_from_a_checkpoint_ends_bit_for_bit_the_same(moe, tiny, tmp_path, monkeypatch):
+    from helpers import whole_and_resumed
+
+    whole, cut = whole_and_resumed(tiny, tmp_path, monkeypatch, model=str(moe["base"]), data=str(tiny["completion"]),
+                                   targets="attention+mlp", max_steps=4, save_every=2, batch_size=8)
+    assert tensors(whole).keys() == tensors(cut).keys()
+    diffs = {k: (tensors(whole)[k] - tensors(cut)[k]).abs().max().item() for k in tensors(whole)}
+    assert all(v == 0 for v in diffs.values()), {k: v for k, v in diffs.items() if v}

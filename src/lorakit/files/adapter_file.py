@@ -29,7 +29,7 @@ from ..config import LoraConfig
 from .file_keys import AdapterFileError, file_tensors
 from .json_file import read_json
 from ..adapting.manage import add_adapter_from_tensors
-from ..layers.experts import expert_parameters
+from ..layers.experts import expert_parameters, from_peft
 from .peft_params import pair_to_file, wrapper_paths
 from .peft_targets import peft_saved_modules
 from ..adapting.pissa import RESIDUAL_INITS, as_plain_lora, plain_pairs
@@ -46,10 +46,26 @@ WEIGHTS_FILE = fmt.WEIGHTS_FILE
 
 
 def adapter_state_dict(model: nn.Module, name: str = "default", *, as_lora: bool = False) -> dict[str, torch.Tensor]:
-    """Adapter `name`'s tensors under PEFT's key names (what save_adapter writes); `as_lora` as there."""
+    """Adapter `name`'s tensors under PEFT's key names (what save_adapter writes); `as_lora` as there.
+    The live tensors, but for expert pairs (copies in PEFT's layout): write with copy_adapter_state."""
     record = _record(model, name)
     state = _state(model, name, record)
     return as_plain_lora(model, record, state)[1] if as_lora and record.config.init in RESIDUAL_INITS else state
+
+
+def copy_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], name: str = "default") -> None:
+    """Copy `state` (as adapter_state_dict gives it, say from a checkpoint) into adapter `name`'s
+    live tensors; an expert pair goes back from PEFT's flattened layout to lorakit's."""
+    record = _record(model, name)
+    with torch.no_grad():
+        for param, path in wrapper_paths(model, expert_paths(model, record)).items():
+            layer = model.get_submodule(param)
+            pair = from_peft(state[fmt.key(path, fmt.LINEAR_KEYS["A"])], state[fmt.key(path, fmt.LINEAR_KEYS["B"])],
+                             layer.num_experts)
+            for live, value in zip(layer.pair(name), pair):
+                live.copy_(value)
+        for key, tensor in _state(model, name, record, fused_experts=False).items():
+            tensor.copy_(state[key])  # _state hands out the live tensors (detached views)
 
 
 def _state(model: nn.Module, name: str, record, *, fused_experts: bool = True) -> dict[str, torch.Tensor]:
