@@ -177,12 +177,12 @@ def _groups(model: nn.Module, paths) -> tuple[dict[str, dict[int, dict[str, str]
     """Per-expert module paths grouped as fused experts owner -> expert -> checkpoint name -> path,
     and the model family's names; empty where the model has no per-expert layout or no experts."""
     family = _FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None))
-    owners = {p.rpartition(".")[0] for p in expert_parameters(model)}
-    if family is None or not owners:
+    if family is None:
         return {}, ()
-    if not paths:
-        return {}, family
     rename, gate, up, down = family
+    if not any((found := _PER_EXPERT.fullmatch(p)) and found.group(3) in (gate, up, down) for p in paths):
+        return {}, family  # (no walk over the model for a file of ordinary modules)
+    owners = {p.rpartition(".")[0] for p in expert_parameters(model)}
     groups: dict[str, dict[int, dict[str, str]]] = {}
     for path in paths:
         found = _PER_EXPERT.fullmatch(path)

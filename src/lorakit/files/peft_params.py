@@ -58,6 +58,8 @@ def targeted_parameters(model: nn.Module, entries: list[str] | None) -> list[str
 
 def not_adaptable(model: nn.Module, parameters: list[str]) -> list[str]:
     """Those of `parameters` lorakit cannot adapt (anything but a fused 3-D expert weight)."""
+    if not parameters:
+        return []
     known = set(expert_parameters(model))
     return [p for p in parameters if p not in known]
 
