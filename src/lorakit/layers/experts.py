@@ -273,18 +273,23 @@ def grouped_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index
     top_k = top_k_index.size(-1)
     tokens, hidden = hidden_states.shape
     expert_ids, perm = torch.sort(top_k_index.reshape(-1))
-    x = hidden_states[perm // top_k]  # (pairs, in), sorted by expert
+    # index_select, not advanced indexing: the same copy, and its backward is an index_add (a fifth
+    # of the time on CPU of the accumulating index_put that x[idx] backpropagates through).
+    token_of_pair = perm // top_k
+    x = torch.index_select(hidden_states, 0, token_of_pair)  # (pairs, in), sorted by expert
     counts = torch.bincount(expert_ids, minlength=experts.num_experts)
     offsets = torch.cumsum(counts, 0, dtype=torch.int32)
     first, second = _projections(experts)
-    bias = (lambda n: getattr(experts, n + "_bias")[expert_ids]) if experts.has_bias else (lambda n: None)
+    bias = (lambda n: torch.index_select(getattr(experts, n + "_bias"), 0, expert_ids)) if experts.has_bias else (lambda n: None)
     h = _project(x, getattr(experts, first), offsets, counts, bias(first), experts.is_transposed, terms.get(first, ()))
     h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
     h = _project(h, getattr(experts, second), offsets, counts, bias(second), experts.is_transposed, terms.get(second, ()))
-    h = h * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
-    back = torch.empty_like(perm)
+    h = h * torch.index_select(top_k_weights.reshape(-1), 0, perm).unsqueeze(-1)
+    if h.device.type == "cpu":  # each token's k pairs summed in place (index_add is deterministic on CPU)
+        return torch.zeros_like(h[:tokens]).index_add_(0, token_of_pair, h).to(hidden_states.dtype)
+    back = torch.empty_like(perm)  # elsewhere (atomic adds on GPUs): back to token order, then a sum
     back[perm] = torch.arange(perm.numel(), device=perm.device)
-    return h[back].view(tokens, top_k, hidden).sum(dim=1).to(hidden_states.dtype)
+    return torch.index_select(h, 0, back).view(tokens, top_k, hidden).sum(dim=1).to(hidden_states.dtype)
 
 
 def _project(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor,
