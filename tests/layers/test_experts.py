@@ -337,3 +337,15 @@ def test_mixed_batch_rows_each_through_their_own_expert_adapters():
     assert half.max_error < 1e-5
     lorakit.set_adapter(model, "halves")
     assert_rounding_close(got[3], _logits(model, ids)[3], n=TINY_MODEL_N)
+
+
+def test_quantized_model_keeps_experts_in_full_precision_for_lora():
+    pytest.importorskip("bitsandbytes")
+    model = tiny_model("qwen3_moe")
+    lorakit.quantize(model, "nf4")  # nn.Linear layers only: the fused experts stay float32
+    lorakit.inject(model, lorakit.LoraConfig(rank=4, targets="attention+mlp"))
+    kinds = {type(m).__name__ for m in model.modules() if isinstance(m, lorakit.LoraLayer)}
+    assert kinds == {"LoraQuantLinear", "LoraExpertParam"}
+    model.train()
+    model(IDS, labels=IDS).loss.backward()
+    assert _experts(model).gate_up_proj.pair("default")[0].grad is not None
