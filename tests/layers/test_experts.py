@@ -349,3 +349,21 @@ def test_quantized_model_keeps_experts_in_full_precision_for_lora():
     model.train()
     model(IDS, labels=IDS).loss.backward()
     assert _experts(model).gate_up_proj.pair("default")[0].grad is not None
+
+
+def test_generate_inside_mixed_batch_follows_each_rows_route():
+    model = _adapted("qwen3_moe", seed=1, rank=4)
+    lorakit.add_adapter(model, "b", lorakit.LoraConfig(rank=4, targets="attention+mlp"))
+    randomize_adapter(model, "b", seed=3)
+    ids, routes = IDS[:, :5], ["default", None, "b"]
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with lorakit.mixed_batch(model, routes):
+        together = model.generate(ids, **kw)
+    for row, route in enumerate(routes):
+        if route is None:
+            with lorakit.disabled(model):
+                alone = model.generate(ids[row:row + 1], **kw)
+        else:
+            lorakit.set_adapter(model, route)
+            alone = model.generate(ids[row:row + 1], **kw)
+        assert torch.equal(alone[0], together[row])
