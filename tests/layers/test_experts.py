@@ -46,7 +46,7 @@ def _adapted(kind: str, rank: int = 4, seed: int = 1, **config):
 
 def _reference(experts, hidden, index, weights, pairs, scaling):
     """float64, one expert at a time, its weights plus s B A, in the experts' own layout."""
-    out = torch.zeros(hidden.shape, dtype=torch.float64)
+    out = torch.zeros(hidden.shape, dtype=torch.float64)  # weights: float64 already
     first = "gate_up_proj"
     w = {}
     for name in (first, "down_proj"):
@@ -69,21 +69,23 @@ def _reference(experts, hidden, index, weights, pairs, scaling):
         h = h @ w["down_proj"][e]
         if experts.has_bias:
             h = h + experts.down_proj_bias.double()[e]
-        out.index_add_(0, token, h * weights.double()[token, slot, None])
+        out = out.index_add(0, token, h * weights[token, slot, None])
     return out
 
 
 @pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss"])
 @pytest.mark.parametrize("rank", [3, 8])  # 8: torch's grouped_mm kernel; 3: its alignment fails, one mm per expert
-def test_grouped_forward_and_gradients_match_float64_reference(kind, rank):
+@pytest.mark.parametrize("frozen", [True, False])  # one node for the experts; or one per projection
+def test_grouped_forward_and_gradients_match_float64_reference(kind, rank, frozen):
     experts = _experts(tiny_model(kind))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in experts.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+            p.requires_grad_(not frozen)
     tokens = 11
     index = torch.stack([torch.randperm(3, generator=gen)[:2] for _ in range(tokens)])  # expert 3 gets no token
-    weights = torch.rand(tokens, 2, generator=gen)
+    weights = torch.rand(tokens, 2, generator=gen, requires_grad=True)
     hidden = torch.randn(tokens, 32, generator=gen, requires_grad=True)
     layers = {n: LoraExpertParam(experts, n) for n in ("gate_up_proj", "down_proj")}
     pairs = {n: tuple(torch.randn(s, generator=gen).mul_(0.3).requires_grad_() for s in layer.pair_shapes(rank))
@@ -92,13 +94,14 @@ def test_grouped_forward_and_gradients_match_float64_reference(kind, rank):
     grad = torch.randn(got.shape, generator=gen)
     got.backward(grad)
 
-    hidden64 = hidden.detach().double().requires_grad_()
+    hidden64, weights64 = hidden.detach().double().requires_grad_(), weights.detach().double().requires_grad_()
     pairs64 = {n: tuple(t.detach().double().requires_grad_() for t in p) for n, p in pairs.items()}
-    want = _reference(experts, hidden64, index, weights, pairs64, 0.7)
+    want = _reference(experts, hidden64, index, weights64, pairs64, 0.7)
     want.backward(grad.double())
     n = 32 + 2 * 16 + rank  # the longest chain of sums behind an output
     assert_rounding_close(got, want, n=n)
     assert_rounding_close(hidden.grad, hidden64.grad, n=2 * n)
+    assert_rounding_close(weights.grad, weights64.grad, n=2 * n * 32)
     for name in pairs:
         for mine, ref in zip(pairs[name], pairs64[name]):
             assert_rounding_close(mine.grad, ref.grad, n=2 * n * tokens)

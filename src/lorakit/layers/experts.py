@@ -24,17 +24,16 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..targets import layer_index
 from .base import LoraLayer
+from .experts_grouped import grouped_forward
+from .experts_grouped import projections as _projections
 from .precision import precise
 
-__all__ = ["LoraExpertParam", "LoraExperts", "expert_parameters", "from_peft", "is_experts", "to_peft"]
-
-_GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
+__all__ = ["LoraExpertParam", "LoraExperts", "expert_parameters", "from_peft", "grouped_forward", "is_experts",
+           "to_peft"]
 
 # -- what counts as an experts module ----------------------------------------------------------
 def is_experts(module: nn.Module) -> bool:
@@ -48,11 +47,6 @@ def is_experts(module: nn.Module) -> bool:
         return False
     names = _projections(module)
     return all(isinstance(getattr(module, n, None), torch.Tensor) and getattr(module, n).dim() == 3 for n in names)
-
-
-def _projections(experts: nn.Module) -> tuple[str, str]:
-    """The (first, second) projection parameters, in the order the forward uses them."""
-    return ("gate_up_proj" if getattr(experts, "has_gate", True) else "up_proj"), "down_proj"
 
 
 def expert_parameters(model: nn.Module) -> list[str]:
@@ -260,129 +254,6 @@ class LoraExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return f"experts={self.base_layer.num_experts}, adapted={[p.parameter_name for p in self.params()]}"
-
-
-Terms = dict[str, list[tuple[torch.Tensor, torch.Tensor, float, float]]]
-
-
-def grouped_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                    top_k_weights: torch.Tensor, terms: Terms) -> torch.Tensor:
-    """The experts' output with low-rank terms, computed as Transformers' grouped_mm experts do:
-    the (token, expert) pairs sorted by expert, one grouped matmul per projection over them, the
-    adapters' x A^T and (.) B^T grouped the same way (rank r per pair), weighted and summed back."""
-    top_k = top_k_index.size(-1)
-    tokens, hidden = hidden_states.shape
-    expert_ids, perm = torch.sort(top_k_index.reshape(-1))
-    # index_select, not advanced indexing: the same copy, and its backward is an index_add (a fifth
-    # of the time on CPU of the accumulating index_put that x[idx] backpropagates through).
-    token_of_pair = perm // top_k
-    x = torch.index_select(hidden_states, 0, token_of_pair)  # (pairs, in), sorted by expert
-    counts = torch.bincount(expert_ids, minlength=experts.num_experts)
-    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-    first, second = _projections(experts)
-    bias = (lambda n: torch.index_select(getattr(experts, n + "_bias"), 0, expert_ids)) if experts.has_bias else (lambda n: None)
-    h = _project(x, getattr(experts, first), offsets, counts, bias(first), experts.is_transposed, terms.get(first, ()))
-    h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
-    h = _project(h, getattr(experts, second), offsets, counts, bias(second), experts.is_transposed, terms.get(second, ()))
-    h = h * torch.index_select(top_k_weights.reshape(-1), 0, perm).unsqueeze(-1)
-    if h.device.type == "cpu":  # each token's k pairs summed in place (index_add is deterministic on CPU)
-        return torch.zeros_like(h[:tokens]).index_add_(0, token_of_pair, h).to(hidden_states.dtype)
-    back = torch.empty_like(perm)  # elsewhere (atomic adds on GPUs): back to token order, then a sum
-    back[perm] = torch.arange(perm.numel(), device=perm.device)
-    return torch.index_select(h, 0, back).view(tokens, top_k, hidden).sum(dim=1).to(hidden_states.dtype)
-
-
-def _project(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor,
-             bias: torch.Tensor | None, transposed: bool, terms) -> torch.Tensor:
-    """x through each pair's expert weight (+ bias), plus scaling * B[e] A[e] x for each term."""
-    weight_t = weight if transposed else weight.transpose(1, 2)  # (E, in, out)
-    if terms:
-        p = max(t[3] for t in terms)
-        x_lora = F.dropout(x, p, True) if p else None  # one mask for the adapters of this projection
-        flat = [t for a, b, _, _ in terms for t in (a.transpose(1, 2), b.transpose(1, 2))]
-        out = _ExpertProjection.apply(x, x_lora, weight_t, offsets, counts, tuple(t[2] for t in terms), *flat)
-    else:
-        out = _grouped(x, weight_t, offsets, counts)
-    if bias is not None:
-        out = out + bias
-    return out
-
-
-class _ExpertProjection(torch.autograd.Function):
-    """x W_e^T + sum_i s_i (x A_ie^T) B_ie^T over the sorted (token, expert) pairs, one node:
-    each low-rank product lands in the base product's buffer (no (pairs, out) temporary summed
-    afterwards), and backward adds the rank-r path's input gradient into the base one's likewise.
-    Saves x and each (pairs, r) x A^T; the frozen weight is read, never copied."""
-
-    @staticmethod
-    def forward(ctx, x, x_lora, weight_t, offsets, counts, scalings, *factors):
-        src = x if x_lora is None else x_lora
-        out = _grouped(x, weight_t, offsets, counts)
-        projected = []
-        for i, scaling in enumerate(scalings):
-            a_t, b_t = factors[2 * i], factors[2 * i + 1]  # (E, in, r), (E, r, out)
-            xa = _grouped(src, a_t, offsets, counts).mul_(scaling)  # (pairs, r)
-            out.add_(_grouped(xa, b_t, offsets, counts))
-            projected.append(xa)
-        ctx.save_for_backward(src, weight_t, offsets, counts, *factors, *projected)
-        ctx.scalings, ctx.split = scalings, x_lora is not None
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        src, weight_t, offsets, counts, *rest = ctx.saved_tensors
-        n = len(ctx.scalings)
-        factors, projected = rest[: 2 * n], rest[2 * n:]
-        grad = grad.contiguous()
-        grad_x = _grouped(grad, weight_t.transpose(1, 2), offsets, counts) if ctx.needs_input_grad[0] else None
-        grad_lora = None
-        grads = []
-        for i, scaling in enumerate(ctx.scalings):
-            a_t, b_t = factors[2 * i], factors[2 * i + 1]
-            grad_b = _grouped_outer(projected[i], grad, offsets, counts)  # (E, r, out)
-            grad_xa = _grouped(grad, b_t.transpose(1, 2), offsets, counts).mul_(scaling)  # (pairs, r)
-            grad_a = _grouped_outer(src, grad_xa, offsets, counts)  # (E, in, r)
-            to_x = _grouped(grad_xa, a_t.transpose(1, 2), offsets, counts)
-            if ctx.split:
-                grad_lora = to_x if grad_lora is None else grad_lora.add_(to_x)
-            elif grad_x is not None:
-                grad_x.add_(to_x)
-            grads += [grad_a, grad_b]
-        return (grad_x, grad_lora, None, None, None, None, *grads)
-
-
-def _grouped_outer(u: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Per expert e, u_e^T v_e over its rows: (E, u's width, v's width) (a weight's gradient)."""
-    if u.dtype in _GROUPED_DTYPES and _grouped_mm_ok(u) and _aligned(u.t()) and _aligned(v):
-        return F.grouped_mm(u.t(), v, offs=offsets)
-    return torch.stack([u_e.t() @ v_e for u_e, v_e in zip(torch.split(u, counts.tolist()), torch.split(v, counts.tolist()))])
-
-
-def _grouped(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """x's rows, sorted by expert, each times its expert's (in, out) matrix of `weight` (E, in, out)."""
-    weight = weight.to(x.dtype) if weight.dtype != x.dtype else weight
-    if x.dtype in _GROUPED_DTYPES and _grouped_mm_ok(x):
-        if not _aligned(weight):  # B^T of a rank that is no multiple of 4 (fp32): a small copy
-            weight = weight.contiguous()
-        if _aligned(weight) and _aligned(x):
-            return F.grouped_mm(x, weight, offs=offsets)
-    # float64 (tests' reference precision) and devices without the kernel: one matmul per expert.
-    parts = [x_e @ weight[e] for e, x_e in enumerate(torch.split(x, counts.tolist()))]
-    return torch.cat(parts) if parts else x.new_zeros(0, weight.shape[2])
-
-
-def _aligned(t: torch.Tensor) -> bool:
-    """torch's grouped_mm kernel wants 16-byte aligned data and strides (but the unit one)."""
-    size = t.element_size()
-    return t.data_ptr() % 16 == 0 and all(s == 1 or (s * size) % 16 == 0 for s in t.stride())
-
-
-def _grouped_mm_ok(x: torch.Tensor) -> bool:
-    if not hasattr(F, "grouped_mm"):
-        return False
-    if x.device.type == "cuda":
-        return torch.cuda.get_device_capability(x.device) >= (8, 0)
-    return x.device.type == "cpu"
 
 
 def _mixed(host: LoraExperts, routing, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
