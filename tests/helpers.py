@@ -20,8 +20,16 @@ import torch
 # ---- tiny models ---------------------------------------------------------------------------
 
 # kind -> (config class, keyword arguments); every model is 2 blocks of width 32.
-_MOE = dict(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, num_experts_per_tok=2)
+_MOE = dict(
+    vocab_size=120,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    num_experts_per_tok=2,
+)
 MOE_KINDS = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss")
 _CONFIGS = {
     "bert": (

@@ -8,7 +8,15 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import MOE_KINDS, TINY_MODEL_N, assert_rounding_close, assert_unchanged, randomize_adapter, snapshot, tiny_model
+from helpers import (
+    MOE_KINDS,
+    TINY_MODEL_N,
+    assert_rounding_close,
+    assert_unchanged,
+    randomize_adapter,
+    snapshot,
+    tiny_model,
+)
 
 import lorakit
 from lorakit.layers.experts import (
@@ -88,8 +96,10 @@ def test_grouped_forward_and_gradients_match_float64_reference(kind, rank, froze
     weights = torch.rand(tokens, 2, generator=gen, requires_grad=True)
     hidden = torch.randn(tokens, 32, generator=gen, requires_grad=True)
     layers = {n: LoraExpertParam(experts, n) for n in ("gate_up_proj", "down_proj")}
-    pairs = {n: tuple(torch.randn(s, generator=gen).mul_(0.3).requires_grad_() for s in layer.pair_shapes(rank))
-             for n, layer in layers.items()}
+    pairs = {
+        n: tuple(torch.randn(s, generator=gen).mul_(0.3).requires_grad_() for s in layer.pair_shapes(rank))
+        for n, layer in layers.items()
+    }
     got = grouped_forward(experts, hidden, index, weights, {n: [(a, b, 0.7, 0.0)] for n, (a, b) in pairs.items()})
     grad = torch.randn(got.shape, generator=gen)
     got.backward(grad)
@@ -127,10 +137,13 @@ def test_outputs_match_peft_target_parameters(kind):
     peft = pytest.importorskip("peft")
     ours = tiny_model(kind)
     theirs = copy.deepcopy(ours)
-    lorakit.inject(ours, lorakit.LoraConfig(rank=4, alpha=8, targets=[], target_parameters=["gate_up_proj", "down_proj"]))
+    lorakit.inject(
+        ours, lorakit.LoraConfig(rank=4, alpha=8, targets=[], target_parameters=["gate_up_proj", "down_proj"])
+    )
     randomize_adapter(ours)
-    theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=4, lora_alpha=8, target_modules=[],
-                                                         target_parameters=["gate_up_proj", "down_proj"]))
+    theirs = peft.get_peft_model(
+        theirs, peft.LoraConfig(r=4, lora_alpha=8, target_modules=[], target_parameters=["gate_up_proj", "down_proj"])
+    )
     with torch.no_grad():
         for path in lorakit.adapters(ours)["default"].modules:
             wrapper = theirs.base_model.model.get_submodule(path.rpartition(".")[0])
@@ -279,8 +292,10 @@ def test_lora_only_bias_trains_gpt_oss_expert_biases():
 
 def test_add_adapter_from_tensors_is_transactional():
     model = _adapted("qwen3_moe")
-    source = {p: tuple(t.detach().clone() for t in model.get_submodule(p).pair("default"))
-              for p in lorakit.adapters(model)["default"].modules}
+    source = {
+        p: tuple(t.detach().clone() for t in model.get_submodule(p).pair("default"))
+        for p in lorakit.adapters(model)["default"].modules
+    }
     config = lorakit.adapters(model)["default"].config
     path = "model.layers.1.mlp.experts.down_proj"
     before = snapshot(model)
@@ -365,8 +380,8 @@ def test_generate_inside_mixed_batch_follows_each_rows_route():
     for row, route in enumerate(routes):
         if route is None:
             with lorakit.disabled(model):
-                alone = model.generate(ids[row:row + 1], **kw)
+                alone = model.generate(ids[row : row + 1], **kw)
         else:
             lorakit.set_adapter(model, route)
-            alone = model.generate(ids[row:row + 1], **kw)
+            alone = model.generate(ids[row : row + 1], **kw)
         assert torch.equal(alone[0], together[row])

@@ -113,7 +113,9 @@ def add_adapter_from_tensors(
         raise ValueError(f"magnitudes: {unknown[0]!r} has no (A, B) pair in pairs")
     order = {p: i for i, (p, _) in enumerate(base_modules(model))}
     # An expert parameter not yet adapted sorts right after its experts module, in the forward's order.
-    modules = sorted(pairs, key=lambda p: (order[p], 0) if p in order else (order[p.rpartition(".")[0]], 1 + ("down" in p)))
+    modules = sorted(
+        pairs, key=lambda p: (order[p], 0) if p in order else (order[p.rpartition(".")[0]], 1 + ("down" in p))
+    )
     plan = build_plan(
         model, name, config, modules, tensors=pairs, magnitudes=(magnitudes or {}) if config.use_dora else None
     )

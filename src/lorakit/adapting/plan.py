@@ -126,9 +126,11 @@ def _expert_layer(plan: Plan, hosts: dict[str, nn.Module], path: str, expert: tu
     (with a new LoraExperts around its experts module where there is none yet)."""
     host_path, host, layer = expert
     if config.use_dora:
-        raise ValueError(f"parameter {path!r}: DoRA on fused expert weights is not supported (its norm per "
-                         "output feature of each expert is not implemented; PEFT refuses it too); train plain LoRA "
-                         "there, or leave the experts out of the targets")
+        raise ValueError(
+            f"parameter {path!r}: DoRA on fused expert weights is not supported (its norm per "
+            "output feature of each expert is not implemented; PEFT refuses it too); train plain LoRA "
+            "there, or leave the experts out of the targets"
+        )
     if layer is not None:
         return layer
     if host_path not in hosts:

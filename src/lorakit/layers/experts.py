@@ -32,8 +32,16 @@ from .experts_grouped import grouped_forward
 from .experts_grouped import projections as _projections
 from .precision import precise
 
-__all__ = ["LoraExpertParam", "LoraExperts", "expert_parameters", "from_peft", "grouped_forward", "is_experts",
-           "to_peft"]
+__all__ = [
+    "LoraExpertParam",
+    "LoraExperts",
+    "expert_parameters",
+    "from_peft",
+    "grouped_forward",
+    "is_experts",
+    "to_peft",
+]
+
 
 # -- what counts as an experts module ----------------------------------------------------------
 def is_experts(module: nn.Module) -> bool:
@@ -75,11 +83,14 @@ def to_peft(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 def from_peft(a: torch.Tensor, b: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """PEFT's (A (r*E, in), B (out, r*E)) -> (A (E, r, in), B (E, out, r)), each contiguous."""
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] % num_experts or b.shape[1] != a.shape[0]:
-        raise ValueError(f"PEFT expert pair of shapes {tuple(a.shape)}, {tuple(b.shape)} does not split into "
-                         f"{num_experts} experts")
+        raise ValueError(
+            f"PEFT expert pair of shapes {tuple(a.shape)}, {tuple(b.shape)} does not split into {num_experts} experts"
+        )
     rank = a.shape[0] // num_experts
-    return (a.reshape(num_experts, rank, a.shape[1]).contiguous(),
-            b.reshape(b.shape[0], rank, num_experts).permute(2, 0, 1).contiguous())
+    return (
+        a.reshape(num_experts, rank, a.shape[1]).contiguous(),
+        b.reshape(b.shape[0], rank, num_experts).permute(2, 0, 1).contiguous(),
+    )
 
 
 # -- one adapted parameter -----------------------------------------------------------------------
@@ -99,7 +110,11 @@ class ExpertWeight(nn.Module):
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return getattr(self.experts, self.parameter_name + "_bias", None) if getattr(self.experts, "has_bias", False) else None
+        return (
+            getattr(self.experts, self.parameter_name + "_bias", None)
+            if getattr(self.experts, "has_bias", False)
+            else None
+        )
 
     def extra_repr(self) -> str:
         return f"{self.parameter_name}: {tuple(self.weight.shape)}"
@@ -115,8 +130,10 @@ class LoraExpertParam(LoraLayer):
         if not isinstance(weight, torch.Tensor) or weight.dim() != 3:
             raise ValueError(f"{parameter_name!r} is not a 3-D expert parameter of {type(experts).__name__}")
         if not weight.is_floating_point() or type(weight).__name__ not in ("Parameter", "Tensor"):
-            raise ValueError(f"LoRA on experts needs full-precision expert weights; {parameter_name!r} is "
-                             f"{type(weight).__name__} of {weight.dtype} (quantized experts are not supported)")
+            raise ValueError(
+                f"LoRA on experts needs full-precision expert weights; {parameter_name!r} is "
+                f"{type(weight).__name__} of {weight.dtype} (quantized experts are not supported)"
+            )
         super().__init__(ExpertWeight(experts, parameter_name))
         self.parameter_name = parameter_name
         self.num_experts = weight.shape[0]
@@ -214,7 +231,9 @@ class LoraExperts(nn.Module):
     def add_param(self, layer: LoraExpertParam) -> None:
         self.add_module(layer.parameter_name, layer)
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         routing = next((p.routing for p in self.params() if p.routing is not None), None)
         if routing is not None:
             return _mixed(self, routing, hidden_states, top_k_index, top_k_weights)
@@ -223,8 +242,9 @@ class LoraExperts(nn.Module):
             return self.base_layer(hidden_states, top_k_index, top_k_weights)
         return grouped_forward(self.base_layer, hidden_states, top_k_index, top_k_weights, terms)
 
-    def reference_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                          top_k_weights: torch.Tensor) -> torch.Tensor:
+    def reference_forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         """The plain computation the grouped path is pinned to: per expert, its weights plus the
         live adapters' full deltas, over the tokens routed to it."""
         experts = self.base_layer
@@ -256,8 +276,9 @@ class LoraExperts(nn.Module):
         return f"experts={self.base_layer.num_experts}, adapted={[p.parameter_name for p in self.params()]}"
 
 
-def _mixed(host: LoraExperts, routing, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-           top_k_weights: torch.Tensor) -> torch.Tensor:
+def _mixed(
+    host: LoraExperts, routing, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
     """Inside `mixed_batch`: the base experts for every token (base rows bitwise the base), then
     each route's tokens again through that route's weighted adapters. Tokens are rows of
     (rows, seq) flattened, so token t belongs to route t // (tokens / routes)."""
@@ -276,8 +297,10 @@ def _mixed(host: LoraExperts, routing, hidden_states: torch.Tensor, top_k_index:
             groups.setdefault(route, []).append(i)
     enabled = all(p.enabled for p in host.params())
     for route, indices in groups.items() if enabled else ():
-        terms = {p.parameter_name: [(*p.pair(n), p.scaling[n] * w, 0.0) for n, w in route if n in p.scaling]
-                 for p in host.params()}
+        terms = {
+            p.parameter_name: [(*p.pair(n), p.scaling[n] * w, 0.0) for n, w in route if n in p.scaling]
+            for p in host.params()
+        }
         if not any(terms.values()):
             continue
         rows = torch.tensor(indices, device=hidden_states.device)
@@ -304,16 +327,21 @@ def resolve_parameters(model: nn.Module, config, exclude: list[str] = ()) -> lis
         named = [p for p in found if p == entry or p.endswith("." + entry)]
         if not named:
             other = [n for n, _ in _all_parameter_names(model) if n == entry or n.endswith("." + entry)]
-            what = (f"it names {other[0]!r}, which is not a fused 3-D expert weight (lorakit adapts the "
-                    "gate_up_proj / up_proj / down_proj of Transformers' experts modules)") if other else \
-                "it names no parameter of the model"
-            raise ValueError(f"target_parameters entry {entry!r} selects no expert parameter: {what}. "
-                             + _describe(found))
+            what = (
+                (
+                    f"it names {other[0]!r}, which is not a fused 3-D expert weight (lorakit adapts the "
+                    "gate_up_proj / up_proj / down_proj of Transformers' experts modules)"
+                )
+                if other
+                else "it names no parameter of the model"
+            )
+            raise ValueError(
+                f"target_parameters entry {entry!r} selects no expert parameter: {what}. " + _describe(found)
+            )
         chosen.update(named)
     if config.layers is not None:
         chosen = {p for p in chosen if layer_index(p, config.layers_pattern) in config.layers}
-    chosen = {p for p in chosen
-              if not any(p == e or p.endswith("." + e) or f".{e}." in f".{p}." for e in exclude)}
+    chosen = {p for p in chosen if not any(p == e or p.endswith("." + e) or f".{e}." in f".{p}." for e in exclude)}
     return [p for p in found if p in chosen]
 
 
@@ -336,8 +364,10 @@ def expert_hint(model: nn.Module, targets) -> str:
     named = [e for e in entries if any(p == e or p.endswith("." + e) for p in found)]
     if not named:
         return ""
-    return (f"{named[0]!r} is a fused expert parameter, not a module: pass it as "
-            f"target_parameters=[{named[0]!r}] (or use the preset 'attention+mlp' / 'all-linear').\n")
+    return (
+        f"{named[0]!r} is a fused expert parameter, not a module: pass it as "
+        f"target_parameters=[{named[0]!r}] (or use the preset 'attention+mlp' / 'all-linear').\n"
+    )
 
 
 def host_and_layer(model: nn.Module, path: str) -> tuple[str, nn.Module, LoraExpertParam | None] | None:

@@ -40,8 +40,13 @@ class Pairs(NamedTuple):
 Terms = dict[str, list[tuple[torch.Tensor, torch.Tensor, float, float]]]
 
 
-def grouped_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                    top_k_weights: torch.Tensor, terms: Terms) -> torch.Tensor:
+def grouped_forward(
+    experts: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    terms: Terms,
+) -> torch.Tensor:
     """The experts' output with low-rank terms, computed as Transformers' grouped_mm experts do:
     the (token, expert) pairs sorted by expert, one grouped matmul per projection over them, the
     adapters' x A^T and (.) B^T grouped the same way (rank r per pair), weighted and summed back.
@@ -66,22 +71,39 @@ def grouped_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index
         flat = [f for a, b, _, _ in list(t1) + list(t2) for f in (a.transpose(1, 2), b.transpose(1, 2))]
         w1, w2 = (w if experts.is_transposed else w.transpose(1, 2) for w in weights)
         gate = experts._apply_gate if experts.has_gate else experts.act_fn
-        return _ExpertsLora.apply(hidden_states, top_k_weights, w1, w2, *biases, pairs, gate,
-                                  tuple(t[2] for t in t1), tuple(t[2] for t in t2), *flat)
+        return _ExpertsLora.apply(
+            hidden_states,
+            top_k_weights,
+            w1,
+            w2,
+            *biases,
+            pairs,
+            gate,
+            tuple(t[2] for t in t1),
+            tuple(t[2] for t in t2),
+            *flat,
+        )
     return _stepwise(experts, hidden_states, top_k_weights, pairs, terms)
 
 
-def _stepwise(experts: nn.Module, hidden_states: torch.Tensor, top_k_weights: torch.Tensor, pairs: Pairs,
-              terms: Terms) -> torch.Tensor:
+def _stepwise(
+    experts: nn.Module, hidden_states: torch.Tensor, top_k_weights: torch.Tensor, pairs: Pairs, terms: Terms
+) -> torch.Tensor:
     """grouped_forward with autograd's ops between one node per projection (dropout, trained
     expert weights or biases)."""
     perm, token_of_pair, expert_ids, offsets, counts = pairs
     x = torch.index_select(hidden_states, 0, token_of_pair)  # (pairs, in), sorted by expert
     first, second = projections(experts)
-    bias = (lambda n: torch.index_select(getattr(experts, n + "_bias"), 0, expert_ids)) if experts.has_bias else (lambda n: None)
+    bias = (
+        (lambda n: torch.index_select(getattr(experts, n + "_bias"), 0, expert_ids))
+        if experts.has_bias
+        else (lambda n: None)
+    )
     h = _project(x, getattr(experts, first), offsets, counts, bias(first), experts.is_transposed, terms.get(first, ()))
     h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
-    h = _project(h, getattr(experts, second), offsets, counts, bias(second), experts.is_transposed, terms.get(second, ()))
+    h = _project(
+        h, getattr(experts, second), offsets, counts, bias(second), experts.is_transposed, terms.get(second, ())
+    )
     h = h * torch.index_select(top_k_weights.reshape(-1), 0, perm).unsqueeze(-1)
     return _sum_back(h, pairs, hidden_states)
 
@@ -97,8 +119,15 @@ def _sum_back(h: torch.Tensor, pairs: Pairs, like: torch.Tensor) -> torch.Tensor
     return torch.index_select(h, 0, back).view(tokens, -1, h.shape[1]).sum(dim=1).to(like.dtype)
 
 
-def _project(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor,
-             bias: torch.Tensor | None, transposed: bool, terms) -> torch.Tensor:
+def _project(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    offsets: torch.Tensor,
+    counts: torch.Tensor,
+    bias: torch.Tensor | None,
+    transposed: bool,
+    terms,
+) -> torch.Tensor:
     """x through each pair's expert weight (+ bias), plus scaling * B[e] A[e] x for each term."""
     weight_t = weight if transposed else weight.transpose(1, 2)  # (E, in, out)
     if terms:
@@ -137,7 +166,7 @@ class _ExpertProjection(torch.autograd.Function):
     def backward(ctx, grad):
         src, weight_t, offsets, counts, *rest = ctx.saved_tensors
         n = len(ctx.scalings)
-        factors, projected = rest[: 2 * n], rest[2 * n:]
+        factors, projected = rest[: 2 * n], rest[2 * n :]
         grad = grad.contiguous()
         grad_x = _grouped(grad, weight_t.transpose(1, 2), offsets, counts) if ctx.needs_input_grad[0] else None
         grad_lora = None
@@ -160,7 +189,9 @@ def _grouped_outer(u: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, coun
     """Per expert e, u_e^T v_e over its rows: (E, u's width, v's width) (a weight's gradient)."""
     if u.dtype in _GROUPED_DTYPES and _grouped_mm_ok(u) and _aligned(u.t()) and _aligned(v):
         return F.grouped_mm(u.t(), v, offs=offsets)
-    return torch.stack([u_e.t() @ v_e for u_e, v_e in zip(torch.split(u, counts.tolist()), torch.split(v, counts.tolist()))])
+    return torch.stack(
+        [u_e.t() @ v_e for u_e, v_e in zip(torch.split(u, counts.tolist()), torch.split(v, counts.tolist()))]
+    )
 
 
 def _grouped(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -196,7 +227,7 @@ class _ExpertsLora(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, routing, w1, w2, b1, b2, pairs: Pairs, gate, scal1, scal2, *factors):
         perm, token, expert_ids, offsets, counts = pairs
-        f1, f2 = factors[: 2 * len(scal1)], factors[2 * len(scal1):]
+        f1, f2 = factors[: 2 * len(scal1)], factors[2 * len(scal1) :]
         x = torch.index_select(hidden, 0, token)
         gu, xa1 = _lora_project(x, w1, b1, expert_ids, offsets, counts, scal1, f1)
         y, xa2 = _lora_project(gate(gu), w2, b2, expert_ids, offsets, counts, scal2, f2)
@@ -210,8 +241,8 @@ class _ExpertsLora(torch.autograd.Function):
         hidden, routing, w1, w2, _, b2, gu, *rest = ctx.saved_tensors
         perm, token, expert_ids, offsets, counts = ctx.pairs
         n1, n2 = len(ctx.scal1), len(ctx.scal2)
-        f1, f2 = rest[: 2 * n1], rest[2 * n1: 2 * (n1 + n2)]
-        xa1, xa2 = rest[2 * (n1 + n2): 2 * (n1 + n2) + n1], rest[2 * (n1 + n2) + n1:]
+        f1, f2 = rest[: 2 * n1], rest[2 * n1 : 2 * (n1 + n2)]
+        xa1, xa2 = rest[2 * (n1 + n2) : 2 * (n1 + n2) + n1], rest[2 * (n1 + n2) + n1 :]
         g_y = torch.index_select(grad.contiguous(), 0, token)  # d/d(w y) per pair (pairs, hidden)
         w = torch.index_select(routing.reshape(-1), 0, perm).unsqueeze(-1).to(g_y.dtype)  # (pairs, 1)
         with torch.enable_grad():

@@ -96,7 +96,9 @@ def combine(
         pairs[path] = (a, b)
         got = torch.bmm(_precise(b), _precise(a)) if isinstance(layer, LoraExpertParam) else _delta(a, b, 1.0)
         errors[path] = _relative_error(got, aim)
-    ranks = {p: layers[p].rank_of(a) if isinstance(layers[p], LoraExpertParam) else a.shape[0] for p, (a, _) in pairs.items()}
+    ranks = {
+        p: layers[p].rank_of(a) if isinstance(layers[p], LoraExpertParam) else a.shape[0] for p, (a, _) in pairs.items()
+    }
     common = Counter(ranks.values()).most_common(1)[0][0]
     odd = {p: r for p, r in ranks.items() if r != common}  # scaling 1 everywhere: alpha follows rank
     saved_paths = list(dict.fromkeys(p for n in sources for p in known[n].saved))

@@ -205,7 +205,11 @@ class _Run:
         expert = set(expert_parameters(s.model))  # fused MoE expert weights, adapted as parameters
         kinds = sorted({p.rsplit(".", 1)[-1] for p in record.modules if p not in expert})
         experts = sorted({p.rsplit(".", 1)[-1] for p in record.modules if p in expert})
-        on_experts = f" and {sum(p in expert for p in record.modules)} expert parameters ({', '.join(experts)})" if experts else ""
+        on_experts = (
+            f" and {sum(p in expert for p in record.modules)} expert parameters ({', '.join(experts)})"
+            if experts
+            else ""
+        )
         self.say(f"lorakit train: {s.describe['model']}, task {s.task}")
         self.say(f"data: {s.describe['data']}")
         if s.labels:
