@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: setup train test test-slow bench clean
+.PHONY: setup train test test-slow bench clean format
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,8 @@ train: setup
 	$(VENV)/bin/lorakit train --overwrite
 
 test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
 
 test-slow: setup
@@ -29,6 +31,10 @@ test-slow: setup
 
 bench: setup
 	$(PY) bench/run.py
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 clean:
 	rm -rf $(VENV) runs

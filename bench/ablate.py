@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         def run():
             with patched(stand_ins):
                 step()
+
         return run
 
     def on_reference():
@@ -142,17 +143,19 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for name in names[1:]:
         saving = ratio["lorakit as is"] - ratio[name]
-        lines.append(f"| {name} | {ratio[name]:.3f} (+-{report.spread(per_round[name]):.1f}%) | "
-                     f"{'' if name == 'lorakit as is' else f'{saving:+.3f}'} |")
+        lines.append(
+            f"| {name} | {ratio[name]:.3f} (+-{report.spread(per_round[name]):.1f}%) | "
+            f"{'' if name == 'lorakit as is' else f'{saving:+.3f}'} |"
+        )
     table = "\n".join(lines)
     machine = report.machine(threads, "cpu", "float32")
     shown = sys.argv[1:] if argv is None else argv
     command = " ".join(["python bench/ablate.py", *shown])
     text = f"""# Ablation: lorakit's training step above the floor
 
-Written by `{command}`, {machine['date']}; {setting.name}
+Written by `{command}`, {machine["date"]}; {setting.name}
 (batch {setting.batch} x length {setting.seq}), {args.variant}, {args.reps} rounds, {threads} threads,
-{(time.time() - started) / 60:.1f} minutes. Machine: {machine['machine']}; {machine['software']}.
+{(time.time() - started) / 60:.1f} minutes. Machine: {machine["machine"]}; {machine["software"]}.
 
 A diagnostic (see bench/ablate.py): each "without" case replaces one piece of the fast path by
 a zero tensor of the same shape (the fold by the plain weight), so its gradients are wrong and

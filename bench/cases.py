@@ -16,8 +16,8 @@ inference (forward under torch.inference_mode, eval mode)
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -78,8 +78,15 @@ def load_model(kind: str, device: str, dtype: torch.dtype) -> nn.Module:
     elif kind == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        config = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                             num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512)
+        config = LlamaConfig(
+            vocab_size=4096,
+            hidden_size=256,
+            intermediate_size=688,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            max_position_embeddings=512,
+        )
         model = LlamaForCausalLM(config)
     else:
         raise ValueError(kind)
@@ -112,8 +119,10 @@ def lorakit_model(base: nn.Module, variant: Variant) -> nn.Module:
     import lorakit
 
     model = copy.deepcopy(base)
-    lorakit.inject(model, lorakit.LoraConfig(rank=variant.rank, alpha=2 * variant.rank, targets=variant.targets,
-                                             use_dora=variant.dora))
+    lorakit.inject(
+        model,
+        lorakit.LoraConfig(rank=variant.rank, alpha=2 * variant.rank, targets=variant.targets, use_dora=variant.dora),
+    )
     # B starts at zero; a nonzero B makes the outputs comparison below meaningful.
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
@@ -137,8 +146,9 @@ def peft_model_like(base: nn.Module, ours: nn.Module, variant: Variant) -> nn.Mo
     import lorakit
 
     paths = [n for n, m in ours.named_modules() if isinstance(m, lorakit.LoraLayer)]
-    config = LoraConfig(r=variant.rank, lora_alpha=2 * variant.rank, lora_dropout=0.0, target_modules=paths,
-                        use_dora=variant.dora)
+    config = LoraConfig(
+        r=variant.rank, lora_alpha=2 * variant.rank, lora_dropout=0.0, target_modules=paths, use_dora=variant.dora
+    )
     model = get_peft_model(copy.deepcopy(base), config)
     ours_layers = dict(ours.named_modules())
     with torch.no_grad():

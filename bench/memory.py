@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import gc
 
-import cases as C
 import torch
+
+import cases as C
 
 STEPS = 3
 

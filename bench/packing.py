@@ -49,12 +49,22 @@ def make_model(folder: Path) -> Path:
     vocab = SPECIAL + WORDS
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
-                            eos_token="[EOS]").save_pretrained(folder)
+    PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]"
+    ).save_pretrained(folder)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
-                         pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
 
@@ -109,14 +119,13 @@ def _time_the_steps() -> _Clock:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds of the three runs (default 5)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                    help="torch threads (default: all cores)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     ap.add_argument("--out", default=None, help="markdown file (default BENCHMARKS.md)")
     args = ap.parse_args(argv)
     from lorakit.training import RunConfig, train
+    from lorakit.training.base_model import load_tokenizer, quiet_transformers
     from lorakit.training.data.examples import encode, read_dataset
     from lorakit.training.data.packing import efficiency, pack_lengths
-    from lorakit.training.tasks import load_tokenizer, quiet_transformers
 
     quiet_transformers()
     clock = _time_the_steps()
@@ -127,37 +136,62 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         model = make_model(root / "llama")
         data, held = make_data(root / "train.jsonl", EXAMPLES, 0), make_data(root / "held.jsonl", 48, 1)
-        lengths = [len(ids) for ids in encode(read_dataset(data), "causal-lm", load_tokenizer(str(model)),
-                                              MAX_LENGTH).input_ids]
+        lengths = [
+            len(ids)
+            for ids in encode(read_dataset(data), "causal-lm", load_tokenizer(str(model)), MAX_LENGTH).input_ids
+        ]
         # Also packed rows at a batch size that gives about as many optimizer steps as unpacked:
         # what packing changes besides taking fewer steps.
         rows = len(pack_lengths(lengths, MAX_LENGTH))
         batch_of = {UNPACKED: BATCH, PACKED: BATCH, SAME_STEPS: max(1, rows // (EXAMPLES // BATCH))}
-        share = {name: 1 - efficiency(lengths, size, packing_to=None if name == UNPACKED else MAX_LENGTH)
-                 for name, size in batch_of.items()}
+        share = {
+            name: 1 - efficiency(lengths, size, packing_to=None if name == UNPACKED else MAX_LENGTH)
+            for name, size in batch_of.items()
+        }
         times: dict[str, list[float]] = {name: [] for name in batch_of}  # the epoch's steps
         whole: dict[str, list[float]] = {name: [] for name in batch_of}  # the train() call
         steps: dict[str, int] = {}
         losses: dict[str, float] = {}
         for r in range(args.rounds):
-            for name in (list(batch_of) if r % 2 == 0 else list(batch_of)[::-1]):
-                config = RunConfig(model=str(model), data=str(data), eval_data=str(held), epochs=1,
-                                   batch_size=batch_of[name], max_length=MAX_LENGTH, packing=name != UNPACKED,
-                                   threads=args.threads, out=str(root / f"run-{r}-{name[-5:]}"))
+            for name in list(batch_of) if r % 2 == 0 else list(batch_of)[::-1]:
+                config = RunConfig(
+                    model=str(model),
+                    data=str(data),
+                    eval_data=str(held),
+                    epochs=1,
+                    batch_size=batch_of[name],
+                    max_length=MAX_LENGTH,
+                    packing=name != UNPACKED,
+                    threads=args.threads,
+                    out=str(root / f"run-{r}-{name[-5:]}"),
+                )
                 started, clock.steps = time.monotonic(), 0.0
                 summary = train(config, stream=io.StringIO())
                 whole[name].append(time.monotonic() - started)
                 times[name].append(clock.steps)
                 steps[name], losses[name] = summary["steps"], summary["after"]["loss"]
-                print(f"round {r + 1} {name:24s} {times[name][-1]:.1f} s in the steps, "
-                      f"{whole[name][-1]:.1f} s in all, {steps[name]} steps, "
-                      f"held-out loss {summary['before']['loss']:.4f} -> {losses[name]:.4f}", flush=True)
+                print(
+                    f"round {r + 1} {name:24s} {times[name][-1]:.1f} s in the steps, "
+                    f"{whole[name][-1]:.1f} s in all, {steps[name]} steps, "
+                    f"held-out loss {summary['before']['loss']:.4f} -> {losses[name]:.4f}",
+                    flush=True,
+                )
     ratios = {name: [t / u for t, u in zip(times[name], times[UNPACKED])] for name in (PACKED, SAME_STEPS)}
     whole_ratio = statistics.median(p / u for p, u in zip(whole[PACKED], whole[UNPACKED]))
     machine["load"] = f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after (1-min load average)"
-    result = {"ratios": ratios, "times": times, "steps": steps, "padding": share, "losses": losses,
-              "batch": batch_of, "tokens": sum(lengths), "long": sum(n > 200 for n in lengths),
-              "unsorted": unsorted_padding(lengths, BATCH), "whole": whole, "whole_ratio": whole_ratio}
+    result = {
+        "ratios": ratios,
+        "times": times,
+        "steps": steps,
+        "padding": share,
+        "losses": losses,
+        "batch": batch_of,
+        "tokens": sum(lengths),
+        "long": sum(n > 200 for n in lengths),
+        "unsorted": unsorted_padding(lengths, BATCH),
+        "whole": whole,
+        "whole_ratio": whole_ratio,
+    }
     text = markdown(result, machine, args)
     print(text)
     out = Path(args.out or ROOT / "BENCHMARKS.md")
@@ -175,21 +209,24 @@ def markdown(r: dict, m: dict, args: argparse.Namespace) -> str:
         "| --- |" + " --- |" * len(names),
         "| `--batch-size` | " + " | ".join(str(r["batch"][n]) for n in names) + " |",
         "| wall time of the epoch's steps (median) | "
-        + " | ".join(f"{statistics.median(r['times'][n]):.2f} s" for n in names) + " |",
+        + " | ".join(f"{statistics.median(r['times'][n]):.2f} s" for n in names)
+        + " |",
         "| steps' time / unpacked (median of the rounds) | 1 | "
-        + " | ".join(f"{statistics.median(r['ratios'][n]):.2f}" for n in names[1:]) + " |",
+        + " | ".join(f"{statistics.median(r['ratios'][n]):.2f}" for n in names[1:])
+        + " |",
         "| optimizer steps | " + " | ".join(str(r["steps"][n]) for n in names) + " |",
         "| padding share of processed tokens | " + " | ".join(f"{r['padding'][n]:.1%}" for n in names) + " |",
         "| wall time of the whole `train()` call (median) | "
-        + " | ".join(f"{statistics.median(r['whole'][n]):.1f} s" for n in names) + " |",
+        + " | ".join(f"{statistics.median(r['whole'][n]):.1f} s" for n in names)
+        + " |",
         "| held-out loss after the epoch | " + " | ".join(f"{r['losses'][n]:.4f}" for n in names) + " |",
     ]
     per_round = ", ".join(f"{x:.2f}" for x in r["ratios"][PACKED])
     return f"""## Packing (`python bench/packing.py`)
 
-Written {m['date']}. {m['machine']}; {m['software']}; {m['run']}; machine load {m['load']}.
+Written {m["date"]}. {m["machine"]}; {m["software"]}; {m["run"]}; machine load {m["load"]}.
 
-{EXAMPLES} prompt/completion examples of random words ({r['tokens']:,} tokens; {r['long']} of about
+{EXAMPLES} prompt/completion examples of random words ({r["tokens"]:,} tokens; {r["long"]} of about
 250 tokens, the rest 10 to 30), 48 held out; a tiny random Llama (4 layers, hidden 256, GQA), rank 8
 on the attention projections, --max-length {MAX_LENGTH}, one epoch; `--batch-size` counts examples
 unpacked and rows of up to {MAX_LENGTH} tokens packed, so the third column packs at a batch size
@@ -199,12 +236,12 @@ alternating order; the whole call (loading the model, tokenizing, checking that 
 packed examples apart, evaluating before and after) is shown too. Unpacked batches are already
 sorted by length within pools of 50 batches (training/loop.py), so their padding is what that
 sorting leaves; in a plain shuffled order, batches of {BATCH} padded to their longest example would
-be {r['unsorted']:.0%} padding on this data (computed, not run).
+be {r["unsorted"]:.0%} padding on this data (computed, not run).
 
 {chr(10).join(table)}
 
 `--packing` / unpacked wall time of the epoch: **{ratio:.2f}** (target <= {TARGET}: {verdict}; per round
-{per_round}); of the whole `train()` call: {r['whole_ratio']:.2f}.
+{per_round}); of the whole `train()` call: {r["whole_ratio"]:.2f}.
 """
 
 

@@ -44,8 +44,13 @@ from sections import write_section  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 TIMED = ["lora fp32", "qlora nf4 lorakit", "qlora nf4 peft", "qlora nf4 bf16 lorakit", "qlora nf4 bf16 peft"]
 CKPT = Q.CHECKPOINTED
-MEMORY = ["lora bf16", "qlora nf4 bf16 lorakit", "lora bf16" + CKPT, "qlora nf4 bf16 lorakit" + CKPT,
-          "qlora nf4 bf16 peft" + CKPT]
+MEMORY = [
+    "lora bf16",
+    "qlora nf4 bf16 lorakit",
+    "lora bf16" + CKPT,
+    "qlora nf4 bf16 lorakit" + CKPT,
+    "qlora nf4 bf16 peft" + CKPT,
+]
 STEPS = 3
 
 
@@ -53,15 +58,27 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small batches, 2 repetitions, no CLI runs, no file written")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per case (default 5, quick 2)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1: on a shared "
-                                                           "machine far less noisy than all cores)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per process (default 1: on a shared machine far less noisy than all cores)",
+    )
     ap.add_argument("--models", default=",".join(Q.MODELS), help="comma-separated subset of " + ",".join(Q.MODELS))
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-accuracy", action="store_true", help="skip the `lorakit train` runs")
-    ap.add_argument("--train-threads", type=int, default=None, help="--threads of the `lorakit train` runs "
-                                                                   "(default: theirs, all cores)")
-    ap.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1, 2],
-                    help="--seed of the `lorakit train` runs (default 0,1,2; 0 is the default run)")
+    ap.add_argument(
+        "--train-threads",
+        type=int,
+        default=None,
+        help="--threads of the `lorakit train` runs (default: theirs, all cores)",
+    )
+    ap.add_argument(
+        "--seeds",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[0, 1, 2],
+        help="--seed of the `lorakit train` runs (default 0,1,2; 0 is the default run)",
+    )
     ap.add_argument("--out", default=None, help="markdown file (default BENCHMARKS.md; --quick: none)")
     ap.add_argument("--memory-case", nargs=3, metavar=("MODEL", "CASE", "QUICK"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -86,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         res["times"] = time_cases(Q.training_cases(name, shape, TIMED), reps, "cpu", warmup=1)
         gc.collect()
         for case in TIMED:
-            print(f"  {case:26s} {med(res['times'][case]) * 1e3:9.1f} ms ({spread(res['times'][case]):.0f}%)", flush=True)
+            print(
+                f"  {case:26s} {med(res['times'][case]) * 1e3:9.1f} ms ({spread(res['times'][case]):.0f}%)", flush=True
+            )
         res["memory"] = {} if args.no_memory else memory_cases(name, threads, args.quick)
         results[name] = res
     accuracy = {} if (args.quick or args.no_accuracy) else cli_accuracy(args.train_threads, args.seeds)
@@ -149,8 +168,10 @@ def memory_cases(name: str, threads: int, quick: bool) -> dict[str, dict[str, fl
             print(done.stderr[-2000:], file=sys.stderr)
             raise SystemExit(f"memory measurement of {name} / {case} failed")
         found[case] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"  memory {case:26s} peak {found[case]['peak_mb']:8.1f} MB (model {found[case]['model_mb']:.1f} MB)",
-              flush=True)
+        print(
+            f"  memory {case:26s} peak {found[case]['peak_mb']:8.1f} MB (model {found[case]['model_mb']:.1f} MB)",
+            flush=True,
+        )
     return found
 
 
@@ -168,16 +189,23 @@ def cli_accuracy(threads: int | None, seeds: list[int]) -> dict[tuple[str, int],
                 out = Path(tmp) / f"{label.replace(' ', '_')}_{seed}"
                 cmd = [sys.executable, "-m", *command.split(), "--out", str(out)]
                 start = time.time()
-                done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                                      env=dict(os.environ, HF_HUB_OFFLINE="1"))
+                done = subprocess.run(
+                    cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1")
+                )
                 if done.returncode != 0:
                     print(done.stderr[-2000:], file=sys.stderr)
                     raise SystemExit(f"{command} failed")
                 after = re.search(r"after training: held-out accuracy ([\d.]+)%", done.stdout)
-                found[label, seed] = {"accuracy": float(after.group(1)) / 100, "seconds": time.time() - start,
-                                      "command": command}
-                print(f"  {command}: held-out accuracy {found[label, seed]['accuracy']:.2%} in "
-                      f"{found[label, seed]['seconds']:.0f} s", flush=True)
+                found[label, seed] = {
+                    "accuracy": float(after.group(1)) / 100,
+                    "seconds": time.time() - start,
+                    "command": command,
+                }
+                print(
+                    f"  {command}: held-out accuracy {found[label, seed]['accuracy']:.2%} in "
+                    f"{found[label, seed]['seconds']:.0f} s",
+                    flush=True,
+                )
     return found
 
 
@@ -221,8 +249,10 @@ def markdown(results: dict, accuracy: dict, m: dict[str, str], reps: int, argv: 
     for name, res in results.items():
         lines += _case_table(name, res)
     if accuracy:
-        lines += ["Held-out accuracy (the real command line, 300 steps, 400 held-out sentences; one sentence is "
-                  "0.25%):", ""]
+        lines += [
+            "Held-out accuracy (the real command line, 300 steps, 400 held-out sentences; one sentence is 0.25%):",
+            "",
+        ]
         lines += [f"- `{a['command']}`: {a['accuracy']:.2%} ({a['seconds']:.0f} s)" for a in accuracy.values()]
         lines.append("")
     return "\n".join(lines)
@@ -232,17 +262,23 @@ def _accuracy_rows(accuracy: dict[tuple[str, int], dict]) -> list[str]:
     """The default run (seed 0) with --quantize nf4 (and --loftq) against without, then the mean over seeds."""
     seeds = sorted({seed for _, seed in accuracy})
     rows = []
-    for label, what, target in (("lorakit train --quantize nf4", "`--quantize nf4`", ">= 0.99"),
-                                ("lorakit train --quantize nf4 --loftq", "`--quantize nf4 --loftq`", "(>= 0.99)")):
+    for label, what, target in (
+        ("lorakit train --quantize nf4", "`--quantize nf4`", ">= 0.99"),
+        ("lorakit train --quantize nf4 --loftq", "`--quantize nf4 --loftq`", "(>= 0.99)"),
+    ):
         if 0 in seeds:
             plain, quant = accuracy["lorakit train", 0]["accuracy"], accuracy[label, 0]["accuracy"]
-            rows.append(f"| MiniLM, default run | held-out accuracy with {what} / without | {target} | "
-                        f"{quant / plain:.4f} ({quant:.2%} / {plain:.2%}) |")
+            rows.append(
+                f"| MiniLM, default run | held-out accuracy with {what} / without | {target} | "
+                f"{quant / plain:.4f} ({quant:.2%} / {plain:.2%}) |"
+            )
         if len(seeds) > 1:
             plain = sum(accuracy["lorakit train", s]["accuracy"] for s in seeds) / len(seeds)
             quant = sum(accuracy[label, s]["accuracy"] for s in seeds) / len(seeds)
-            rows.append(f"| MiniLM, default run, mean over seeds {','.join(map(str, seeds))} | held-out accuracy "
-                        f"with {what} / without | {target} | {quant / plain:.4f} ({quant:.2%} / {plain:.2%}) |")
+            rows.append(
+                f"| MiniLM, default run, mean over seeds {','.join(map(str, seeds))} | held-out accuracy "
+                f"with {what} / without | {target} | {quant / plain:.4f} ({quant:.2%} / {plain:.2%}) |"
+            )
     return rows
 
 
@@ -253,30 +289,44 @@ def _target_rows(name: str, res: dict) -> list[str]:
     if mem:
         for suffix, how in (("", ""), (CKPT, ", both with gradient checkpointing")):
             peak = mem["qlora nf4 bf16 lorakit" + suffix]["peak_mb"] / mem["lora bf16" + suffix]["peak_mb"]
-            rows.append(f"| {name} | peak memory of a QLoRA training step / a bf16 LoRA step{how} | <= 0.45 | "
-                        f"{peak:.3f} |")
-    rows.append(f"| {name} | QLoRA step / fp32 LoRA step (fp32 compute) | report; aim <= 1.3 | "
-                f"{paired(t['qlora nf4 lorakit'], t['lora fp32']):.3f} |")
-    rows.append(f"| {name} | QLoRA step / fp32 LoRA step (bf16 compute) | report | "
-                f"{paired(t['qlora nf4 bf16 lorakit'], t['lora fp32']):.3f} |")
-    rows.append(f"| {name} | lorakit QLoRA step / PEFT QLoRA step, same 4-bit base (fp32 compute) | <= 0.85 | "
-                f"{paired(t['qlora nf4 lorakit'], t['qlora nf4 peft']):.3f} |")
-    rows.append(f"| {name} | lorakit QLoRA step / PEFT QLoRA step, same 4-bit base (bf16 compute) | <= 0.85 | "
-                f"{paired(t['qlora nf4 bf16 lorakit'], t['qlora nf4 bf16 peft']):.3f} |")
+            rows.append(
+                f"| {name} | peak memory of a QLoRA training step / a bf16 LoRA step{how} | <= 0.45 | {peak:.3f} |"
+            )
+    rows.append(
+        f"| {name} | QLoRA step / fp32 LoRA step (fp32 compute) | report; aim <= 1.3 | "
+        f"{paired(t['qlora nf4 lorakit'], t['lora fp32']):.3f} |"
+    )
+    rows.append(
+        f"| {name} | QLoRA step / fp32 LoRA step (bf16 compute) | report | "
+        f"{paired(t['qlora nf4 bf16 lorakit'], t['lora fp32']):.3f} |"
+    )
+    rows.append(
+        f"| {name} | lorakit QLoRA step / PEFT QLoRA step, same 4-bit base (fp32 compute) | <= 0.85 | "
+        f"{paired(t['qlora nf4 lorakit'], t['qlora nf4 peft']):.3f} |"
+    )
+    rows.append(
+        f"| {name} | lorakit QLoRA step / PEFT QLoRA step, same 4-bit base (bf16 compute) | <= 0.85 | "
+        f"{paired(t['qlora nf4 bf16 lorakit'], t['qlora nf4 bf16 peft']):.3f} |"
+    )
     return rows
 
 
 def _case_table(name: str, res: dict) -> list[str]:
     s = res["shape"]
-    lines = [f"### {name}: batch {s.batch} x length {s.seq}", "", "| case | step ms (+-%) | peak MB (model MB) |",
-             "| --- | --- | --- |"]
+    lines = [
+        f"### {name}: batch {s.batch} x length {s.seq}",
+        "",
+        "| case | step ms (+-%) | peak MB (model MB) |",
+        "| --- | --- | --- |",
+    ]
     for case in dict.fromkeys(TIMED + MEMORY):
         tm = f"{med(res['times'][case]) * 1e3:.1f} ({spread(res['times'][case]):.0f}%)" if case in res["times"] else ""
         mm = res["memory"].get(case)
         mm = f"{mm['peak_mb']:.0f} ({mm['model_mb']:.0f})" if mm else ""
         lines.append(f"| {case} | {tm} | {mm} |")
-    bytes_ = "; ".join(f"{k} {q / 2**20:.1f} MiB ({q / b:.3f} of bf16's {b / 2**20:.1f} MiB)"
-                       for k, (q, b) in res["bytes"].items())
+    bytes_ = "; ".join(
+        f"{k} {q / 2**20:.1f} MiB ({q / b:.3f} of bf16's {b / 2**20:.1f} MiB)" for k, (q, b) in res["bytes"].items()
+    )
     return lines + ["", f"Quantized weights: {bytes_}.", ""]
 
 

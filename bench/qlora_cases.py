@@ -11,9 +11,10 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-import cases as C
 import torch
 from torch import nn
+
+import cases as C
 
 RANK, TARGETS = 8, "all-linear"  # QLoRA adapts every linear layer
 
@@ -51,9 +52,16 @@ def base_model(name: str) -> nn.Module:
 
         # 268M of the 277M parameters in the decoder's linear layers; input and output embeddings
         # tied, as in the small Llama-family models (Llama 3.2 1B, Qwen2.5 0.5B).
-        config = LlamaConfig(vocab_size=8192, hidden_size=1024, intermediate_size=4096, num_hidden_layers=16,
-                             num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=512,
-                             tie_word_embeddings=True)
+        config = LlamaConfig(
+            vocab_size=8192,
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=16,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+        )
         return LlamaForCausalLM(config)
     return C.load_model("minilm", "cpu", torch.float32)
 

@@ -28,10 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402
-from sections import write_section  # noqa: E402
-
 from lorakit.training.data import examples as data_mod  # noqa: E402
 from lorakit.training.prepare import SPLIT_SEED  # noqa: E402
+from sections import write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,8 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help="comma-separated subset of the variants (prints only)")
     ap.add_argument("--out", default=None, help="markdown file (default BENCHMARKS.md)")
     ap.add_argument("--threads", type=int, default=None, help="--threads of every run (default: lorakit's)")
-    ap.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1; on a loaded machine two "
-                    "one-thread runs waste less than one two-thread run)")
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at a time (default 1; on a loaded machine two one-thread runs waste less than one two-thread run)",
+    )
     args = ap.parse_args(argv)
     chosen = {k: v for k, v in VARIANTS.items() if not args.only or k in args.only.split(",")}
     threads = args.threads or os.cpu_count() or 1
@@ -90,19 +93,36 @@ def measure(chosen: dict[str, list[str]], tmp: Path, jobs: int, threads: int | N
     sweep_data = write_training_split(tmp / "training-split.jsonl")
     folder = {name: tmp / re.sub(r"[^A-Za-z0-9]+", "-", name) for name in chosen}
     with ThreadPoolExecutor(jobs) as pool:
+
         def run(name: str, options: list[str], out: str) -> Future:
             return pool.submit(run_one, name, options, folder[name] / out, threads)
 
         sweep = ["--data", sweep_data, "--epochs", str(SWEEP_EPOCHS)]
-        sweeps = {(name, lr): run(name, [*options, *sweep, "--lr", lr], f"sweep-{lr}")
-                  for name, options in chosen.items() for lr in GRID}
+        sweeps = {
+            (name, lr): run(name, [*options, *sweep, "--lr", lr], f"sweep-{lr}")
+            for name, options in chosen.items()
+            for lr in GRID
+        }
         default = {name: run(name, options, "default") for name, options in chosen.items()}
-        best = {name: max(GRID, key=lambda lr, n=name: (sweeps[n, lr].result()["accuracy"],
-                                                         -sweeps[n, lr].result()["loss"])) for name in chosen}
-        swept = {name: default[name] if best[name] == DEFAULT_LR
-                 else run(name, [*options, "--lr", best[name]], "swept") for name, options in chosen.items()}
-        return [dict(default[n].result(), sweep={lr: sweeps[n, lr].result()["accuracy"] for lr in GRID},
-                     best_lr=best[n], swept=swept[n].result()) for n in chosen]
+        best = {
+            name: max(
+                GRID, key=lambda lr, n=name: (sweeps[n, lr].result()["accuracy"], -sweeps[n, lr].result()["loss"])
+            )
+            for name in chosen
+        }
+        swept = {
+            name: default[name] if best[name] == DEFAULT_LR else run(name, [*options, "--lr", best[name]], "swept")
+            for name, options in chosen.items()
+        }
+        return [
+            dict(
+                default[n].result(),
+                sweep={lr: sweeps[n, lr].result()["accuracy"] for lr in GRID},
+                best_lr=best[n],
+                swept=swept[n].result(),
+            )
+            for n in chosen
+        ]
 
 
 def run_one(name: str, options: list[str], out: Path, threads: int | None) -> dict:
@@ -122,32 +142,47 @@ def run_one(name: str, options: list[str], out: Path, threads: int | None) -> di
         raise SystemExit(f"{name}: lorakit train failed:\n{errors.read_text()[-2000:]}")
     evals = [m["eval"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval" in m]
     trainable = next(line for line in log.read_text().splitlines() if line.startswith("trainable parameters"))
-    print(f"{name:18s} {' '.join(options[-2:]) if '--lr' in options else 'lr ' + DEFAULT_LR:>10s} "
-          f"{'sweep' if '--data' in options else 'full '}: accuracy {evals[-1]['accuracy']:.2%}  "
-          f"({seconds:.0f} s wall, {cpu:.0f} s CPU)", flush=True)
-    return {"name": name, "options": " ".join(options), "accuracy": evals[-1]["accuracy"], "loss": evals[-1]["loss"],
-            "before": evals[0]["accuracy"], "epochs": [e["accuracy"] for e in evals[1:]], "seconds": seconds, "cpu": cpu,
-            "trainable": trainable.split(":", 1)[1].split(" of ")[0].strip()}
+    print(
+        f"{name:18s} {' '.join(options[-2:]) if '--lr' in options else 'lr ' + DEFAULT_LR:>10s} "
+        f"{'sweep' if '--data' in options else 'full '}: accuracy {evals[-1]['accuracy']:.2%}  "
+        f"({seconds:.0f} s wall, {cpu:.0f} s CPU)",
+        flush=True,
+    )
+    return {
+        "name": name,
+        "options": " ".join(options),
+        "accuracy": evals[-1]["accuracy"],
+        "loss": evals[-1]["loss"],
+        "before": evals[0]["accuracy"],
+        "epochs": [e["accuracy"] for e in evals[1:]],
+        "seconds": seconds,
+        "cpu": cpu,
+        "trainable": trainable.split(":", 1)[1].split(" of ")[0].strip(),
+    }
 
 
 def markdown(rows: list[dict], m: dict) -> str:
     grid = ", ".join(GRID)
-    lines = [f"| variant | `lorakit train` options | held-out accuracy at lr {DEFAULT_LR} | sweep: "
-             f"validation accuracy at lr {grid} | chosen lr | held-out accuracy at the chosen lr | held-out "
-             "loss at the chosen lr | accuracy after epochs 1, 2, 3 at the chosen lr | trainable parameters "
-             "| wall time | CPU time |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"| variant | `lorakit train` options | held-out accuracy at lr {DEFAULT_LR} | sweep: "
+        f"validation accuracy at lr {grid} | chosen lr | held-out accuracy at the chosen lr | held-out "
+        "loss at the chosen lr | accuracy after epochs 1, 2, 3 at the chosen lr | trainable parameters "
+        "| wall time | CPU time |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         s = r["swept"]
         per_epoch = ", ".join(f"{a:.2%}" for a in s["epochs"])
         sweep = ", ".join(f"{r['sweep'][lr]:.2%}" for lr in GRID)
-        lines.append(f"| {r['name']} | `{r['options'] or '(none)'}` | {r['accuracy']:.2%} | {sweep} | "
-                     f"{r['best_lr']} | {s['accuracy']:.2%} | {s['loss']:.4f} | {per_epoch} | "
-                     f"{r['trainable']} | {r['seconds']:.0f} s | {r['cpu']:.0f} s |")
+        lines.append(
+            f"| {r['name']} | `{r['options'] or '(none)'}` | {r['accuracy']:.2%} | {sweep} | "
+            f"{r['best_lr']} | {s['accuracy']:.2%} | {s['loss']:.4f} | {per_epoch} | "
+            f"{r['trainable']} | {r['seconds']:.0f} s | {r['cpu']:.0f} s |"
+        )
     return f"""## Variants: quality on the bundled task (`python bench/quality.py`)
 
-Written {m['date']}. {m['machine']}; {m['software']}; one `lorakit train` process per run,
-{m['runs']}; machine load {m['load']}.
+Written {m["date"]}. {m["machine"]}; {m["software"]}; one `lorakit train` process per run,
+{m["runs"]}; machine load {m["load"]}.
 
 Every row is the default run, `lorakit train` (bundled all-MiniLM-L6-v2 as a two-class sentence
 classifier, the bundled 2,000 review sentences with the fixed 400 held out, 3 epochs of batch 16,
@@ -177,18 +212,27 @@ def _notes(rows: list[dict]) -> str:
         if r["accuracy"] <= r["before"]:
             why = ""
             if "--loraplus-ratio" in r["options"]:
-                why = (f" Its B factors step at {r['options'].split()[-1]} x the default peak lr of 1e-3, which was "
-                       "chosen for plain LoRA (LoRA+'s paper tunes the base rate and the ratio together).")
+                why = (
+                    f" Its B factors step at {r['options'].split()[-1]} x the default peak lr of 1e-3, which was "
+                    "chosen for plain LoRA (LoRA+'s paper tunes the base rate and the ratio together)."
+                )
             if "--rslora" in r["options"]:
-                why = (" rsLoRA scales the update by alpha / sqrt(rank) = 16 / sqrt(8) = 5.7 instead of alpha / rank "
-                       "= 2, so at the same lr its steps are 2.8 x larger; the default lr was chosen for plain LoRA "
-                       "(with rsLoRA one lowers alpha or the lr).")
+                why = (
+                    " rsLoRA scales the update by alpha / sqrt(rank) = 16 / sqrt(8) = 5.7 instead of alpha / rank "
+                    "= 2, so at the same lr its steps are 2.8 x larger; the default lr was chosen for plain LoRA "
+                    "(with rsLoRA one lowers alpha or the lr)."
+                )
             s = r["swept"]
-            then = (f" At lr {r['best_lr']}, the sweep's choice, it reaches {s['accuracy']:.2%}."
-                    if s["accuracy"] > s["before"] else " No rate of the sweep's grid made it learn.")
+            then = (
+                f" At lr {r['best_lr']}, the sweep's choice, it reaches {s['accuracy']:.2%}."
+                if s["accuracy"] > s["before"]
+                else " No rate of the sweep's grid made it learn."
+            )
             held = f"held-out accuracy {r['accuracy']:.2%} after training, {r['before']:.2%} before"
-            notes.append(f"\n{r['name']} did not learn at lr {DEFAULT_LR}: {held} (`lorakit train` says so "
-                         f"in its last lines).{why}{then}\n")
+            notes.append(
+                f"\n{r['name']} did not learn at lr {DEFAULT_LR}: {held} (`lorakit train` says so "
+                f"in its last lines).{why}{then}\n"
+            )
     return "".join(notes)
 
 

@@ -30,7 +30,7 @@ LIVE = [
 
 # What the figures mean for the targets; kept next to the code that prints them.
 NOTES = """\
-How lorakit's fast path (src/lorakit/fused.py) gets there: one autograd node per adapted
+How lorakit's fast path (src/lorakit/layers/fused.py) gets there: one autograd node per adapted
 linear; with many tokens in float32 the dropout-free adapters are folded into the weight for
 the one matmul (W + s B A, rebuilt on each call and never kept, the base weight never
 written); otherwise the rank-r product is accumulated in place with the scaling on the
@@ -51,24 +51,29 @@ WHY = {
         "memory bandwidth, which torch on a CPU cannot fuse into the base matmul. Measured in "
         "the model and no faster: stacking [W; A] and [W | B] into one matmul, token-chunked "
         "passes that stay in cache, and the unfolded path (an in-place pass over the output "
-        "instead of forming W + sBA)."),
+        "instead of forming W + sBA)."
+    ),
     "training step, lorakit / PEFT": (
         "PEFT's own overhead over the floor is smaller in this run than the issue's 1.45 (first "
         "row), so the same lorakit step is a larger fraction of it; of PEFT's time above the "
-        "floor, lorakit removes {removed:.0%}."),
+        "floor, lorakit removes {removed:.0%}."
+    ),
     "unmerged inference / base model": (
         "The remaining cost is forming W + sBA per call (a weight-sized write) and the Python "
-        "of one more call per layer; compare the spread of the base and unmerged timings."),
+        "of one more call per layer; compare the spread of the base and unmerged timings."
+    ),
     "merged inference / base model": (
         "A merged layer runs exactly the base layer's matmul plus one Python call, so a figure "
         "below 1 is the base case's own timing noise: PEFT's merged model, the same computation, "
-        "shows it too."),
+        "shows it too."
+    ),
     "live: peak memory / PEFT's": (
         "With every freed block returned to the OS, PEFT's kept tensors are close to what the "
         "math needs (x and x A^T per layer); its surplus in the resident-set figure, which the "
         "target is met on, is allocator retention from the full-size temporaries it creates "
         "(B A x, its scaled copy, the sum), which the fast path does not create. lorakit's "
-        "smaller live figure comes from keeping GELU's input instead of its output."),
+        "smaller live figure comes from keeping GELU's input instead of its output."
+    ),
 }
 
 
@@ -81,8 +86,10 @@ def misses(res: dict) -> str:
     for name, target, ok in TARGETS + LIVE:
         if name in r and not ok(r[name]["lorakit"]):
             why = WHY.get(name, "").format(removed=removed)
-            lines.append(f"- {name}: {r[name]['lorakit']:.3f} (target {target.strip('()')}; PEFT "
-                         f"{r[name]['peft']:.3f} in the same run). {why}")
+            lines.append(
+                f"- {name}: {r[name]['lorakit']:.3f} (target {target.strip('()')}; PEFT "
+                f"{r[name]['peft']:.3f} in the same run). {why}"
+            )
     return "Missed in this run:\n\n" + "\n".join(lines) if lines else "Every target is met in this run."
 
 
@@ -143,25 +150,36 @@ def ratios(res: dict, label: str) -> dict[str, dict[str, float | None]]:
     out = {
         "training step / floor": {"lorakit": paired(ours, t["floor"]), "peft": paired(theirs, t["floor"])},
         "training step, lorakit / PEFT": {"lorakit": paired(ours, theirs), "peft": 1.0},
-        "LoRA training step / full fine-tuning step": {"lorakit": paired(ours, t["full"]),
-                                                       "peft": paired(theirs, t["full"]),
-                                                       "bound": paired(t["floor"], t["full"])},
-        "unmerged inference / base model": {"lorakit": paired(i[f"lorakit {label}"], base),
-                                            "peft": paired(i[f"peft {label}"], base)},
-        "merged inference / base model": {"lorakit": paired(i[f"lorakit-merged {label}"], base),
-                                          "peft": paired(i[f"peft-merged {label}"], base)},
+        "LoRA training step / full fine-tuning step": {
+            "lorakit": paired(ours, t["full"]),
+            "peft": paired(theirs, t["full"]),
+            "bound": paired(t["floor"], t["full"]),
+        },
+        "unmerged inference / base model": {
+            "lorakit": paired(i[f"lorakit {label}"], base),
+            "peft": paired(i[f"peft {label}"], base),
+        },
+        "merged inference / base model": {
+            "lorakit": paired(i[f"lorakit-merged {label}"], base),
+            "peft": paired(i[f"peft-merged {label}"], base),
+        },
     }
     live = res.get("memory_live") or {}
     if live:
-        out["live: peak memory / floor's"] = {"lorakit": live[f"lorakit {label}"] / live["floor"],
-                                              "peft": live[f"peft {label}"] / live["floor"]}
-        out["live: peak memory / PEFT's"] = {"lorakit": live[f"lorakit {label}"] / live[f"peft {label}"],
-                                             "peft": 1.0}
+        out["live: peak memory / floor's"] = {
+            "lorakit": live[f"lorakit {label}"] / live["floor"],
+            "peft": live[f"peft {label}"] / live["floor"],
+        }
+        out["live: peak memory / PEFT's"] = {"lorakit": live[f"lorakit {label}"] / live[f"peft {label}"], "peft": 1.0}
     if m:
-        out["peak memory of a training step / floor's"] = {"lorakit": m[f"lorakit {label}"] / m["floor"],
-                                                          "peft": m[f"peft {label}"] / m["floor"]}
-        out["peak memory of a training step / PEFT's"] = {"lorakit": m[f"lorakit {label}"] / m[f"peft {label}"],
-                                                         "peft": 1.0}
+        out["peak memory of a training step / floor's"] = {
+            "lorakit": m[f"lorakit {label}"] / m["floor"],
+            "peft": m[f"peft {label}"] / m["floor"],
+        }
+        out["peak memory of a training step / PEFT's"] = {
+            "lorakit": m[f"lorakit {label}"] / m[f"peft {label}"],
+            "peft": 1.0,
+        }
     return out
 
 
@@ -169,8 +187,12 @@ def targets_table(res: dict) -> str:
     label = MAIN if f"lorakit {MAIN}" in res["train"] else res["setting"].variants[0].label
     r = ratios(res, label)
     s = res["setting"]
-    lines = [f"Targets: {s.name} (batch {s.batch} x length {s.seq}), {label}", "",
-             "| measure | target | lorakit | met | PEFT, same run |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        f"Targets: {s.name} (batch {s.batch} x length {s.seq}), {label}",
+        "",
+        "| measure | target | lorakit | met | PEFT, same run |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for name, target, ok in TARGETS + LIVE:
         if name not in r:
             if (name, target, ok) in TARGETS:
@@ -178,15 +200,21 @@ def targets_table(res: dict) -> str:
             continue
         x = r[name]
         extra = f" (bound floor/full {x['bound']:.2f})" if "bound" in x else ""
-        lines.append(f"| {name} | {target} | {x['lorakit']:.3f}{extra} | {'yes' if ok(x['lorakit']) else 'NO'} "
-                     f"| {x['peft']:.3f} |")
+        lines.append(
+            f"| {name} | {target} | {x['lorakit']:.3f}{extra} | {'yes' if ok(x['lorakit']) else 'NO'} "
+            f"| {x['peft']:.3f} |"
+        )
     return "\n".join(lines)
 
 
 def setting_tables(res: dict) -> str:
     s = res["setting"]
-    lines = [f"### {s.name}: {s.model}, batch {s.batch} x length {s.seq}", "",
-             "| case | training step ms (+-%) | peak MB | inference ms (+-%) |", "| --- | --- | --- | --- |"]
+    lines = [
+        f"### {s.name}: {s.model}, batch {s.batch} x length {s.seq}",
+        "",
+        "| case | training step ms (+-%) | peak MB | inference ms (+-%) |",
+        "| --- | --- | --- | --- |",
+    ]
     t, i, m = res["train"], res["infer"], res["memory"]
     names = list(t) + [n for n in i if n not in t]
     for n in names:
@@ -200,8 +228,12 @@ def setting_tables(res: dict) -> str:
         if n == "base":
             continue
         lines.append(f"| {n} | {tm} | {mm} | {im} |")
-    lines += ["", "| variant | step / floor | step / PEFT's | step / full | unmerged inf. / base | merged inf. / base "
-              "| memory / floor's | memory / PEFT's |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "| variant | step / floor | step / PEFT's | step / full | unmerged inf. / base | merged inf. / base "
+        "| memory / floor's | memory / PEFT's |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for v in s.variants:
         r = ratios(res, v.label)
         cells = []
@@ -212,9 +244,14 @@ def setting_tables(res: dict) -> str:
                 cells.append("")
         lines.append(f"| {v.label} | " + " | ".join(cells) + " |")
     if res["files"]:
-        lines += ["", f"Adapter file ({s.variants[0].label}): "
-                  + "; ".join(f"{lib} save {f['save_ms']:.1f} ms, load {f['load_ms']:.1f} ms, {f['size_kb']:.0f} KiB"
-                              for lib, f in res["files"].items())]
+        lines += [
+            "",
+            f"Adapter file ({s.variants[0].label}): "
+            + "; ".join(
+                f"{lib} save {f['save_ms']:.1f} ms, load {f['load_ms']:.1f} ms, {f['size_kb']:.0f} KiB"
+                for lib, f in res["files"].items()
+            ),
+        ]
     if res["checks"]:
         lines += ["", "Same results: " + "; ".join(f"{k} {v:.1e}" for k, v in res["checks"].items())]
     return "\n".join(lines)
@@ -229,14 +266,15 @@ def markdown(results: list[dict], m: dict[str, str], reps: int, argv: list[str])
     shown = [a for i, a in enumerate(argv) if a != "--out" and (i == 0 or argv[i - 1] != "--out")]
     cmd = "python bench/run.py" + ("" if not shown else " " + " ".join(shown))
     NOTES_ = NOTES
-    return f"""# Benchmarks
+    return (
+        f"""# Benchmarks
 
-Written by `{cmd}` (`make bench`), {m['date']}.
+Written by `{cmd}` (`make bench`), {m["date"]}.
 
-- Machine: {m['machine']}
-- Software: {m['software']}
-- Run: {m['run']}; {reps} timed repetitions per training case, {2 * reps} per inference case, interleaved,
-  after 2 warm-up calls each; machine load {m['load']}; the run took {m['minutes']} minutes.
+- Machine: {m["machine"]}
+- Software: {m["software"]}
+- Run: {m["run"]}; {reps} timed repetitions per training case, {2 * reps} per inference case, interleaved,
+  after 2 warm-up calls each; machine load {m["load"]}; the run took {m["minutes"]} minutes.
 - Times are medians; the figure in parentheses is half the interquartile range, in percent. A time
   ratio is the median over rounds of the two cases' ratio within one round (each round runs every
   case once), so a slow spell of the machine falls on both sides of it.
@@ -262,4 +300,7 @@ Written by `{cmd}` (`make bench`), {m['date']}.
 
 ## All cases
 
-""" + "\n\n".join(setting_tables(r) for r in results) + "\n"
+"""
+        + "\n\n".join(setting_tables(r) for r in results)
+        + "\n"
+    )

@@ -59,9 +59,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.render:
         saved = json.loads(Path(args.render).read_text())
-        results = [dict(r, setting=C.Setting(**{**r["setting"], "variants": tuple(C.Variant(**v) for v in
-                                                                                 r["setting"]["variants"])}))
-                   for r in saved["results"]]
+        results = [
+            dict(
+                r,
+                setting=C.Setting(
+                    **{**r["setting"], "variants": tuple(C.Variant(**v) for v in r["setting"]["variants"])}
+                ),
+            )
+            for r in saved["results"]
+        ]
         out = Path(args.out or ROOT / "BENCHMARKS.md")
         write_section("core", report.markdown(results, saved["machine"], saved["reps"], saved["argv"]), out)
         print(f"wrote {out}")
@@ -100,8 +106,17 @@ def main(argv: list[str] | None = None) -> int:
     if out is not None:
         write_section("core", report.markdown(results, machine, reps, sys.argv[1:]), out)
         raw = out.with_suffix(".json")
-        raw.write_text(json.dumps({"machine": machine, "reps": reps, "argv": sys.argv[1:], "results": [
-            dict(r, setting=dataclasses.asdict(r["setting"])) for r in results]}, indent=1))
+        raw.write_text(
+            json.dumps(
+                {
+                    "machine": machine,
+                    "reps": reps,
+                    "argv": sys.argv[1:],
+                    "results": [dict(r, setting=dataclasses.asdict(r["setting"])) for r in results],
+                },
+                indent=1,
+            )
+        )
         print(f"\nwrote {out} (figures in {raw}; re-render with --render {raw})")
     return 0
 
@@ -210,7 +225,10 @@ def adapter_files(setting: C.Setting, device: str, dtype: torch.dtype) -> dict[s
 
         save_ours(), save_theirs()
         build = statistics.median(_timed(lambda: C.lorakit_model(base, v)) for _ in range(3))
-        for lib, save, load, folder in (("lorakit", save_ours, load_ours, mine), ("peft", save_theirs, load_theirs, other)):
+        for lib, save, load, folder in (
+            ("lorakit", save_ours, load_ours, mine),
+            ("peft", save_theirs, load_theirs, other),
+        ):
             t_save = statistics.median(_timed(save) for _ in range(5))
             t_load = statistics.median(_timed(load) for _ in range(5))
             if lib == "lorakit":
@@ -242,8 +260,19 @@ def memory_cases(setting: C.Setting, args, threads: int, live: bool) -> dict[str
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     found = {}
     for name in names:
-        cmd = [sys.executable, __file__, "--threads", str(threads), "--device", args.device, "--dtype", args.dtype,
-               "--memory-case", setting.name, name]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--threads",
+            str(threads),
+            "--device",
+            args.device,
+            "--dtype",
+            args.dtype,
+            "--memory-case",
+            setting.name,
+            name,
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
         if done.returncode != 0:
             print(done.stderr[-2000:], file=sys.stderr)

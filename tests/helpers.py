@@ -20,24 +20,62 @@ import torch
 # ---- tiny models ---------------------------------------------------------------------------
 
 # kind -> (config class, keyword arguments); every model is 2 blocks of width 32.
-_MOE = dict(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, num_experts_per_tok=2)
+_MOE = dict(
+    vocab_size=120,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    num_experts_per_tok=2,
+)
 MOE_KINDS = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss")
 _CONFIGS = {
-    "bert": ("BertConfig", dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                intermediate_size=64, max_position_embeddings=64)),
+    "bert": (
+        "BertConfig",
+        dict(
+            vocab_size=120,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        ),
+    ),
     "gpt2": ("GPT2Config", dict(vocab_size=120, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
-    "llama": ("LlamaConfig", dict(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)),
+    "llama": (
+        "LlamaConfig",
+        dict(
+            vocab_size=120,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        ),
+    ),
     # Mixture-of-Experts (Transformers 5: fused 3-D expert weights), 4 experts, top-2.
     "qwen3_moe": ("Qwen3MoeConfig", dict(_MOE, num_experts=4, moe_intermediate_size=16, head_dim=8)),
-    "qwen2_moe": ("Qwen2MoeConfig", dict(_MOE, num_experts=4, moe_intermediate_size=16,
-                                         shared_expert_intermediate_size=24)),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        dict(_MOE, num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24),
+    ),
     "mixtral": ("MixtralConfig", dict(_MOE, num_local_experts=4, head_dim=8)),
     "olmoe": ("OlmoeConfig", dict(_MOE, num_experts=4, pad_token_id=1, eos_token_id=2)),
-    "gpt_oss": ("GptOssConfig", dict(_MOE, num_local_experts=4, intermediate_size=16, head_dim=8,
-                                     layer_types=["full_attention", "sliding_attention"], sliding_window=8,
-                                     rope_parameters=dict(rope_type="default", rope_theta=10000.0))),
+    "gpt_oss": (
+        "GptOssConfig",
+        dict(
+            _MOE,
+            num_local_experts=4,
+            intermediate_size=16,
+            head_dim=8,
+            layer_types=["full_attention", "sliding_attention"],
+            sliding_window=8,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+        ),
+    ),
 }
 # (kind, head) -> model class; head "classify" is a sequence classifier, "base" the bare encoder.
 _CLASSES = {
@@ -183,20 +221,27 @@ def make_tokenizer(folder: Path):
 
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]",
-                                  bos_token="[BOS]", eos_token="[EOS]")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]"
+    )
     tok.save_pretrained(folder)
     return tok
 
 
 # Folder models: VOCAB-sized, no dropout, the tokenizer's special ids.
 _FOLDER_CONFIGS = {
-    "bert": dict(num_attention_heads=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0,
-                 initializer_range=0.2),
+    "bert": dict(
+        num_attention_heads=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=0,
+        initializer_range=0.2,
+    ),
     "llama": dict(pad_token_id=0, bos_token_id=2, eos_token_id=3),
     **{kind: dict(pad_token_id=0, bos_token_id=2, eos_token_id=3) for kind in MOE_KINDS},
-    "gpt2": dict(n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0, bos_token_id=2,
-                 eos_token_id=3),
+    "gpt2": dict(
+        n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0, bos_token_id=2, eos_token_id=3
+    ),
 }
 
 
@@ -214,12 +259,22 @@ def make_model(folder: Path, kind: str, seed: int = 0) -> Path:
 LABELS = ("neg", "pos")
 
 
-def make_adapter(base: Path, out: Path, task: str, seed: int, rank: int = 4, targets="all-linear",
-                 labels: tuple[str, ...] = LABELS, expert_layout: str = "fused", **config) -> Path:
+def make_adapter(
+    base: Path,
+    out: Path,
+    task: str,
+    seed: int,
+    rank: int = 4,
+    targets="all-linear",
+    labels: tuple[str, ...] = LABELS,
+    expert_layout: str = "fused",
+    **config,
+) -> Path:
     """An adapter folder on `base` with random nonzero weights (and, for a classifier, its own head);
     `config`: more LoraConfig fields (target_parameters)."""
     import lorakit
-    from lorakit.training.tasks import labels_json, load_model
+    from lorakit.training.base_model import load_model
+    from lorakit.training.labels import labels_json
 
     model = load_model(str(base), task, list(labels) if task == "classify" else None)
     saved = ["classifier"] if task == "classify" else []
@@ -231,9 +286,14 @@ def make_adapter(base: Path, out: Path, task: str, seed: int, rank: int = 4, tar
             for p in model.classifier.copies["default"].parameters():
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
     extra = {"labels.json": labels_json(list(labels))} if task == "classify" else None
-    lorakit.save_adapter(model, out, base_model_name_or_path=str(base),
-                         task_type="SEQ_CLS" if task == "classify" else "CAUSAL_LM", extra_files=extra,
-                         expert_layout=expert_layout)
+    lorakit.save_adapter(
+        model,
+        out,
+        base_model_name_or_path=str(base),
+        task_type="SEQ_CLS" if task == "classify" else "CAUSAL_LM",
+        extra_files=extra,
+        expert_layout=expert_layout,
+    )
     return out
 
 
@@ -261,8 +321,10 @@ def completion_rows(n: int, seed: int = 0) -> list[dict]:
 
 
 def chat_rows(n: int, seed: int = 0) -> list[dict]:
-    return [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
-            for r in completion_rows(n, seed)]
+    return [
+        {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
+        for r in completion_rows(n, seed)
+    ]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -285,8 +347,9 @@ def train_tiny(tiny, out: Path, **options) -> dict:
     """Train in this process on a tiny model; returns the summary."""
     from lorakit.training import RunConfig, train
 
-    defaults = dict(model=str(tiny["bert"]), data=str(tiny["classify"]), out=str(out), batch_size=8,
-                    epochs=1, lr=1e-2, threads=1)
+    defaults = dict(
+        model=str(tiny["bert"]), data=str(tiny["classify"]), out=str(out), batch_size=8, epochs=1, lr=1e-2, threads=1
+    )
     defaults.update(options)
     overwrite = defaults.pop("overwrite", False)
     return train(RunConfig(**defaults), overwrite=overwrite, stream=io.StringIO())
@@ -318,8 +381,9 @@ def whole_and_resumed(tiny, root: Path, monkeypatch, **options) -> tuple[Path, P
 def cli(*args: str, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
     """`python -m lorakit ARGS` in a subprocess."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "lorakit", *args], capture_output=True, text=True, timeout=timeout, env=env, **kw
+    )
 
 
 def cli_here(capsys, *args: str) -> tuple[int, str, str]:
@@ -341,8 +405,11 @@ def tensors(folder: Path) -> dict[str, torch.Tensor]:
 def files_of(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
     """Every file under `folder` (relative path -> bytes), to check that a refused command
     changed nothing; `skip`: names to leave out."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*"))
-            if p.is_file() and p.name not in skip}
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(Path(folder).rglob("*"))
+        if p.is_file() and p.name not in skip
+    }
 
 
 # ---- float32 comparisons -------------------------------------------------------------------
@@ -353,8 +420,9 @@ def files_of(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
 TINY_MODEL_N = 500
 
 
-def assert_rounding_close(got: torch.Tensor, want: torch.Tensor, *, n: int, scale: float | None = None,
-                          msg: str | None = None) -> None:
+def assert_rounding_close(
+    got: torch.Tensor, want: torch.Tensor, *, n: int, scale: float | None = None, msg: str | None = None
+) -> None:
     """`got` and `want` compute the same numbers two ways that differ only in rounding (another
     order of sums, a fused kernel, a merged weight, another library): they must agree within
     8 * eps * sqrt(n) * scale, elementwise.
@@ -377,8 +445,8 @@ def assert_rounding_close(got: torch.Tensor, want: torch.Tensor, *, n: int, scal
     eps = torch.finfo(low).eps
     if scale is None:
         scale = want.detach().abs().max().item() if want.numel() else 0.0
-    atol = 8 * eps * n ** 0.5 * scale
-    _log_ratio(got, want, eps * n ** 0.5 * scale)
+    atol = 8 * eps * n**0.5 * scale
+    _log_ratio(got, want, eps * n**0.5 * scale)
     torch.testing.assert_close(got, want, rtol=0, atol=atol, check_dtype=False, msg=msg)
 
 

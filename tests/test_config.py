@@ -9,8 +9,13 @@ import lorakit
 
 def test_rank_and_alpha_patterns():
     model = tiny_bert()
-    cfg = lorakit.LoraConfig(rank=4, alpha=8, targets=["query", "value"], rank_pattern={"value": 2},
-                             alpha_pattern={r"layer\.1\.attention\.self\.query": 2})
+    cfg = lorakit.LoraConfig(
+        rank=4,
+        alpha=8,
+        targets=["query", "value"],
+        rank_pattern={"value": 2},
+        alpha_pattern={r"layer\.1\.attention\.self\.query": 2},
+    )
     lorakit.inject(model, cfg)
     enc = model.bert.encoder.layer
     assert enc[0].attention.self.value.rank("default") == 2

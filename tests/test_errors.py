@@ -30,8 +30,11 @@ def _error_classes() -> list[type[BaseException]]:
             if err.name and err.name.split(".")[0] in _OPTIONAL:
                 continue
             raise
-        found += [c for _, c in inspect.getmembers(module, inspect.isclass)
-                  if issubclass(c, BaseException) and c.__module__ == info.name]
+        found += [
+            c
+            for _, c in inspect.getmembers(module, inspect.isclass)
+            if issubclass(c, BaseException) and c.__module__ == info.name
+        ]
     return found
 
 
@@ -68,7 +71,7 @@ def test_the_cli_shows_a_lorakit_error_as_one_line_and_exit_2(monkeypatch, capsy
 
 
 def test_the_cli_keeps_the_traceback_of_errors_that_are_not_the_users(monkeypatch):
-    from lorakit.adapting.plan import TensorError
+    from lorakit.adapting.given import TensorError
     from lorakit.serving.engine import RowError
 
     for err in (TensorError("bad A", "q", "A"), RowError(404, "gone"), RuntimeError("a bug")):

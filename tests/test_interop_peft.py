@@ -30,10 +30,24 @@ CASES = {
     ),
     "bert-bias-patterns": (
         tiny_bert,
-        dict(r=4, lora_alpha=8, target_modules=["query", "value"], bias="lora_only", use_rslora=True,
-             rank_pattern={"value": 2}, alpha_pattern={"query": 3}),
-        dict(rank=4, alpha=8, targets=["query", "value"], bias="lora_only", rslora=True,
-             rank_pattern={"value": 2}, alpha_pattern={"query": 3}),
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=["query", "value"],
+            bias="lora_only",
+            use_rslora=True,
+            rank_pattern={"value": 2},
+            alpha_pattern={"query": 3},
+        ),
+        dict(
+            rank=4,
+            alpha=8,
+            targets=["query", "value"],
+            bias="lora_only",
+            rslora=True,
+            rank_pattern={"value": 2},
+            alpha_pattern={"query": 3},
+        ),
     ),
     "gpt2-conv1d": (
         tiny_gpt2,
@@ -42,7 +56,11 @@ CASES = {
     ),
     "llama": (
         tiny_llama,
-        dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+        dict(
+            r=8,
+            lora_alpha=16,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
         dict(rank=8, alpha=16, targets="attention+mlp"),
     ),
     "llama-embedding": (
@@ -92,8 +110,9 @@ def _tiny_distilbert():
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.DistilBertConfig(vocab_size=120, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
-                                           max_position_embeddings=64, num_labels=3)
+    config = transformers.DistilBertConfig(
+        vocab_size=120, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64, num_labels=3
+    )
     return transformers.DistilBertForSequenceClassification(config).eval()
 
 
@@ -154,7 +173,11 @@ def test_lorakit_adapter_loads_in_peft(case, tmp_path, ids):
     reference = peft.PeftModel.from_pretrained(make(), tmp_path).eval()
     assert_rounding_close(logits(reference, ids), expected, n=TINY_MODEL_N)
     # PEFT adapted exactly the modules lorakit did.
-    theirs = {n.removeprefix("base_model.model.") for n, m in reference.named_modules() if hasattr(m, "lora_A") or hasattr(m, "lora_embedding_A")}
+    theirs = {
+        n.removeprefix("base_model.model.")
+        for n, m in reference.named_modules()
+        if hasattr(m, "lora_A") or hasattr(m, "lora_embedding_A")
+    }
     mine = {n for n, m in model.named_modules() if isinstance(m, lorakit.LoraLayer)}
     assert theirs == mine
 

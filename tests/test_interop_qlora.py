@@ -39,10 +39,15 @@ def transformers_quantized(folder, kind: str):
     if kind == "int8":
         config = BitsAndBytesConfig(load_in_8bit=True)
     else:
-        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_use_double_quant=True,
-                                    bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, device_map="cpu",
-                                                 dtype=torch.float32)
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=kind,
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=config, device_map="cpu", dtype=torch.float32
+    )
     # Compare the layers as they compute in training (see quantized.py: bitsandbytes' CPU
     # inference re-layout changes a 4-bit layer's numbers).
     keep_layouts(model)
@@ -73,8 +78,10 @@ def test_lorakit_quantize_is_the_base_transformers_loads(folder, kind, ids):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_peft_qlora_adapter_loads_in_lorakit(folder, kind, ids, tmp_path):
-    reference = peft.get_peft_model(transformers_quantized(folder, kind), peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0)).eval()
+    reference = peft.get_peft_model(
+        transformers_quantized(folder, kind),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0),
+    ).eval()
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, p in reference.named_parameters():

@@ -11,14 +11,29 @@ import lorakit
 
 
 def test_core_imports_neither_transformers_nor_the_cli():
-    code = "import sys, lorakit; print(sorted(m for m in ('transformers', 'tokenizers', 'matplotlib', 'peft') if m in sys.modules))"
+    code = (
+        "import sys, lorakit; "
+        "print(sorted(m for m in ('transformers', 'tokenizers', 'matplotlib', 'peft') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
 
 def test_public_api_is_exported():
-    for name in ("LoraConfig", "inject", "trainable_parameters", "save_adapter", "load_adapter", "add_adapter",
-                 "set_adapter", "delete_adapter", "disabled", "merge", "unmerge", "unload"):
+    for name in (
+        "LoraConfig",
+        "inject",
+        "trainable_parameters",
+        "save_adapter",
+        "load_adapter",
+        "add_adapter",
+        "set_adapter",
+        "delete_adapter",
+        "disabled",
+        "merge",
+        "unmerge",
+        "unload",
+    ):
         assert name in lorakit.__all__ and callable(getattr(lorakit, name))
 
 
@@ -34,8 +49,10 @@ def test_api_page_documents_every_public_name_once():
 
 
 def test_the_training_wing_is_imported_only_when_asked():
-    code = ("import sys, lorakit; before = 'transformers' in sys.modules; cb = lorakit.SaveAdapterCallback; "
-            "print(before, 'transformers' in sys.modules, cb.__name__)")
+    code = (
+        "import sys, lorakit; before = 'transformers' in sys.modules; cb = lorakit.SaveAdapterCallback; "
+        "print(before, 'transformers' in sys.modules, cb.__name__)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "True", "SaveAdapterCallback"]
 
@@ -43,8 +60,10 @@ def test_the_training_wing_is_imported_only_when_asked():
 def test_importing_the_command_line_loads_nothing_heavy():
     """The `lorakit` command handles Ctrl-C before torch imports (cli/main.py): importing the
     package and its cli package must not import torch."""
-    code = ("import sys, lorakit, lorakit.cli; "
-            "print(sorted(m for m in ('torch', 'transformers', 'safetensors', 'numpy') if m in sys.modules))")
+    code = (
+        "import sys, lorakit, lorakit.cli; "
+        "print(sorted(m for m in ('torch', 'transformers', 'safetensors', 'numpy') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -15,8 +15,16 @@ from lorakit import targets
 from lorakit.targets import adaptable_kind, adaptable_modules, layer_index, output_head_names, resolve_targets
 
 BLOCKS = 2
-DECODER_KW = dict(vocab_size=100, hidden_size=32, num_hidden_layers=BLOCKS, num_attention_heads=4,
-                  intermediate_size=64, num_key_value_heads=2, head_dim=8, pad_token_id=0)
+DECODER_KW = dict(
+    vocab_size=100,
+    hidden_size=32,
+    num_hidden_layers=BLOCKS,
+    num_attention_heads=4,
+    intermediate_size=64,
+    num_key_value_heads=2,
+    head_dim=8,
+    pad_token_id=0,
+)
 BERT_KW = dict(vocab_size=100, hidden_size=32, num_hidden_layers=BLOCKS, num_attention_heads=4, intermediate_size=64)
 T5_KW = dict(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=BLOCKS, num_heads=4)
 
@@ -43,22 +51,38 @@ def _t5_attn() -> list[str]:
 
 
 ARCHITECTURES = {
-    "bert": (lambda: tf.BertForSequenceClassification(tf.BertConfig(**BERT_KW)),
-             _prefixed("bert.", _BERT_ATTN), _prefixed("bert.", _BERT_MLP), {"classifier"}),
-    "roberta": (lambda: tf.RobertaForSequenceClassification(tf.RobertaConfig(**BERT_KW)),
-                _prefixed("roberta.", _BERT_ATTN), _prefixed("roberta.", _BERT_MLP), {"classifier"}),
-    "xlm-roberta": (lambda: tf.XLMRobertaForSequenceClassification(tf.XLMRobertaConfig(**BERT_KW)),
-                    _prefixed("roberta.", _BERT_ATTN), _prefixed("roberta.", _BERT_MLP), {"classifier"}),
+    "bert": (
+        lambda: tf.BertForSequenceClassification(tf.BertConfig(**BERT_KW)),
+        _prefixed("bert.", _BERT_ATTN),
+        _prefixed("bert.", _BERT_MLP),
+        {"classifier"},
+    ),
+    "roberta": (
+        lambda: tf.RobertaForSequenceClassification(tf.RobertaConfig(**BERT_KW)),
+        _prefixed("roberta.", _BERT_ATTN),
+        _prefixed("roberta.", _BERT_MLP),
+        {"classifier"},
+    ),
+    "xlm-roberta": (
+        lambda: tf.XLMRobertaForSequenceClassification(tf.XLMRobertaConfig(**BERT_KW)),
+        _prefixed("roberta.", _BERT_ATTN),
+        _prefixed("roberta.", _BERT_MLP),
+        {"classifier"},
+    ),
     "distilbert": (
         lambda: tf.DistilBertForSequenceClassification(
-            tf.DistilBertConfig(vocab_size=100, dim=32, n_layers=BLOCKS, n_heads=4, hidden_dim=64)),
+            tf.DistilBertConfig(vocab_size=100, dim=32, n_layers=BLOCKS, n_heads=4, hidden_dim=64)
+        ),
         ["distilbert.transformer.layer.{i}.attention." + p for p in ("q_lin", "k_lin", "v_lin", "out_lin")],
         ["distilbert.transformer.layer.{i}.ffn.lin1", "distilbert.transformer.layer.{i}.ffn.lin2"],
         {"pre_classifier", "classifier"},
     ),
-    "gpt2": (lambda: tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=100, n_embd=32, n_layer=BLOCKS, n_head=4)),
-             ["transformer.h.{i}.attn.c_attn", "transformer.h.{i}.attn.c_proj"],
-             ["transformer.h.{i}.mlp.c_fc", "transformer.h.{i}.mlp.c_proj"], {"lm_head"}),
+    "gpt2": (
+        lambda: tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=100, n_embd=32, n_layer=BLOCKS, n_head=4)),
+        ["transformer.h.{i}.attn.c_attn", "transformer.h.{i}.attn.c_proj"],
+        ["transformer.h.{i}.mlp.c_fc", "transformer.h.{i}.mlp.c_proj"],
+        {"lm_head"},
+    ),
     "llama": _llama_like(tf.LlamaConfig, tf.LlamaForCausalLM),
     "mistral": _llama_like(tf.MistralConfig, tf.MistralForCausalLM),
     "qwen2": _llama_like(tf.Qwen2Config, tf.Qwen2ForSequenceClassification, {"score"}),
@@ -67,56 +91,109 @@ ARCHITECTURES = {
     "gemma2": _llama_like(tf.Gemma2Config, tf.Gemma2ForCausalLM),
     "gemma3_text": _llama_like(tf.Gemma3TextConfig, tf.Gemma3ForCausalLM),
     # Transformers 5 fuses Mixtral's experts into one tensor per layer: nothing in the mlp to wrap.
-    "mixtral": (lambda: tf.MixtralForCausalLM(tf.MixtralConfig(**DECODER_KW, num_local_experts=2)),
-                _LLAMA_ATTN, [], {"lm_head"}),
-    "phi": (lambda: tf.PhiForCausalLM(tf.PhiConfig(**DECODER_KW)),
-            ["model.layers.{i}.self_attn." + p for p in ("q_proj", "k_proj", "v_proj", "dense")],
-            ["model.layers.{i}.mlp.fc1", "model.layers.{i}.mlp.fc2"], {"lm_head"}),
-    "phi3": (lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**DECODER_KW)),
-             ["model.layers.{i}.self_attn.qkv_proj", "model.layers.{i}.self_attn.o_proj"],
-             ["model.layers.{i}.mlp.gate_up_proj", "model.layers.{i}.mlp.down_proj"], {"lm_head"}),
-    "opt": (
-        lambda: tf.OPTForCausalLM(tf.OPTConfig(vocab_size=100, hidden_size=32, num_hidden_layers=BLOCKS,
-                                               num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32)),
-        ["model.decoder.layers.{i}.self_attn." + p for p in ("q_proj", "k_proj", "v_proj", "out_proj")],
-        ["model.decoder.layers.{i}.fc1", "model.decoder.layers.{i}.fc2"], {"lm_head"},
-    ),
-    "bart": (
-        lambda: tf.BartForConditionalGeneration(tf.BartConfig(
-            vocab_size=100, d_model=32, encoder_layers=BLOCKS, decoder_layers=BLOCKS, encoder_attention_heads=4,
-            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64)),
-        [f"model.{side}.layers.{{i}}.{attn}.{p}" for side, attn in
-         [("encoder", "self_attn"), ("decoder", "self_attn"), ("decoder", "encoder_attn")]
-         for p in ("q_proj", "k_proj", "v_proj", "out_proj")],
-        [f"model.{side}.layers.{{i}}.{p}" for side in ("encoder", "decoder") for p in ("fc1", "fc2")], {"lm_head"},
-    ),
-    "t5": (lambda: tf.T5ForConditionalGeneration(tf.T5Config(**T5_KW)), _t5_attn(),
-           ["encoder.block.{i}.layer.1.DenseReluDense.wi", "encoder.block.{i}.layer.1.DenseReluDense.wo",
-            "decoder.block.{i}.layer.2.DenseReluDense.wi", "decoder.block.{i}.layer.2.DenseReluDense.wo"],
-           {"lm_head"}),
-    "t5-gated": (
-        lambda: tf.T5ForConditionalGeneration(tf.T5Config(**T5_KW, feed_forward_proj="gated-gelu")), _t5_attn(),
-        [f"{side}.block.{{i}}.layer.{n}.DenseReluDense.{p}" for side, n in (("encoder", 1), ("decoder", 2))
-         for p in ("wi_0", "wi_1", "wo")],
+    "mixtral": (
+        lambda: tf.MixtralForCausalLM(tf.MixtralConfig(**DECODER_KW, num_local_experts=2)),
+        _LLAMA_ATTN,
+        [],
         {"lm_head"},
     ),
-    "gpt_neox": (lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(**BERT_KW)),
-                 ["gpt_neox.layers.{i}.attention.query_key_value", "gpt_neox.layers.{i}.attention.dense"],
-                 ["gpt_neox.layers.{i}.mlp.dense_h_to_4h", "gpt_neox.layers.{i}.mlp.dense_4h_to_h"], {"lm_head"}),
+    "phi": (
+        lambda: tf.PhiForCausalLM(tf.PhiConfig(**DECODER_KW)),
+        ["model.layers.{i}.self_attn." + p for p in ("q_proj", "k_proj", "v_proj", "dense")],
+        ["model.layers.{i}.mlp.fc1", "model.layers.{i}.mlp.fc2"],
+        {"lm_head"},
+    ),
+    "phi3": (
+        lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**DECODER_KW)),
+        ["model.layers.{i}.self_attn.qkv_proj", "model.layers.{i}.self_attn.o_proj"],
+        ["model.layers.{i}.mlp.gate_up_proj", "model.layers.{i}.mlp.down_proj"],
+        {"lm_head"},
+    ),
+    "opt": (
+        lambda: tf.OPTForCausalLM(
+            tf.OPTConfig(
+                vocab_size=100,
+                hidden_size=32,
+                num_hidden_layers=BLOCKS,
+                num_attention_heads=4,
+                ffn_dim=64,
+                word_embed_proj_dim=32,
+            )
+        ),
+        ["model.decoder.layers.{i}.self_attn." + p for p in ("q_proj", "k_proj", "v_proj", "out_proj")],
+        ["model.decoder.layers.{i}.fc1", "model.decoder.layers.{i}.fc2"],
+        {"lm_head"},
+    ),
+    "bart": (
+        lambda: tf.BartForConditionalGeneration(
+            tf.BartConfig(
+                vocab_size=100,
+                d_model=32,
+                encoder_layers=BLOCKS,
+                decoder_layers=BLOCKS,
+                encoder_attention_heads=4,
+                decoder_attention_heads=4,
+                encoder_ffn_dim=64,
+                decoder_ffn_dim=64,
+            )
+        ),
+        [
+            f"model.{side}.layers.{{i}}.{attn}.{p}"
+            for side, attn in [("encoder", "self_attn"), ("decoder", "self_attn"), ("decoder", "encoder_attn")]
+            for p in ("q_proj", "k_proj", "v_proj", "out_proj")
+        ],
+        [f"model.{side}.layers.{{i}}.{p}" for side in ("encoder", "decoder") for p in ("fc1", "fc2")],
+        {"lm_head"},
+    ),
+    "t5": (
+        lambda: tf.T5ForConditionalGeneration(tf.T5Config(**T5_KW)),
+        _t5_attn(),
+        [
+            "encoder.block.{i}.layer.1.DenseReluDense.wi",
+            "encoder.block.{i}.layer.1.DenseReluDense.wo",
+            "decoder.block.{i}.layer.2.DenseReluDense.wi",
+            "decoder.block.{i}.layer.2.DenseReluDense.wo",
+        ],
+        {"lm_head"},
+    ),
+    "t5-gated": (
+        lambda: tf.T5ForConditionalGeneration(tf.T5Config(**T5_KW, feed_forward_proj="gated-gelu")),
+        _t5_attn(),
+        [
+            f"{side}.block.{{i}}.layer.{n}.DenseReluDense.{p}"
+            for side, n in (("encoder", 1), ("decoder", 2))
+            for p in ("wi_0", "wi_1", "wo")
+        ],
+        {"lm_head"},
+    ),
+    "gpt_neox": (
+        lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(**BERT_KW)),
+        ["gpt_neox.layers.{i}.attention.query_key_value", "gpt_neox.layers.{i}.attention.dense"],
+        ["gpt_neox.layers.{i}.mlp.dense_h_to_4h", "gpt_neox.layers.{i}.mlp.dense_4h_to_h"],
+        {"lm_head"},
+    ),
     "falcon": (
-        lambda: tf.FalconForCausalLM(tf.FalconConfig(vocab_size=100, hidden_size=32, num_hidden_layers=BLOCKS,
-                                                     num_attention_heads=4)),
+        lambda: tf.FalconForCausalLM(
+            tf.FalconConfig(vocab_size=100, hidden_size=32, num_hidden_layers=BLOCKS, num_attention_heads=4)
+        ),
         ["transformer.h.{i}.self_attention.query_key_value", "transformer.h.{i}.self_attention.dense"],
-        ["transformer.h.{i}.mlp.dense_h_to_4h", "transformer.h.{i}.mlp.dense_4h_to_h"], {"lm_head"},
+        ["transformer.h.{i}.mlp.dense_h_to_4h", "transformer.h.{i}.mlp.dense_4h_to_h"],
+        {"lm_head"},
     ),
 }
 # ViT's module names changed in Transformers 5; the test takes whichever naming the installed version has.
-_VIT_KW = dict(hidden_size=32, num_hidden_layers=BLOCKS, num_attention_heads=4, intermediate_size=64,
-               image_size=32, patch_size=8)
-_VIT_NEW = (["vit.layers.{i}.attention." + p for p in ("q_proj", "k_proj", "v_proj", "o_proj")],
-            ["vit.layers.{i}.mlp.fc1", "vit.layers.{i}.mlp.fc2"])
-_VIT_OLD = (["vit.encoder.layer.{i}.attention.attention." + p for p in ("query", "key", "value")]
-            + ["vit.encoder.layer.{i}.attention.output.dense"], _prefixed("vit.", _BERT_MLP))
+_VIT_KW = dict(
+    hidden_size=32, num_hidden_layers=BLOCKS, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8
+)
+_VIT_NEW = (
+    ["vit.layers.{i}.attention." + p for p in ("q_proj", "k_proj", "v_proj", "o_proj")],
+    ["vit.layers.{i}.mlp.fc1", "vit.layers.{i}.mlp.fc2"],
+)
+_VIT_OLD = (
+    ["vit.encoder.layer.{i}.attention.attention." + p for p in ("query", "key", "value")]
+    + ["vit.encoder.layer.{i}.attention.output.dense"],
+    _prefixed("vit.", _BERT_MLP),
+)
 
 
 @functools.cache
@@ -234,8 +311,9 @@ class CustomNet(nn.Module):
 
 def test_structural_fallback_on_a_custom_model():
     model = CustomNet()
-    attention = [f"blocks.{i}.{p}" for i in range(2) for p in ("mixer.q", "mixer.k", "mixer.v", "mixer.out",
-                                                                 "cross_attn.proj")]
+    attention = [
+        f"blocks.{i}.{p}" for i in range(2) for p in ("mixer.q", "mixer.k", "mixer.v", "mixer.out", "cross_attn.proj")
+    ]
     mlp = [f"blocks.{i}.mlp.{j}" for i in range(2) for j in (0, 2)]
     assert set(resolve_targets(model, "attention")) == set(attention)
     assert set(resolve_targets(model, "attention+mlp")) == set(attention) | set(mlp)
@@ -398,33 +476,39 @@ def test_multihead_attention_out_proj_is_not_adaptable():
     assert adaptable_modules(model) == ["1"]
 
 
-@pytest.mark.parametrize("name, index", [
-    ("bert.encoder.layer.3.attention.self.query", 3),
-    ("transformer.h.2.attn.c_attn", 2),
-    ("model.layers.5.self_attn.q_proj", 5),
-    ("block.1.layer.0.SelfAttention.q", 1),
-    ("decoder.block.4.layer.2.DenseReluDense.wo", 4),
-    ("model.layers.1.block_sparse_moe.experts.3.w1", 1),
-    ("visual.transformer.resblocks.7.attn.out_proj", 7),
-    ("features.4", 4),
-    ("0.layers.3.attn.q", 3),  # a Sequential(model, head) around a decoder: the block, not the 0
-    ("lm_head", None),
-    ("bert.pooler.dense", None),
-])
+@pytest.mark.parametrize(
+    "name, index",
+    [
+        ("bert.encoder.layer.3.attention.self.query", 3),
+        ("transformer.h.2.attn.c_attn", 2),
+        ("model.layers.5.self_attn.q_proj", 5),
+        ("block.1.layer.0.SelfAttention.q", 1),
+        ("decoder.block.4.layer.2.DenseReluDense.wo", 4),
+        ("model.layers.1.block_sparse_moe.experts.3.w1", 1),
+        ("visual.transformer.resblocks.7.attn.out_proj", 7),
+        ("features.4", 4),
+        ("0.layers.3.attn.q", 3),  # a Sequential(model, head) around a decoder: the block, not the 0
+        ("lm_head", None),
+        ("bert.pooler.dense", None),
+    ],
+)
 def test_layer_index(name, index):
     assert layer_index(name) == index
 
 
-@pytest.mark.parametrize("name, pattern, index", [
-    ("layers.0.blocks.2.attn.qkv", "blocks", 2),
-    ("layers.0.blocks.2.attn.qkv", "layers", 0),
-    ("layers.0.blocks.2.attn.qkv", ["blocks", "layers"], 2),  # the first pattern that matches counts
-    ("layers.0.blocks.2.attn.qkv", ["layers", "blocks"], 0),
-    ("layers.0.blocks.2.attn.qkv", "block", None),  # a whole path segment, not a part of one
-    ("layers.0.blocks.2.attn.qkv", "ayers", None),
-    ("encoder.stages.1.layers.3.conv", "(stages|layers)", 1),  # a regex fragment, as in PEFT
-    ("encoder.stages.1.layers.3.conv", "stages|layers", None),  # PEFT's regex then has no index
-])
+@pytest.mark.parametrize(
+    "name, pattern, index",
+    [
+        ("layers.0.blocks.2.attn.qkv", "blocks", 2),
+        ("layers.0.blocks.2.attn.qkv", "layers", 0),
+        ("layers.0.blocks.2.attn.qkv", ["blocks", "layers"], 2),  # the first pattern that matches counts
+        ("layers.0.blocks.2.attn.qkv", ["layers", "blocks"], 0),
+        ("layers.0.blocks.2.attn.qkv", "block", None),  # a whole path segment, not a part of one
+        ("layers.0.blocks.2.attn.qkv", "ayers", None),
+        ("encoder.stages.1.layers.3.conv", "(stages|layers)", 1),  # a regex fragment, as in PEFT
+        ("encoder.stages.1.layers.3.conv", "stages|layers", None),  # PEFT's regex then has no index
+    ],
+)
 def test_layer_index_with_a_pattern(name, pattern, index):
     assert layer_index(name, pattern) == index
 

@@ -54,26 +54,16 @@ class LoraConfig:
             raise ValueError(f"bias must be one of {', '.join(BIAS_MODES)}; got {self.bias!r}")
         if self.target_parameters is None:
             self.target_parameters = []
-        if not (isinstance(self.target_parameters, (list, tuple))
-                and all(isinstance(t, str) and t for t in self.target_parameters)):
+        if not (
+            isinstance(self.target_parameters, (list, tuple))
+            and all(isinstance(t, str) and t for t in self.target_parameters)
+        ):
             raise ValueError(f"target_parameters must be a list of parameter names, got {self.target_parameters!r}")
         self.target_parameters = list(self.target_parameters)
         if isinstance(self.targets, (list, tuple)) and not self.targets and self.target_parameters:
             self.targets = []  # only the expert parameters, as PEFT's target_modules=[]
-        elif isinstance(self.targets, (list, tuple)):
-            if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
-                raise ValueError(f"targets must be a non-empty list of module names, got {self.targets!r}")
-            self.targets = list(self.targets)
-        elif not isinstance(self.targets, str) or not self.targets:
-            raise ValueError(
-                f"targets must be a list of module names, a regex, or one of {', '.join(PRESETS)}; "
-                f"got {self.targets!r}"
-            )
-        elif self.targets not in PRESETS:
-            try:
-                re.compile(self.targets)
-            except re.error as err:
-                raise ValueError(f"targets {self.targets!r} is not a valid regex: {err}") from None
+        else:
+            self.targets = check_targets(self.targets)
         for what, check in (("rank_pattern", _check_rank), ("alpha_pattern", _check_alpha)):
             patterns = getattr(self, what)
             if not isinstance(patterns, dict):
@@ -93,7 +83,10 @@ class LoraConfig:
         if self.modules_to_save is None:
             self.modules_to_save = []
         # A plain string would be taken letter by letter.
-        if not (isinstance(self.modules_to_save, (list, tuple)) and all(isinstance(m, str) and m for m in self.modules_to_save)):
+        if not (
+            isinstance(self.modules_to_save, (list, tuple))
+            and all(isinstance(m, str) and m for m in self.modules_to_save)
+        ):
             raise ValueError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
         self.modules_to_save = list(self.modules_to_save)
 
@@ -106,6 +99,25 @@ class LoraConfig:
     def scaling_for(self, module_name: str) -> float:
         rank, alpha = self.rank_for(module_name), self.alpha_for(module_name)
         return alpha / math.sqrt(rank) if self.rslora else alpha / rank
+
+
+def check_targets(targets: Any) -> str | list[str]:
+    """`targets` as a config holds it (a list of names, a regex, or a preset); ValueError saying
+    what is valid otherwise. The one check, for `LoraConfig` and `targets.resolve_targets`."""
+    if isinstance(targets, (list, tuple)):
+        if not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ValueError(f"targets must be a non-empty list of module names, got {targets!r}")
+        return list(targets)
+    if not isinstance(targets, str) or not targets:
+        raise ValueError(
+            f"targets must be a list of module names, a regex, or one of {', '.join(PRESETS)}; got {targets!r}"
+        )
+    if targets not in PRESETS:
+        try:
+            re.compile(targets)
+        except re.error as err:
+            raise ValueError(f"targets {targets!r} is not a valid regex: {err}") from None
+    return targets
 
 
 def _check_rank(value: Any, what: str) -> None:

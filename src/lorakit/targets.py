@@ -17,12 +17,13 @@ on any PyTorch model.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from .config import PRESETS
+from .config import PRESETS, check_targets
+from .module_tree import inside, is_lora_layer, name_matches, output_embeddings, walk
 from .quant.bnb import KINDS as QUANTIZED_KINDS
 from .quant.bnb import quantized_kind
 
@@ -79,7 +80,7 @@ _MLP_WORDS = ("mlp", "ffn", "feed_forward", "feedforward", "intermediate")
 def adaptable_kind(module: nn.Module) -> str | None:
     """What kind of LoRA wrapper `module` takes: "linear", "conv1d_transposed", "embedding", "conv",
     "linear4bit" / "linear8bit" (bitsandbytes' quantized layers, quantized.py), or None."""
-    if _is_lora_wrapper(module):
+    if is_lora_layer(module):
         return adaptable_kind(module.base_layer)
     quantized = quantized_kind(module)  # before nn.Linear: they subclass it
     if quantized is not None:
@@ -104,7 +105,7 @@ def adaptable_kind(module: nn.Module) -> str | None:
 
 def adaptable_modules(model: nn.Module) -> list[str]:
     """Names of every module that can take a LoRA adapter, in model order."""
-    return [name for name, module, parent in _walk(model) if _adaptable(module, parent)]
+    return [name for name, module, parent in walk(model) if _adaptable(module, parent)]
 
 
 def layer_index(name: str, pattern: str | list[str] | None = None) -> int | None:
@@ -133,13 +134,13 @@ def layer_index(name: str, pattern: str | list[str] | None = None) -> int | None
 
 def output_head_names(model: nn.Module) -> set[str]:
     """Names of the modules that produce the model's outputs, which presets never adapt."""
-    names = {name for name, _ in model.named_children() if name in _HEAD_NAMES}
+    heads = {name for name, _ in model.named_children() if name in _HEAD_NAMES}
     # Ask every module, not just the root, so a causal LM wrapped in the user's own module still
     # has its lm_head found.
-    walked = list(_walk(model))
-    outputs = {id(out) for out in map(_output_embeddings, [model] + [m for _, m, _ in walked]) if out is not None}
-    names.update(name for name, module, _ in walked if id(module) in outputs)
-    return names
+    walked = list(walk(model))
+    outputs = {id(out) for out in map(output_embeddings, [model] + [m for _, m, _ in walked]) if out is not None}
+    heads.update(name for name, module, _ in walked if id(module) in outputs)
+    return heads
 
 
 def resolve_targets(
@@ -158,28 +159,21 @@ def resolve_targets(
     names only modules LoRA cannot adapt or when nothing is left to adapt.
     """
     exclude = [exclude] if isinstance(exclude, str) else list(exclude)  # one name, not its letters
-    walked = list(_walk(model))
+    walked = list(walk(model))
     kinds = {name: adaptable_kind(module) for name, module, parent in walked if _adaptable(module, parent)}
     hint = ""
-    if isinstance(targets, str) and targets in PRESETS:
-        chosen = _preset(model, targets, kinds)
-    elif isinstance(targets, str):
-        try:
-            pattern = re.compile(targets)
-        except re.error as err:
-            raise ValueError(f"targets {targets!r} is not a valid regex: {err}") from None
-        chosen = _matching(targets, lambda name: pattern.fullmatch(name) is not None, walked, kinds)
-        if not chosen and any(_names(name, targets) for name in kinds):
-            hint = f"A single string is a regex over the whole name; to match by name suffix, pass [{targets!r}].\n"
-    elif isinstance(targets, (list, tuple)) and targets and all(isinstance(t, str) and t for t in targets):
+    targets = check_targets(targets)
+    if isinstance(targets, list):
         chosen = set()
         for entry in targets:
-            chosen |= _matching(entry, lambda name, entry=entry: _names(name, entry), walked, kinds)
+            chosen |= _matching(entry, lambda name, entry=entry: name_matches(name, entry), walked, kinds)
+    elif targets in PRESETS:
+        chosen = _preset(model, targets, kinds)
     else:
-        raise ValueError(
-            f"targets must be a non-empty list of module names, a regex, or one of "
-            f"{', '.join(PRESETS)}; got {targets!r}"
-        )
+        pattern = re.compile(targets)
+        chosen = _matching(targets, lambda name: pattern.fullmatch(name) is not None, walked, kinds)
+        if not chosen and any(name_matches(name, targets) for name in kinds):
+            hint = f"A single string is a regex over the whole name; to match by name suffix, pass [{targets!r}].\n"
 
     if layers is not None:
         in_blocks = {name: layer_index(name, layers_pattern) for name in chosen}
@@ -192,7 +186,7 @@ def resolve_targets(
                 + (f", counted by layers_pattern {layers_pattern!r}" if layers_pattern is not None else "")
             )
         chosen = {name for name in chosen if in_blocks[name] in layers}
-    chosen = {name for name in chosen if not any(_inside(name, entry) for entry in exclude)}
+    chosen = {name for name in chosen if not any(inside(name, entry) for entry in exclude)}
 
     if not chosen:
         asked = f"targets {targets!r}"
@@ -215,7 +209,7 @@ def _preset(model: nn.Module, preset: str, kinds: dict[str, str]) -> set[str]:
     linear = [
         name
         for name, kind in kinds.items()
-        if kind in ("linear", "conv1d_transposed", *QUANTIZED_KINDS) and not any(_inside(name, head) for head in heads)
+        if kind in ("linear", "conv1d_transposed", *QUANTIZED_KINDS) and not any(inside(name, head) for head in heads)
     ]
     if preset == "all-linear":
         return set(linear)
@@ -264,8 +258,7 @@ def _matching(
         shown += [f"  ... and {len(named) - 10} more"] if len(named) > 10 else []
         raise ValueError(
             f"target {entry!r} names only modules LoRA cannot adapt (it takes nn.Linear, Transformers' "
-            f"Conv1D, nn.Embedding, nn.Conv1d and nn.Conv2d):\n"
-            + "\n".join(shown + [_describe_adaptable(kinds)])
+            f"Conv1D, nn.Embedding, nn.Conv1d and nn.Conv2d):\n" + "\n".join(shown + [_describe_adaptable(kinds)])
         )
     return chosen
 
@@ -301,57 +294,12 @@ def _span(values: list[int]) -> str:
     return "{" + ",".join(runs) + "}"
 
 
-def _walk(
-    module: nn.Module, prefix: str = "", seen: set[int] | None = None
-) -> Iterator[tuple[str, nn.Module, nn.Module]]:
-    """(name, module, parent) for every submodule in named_modules order.
-
-    It never enters a lorakit wrapper: a LoRA layer's base_layer is not a target of its own, and a
-    module trained in full (modules_to_save) gets no adapters inside.
-    """
-    seen = {id(module)} if seen is None else seen
-    for child_name, child in module.named_children():
-        if id(child) in seen:  # a shared module keeps its first name, as in named_modules
-            continue
-        seen.add(id(child))
-        name = prefix + child_name
-        yield name, child, module
-        if not (_is_lora_wrapper(child) or getattr(type(child), "is_saved_module", False) is True):
-            yield from _walk(child, name + ".", seen)
-
-
 def _adaptable(module: nn.Module, parent: nn.Module) -> bool:
     # nn.MultiheadAttention reads out_proj.weight directly instead of calling out_proj, so a
     # wrapper there would be silently bypassed.
     return adaptable_kind(module) is not None and not isinstance(parent, nn.MultiheadAttention)
 
 
-def _is_lora_wrapper(module: nn.Module) -> bool:
-    return getattr(type(module), "is_lora_layer", False) is True and hasattr(module, "base_layer")
-
-
 def _is_block_list(part: str) -> bool:
     part = part.lower()
     return part == "h" or part.endswith(("layer", "layers", "block", "blocks"))
-
-
-def _names(name: str, entry: str) -> bool:
-    """PEFT's rule: `entry` names the module `name` when it is the whole name or a dotted suffix."""
-    return name == entry or name.endswith("." + entry)
-
-
-def _inside(name: str, entry: str) -> bool:
-    """Whether the module `name` is the one `entry` names or sits inside it."""
-    parts = name.split(".")
-    return any(_names(".".join(parts[:depth]), entry) for depth in range(1, len(parts) + 1))
-
-
-def _output_embeddings(module: nn.Module) -> nn.Module | None:
-    getter = getattr(module, "get_output_embeddings", None)
-    if not callable(getter):
-        return None
-    try:
-        out = getter()
-    except (NotImplementedError, AttributeError):  # backbones without an output layer
-        return None
-    return out if isinstance(out, nn.Module) else None

@@ -80,7 +80,7 @@ def test_merge_unmerge_unload_disabled(arch, ids):
             assert (p - original[n.replace(".base_layer", "")]).abs().max() <= 1e-6, n
     plain = lorakit.unload(lorakit.unmerge(model), merge=False)
     assert not any(isinstance(m, lorakit.LoraLayer) for m in plain.modules())
-    for n, p in plain.named_parameters():
+    for _, p in plain.named_parameters():
         assert p.requires_grad
     # unload(merge=False) after an unmerge: within 1e-6; a model never merged: bitwise.
     fresh = MODELS[arch]()
@@ -366,7 +366,9 @@ def test_unload_inside_a_disabled_block(ids):
 def _three_adapters():
     model = tiny_llama()
     for i, name in enumerate(["a", "b", "c"]):
-        lorakit.add_adapter(model, name, lorakit.LoraConfig(rank=2, alpha=4, targets="attention" if i != 1 else ["q_proj", "up_proj"]))
+        lorakit.add_adapter(
+            model, name, lorakit.LoraConfig(rank=2, alpha=4, targets="attention" if i != 1 else ["q_proj", "up_proj"])
+        )
         randomize_adapter(model, name, seed=i + 1)
     return model
 
@@ -423,11 +425,20 @@ def test_deleting_the_active_adapter_activates_the_oldest_left(ids):
         (lambda m: lorakit.inject(m, None), TypeError, "config must be a lorakit.LoraConfig, got NoneType"),
         (lambda m: lorakit.add_adapter(m, lorakit.LoraConfig(), "b"), ValueError, "adapter name must be"),
         (lambda m: lorakit.add_adapter_from_tensors(m, "b", "attention", {}), TypeError, "config must be"),
-        (lambda m: lorakit.inject("model", lorakit.LoraConfig()), TypeError, "model must be a torch.nn.Module, got str"),
+        (
+            lambda m: lorakit.inject("model", lorakit.LoraConfig()),
+            TypeError,
+            "model must be a torch.nn.Module, got str",
+        ),
         # Names nn.ModuleDict / nn.ParameterDict cannot hold: these failed halfway through, wrappers in place.
-        *[(lambda m, n=n: lorakit.inject(m, lorakit.LoraConfig(targets=["query", "word_embeddings"]), name=n),
-           ValueError, f"adapter name {n!r} is the name of an attribute")
-          for n in ("training", "forward", "keys", "update", "to", "__class__")],
+        *[
+            (
+                lambda m, n=n: lorakit.inject(m, lorakit.LoraConfig(targets=["query", "word_embeddings"]), name=n),
+                ValueError,
+                f"adapter name {n!r} is the name of an attribute",
+            )
+            for n in ("training", "forward", "keys", "update", "to", "__class__")
+        ],
     ],
 )
 def test_misuse_is_a_clear_error_and_changes_nothing(call, error, message):

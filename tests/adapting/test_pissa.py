@@ -1,4 +1,4 @@
-"""pissa.py: PiSSA adapters load to the model that was trained (the residual recomputed, as PEFT
+"""adapting/pissa.py: PiSSA adapters load to the model that was trained (the residual recomputed, as PEFT
 does), convert to plain LoRA for the original base, give the base back, and refuse what cannot
 be reproduced. Pinned to PEFT both ways. OLoRA adapters (the same mechanism) at the end."""
 
@@ -36,10 +36,22 @@ CASES = {
     ),
     "llama-rslora-patterns": (
         tiny_llama,
-        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_rslora=True, rank_pattern={"v_proj": 2},
-             alpha_pattern={"q_proj": 3}),
-        dict(rank=4, alpha=8, targets=["q_proj", "v_proj"], rslora=True, rank_pattern={"v_proj": 2},
-             alpha_pattern={"q_proj": 3}),
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj"],
+            use_rslora=True,
+            rank_pattern={"v_proj": 2},
+            alpha_pattern={"q_proj": 3},
+        ),
+        dict(
+            rank=4,
+            alpha=8,
+            targets=["q_proj", "v_proj"],
+            rslora=True,
+            rank_pattern={"v_proj": 2},
+            alpha_pattern={"q_proj": 3},
+        ),
     ),
     "gpt2-conv1d": (
         tiny_gpt2,
@@ -182,8 +194,16 @@ def test_load_as_lora_names_the_key_of_a_bad_pair(tmp_path):
 @pytest.mark.parametrize(
     "peft_kwargs",
     [
-        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 3}),
-        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_rslora=True),  # PEFT refuses rslora with patterns
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj"],
+            rank_pattern={"v_proj": 2},
+            alpha_pattern={"q_proj": 3},
+        ),
+        dict(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_rslora=True
+        ),  # PEFT refuses rslora with patterns
     ],
     ids=["patterns", "rslora"],
 )
@@ -213,14 +233,19 @@ def test_as_lora_keeps_trained_heads_and_is_a_no_op_for_plain_adapters(tmp_path,
     from helpers import tiny_bert
 
     model = tiny_bert()
-    lorakit.inject(model, lorakit.LoraConfig(rank=4, targets=["query", "value"], init="pissa", modules_to_save=["classifier"]))
+    lorakit.inject(
+        model, lorakit.LoraConfig(rank=4, targets=["query", "value"], init="pissa", modules_to_save=["classifier"])
+    )
     _train_lorakit(model)
     with torch.no_grad():
         model.classifier.copies["default"].bias.add_(0.5)
     trained = logits(model, ids)
     lorakit.save_adapter(model, tmp_path / "a", as_lora=True)
     assert "base_model.model.classifier.bias" in load_file(tmp_path / "a" / WEIGHTS_FILE)
-    for loaded in (peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / "a").eval(), lorakit.load_adapter(tiny_bert(), tmp_path / "a")):
+    for loaded in (
+        peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / "a").eval(),
+        lorakit.load_adapter(tiny_bert(), tmp_path / "a"),
+    ):
         assert_rounding_close(logits(loaded, ids), trained, n=TINY_MODEL_N)
     plain = tiny_bert()
     lorakit.inject(plain, lorakit.LoraConfig(rank=4, targets=["query"]))
@@ -292,7 +317,9 @@ def test_pissa_niter_is_refused_and_its_peft_conversion_loads(tmp_path, ids):
     reference.save_pretrained(tmp_path / "trained")
     model = make()
     before = snapshot(model)
-    with pytest.raises(AdapterFileError, match="pissa_niter_2.*cannot be loaded.*path_initial_model_for_weight_conversion"):
+    with pytest.raises(
+        AdapterFileError, match="pissa_niter_2.*cannot be loaded.*path_initial_model_for_weight_conversion"
+    ):
         lorakit.load_adapter(model, tmp_path / "trained")
     assert_unchanged(model, before)
     reference.save_pretrained(tmp_path / "plain", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
@@ -327,7 +354,10 @@ def test_peft_pissa_file_with_an_embedding_keeps_it_plain(tmp_path, ids):
     model = tiny_llama()
     lorakit.load_adapter(model, tmp_path / "a")
     assert torch.equal(logits(model, ids), trained)
-    assert list(lorakit.adapters(model)["default"].initial) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    assert list(lorakit.adapters(model)["default"].initial) == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.self_attn.q_proj",
+    ]
     lorakit.save_adapter(model, tmp_path / "plain", as_lora=True)
     converted = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "plain").eval()
     assert_rounding_close(logits(converted, ids), trained, n=TINY_MODEL_N)

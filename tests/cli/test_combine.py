@@ -7,9 +7,8 @@ import shutil
 
 import pytest
 import torch
-from helpers import TINY_MODEL_N, assert_rounding_close
+from helpers import TINY_MODEL_N, assert_rounding_close, files_of
 from helpers import cli_here as lorakit_cli
-from helpers import files_of
 
 import lorakit
 from lorakit.cli import main
@@ -20,8 +19,23 @@ from lorakit.cli.trained import load_trained
 def runs(tiny, tmp_path_factory):
     """Two tiny BERT classifier runs (different seeds and targets)."""
     root = tmp_path_factory.mktemp("combine")
-    common = ["train", "--model", str(tiny["bert"]), "--data", str(tiny["classify"]), "--batch-size", "8",
-              "--epochs", "1", "--lr", "1e-2", "--threads", "1", "--rank", "4"]
+    common = [
+        "train",
+        "--model",
+        str(tiny["bert"]),
+        "--data",
+        str(tiny["classify"]),
+        "--batch-size",
+        "8",
+        "--epochs",
+        "1",
+        "--lr",
+        "1e-2",
+        "--threads",
+        "1",
+        "--rank",
+        "4",
+    ]
     assert main([*common, "--out", str(root / "a"), "--targets", "query,value"]) == 0
     assert main([*common, "--out", str(root / "b"), "--targets", "query,key", "--seed", "1"]) == 0
     return root / "a", root / "b"
@@ -30,14 +44,16 @@ def runs(tiny, tmp_path_factory):
 def test_combine_writes_a_normal_adapter(runs, tiny, tmp_path, capsys):
     a, b = runs
     out = tmp_path / "ab"
-    code, text, err = lorakit_cli(capsys, "combine", str(a), str(b), "--weights", "0.6,0.4", "--method", "svd",
-                                  "--rank", "4", "--out", str(out))
+    code, text, err = lorakit_cli(
+        capsys, "combine", str(a), str(b), "--weights", "0.6,0.4", "--method", "svd", "--rank", "4", "--out", str(out)
+    )
     assert code == 0, err
     assert "(svd, rank 4)" in text and "relative error" in text
     record = json.loads((out / "combine.json").read_text())
     assert record["weights"] == [0.6, 0.4] and record["method"] == "svd"
-    assert set(record["relative_error"]) == {f"bert.encoder.layer.{i}.attention.self.{m}"
-                                             for i in (0, 1) for m in ("query", "key", "value")}
+    assert set(record["relative_error"]) == {
+        f"bert.encoder.layer.{i}.attention.self.{m}" for i in (0, 1) for m in ("query", "key", "value")
+    }
     assert json.loads((out / "labels.json").read_text()) == json.loads((a / "labels.json").read_text())
 
     # The folder holds what lorakit.combine builds in Python from the same two adapters.
@@ -55,12 +71,15 @@ def test_combine_writes_a_normal_adapter(runs, tiny, tmp_path, capsys):
     assert code == 0 and "(40 examples): accuracy" in text, err
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--weights", "0.5"], r"1 number\(s\) for 2 adapters"),
-    (["--weights", "a,b"], "expected numbers separated by commas"),
-    (["--method", "ties"], "method 'ties' needs density"),
-    (["--method", "cat", "--rank", "2"], "rank .* applies to the methods svd, ties and dare"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--weights", "0.5"], r"1 number\(s\) for 2 adapters"),
+        (["--weights", "a,b"], "expected numbers separated by commas"),
+        (["--method", "ties"], "method 'ties' needs density"),
+        (["--method", "cat", "--rank", "2"], "rank .* applies to the methods svd, ties and dare"),
+    ],
+)
 def test_mistakes_are_one_line(runs, tmp_path, capsys, extra, message):
     a, b = runs
     code, _, err = lorakit_cli(capsys, "combine", str(a), str(b), "--out", str(tmp_path / "x"), *extra)
@@ -99,14 +118,17 @@ def test_a_folder_combine_did_not_write_is_refused_even_with_overwrite(overwrite
     assert [p.name for p in mine.iterdir()] == ["thesis.txt"] and (mine / "thesis.txt").read_text() == "my thesis\n"
 
 
-@pytest.mark.parametrize(("where", "says"), [
-    (lambda a, base: a, "is the adapter folder"),
-    (lambda a, base: a.parent, "holds the adapter folder"),  # `--out runs` with runs/a and runs/b in it
-    (lambda a, base: a / "combined", "is inside the adapter folder"),
-    (lambda a, base: base, "is the base model folder"),
-    (lambda a, base: base / "combined", "is inside the base model folder"),
-    (lambda a, base: base.parent, "holds the adapter folder"),
-])
+@pytest.mark.parametrize(
+    ("where", "says"),
+    [
+        (lambda a, base: a, "is the adapter folder"),
+        (lambda a, base: a.parent, "holds the adapter folder"),  # `--out runs` with runs/a and runs/b in it
+        (lambda a, base: a / "combined", "is inside the adapter folder"),
+        (lambda a, base: base, "is the base model folder"),
+        (lambda a, base: base / "combined", "is inside the base model folder"),
+        (lambda a, base: base.parent, "holds the adapter folder"),
+    ],
+)
 def test_combine_never_writes_where_it_reads(where, says, copies, tmp_path, capsys):
     a, b, base = copies
     out = where(a, base)
@@ -127,8 +149,9 @@ def test_overwrite_replaces_only_what_combine_wrote(copies, tmp_path, capsys):
     (out / "notes.txt").write_text("mine")
     (out / "plots").mkdir()
     (out / "plots" / "a.png").write_bytes(b"png")
-    code, _, err = lorakit_cli(capsys, "combine", str(a), str(b), "--out", str(out), "--weights", "0.9,0.1",
-                               "--overwrite")
+    code, _, err = lorakit_cli(
+        capsys, "combine", str(a), str(b), "--out", str(out), "--weights", "0.9,0.1", "--overwrite"
+    )
     assert code == 0, err
     assert (out / "notes.txt").read_text() == "mine" and (out / "plots" / "a.png").read_bytes() == b"png"
     assert json.loads((out / "combine.json").read_text())["weights"] == [0.9, 0.1]

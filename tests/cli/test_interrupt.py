@@ -24,8 +24,7 @@ def interrupted(args: list[str], *, after: float = 0.0, line: str | None = None)
     """Start `python ARGS`, wait `after` seconds (and, if `line`, until stdout shows it), send
     SIGINT; (exit status, stdout, stderr)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         seen = ""
         if line is not None:
@@ -45,15 +44,32 @@ def interrupted(args: list[str], *, after: float = 0.0, line: str | None = None)
 
 
 def train_args(tiny, out) -> list[str]:
-    return ["train", "--model", str(tiny["bert"]), "--data", str(tiny["classify"]), "--out", str(out),
-            "--batch-size", "8", "--threads", "1", "--max-steps", "100000"]
+    return [
+        "train",
+        "--model",
+        str(tiny["bert"]),
+        "--data",
+        str(tiny["classify"]),
+        "--out",
+        str(out),
+        "--batch-size",
+        "8",
+        "--threads",
+        "1",
+        "--max-steps",
+        "100000",
+    ]
 
 
-@pytest.mark.parametrize(("start", "after", "line"), [
-    (CONSOLE_SCRIPT, 0.3, None),  # importing lorakit.cli, then the commands (torch)
-    (["-m", "lorakit"], 1.5, None),  # importing torch / Transformers, or loading the model
-    (["-m", "lorakit"], 0.5, "before training"),  # training
-], ids=["starting", "loading", "training"])
+@pytest.mark.parametrize(
+    ("start", "after", "line"),
+    [
+        (CONSOLE_SCRIPT, 0.3, None),  # importing lorakit.cli, then the commands (torch)
+        (["-m", "lorakit"], 1.5, None),  # importing torch / Transformers, or loading the model
+        (["-m", "lorakit"], 0.5, "before training"),  # training
+    ],
+    ids=["starting", "loading", "training"],
+)
 def test_ctrl_c_is_one_line_and_status_130(start, after, line, tiny, tmp_path):
     code, out, err = interrupted([*start, *train_args(tiny, tmp_path / "run")], after=after, line=line)
     assert code == 130, (code, out, err)

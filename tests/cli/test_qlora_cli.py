@@ -24,9 +24,32 @@ pytest.importorskip("bitsandbytes")
 def qlora_run(tiny, tmp_path_factory):
     """A tiny Llama causal-LM adapter trained on an NF4 base through the CLI."""
     out = tmp_path_factory.mktemp("qlora") / "run"
-    assert main(["train", "--model", str(tiny["llama"]), "--data", str(tiny["completion"]), "--out", str(out),
-                 "--quantize", "nf4", "--targets", "all-linear", "--batch-size", "8", "--epochs", "2", "--lr", "2e-2",
-                 "--threads", "1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(tiny["llama"]),
+                "--data",
+                str(tiny["completion"]),
+                "--out",
+                str(out),
+                "--quantize",
+                "nf4",
+                "--targets",
+                "all-linear",
+                "--batch-size",
+                "8",
+                "--epochs",
+                "2",
+                "--lr",
+                "2e-2",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -46,9 +69,14 @@ def test_merge_writes_the_trained_model_in_full_precision(qlora_run, tmp_path, c
     merged = tmp_path / "merged"
     code, out, _ = cli_here(capsys, "merge", str(qlora_run), "--out", str(merged))
     assert code == 0, out
-    written, naive = (float(x) for x in re.search(
-        r"from the trained model \(nf4 base \+ adapter\) is (\S+) .*original unquantized weights instead would give (\S+)$",
-        out.strip()).groups())
+    written, naive = (
+        float(x)
+        for x in re.search(
+            r"from the trained model \(nf4 base \+ adapter\) is (\S+) "
+            r".*original unquantized weights instead would give (\S+)$",
+            out.strip(),
+        ).groups()
+    )
     assert written < 1e-4 < naive  # the dequantized merge is the trained model; the naive one is not
     plain = AutoModelForCausalLM.from_pretrained(str(merged)).eval()
     assert not any(quantized_kind(m) for m in plain.modules()) and plain.dtype == torch.float32
@@ -68,8 +96,9 @@ def test_merge_requantize_writes_a_quantized_folder_and_reports_its_error(qlora_
     merged = tmp_path / "requantized"
     code, out, _ = cli_here(capsys, "merge", str(qlora_run), "--out", str(merged), "--requantize")
     assert code == 0, out
-    weight_error, output_error = (float(x) for x in re.search(
-        r"largest weight error (\S+); .* is (\S+) \(outputs", out).groups())
+    weight_error, output_error = (
+        float(x) for x in re.search(r"largest weight error (\S+); .* is (\S+) \(outputs", out).groups()
+    )
     assert weight_error > 0 and output_error > 0
     loaded = AutoModelForCausalLM.from_pretrained(str(merged), device_map="cpu")
     assert quantized_kind(loaded.model.layers[0].self_attn.q_proj) == "linear4bit"
@@ -85,8 +114,24 @@ def test_merge_requantize_writes_a_quantized_folder_and_reports_its_error(qlora_
 
 def test_requantize_needs_a_quantized_run(tiny, tmp_path, capsys):
     out = tmp_path / "plain"
-    assert main(["train", "--model", str(tiny["bert"]), "--data", str(tiny["classify"]), "--out", str(out),
-                 "--max-steps", "1", "--threads", "1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(tiny["bert"]),
+                "--data",
+                str(tiny["classify"]),
+                "--out",
+                str(out),
+                "--max-steps",
+                "1",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     code, _, err = cli_here(capsys, "merge", str(out), "--out", str(tmp_path / "m"), "--requantize")
     assert code == 2 and "was not trained on a quantized base" in err
@@ -94,6 +139,16 @@ def test_requantize_needs_a_quantized_run(tiny, tmp_path, capsys):
 
 def test_quantize_without_bitsandbytes_is_one_line(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
-    code, _, err = cli_here(capsys, "train", "--model", str(tiny["bert"]), "--data", str(tiny["classify"]),
-                               "--out", str(tmp_path / "run"), "--quantize", "nf4")
+    code, _, err = cli_here(
+        capsys,
+        "train",
+        "--model",
+        str(tiny["bert"]),
+        "--data",
+        str(tiny["classify"]),
+        "--out",
+        str(tmp_path / "run"),
+        "--quantize",
+        "nf4",
+    )
     assert code == 2 and err.count("\n") == 1 and "pip install 'lorakit[quant]'" in err

@@ -22,8 +22,13 @@ KEY = "test-key"
 def start(*args: str) -> tuple[subprocess.Popen, str, list[str]]:
     """`lorakit serve ARGS --port 0` in its own process; (process, its URL, what it printed)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", *args, "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lorakit", "serve", *args, "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     lines: list[str] = []
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -61,8 +66,9 @@ def test_ctrl_c_answers_the_requests_in_flight_then_stops(adapters):
 
     def ask() -> None:
         with httpx.Client(base_url=url, timeout=120) as c:
-            r = c.post("/v1/completions", json={"model": "x", "prompt": "count from 3 :", "max_tokens": 58,
-                                                "temperature": 0})
+            r = c.post(
+                "/v1/completions", json={"model": "x", "prompt": "count from 3 :", "max_tokens": 58, "temperature": 0}
+            )
             done.append((r.status_code, time.time()))
 
     threads = [threading.Thread(target=ask) for _ in range(12)]
@@ -97,11 +103,18 @@ def test_mistakes_are_one_line(capsys, tmp_path, adapters):
     assert "--max-batch must be an integer >= 1, got 0" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("option", "value", "wanted"), [
-    ("--max-loaded-mb", "nan", "a number >= 0"), ("--max-loaded-mb", "inf", "a number >= 0"),
-    ("--max-wait-ms", "inf", "a number in [0, 60000]"), ("--max-wait-ms", "nan", "a number in [0, 60000]"),
-    ("--max-wait-ms", "60001.0", "a number in [0, 60000]"), ("--port", "70000", "an integer in [0, 65535]"),
-    ("--max-queue", "-3", "an integer >= 1")])
+@pytest.mark.parametrize(
+    ("option", "value", "wanted"),
+    [
+        ("--max-loaded-mb", "nan", "a number >= 0"),
+        ("--max-loaded-mb", "inf", "a number >= 0"),
+        ("--max-wait-ms", "inf", "a number in [0, 60000]"),
+        ("--max-wait-ms", "nan", "a number in [0, 60000]"),
+        ("--max-wait-ms", "60001.0", "a number in [0, 60000]"),
+        ("--port", "70000", "an integer in [0, 65535]"),
+        ("--max-queue", "-3", "an integer >= 1"),
+    ],
+)
 def test_options_are_checked_from_their_definitions(capsys, adapters, option, value, wanted):
     assert main(["serve", str(adapters["a"]), option, value]) == 2
     err = capsys.readouterr().err
@@ -130,8 +143,13 @@ def test_the_port_in_use_is_one_line(adapters):
         taken.listen()
         port = taken.getsockname()[1]
         env = dict(os.environ, HF_HUB_OFFLINE="1")
-        done = subprocess.run([sys.executable, "-m", "lorakit", "serve", str(adapters["a"]), "--port", str(port)],
-                              capture_output=True, text=True, timeout=120, env=env)
+        done = subprocess.run(
+            [sys.executable, "-m", "lorakit", "serve", str(adapters["a"]), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith(f"lorakit serve: error: cannot listen on 127.0.0.1:{port}")
 
@@ -154,8 +172,11 @@ def test_missing_web_libraries_name_the_extra(monkeypatch):
 
 
 def test_the_core_and_the_store_import_without_the_web_libraries():
-    code = ("import sys, lorakit, lorakit.serving; "
-            "print(json.dumps(sorted(m for m in ('fastapi', 'uvicorn', 'starlette', 'httpx', 'pydantic') if m in sys.modules)))")
+    code = (
+        "import sys, lorakit, lorakit.serving; "
+        "heavy = ('fastapi', 'uvicorn', 'starlette', 'httpx', 'pydantic'); "
+        "print(json.dumps(sorted(m for m in heavy if m in sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
 

@@ -50,7 +50,9 @@ def test_layout_and_config_fields(tmp_path):
     config = json.loads((folder / CONFIG_FILE).read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
     assert config["fan_in_fan_out"] is False and config["modules_to_save"] == ["classifier"]
-    assert len(config["target_modules"]) == 8 and "bert.encoder.layer.0.attention.output.dense" in config["target_modules"]
+    assert (
+        len(config["target_modules"]) == 8 and "bert.encoder.layer.0.attention.output.dense" in config["target_modules"]
+    )
     keys = set(load_file(folder / WEIGHTS_FILE))
     assert "base_model.model.bert.encoder.layer.1.attention.self.value.lora_B.weight" in keys
     assert {"base_model.model.classifier.weight", "base_model.model.classifier.bias"} <= keys
@@ -190,7 +192,9 @@ def _corrupt(folder: Path, case: str) -> str:
         return "unexpected key 'base_model.model.bert.pooler.dense.weight'"
     if case == "unknown module":
         tensors["base_model.model.bert.encoder.layer.7.attention.self.query.lora_A.weight"] = tensors[key].clone()
-        tensors["base_model.model.bert.encoder.layer.7.attention.self.query.lora_B.weight"] = tensors[key].T.contiguous()
+        tensors["base_model.model.bert.encoder.layer.7.attention.self.query.lora_B.weight"] = tensors[
+            key
+        ].T.contiguous()
         save_file(tensors, w_path)
         return "names module 'bert.encoder.layer.7.attention.self.query', which this model does not have"
     if case == "wrong shape":
@@ -209,8 +213,21 @@ def _corrupt(folder: Path, case: str) -> str:
 
 
 CASES = [
-    "missing config", "missing weights", "pickle only", "bad json", "dora", "not lora", "truncated", "garbage",
-    "missing key", "missing module", "unexpected key", "unknown module", "wrong shape", "wrong rank", "head shape",
+    "missing config",
+    "missing weights",
+    "pickle only",
+    "bad json",
+    "dora",
+    "not lora",
+    "truncated",
+    "garbage",
+    "missing key",
+    "missing module",
+    "unexpected key",
+    "unknown module",
+    "wrong shape",
+    "wrong rank",
+    "head shape",
 ]
 
 
@@ -324,8 +341,13 @@ def test_add_adapter_from_tensors_refuses_non_finite_values():
     with pytest.raises(ValueError, match=f"module '{path}': B holds 1 NaN"):
         lorakit.add_adapter_from_tensors(model, "x", lorakit.LoraConfig(rank=4, targets=[path]), {path: (a, b)})
     with pytest.raises(ValueError, match="'bert.pooler.dense.bias' holds"):
-        lorakit.add_adapter_from_tensors(model, "x", lorakit.LoraConfig(rank=4, targets=[path]), {path: (a, b.nan_to_num())},
-                                         base={"bert.pooler.dense.bias": torch.full((32,), float("inf"))})
+        lorakit.add_adapter_from_tensors(
+            model,
+            "x",
+            lorakit.LoraConfig(rank=4, targets=[path]),
+            {path: (a, b.nan_to_num())},
+            base={"bert.pooler.dense.bias": torch.full((32,), float("inf"))},
+        )
     assert_unchanged(model, before)
 
 
@@ -335,13 +357,20 @@ def test_add_adapter_from_tensors_refuses_non_finite_values():
 def _raise(error: type[OSError]):
     def fail(*args, **kwargs):
         raise error(13, "Permission denied")
+
     return fail
 
 
 @pytest.mark.parametrize(
     "case",
-    ["folder not searchable", "config unreadable", "weights unreadable", "config is a folder", "weights is a folder",
-     "folder is a file"],
+    [
+        "folder not searchable",
+        "config unreadable",
+        "weights unreadable",
+        "config is a folder",
+        "weights is a folder",
+        "folder is a file",
+    ],
 )
 def test_unreadable_adapter_is_an_adapter_file_error(case, tmp_path, monkeypatch):
     folder, _ = _trained_bert(tmp_path)
@@ -461,13 +490,16 @@ KEY_VALUE = "base_model.model.bert.encoder.layer.1.attention.self.value.lora_B.w
 KEY_EMBEDDING = "base_model.model.bert.embeddings.word_embeddings.lora_embedding_A"
 
 
-@pytest.mark.parametrize(("key", "shape"), [
-    (QUERY_A, (4, 33)),
-    (QUERY_A, (5, 32)),  # the rank the config does not give
-    (KEY_VALUE, (32, 3)),
-    (KEY_VALUE, (128,)),
-    (KEY_EMBEDDING, (4, 7)),
-])
+@pytest.mark.parametrize(
+    ("key", "shape"),
+    [
+        (QUERY_A, (4, 33)),
+        (QUERY_A, (5, 32)),  # the rank the config does not give
+        (KEY_VALUE, (32, 3)),
+        (KEY_VALUE, (128,)),
+        (KEY_EMBEDDING, (4, 7)),
+    ],
+)
 def test_a_tensor_of_the_wrong_shape_is_named_by_its_key(key, shape, tmp_path):
     folder, _ = _trained_bert(tmp_path, targets=["query", "value", "word_embeddings"])
     tensors = load_file(folder / WEIGHTS_FILE)
@@ -481,11 +513,14 @@ def test_a_tensor_of_the_wrong_shape_is_named_by_its_key(key, shape, tmp_path):
     assert_unchanged(model, before)
 
 
-@pytest.mark.parametrize(("bias", "drop"), [
-    ("lora_only", "base_model.model.bert.encoder.layer.0.attention.self.query.base_layer.bias"),
-    ("all", "base_model.model.bert.encoder.layer.1.output.LayerNorm.bias"),
-    ("all", "base_model.model.bert.encoder.layer.0.attention.self.query.base_layer.bias"),
-])
+@pytest.mark.parametrize(
+    ("bias", "drop"),
+    [
+        ("lora_only", "base_model.model.bert.encoder.layer.0.attention.self.query.base_layer.bias"),
+        ("all", "base_model.model.bert.encoder.layer.1.output.LayerNorm.bias"),
+        ("all", "base_model.model.bert.encoder.layer.0.attention.self.query.base_layer.bias"),
+    ],
+)
 def test_a_trained_bias_missing_from_the_file_is_refused(bias, drop, tmp_path):
     folder, _ = _trained_bert(tmp_path, targets=["query"], bias=bias)
     tensors = load_file(folder / WEIGHTS_FILE)
@@ -516,12 +551,15 @@ def test_peft_second_copies_of_a_saved_modules_tensor_must_agree(inside, tmp_pat
 # ---- saving: checked before anything is written ---------------------------------------------
 
 
-@pytest.mark.parametrize(("kwargs", "error", "message"), [
-    (dict(extra_files={"labels.json": {"x": object()}}), ValueError, "extra file 'labels.json': not JSON"),
-    (dict(extra_files={"labels.json": {"x": {1, 2}}}), ValueError, "extra file 'labels.json': not JSON"),
-    (dict(extra_files={"../labels.json": {}}), ValueError, "must be a plain '*.json' name"),
-    (dict(path=123), TypeError, "an adapter folder is a path (str or os.PathLike), got int 123"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (dict(extra_files={"labels.json": {"x": object()}}), ValueError, "extra file 'labels.json': not JSON"),
+        (dict(extra_files={"labels.json": {"x": {1, 2}}}), ValueError, "extra file 'labels.json': not JSON"),
+        (dict(extra_files={"../labels.json": {}}), ValueError, "must be a plain '*.json' name"),
+        (dict(path=123), TypeError, "an adapter folder is a path (str or os.PathLike), got int 123"),
+    ],
+)
 def test_a_refused_save_leaves_the_folder_as_it_was(kwargs, error, message, tmp_path):
     folder, model = _trained_bert(tmp_path)
     randomize_adapter(model, seed=7)  # new weights that must not reach the folder

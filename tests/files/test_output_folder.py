@@ -1,4 +1,4 @@
-"""output_folder.py: the rule for a folder a command writes, on a made-up command (the real
+"""files/output_folder.py: the rule for a folder a command writes, on a made-up command (the real
 commands' tests are in tests/cli/test_combine.py, tests/cli/test_cli_errors.py and
 tests/training/test_out_folder.py)."""
 
@@ -16,8 +16,9 @@ class Refused(Exception):
     pass
 
 
-MAKE = Output(command="make-thing", what="a thing folder", marker="thing.json", names=("thing.json", "thing.bin"),
-              error=Refused)
+MAKE = Output(
+    command="make-thing", what="a thing folder", marker="thing.json", names=("thing.json", "thing.bin"), error=Refused
+)
 
 
 def fill(folder, data=b"new"):
@@ -40,7 +41,9 @@ def test_a_new_folder_appears_whole_or_not_at_all(tmp_path):
     MAKE.write(tmp_path / "out", fill, {"why": "test"}, overwrite=False)
     assert names(tmp_path) == ["out"]
     assert json.loads((tmp_path / "out" / "thing.json").read_text()) == {
-        "why": "test", "files": ["extra.txt", "thing.bin", "thing.json"]}
+        "why": "test",
+        "files": ["extra.txt", "thing.bin", "thing.json"],
+    }
     with pytest.raises(OSError, match="disk full"):
         MAKE.write(tmp_path / "out", broken, {}, overwrite=True)
     assert names(tmp_path) == ["out"] and (tmp_path / "out" / "thing.bin").read_bytes() == b"new"
@@ -77,6 +80,7 @@ def test_overwrite_removes_only_what_the_command_wrote(tmp_path, monkeypatch):
     assert names(out) == ["notes.txt", "thing.bin", "thing.json"]  # extra.txt went with the old output
     assert (out / "thing.bin").read_bytes() == b"newer"
     assert names(tmp_path) == ["out"]  # the old output was set aside, then removed
+
 
 def test_out_dot_keeps_the_folder_it_is_run_from(tmp_path, monkeypatch):
     out = tmp_path / "out"
@@ -121,6 +125,9 @@ def test_an_input_is_never_the_folder_inside_it_or_holding_it(where, relation, t
     out = tmp_path / where
     with pytest.raises(Refused, match=f"--out {out} {relation} --data {source}; make-thing never writes where"):
         MAKE.check_out(out, overwrite=True, inputs=[("--data", source)])
-    MAKE.check_out(tmp_path / "other", overwrite=True, inputs=[("--data", source), ("--model", "org/hub-id"),
-                                                               ("--eval-data", None)])
+    MAKE.check_out(
+        tmp_path / "other",
+        overwrite=True,
+        inputs=[("--data", source), ("--model", "org/hub-id"), ("--eval-data", None)],
+    )
     assert os.listdir(tmp_path) == ["input"]

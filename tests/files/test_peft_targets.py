@@ -1,4 +1,4 @@
-"""peft_targets.py: the modules an adapter_config.json targets, pinned to what PEFT adapts; and
+"""files/peft_targets.py: the modules an adapter_config.json targets, pinned to what PEFT adapts; and
 loading refuses a file whose pairs are not exactly those modules (PEFT would skip the extra ones)."""
 
 from __future__ import annotations
@@ -32,19 +32,28 @@ CONFIGS = {
     "swin-pattern-blocks": (SwinLike, dict(target_modules=["qkv"], layers_to_transform=[1], layers_pattern="blocks")),
     "swin-pattern-int": (SwinLike, dict(target_modules=["qkv", "mlp"], layers_to_transform=2, layers_pattern="blocks")),
     "swin-pattern-layers": (SwinLike, dict(target_modules=["qkv"], layers_to_transform=[0], layers_pattern="layers")),
-    "swin-patterns-in-order": (SwinLike, dict(target_modules=["qkv"], layers_to_transform=[1], layers_pattern=["layers", "blocks"])),
+    "swin-patterns-in-order": (
+        SwinLike,
+        dict(target_modules=["qkv"], layers_to_transform=[1], layers_pattern=["layers", "blocks"]),
+    ),
     "swin-no-pattern": (SwinLike, dict(target_modules=["qkv"], layers_to_transform=[0])),
     "swin-whole-name-skips-filter": (
         SwinLike,
         dict(target_modules=["qkv", "layers.1.blocks.2.attn.proj"], layers_to_transform=[0], layers_pattern="layers"),
     ),
-    "swin-dotted-suffix": (SwinLike, dict(target_modules=["attn.qkv"], layers_to_transform=[2], layers_pattern="blocks")),
+    "swin-dotted-suffix": (
+        SwinLike,
+        dict(target_modules=["attn.qkv"], layers_to_transform=[2], layers_pattern="blocks"),
+    ),
     "swin-regex-exclude": (SwinLike, dict(target_modules=r".*\.(qkv|mlp)", exclude_modules=["layers.0.blocks.0.mlp"])),
     "swin-exclude-regex": (SwinLike, dict(target_modules=["qkv", "proj"], exclude_modules=r"layers\.1\..*")),
     "swin-all-linear": (SwinLike, dict(target_modules="all-linear")),
     "llama-layers": (tiny_llama, dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[1])),
     "llama-all-linear": (tiny_llama, dict(target_modules="all-linear")),
-    "bert-modules-to-save": (tiny_bert, dict(target_modules=["query", "dense"], modules_to_save=["classifier", "pooler"])),
+    "bert-modules-to-save": (
+        tiny_bert,
+        dict(target_modules=["query", "dense"], modules_to_save=["classifier", "pooler"]),
+    ),
 }
 
 
@@ -63,7 +72,8 @@ def test_targeted_modules_are_those_peft_adapts(case):
     got = targeted_modules(
         make(),
         kwargs["target_modules"],
-        layers=kwargs.get("layers_to_transform") if not isinstance(kwargs.get("layers_to_transform"), int)
+        layers=kwargs.get("layers_to_transform")
+        if not isinstance(kwargs.get("layers_to_transform"), int)
         else [kwargs["layers_to_transform"]],
         layers_pattern=kwargs.get("layers_pattern"),
         exclude=kwargs.get("exclude_modules"),
@@ -77,17 +87,21 @@ def _saved_by_peft(model) -> list[str]:
     return sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, wrapper))
 
 
-@pytest.mark.parametrize(("make", "entries"), [
-    (tiny_llama, ["norm"]),  # every ...layernorm too: a plain suffix, not a dotted one
-    (tiny_llama, ["lm_head", "embed_tokens"]),
-    (tiny_llama, ["layernorm"]),
-    (tiny_llama, ["layers.1"]),  # a whole block, its insides not again
-    (tiny_bert, ["classifier", "pooler"]),
-    (tiny_bert, ["dense"]),
-])
+@pytest.mark.parametrize(
+    ("make", "entries"),
+    [
+        (tiny_llama, ["norm"]),  # every ...layernorm too: a plain suffix, not a dotted one
+        (tiny_llama, ["lm_head", "embed_tokens"]),
+        (tiny_llama, ["layernorm"]),
+        (tiny_llama, ["layers.1"]),  # a whole block, its insides not again
+        (tiny_bert, ["classifier", "pooler"]),
+        (tiny_bert, ["dense"]),
+    ],
+)
 def test_saved_modules_are_those_peft_trains_in_full(make, entries):
-    expected = _saved_by_peft(peft.get_peft_model(make(), peft.LoraConfig(r=2, target_modules=["k_proj", "key"],
-                                                                          modules_to_save=entries)))
+    expected = _saved_by_peft(
+        peft.get_peft_model(make(), peft.LoraConfig(r=2, target_modules=["k_proj", "key"], modules_to_save=entries))
+    )
     assert sorted(peft_saved_modules(make(), entries)) == expected
 
 
@@ -109,7 +123,9 @@ def test_peft_adapter_loads_with_its_targets(case, tmp_path):
     lorakit.load_adapter(model, tmp_path)
     with torch.no_grad():
         assert_rounding_close(model(x), expected, n=SWIN_N)
-    assert sorted(n for n, m in model.named_modules() if isinstance(m, lorakit.LoraLayer)) == _adapted_by_peft(reference)
+    assert sorted(n for n, m in model.named_modules() if isinstance(m, lorakit.LoraLayer)) == _adapted_by_peft(
+        reference
+    )
 
 
 @pytest.mark.numeric
@@ -136,8 +152,10 @@ def test_layers_pattern_in_lorakit_config_round_trips_through_peft(tmp_path):
         assert_rounding_close(reference(x), expected, n=SWIN_N)
         assert torch.equal(fresh(x), expected)
     # The same selection as PEFT makes from the same settings.
-    same = peft.get_peft_model(SwinLike(), peft.LoraConfig(r=2, target_modules=["qkv", "proj"], layers_to_transform=[1],
-                                                            layers_pattern="blocks"))
+    same = peft.get_peft_model(
+        SwinLike(),
+        peft.LoraConfig(r=2, target_modules=["qkv", "proj"], layers_to_transform=[1], layers_pattern="blocks"),
+    )
     assert _adapted_by_peft(same) == adapted
 
 
@@ -166,9 +184,15 @@ V1 = "base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"
 UNTARGETED = {
     "suffix list without k": (dict(target_modules=["q_proj", "v_proj"]), K0),
     "layers_to_transform [1]": (dict(target_modules=["q_proj", "k_proj", "v_proj"], layers_to_transform=[1]), K0),
-    "layers_pattern": (dict(target_modules=["q_proj", "k_proj", "v_proj"], layers_to_transform=[0], layers_pattern="layers"), V1.replace("v_proj", "k_proj")),
+    "layers_pattern": (
+        dict(target_modules=["q_proj", "k_proj", "v_proj"], layers_to_transform=[0], layers_pattern="layers"),
+        V1.replace("v_proj", "k_proj"),
+    ),
     "regex": (dict(target_modules=r".*\.(q|v)_proj"), K0),
-    "exclude list": (dict(target_modules=["q_proj", "k_proj", "v_proj"], exclude_modules=["model.layers.0.self_attn.q_proj"]), Q0),
+    "exclude list": (
+        dict(target_modules=["q_proj", "k_proj", "v_proj"], exclude_modules=["model.layers.0.self_attn.q_proj"]),
+        Q0,
+    ),
     "exclude regex": (dict(target_modules=["q_proj", "k_proj", "v_proj"], exclude_modules=r".*k_proj"), K0),
     "modules_to_save": (dict(target_modules=["q_proj", "k_proj", "v_proj"], modules_to_save=["k_proj"]), K0),
 }
@@ -232,5 +256,7 @@ def test_pair_for_a_module_the_model_lacks_names_the_module(tmp_path):
         key = f"base_model.model.model.layers.5.self_attn.q_proj.lora_{role}.weight"
         tensors[key] = tensors[Q0.replace("lora_A", f"lora_{role}")].clone()
     save_file(tensors, folder / WEIGHTS_FILE)
-    with pytest.raises(AdapterFileError, match="names module 'model.layers.5.self_attn.q_proj', which this model does not have"):
+    with pytest.raises(
+        AdapterFileError, match="names module 'model.layers.5.self_attn.q_proj', which this model does not have"
+    ):
         lorakit.load_adapter(tiny_llama(), folder)

@@ -1,4 +1,4 @@
-"""dispatch.py: which path each adapted layer takes, chosen in one place and kept per change.
+"""layers/dispatch.py: which path each adapted layer takes, chosen in one place and kept per change.
 
 The numbers of each kernel are pinned to the reference in test_fused.py, test_dora.py and
 test_quantized.py; here, which computation runs, and that what the chooser keeps follows the
@@ -67,10 +67,18 @@ def test_the_linear_kernels_take_what_they_can_compute(monkeypatch):
     assert _path(_linear(dora=True, dropout=0.1).eval(), _x(), monkeypatch) == "dora"
 
 
-@pytest.mark.parametrize("case", [
-    "nn.Linear subclass", "adapter dtype", "forward hook", "pre-hook", "autocast",
-    "two adapters with DoRA", "DoRA with dropout in training",
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "nn.Linear subclass",
+        "adapter dtype",
+        "forward hook",
+        "pre-hook",
+        "autocast",
+        "two adapters with DoRA",
+        "DoRA with dropout in training",
+    ],
+)
 def test_the_reference_runs_where_no_kernel_is_exact(case, monkeypatch):
     layer = {
         "nn.Linear subclass": lambda: _linear(_Subclass(IN, OUT)),

@@ -1,4 +1,4 @@
-"""dora.py: DoRA pinned to a plain formula, its fast path to the reference, and both to PEFT.
+"""layers/dora.py: DoRA pinned to a plain formula, its fast path to the reference, and both to PEFT.
 
 The plain formula, written here from the paper: y = m / ||W + s B A||_c * (x (W + s B A)^T) + bias,
 the norm per output feature and a constant for the gradient; training with dropout follows
@@ -74,7 +74,9 @@ def _layer(kind: str, dtype=torch.float64, dropout: float = 0.0, names=("a",), s
         a, b = layer.build_pair(4, "default")
         a = torch.randn(a.shape, generator=gen, dtype=dtype) * 0.3
         b = torch.randn(b.shape, generator=gen, dtype=dtype) * 0.3
-        m = layer.initial_magnitude(a, b, S) * (1 + 0.2 * torch.rand(layer.magnitude_shape(), generator=gen, dtype=dtype))
+        m = layer.initial_magnitude(a, b, S) * (
+            1 + 0.2 * torch.rand(layer.magnitude_shape(), generator=gen, dtype=dtype)
+        )
         layer.attach(name, a, b, S, dropout, m)
         layer.active.append(name)
     return layer
@@ -308,7 +310,11 @@ def test_new_dora_adapter_changes_nothing(ids):
     assert_rounding_close(logits(model, ids), base, n=TINY_MODEL_N)
     assert layer.lora_magnitude["default"].requires_grad
     assert lorakit.trainable_parameters(model)[0] == sum(
-        p.numel() for m in model.modules() if isinstance(m, lorakit.LoraLayer) for p in m.adapter_parameters("default").values())
+        p.numel()
+        for m in model.modules()
+        if isinstance(m, lorakit.LoraLayer)
+        for p in m.adapter_parameters("default").values()
+    )
 
 
 @pytest.mark.parametrize("make, targets", [(tiny_llama, "attention+mlp"), (tiny_gpt2, ["c_attn", "c_fc", "c_proj"])])
@@ -341,7 +347,8 @@ def test_save_load_round_trip(tmp_path, ids):
 
     saved = tensors(tmp_path)
     assert sum(k.endswith(".lora_magnitude_vector") for k in saved) == len(
-        [m for m in model.modules() if isinstance(m, lorakit.LoraLayer)])
+        [m for m in model.modules() if isinstance(m, lorakit.LoraLayer)]
+    )
     fresh = tiny_llama()
     lorakit.load_adapter(fresh, tmp_path)
     assert lorakit.adapters(fresh)["default"].config.use_dora
@@ -381,12 +388,21 @@ peft = pytest.importorskip("peft")
 
 DORA_CASES = {
     # name: (model factory, PEFT LoraConfig kwargs, lorakit LoraConfig kwargs)
-    "llama": (tiny_llama, dict(target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]),
-              dict(targets=["q_proj", "v_proj", "gate_proj", "down_proj"])),
-    "gpt2-conv1d": (tiny_gpt2, dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
-                    dict(targets=["c_attn", "c_fc"])),
-    "conv-embedding": (ConvToy, dict(target_modules=["emb", "lin", "conv2", "conv1"]),
-                       dict(targets=["emb", "lin", "conv2", "conv1"])),
+    "llama": (
+        tiny_llama,
+        dict(target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]),
+        dict(targets=["q_proj", "v_proj", "gate_proj", "down_proj"]),
+    ),
+    "gpt2-conv1d": (
+        tiny_gpt2,
+        dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
+        dict(targets=["c_attn", "c_fc"]),
+    ),
+    "conv-embedding": (
+        ConvToy,
+        dict(target_modules=["emb", "lin", "conv2", "conv1"]),
+        dict(targets=["emb", "lin", "conv2", "conv1"]),
+    ),
 }
 
 

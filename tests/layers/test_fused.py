@@ -1,4 +1,4 @@
-"""The fast path (fused.py, LoraLinear.forward) pinned to the plain reference_forward.
+"""The fast path (layers/fused.py, LoraLinear.forward) pinned to the plain reference_forward.
 
 Outputs and gradients (x, every A and B, the base weight and bias when they train) must agree
 in float32 to rounding (helpers.assert_rounding_close), for: nn.Linear with and without bias and

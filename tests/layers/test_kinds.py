@@ -1,23 +1,26 @@
-"""wrappers.py: each kind of module `targets.adaptable_kind` reports has its wrapper class."""
+"""layers/kinds.py: each kind of module `targets.adaptable_kind` reports has its wrapper class."""
 
 from __future__ import annotations
 
 import pytest
 from torch import nn
 
-from lorakit.layers.plain import LoraConv, LoraEmbedding, LoraLinear
-from lorakit.quant.bnb import KINDS as QUANTIZED_KINDS
-from lorakit.layers.quantized import LoraQuantLinear
-from lorakit.targets import adaptable_kind
 from lorakit.layers.kinds import wrapper_for
+from lorakit.layers.plain import LoraConv, LoraEmbedding, LoraLinear
+from lorakit.layers.quantized import LoraQuantLinear
+from lorakit.quant.bnb import KINDS as QUANTIZED_KINDS
+from lorakit.targets import adaptable_kind
 
 
-@pytest.mark.parametrize(("module", "wrapper"), [
-    (nn.Linear(4, 3), LoraLinear),
-    (nn.Embedding(10, 4), LoraEmbedding),
-    (nn.Conv1d(4, 3, 2), LoraConv),
-    (nn.Conv2d(4, 3, 2), LoraConv),
-])
+@pytest.mark.parametrize(
+    ("module", "wrapper"),
+    [
+        (nn.Linear(4, 3), LoraLinear),
+        (nn.Embedding(10, 4), LoraEmbedding),
+        (nn.Conv1d(4, 3, 2), LoraConv),
+        (nn.Conv2d(4, 3, 2), LoraConv),
+    ],
+)
 def test_each_plain_kind_takes_its_wrapper(module, wrapper):
     assert wrapper_for(adaptable_kind(module)) is wrapper
 

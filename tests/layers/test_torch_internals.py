@@ -1,4 +1,4 @@
-"""torch_internals.py: each private behaviour is checked at import, a failed check is noticed,
+"""layers/torch_internals.py: each private behaviour is checked at import, a failed check is noticed,
 and with a failed check lorakit still computes what the plain reference computes."""
 
 from __future__ import annotations
@@ -76,15 +76,15 @@ def test_a_vanished_private_function_fails_closed(monkeypatch):
 
 def test_hooks_kept_somewhere_else_are_noticed(monkeypatch):
     # As if a torch release stored forward hooks outside the dicts lorakit reads.
-    monkeypatch.setattr(nn.Module, "register_forward_hook",
-                        lambda self, hook, **kwargs: torch.utils.hooks.RemovableHandle({}))
+    monkeypatch.setattr(
+        nn.Module, "register_forward_hook", lambda self, hook, **kwargs: torch.utils.hooks.RemovableHandle({})
+    )
     assert torch_internals.check().failed() == ["module_hooks"]
 
 
 def test_saved_inputs_that_no_longer_give_the_output_back_are_noticed(monkeypatch):
     recipe = torch_internals._recipe
-    monkeypatch.setattr(torch_internals, "_recipe",
-                        lambda x: None if recipe(x) is None else (recipe(x)[0], torch.add))
+    monkeypatch.setattr(torch_internals, "_recipe", lambda x: None if recipe(x) is None else (recipe(x)[0], torch.add))
     assert torch_internals.check().failed() == ["saved_inputs"]
 
 
@@ -101,8 +101,9 @@ def test_with_every_check_failed_each_answer_is_the_safe_one(monkeypatch):
 def test_with_the_checks_failed_the_layer_falls_back_to_the_reference(dora, monkeypatch):
     layer = _layer(dora=dora)
     want = _outputs_and_grads(layer, fast=False)
-    monkeypatch.setattr(nn.Module, "register_forward_hook",
-                        lambda self, hook, **kwargs: torch.utils.hooks.RemovableHandle({}))
+    monkeypatch.setattr(
+        nn.Module, "register_forward_hook", lambda self, hook, **kwargs: torch.utils.hooks.RemovableHandle({})
+    )
     checks = torch_internals.check()
     monkeypatch.undo()
     assert not checks.module_hooks
@@ -114,8 +115,9 @@ def test_with_the_checks_failed_the_layer_falls_back_to_the_reference(dora, monk
     assert calls, "hooks that cannot be seen must send the layer to its reference path"
 
 
-@pytest.mark.parametrize(("dora", "dropout"), [(False, 0.0), (False, 0.2), (True, 0.0)],
-                         ids=["lora", "lora-dropout", "dora"])  # DoRA with dropout has no kernel
+@pytest.mark.parametrize(
+    ("dora", "dropout"), [(False, 0.0), (False, 0.2), (True, 0.0)], ids=["lora", "lora-dropout", "dora"]
+)  # DoRA with dropout has no kernel
 def test_without_the_recipe_the_kernels_keep_their_input_and_agree(dora, dropout, monkeypatch):
     layer = _layer(dora=dora, dropout=dropout).train()
     want = _outputs_and_grads(layer, fast=False)

@@ -1,4 +1,5 @@
-"""Quantized bases (quantized.py, quantize.py, quantized_layer.py, qlora_fused.py): the facts
+"""Quantized bases (quant/bnb.py, quant/convert.py, quant/loftq.py, layers/quantized.py and
+layers/quantized_fused.py): the facts
 about bitsandbytes' layers lorakit relies on, quantize / dequantize, the wrapper's forward, fast
 path, merge rules and adapter files; and the core without bitsandbytes."""
 
@@ -156,7 +157,7 @@ def test_dequantize_gives_the_same_model_in_full_precision(ids):
     lorakit.dequantize(model)
     assert not any(quantized_kind(m) for m in model.modules())
     assert type(model.model.layers[0].self_attn.q_proj) is lorakit.LoraLinear
-    assert getattr(model, "is_loaded_in_4bit") is False
+    assert model.is_loaded_in_4bit is False
     assert_rounding_close(logits(model, ids), expected, n=TINY_MODEL_N)
     lorakit.merge(model)  # now exact, as for any full-precision layer
     assert_rounding_close(logits(model, ids), expected, n=TINY_MODEL_N)
@@ -292,7 +293,10 @@ def test_nested_disabled_and_its_merge_refusal_hold_on_a_quantized_base(ids):
     assert torch.equal(logits(model, ids), adapted_out)
 
 
-@pytest.mark.parametrize("value, message", [(float("nan"), "B holds 1 NaN"), ("int64", "B has dtype torch.int64, but this model needs floating-point")])
+@pytest.mark.parametrize(
+    "value, message",
+    [(float("nan"), "B holds 1 NaN"), ("int64", "B has dtype torch.int64, but this model needs floating-point")],
+)
 def test_file_values_are_checked_on_a_quantized_base(value, message):
     model = quantized_llama("nf4")
     path = "model.layers.0.self_attn.q_proj"
@@ -435,7 +439,7 @@ def test_loftq_pairs_start_the_adapters_at_the_quantization_error(kind, ids):
     model = lorakit.quantize(tiny_llama(), kind)
     plain = logits(model, ids)
     lorakit.add_adapter_from_tensors(model, "default", config, pairs)
-    for path, (a, b) in pairs.items():
+    for path in pairs:
         weight = original.get_submodule(path).weight
         layer = model.get_submodule(path)
         before = (weight - dequantize(layer.base_layer, torch.float32)).norm()

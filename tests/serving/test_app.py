@@ -33,7 +33,7 @@ def offline_text(folder, prompt: str, max_tokens: int) -> str:
     enc = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
         ids = model.generate(**enc, max_new_tokens=max_tokens, do_sample=False, pad_token_id=model.config.pad_token_id)
-    return tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def close(got: list[float], want: list[float]) -> None:
@@ -137,7 +137,9 @@ def test_every_error_status(adapters):
                 "missing": await post({"model": "a"}),
                 "types": await post({"model": "a", "input": 3}),
                 "empty": await post({"model": "a", "input": []}),
-                "json": await c.post("/v1/classify", content=b"{not json", headers={"content-type": "application/json"}),
+                "json": await c.post(
+                    "/v1/classify", content=b"{not json", headers={"content-type": "application/json"}
+                ),
                 "body": await post({"model": "a", "input": "good " * 500}),
                 "tokens": await post({"model": "a", "input": "good " * 100}),
                 "queue": await post({"model": "a", "input": ["good", "bad", "fine"]}),
@@ -158,8 +160,10 @@ def test_every_error_status(adapters):
     assert r["body"].status_code == 413 and "2000 bytes" in r["body"].json()["error"]["message"]
     assert r["tokens"].status_code == 413 and "maximum context of 64 tokens" in r["tokens"].json()["error"]["message"]
     assert r["queue"].status_code == 413 and "retry-after" not in r["queue"].headers  # more rows than fit
-    assert "3 rows" in r["queue"].json()["error"]["message"] and "2 the server queues (--max-queue)" in (
-        r["queue"].json()["error"]["message"])
+    assert (
+        "3 rows" in r["queue"].json()["error"]["message"]
+        and "2 the server queues (--max-queue)" in (r["queue"].json()["error"]["message"])
+    )
     assert r["route"].status_code == 404 and "error" in r["route"].json()
     assert r["after"].status_code == 200  # and the server goes on
 
@@ -178,7 +182,9 @@ def test_a_full_queue_answers_429_while_the_model_is_busy(adapters):
 
     async def go():
         async with client(app) as c:
-            return await asyncio.gather(*[c.post("/v1/classify", json={"model": "a", "input": "good"}) for _ in range(20)])
+            return await asyncio.gather(
+                *[c.post("/v1/classify", json={"model": "a", "input": "good"}) for _ in range(20)]
+            )
 
     codes = [r.status_code for r in run(go())]
     assert 200 in codes and 429 in codes and set(codes) == {200, 429}
@@ -192,8 +198,10 @@ def test_a_bad_adapter_fails_its_own_requests_and_nothing_else(adapters, tmp_pat
 
     async def go():
         async with client(app) as c:
-            both = await asyncio.gather(c.post("/v1/classify", json={"model": "d", "input": "good"}),
-                                        c.post("/v1/classify", json={"model": "c", "input": "good"}))
+            both = await asyncio.gather(
+                c.post("/v1/classify", json={"model": "d", "input": "good"}),
+                c.post("/v1/classify", json={"model": "c", "input": "good"}),
+            )
             again = await c.post("/v1/classify", json={"model": "a", "input": "good"})
             return both, again
 
@@ -287,11 +295,13 @@ def test_the_api_key_guards_every_endpoint_but_health(adapters):
     async def go():
         async with client(app) as c:
             body = {"model": "a", "input": "good"}
-            return (await c.post("/v1/classify", json=body),
-                    await c.post("/v1/classify", json=body, headers={"Authorization": "Bearer wrong"}),
-                    await c.post("/v1/classify", json=body, headers={"Authorization": "Bearer s3cret"}),
-                    await c.get("/v1/models"),
-                    await c.get("/health"))
+            return (
+                await c.post("/v1/classify", json=body),
+                await c.post("/v1/classify", json=body, headers={"Authorization": "Bearer wrong"}),
+                await c.post("/v1/classify", json=body, headers={"Authorization": "Bearer s3cret"}),
+                await c.get("/v1/models"),
+                await c.get("/health"),
+            )
 
     none, wrong, right, models, health = run(go())
     assert none.status_code == wrong.status_code == models.status_code == 401
@@ -326,10 +336,15 @@ def test_metrics_in_prometheus_text(adapters):
     r = run(go())
     assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
     text = r.text
-    for needle in ('lorakit_requests_total{endpoint="/v1/classify",status="200"} 1',
-                   'lorakit_requests_total{endpoint="/v1/classify",status="404"} 1',
-                   "lorakit_request_errors_total 1", "lorakit_queue_depth 0", "lorakit_batch_rows_count 1",
-                   'lorakit_request_duration_seconds_count{endpoint="/v1/classify"} 2', "lorakit_adapters_loaded 1"):
+    for needle in (
+        'lorakit_requests_total{endpoint="/v1/classify",status="200"} 1',
+        'lorakit_requests_total{endpoint="/v1/classify",status="404"} 1',
+        "lorakit_request_errors_total 1",
+        "lorakit_queue_depth 0",
+        "lorakit_batch_rows_count 1",
+        'lorakit_request_duration_seconds_count{endpoint="/v1/classify"} 2',
+        "lorakit_adapters_loaded 1",
+    ):
         assert needle in text, needle
 
 
@@ -343,9 +358,14 @@ def test_completions_equal_generate_with_the_adapter_alone(adapters):
 
     async def go():
         async with client(app) as c:
-            return await asyncio.gather(*[
-                c.post("/v1/completions", json={"model": n, "prompt": p, "max_tokens": lengths[n], "temperature": 0})
-                for n, p in prompts.items()])
+            return await asyncio.gather(
+                *[
+                    c.post(
+                        "/v1/completions", json={"model": n, "prompt": p, "max_tokens": lengths[n], "temperature": 0}
+                    )
+                    for n, p in prompts.items()
+                ]
+            )
 
     responses = run(go())
     for (name, prompt), r in zip(prompts.items(), responses):
@@ -366,35 +386,53 @@ def test_streaming_gives_the_same_text_as_sse(adapters):
     async def go():
         async with client(app) as c:
             whole = await c.post("/v1/completions", json=body)
-            streamed = await c.post("/v1/completions", json=dict(body, stream=True, stream_options={"include_usage": True}))
-            chat = await c.post("/v1/chat/completions", json={"model": "x", "messages": [{"role": "user", "content": "hi"}],
-                                                               "max_tokens": 4, "temperature": 0, "stream": True})
+            streamed = await c.post(
+                "/v1/completions", json=dict(body, stream=True, stream_options={"include_usage": True})
+            )
+            chat = await c.post(
+                "/v1/chat/completions",
+                json={
+                    "model": "x",
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 4,
+                    "temperature": 0,
+                    "stream": True,
+                },
+            )
             return whole, streamed, chat
 
     whole, streamed, chat = run(go())
     assert streamed.headers["content-type"].startswith("text/event-stream")
-    events = [e[len("data: "):] for e in streamed.text.split("\n\n") if e]
+    events = [e[len("data: ") :] for e in streamed.text.split("\n\n") if e]
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == whole.json()["choices"][0]["text"]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole.json()["usage"]
     assert chunks[-2]["choices"][0]["finish_reason"] == whole.json()["choices"][0]["finish_reason"]
-    chat_chunks = [json.loads(e[len("data: "):]) for e in chat.text.split("\n\n") if e and e != "data: [DONE]"]
+    chat_chunks = [json.loads(e[len("data: ") :]) for e in chat.text.split("\n\n") if e and e != "data: [DONE]"]
     assert chat_chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert chat_chunks[0]["object"] == "chat.completion.chunk"
 
 
 def test_sampling_with_a_seed_repeats_and_n_gives_several_choices(adapters):
     app, _ = build([adapters["x"]], None)
-    body = {"model": "x", "prompt": ["count from 3 :", "count from 5 :"], "max_tokens": 5, "temperature": 1.0,
-            "top_p": 0.9, "seed": 7, "n": 2}
+    body = {
+        "model": "x",
+        "prompt": ["count from 3 :", "count from 5 :"],
+        "max_tokens": 5,
+        "temperature": 1.0,
+        "top_p": 0.9,
+        "seed": 7,
+        "n": 2,
+    }
 
     async def go():
         async with client(app) as c:
             first = await c.post("/v1/completions", json=body)
             # The same request in a batch with another one: a row's seed is its own.
-            second, _ = await asyncio.gather(c.post("/v1/completions", json=body),
-                                             c.post("/v1/completions", json=dict(body, seed=99)))
+            second, _ = await asyncio.gather(
+                c.post("/v1/completions", json=body), c.post("/v1/completions", json=dict(body, seed=99))
+            )
             return first, second
 
     first, second = run(go())
@@ -407,12 +445,15 @@ def test_stop_strings_end_the_text(adapters):
 
     async def go():
         async with client(app) as c:
-            base = await c.post("/v1/completions", json={"model": "x", "prompt": "count from 3 :", "max_tokens": 6,
-                                                         "temperature": 0})
+            base = await c.post(
+                "/v1/completions", json={"model": "x", "prompt": "count from 3 :", "max_tokens": 6, "temperature": 0}
+            )
             text = base.json()["choices"][0]["text"]
             stop = text.split()[1]
-            cut = await c.post("/v1/completions", json={"model": "x", "prompt": "count from 3 :", "max_tokens": 6,
-                                                        "temperature": 0, "stop": [stop]})
+            cut = await c.post(
+                "/v1/completions",
+                json={"model": "x", "prompt": "count from 3 :", "max_tokens": 6, "temperature": 0, "stop": [stop]},
+            )
             return text, stop, cut.json()["choices"][0]
 
     text, stop, choice = run(go())
@@ -445,8 +486,12 @@ def test_a_zero_weight_adds_nothing_even_for_an_adapter_not_loaded(adapters):
     async def go():
         async with client(app) as c:
             post = lambda body: c.post("/v1/classify", json=dict(body, input="good film"))  # noqa: E731
-            return (await post({"adapters": {"a": 1.0, "c": 0.0}}), await post({"model": "a"}),
-                    await post({"adapters": {"d": 0}}), await post({}))
+            return (
+                await post({"adapters": {"a": 1.0, "c": 0.0}}),
+                await post({"model": "a"}),
+                await post({"adapters": {"d": 0}}),
+                await post({}),
+            )
 
     mixed, alone, zero, base = run(go())
     assert mixed.status_code == 200 and zero.status_code == 200, (mixed.text, zero.text)

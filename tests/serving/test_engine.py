@@ -49,8 +49,10 @@ def texts(responses) -> list[list[str]]:
 
 def test_a_batch_whose_forward_fails_mid_decoding_goes_on_row_by_row(adapters):
     app, engine = build([adapters["x"], adapters["y"]], None, max_wait_ms=200)
-    bodies = [{"model": "x", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0},
-              {"model": "y", "prompt": PROMPTS[1], "max_tokens": 8, "temperature": 1.0, "seed": 5, "n": 2}]
+    bodies = [
+        {"model": "x", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0},
+        {"model": "y", "prompt": PROMPTS[1], "max_tokens": 8, "temperature": 1.0, "seed": 5, "n": 2},
+    ]
     batched = [0]
 
     def when(call, ids):
@@ -74,9 +76,11 @@ def test_a_row_that_fails_alone_gets_its_own_error_and_the_others_complete(adapt
     async def go():
         async with client(app) as c:
             alone = await c.post("/v1/completions", json=good)
-            together = await asyncio.gather(c.post("/v1/completions", json=good),
-                                            c.post("/v1/completions", json=bad),
-                                            c.post("/v1/completions", json=dict(good, stream=True)))
+            together = await asyncio.gather(
+                c.post("/v1/completions", json=good),
+                c.post("/v1/completions", json=bad),
+                c.post("/v1/completions", json=dict(good, stream=True)),
+            )
             return alone, together, app.state.metrics.batch_rows.total
 
     alone, (ok, failed, streamed), batches = run(go())
@@ -121,8 +125,7 @@ def test_a_classify_batch_that_fails_is_retried_row_by_row(adapters):
     assert [r.status_code for r in together] == [200, 500, 200, 200]
     kept = [r for r, (_, t) in zip(together, jobs) if t != "zebra"]
     for got, want in zip(kept, alone):
-        torch.testing.assert_close(got.json()["data"][0]["probs"], want.json()["data"][0]["probs"],
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(got.json()["data"][0]["probs"], want.json()["data"][0]["probs"], rtol=0, atol=1e-5)
 
 
 def test_an_adapter_load_that_fails_unexpectedly_fails_only_its_rows(adapters, monkeypatch):

@@ -39,8 +39,7 @@ def test_a_500_names_an_id_and_the_log_has_the_exception(adapters, caplog):
         # An error outside any row (the endpoint itself): the app's last handler.
         cls_engine.encode = broken
         transport = httpx.ASGITransport(app=cls, raise_app_exceptions=False)
-        async with cls.router.lifespan_context(cls), httpx.AsyncClient(transport=transport,
-                                                                       base_url="http://x") as c:
+        async with cls.router.lifespan_context(cls), httpx.AsyncClient(transport=transport, base_url="http://x") as c:
             crash = await c.post("/v1/classify", json={"model": "a", "input": "good"})
         return classify, whole, crash
 
@@ -75,11 +74,13 @@ def test_an_error_in_a_stream_names_an_id_only(adapters):
 
     async def go():
         async with client(app) as c:
-            return await c.post("/v1/completions", json={"model": "x", "prompt": "count from 3 :",
-                                                         "max_tokens": 8, "temperature": 0, "stream": True})
+            return await c.post(
+                "/v1/completions",
+                json={"model": "x", "prompt": "count from 3 :", "max_tokens": 8, "temperature": 0, "stream": True},
+            )
 
     r = run(go())
-    events = [json.loads(e[len("data: "):]) for e in r.text.split("\n\n") if e.startswith("data: {")]
+    events = [json.loads(e[len("data: ") :]) for e in r.text.split("\n\n") if e.startswith("data: {")]
     assert "error" in events[-1] and len(ids_in(events[-1]["error"]["message"])) == 1
     assert "poisoned" not in r.text and "secret" not in r.text
 

@@ -32,13 +32,16 @@ def test_numbers_that_are_not_finite_are_422_naming_the_field(adapters, number):
     async def go():
         async with client(lm) as c:
             # Sent together with a good request: it would have shared the bad one's batch.
-            lm_answers = await asyncio.gather(post_raw(c, "/v1/completions", good),
-                                              *[post_raw(c, "/v1/completions", b) for b in bad.values()],
-                                              post_raw(c, "/v1/chat/completions", chat))
+            lm_answers = await asyncio.gather(
+                post_raw(c, "/v1/completions", good),
+                *[post_raw(c, "/v1/completions", b) for b in bad.values()],
+                post_raw(c, "/v1/chat/completions", chat),
+            )
         async with client(cls) as c:
             cls_answers = await asyncio.gather(
                 post_raw(c, "/v1/classify", '{"model": "a", "input": "good"}'),
-                post_raw(c, "/v1/classify", f'{{"adapters": {{"a": 1, "b": {number}}}, "input": "good"}}'))
+                post_raw(c, "/v1/classify", f'{{"adapters": {{"a": 1, "b": {number}}}, "input": "good"}}'),
+            )
         return lm_answers, cls_answers
 
     (ok, *refused, chat_refused), (cls_ok, cls_refused) = run(go())
@@ -55,8 +58,10 @@ def test_a_temperature_that_could_only_fail_is_422_and_the_smallest_valid_one_is
 
     async def go():
         async with client(app) as c:
-            refused = [await c.post("/v1/completions", json=dict(body, temperature=t))
-                       for t in (1e-40, 5e-324, MIN_TEMPERATURE / 2, -1.0)]
+            refused = [
+                await c.post("/v1/completions", json=dict(body, temperature=t))
+                for t in (1e-40, 5e-324, MIN_TEMPERATURE / 2, -1.0)
+            ]
             greedy = await c.post("/v1/completions", json=dict(body, temperature=0))
             tiny = await c.post("/v1/completions", json=dict(body, temperature=MIN_TEMPERATURE, seed=1))
             return refused, greedy, tiny

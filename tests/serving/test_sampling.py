@@ -80,8 +80,11 @@ def test_repetition_penalty_matches_transformers_on_prompt_and_output():
 def test_presence_and_frequency_penalties_follow_openai_formula_in_float64():
     logits = _logits(3, seed=4)
     prompts, outputs = [[1, 2], [3], [8, 8]], [[5, 5, 5, 6], [6, 2], []]
-    settings = [Sampling(frequency_penalty=0.5, presence_penalty=1.5),
-                Sampling(frequency_penalty=-1.0, presence_penalty=0.0), Sampling(presence_penalty=2.0)]
+    settings = [
+        Sampling(frequency_penalty=0.5, presence_penalty=1.5),
+        Sampling(frequency_penalty=-1.0, presence_penalty=0.0),
+        Sampling(presence_penalty=2.0),
+    ]
     got = penalize(logits.clone(), settings, prompts, outputs)
     for j, s in enumerate(settings):
         want = logits[j].double().clone()
@@ -116,10 +119,12 @@ def test_logit_bias_matches_transformers_sequence_bias():
 
 def test_a_batch_of_rows_with_their_own_settings_equals_each_row_alone_in_vllms_order():
     logits = _logits(4, seed=7)
-    settings = [Sampling(temperature=0.7, top_k=5, top_p=0.8, min_p=0.05, repetition_penalty=1.2),
-                Sampling(temperature=1.3, top_p=0.5),
-                Sampling(temperature=1.0, min_p=0.2, logit_bias=((2, 3.0),)),
-                Sampling(temperature=0.5, top_k=3)]
+    settings = [
+        Sampling(temperature=0.7, top_k=5, top_p=0.8, min_p=0.05, repetition_penalty=1.2),
+        Sampling(temperature=1.3, top_p=0.5),
+        Sampling(temperature=1.0, min_p=0.2, logit_bias=((2, 3.0),)),
+        Sampling(temperature=0.5, top_k=3),
+    ]
     prompts, outputs = [[1, 2], [3], [4, 5], [6]], [[2], [], [9, 9], []]
     got = filtered(adjust(logits.clone(), settings, prompts, outputs, {0}), settings)
     for j, s in enumerate(settings):
@@ -142,8 +147,10 @@ def test_a_batch_of_rows_with_their_own_settings_equals_each_row_alone_in_vllms_
 def test_pick_greedy_rows_take_the_argmax_after_bias_and_ignore_the_filters():
     logits = _logits(2, seed=8)
     target = int(logits[0].argmin())
-    settings = [Sampling(temperature=0, top_k=3, top_p=0.1, min_p=0.9, logit_bias=((target, 100.0),)),
-                Sampling(temperature=1e-6, top_k=1)]
+    settings = [
+        Sampling(temperature=0, top_k=3, top_p=0.1, min_p=0.9, logit_bias=((target, 100.0),)),
+        Sampling(temperature=1e-6, top_k=1),
+    ]
     generators = [torch.Generator().manual_seed(s) for s in (1, 2)]
     for _ in range(3):  # deterministic: the generators are never drawn from
         tokens, entries = pick(logits, settings, [[1], [1]], [[], []], {0}, generators)
@@ -157,8 +164,14 @@ def test_pick_top_k_one_equals_greedy_and_seeds_repeat_whatever_the_neighbours()
     assert tokens == logits.argmax(-1).tolist()
     free = Sampling(temperature=1.5)
     alone = [pick(logits[:1], [free], [[1]], [[]], set(), [torch.Generator().manual_seed(5)])[0][0] for _ in range(2)]
-    mixed = pick(logits, [free, Sampling(temperature=0), Sampling(top_k=2)], [[1]] * 3, [[]] * 3, set(),
-                 [torch.Generator().manual_seed(s) for s in (5, 6, 7)])[0][0]
+    mixed = pick(
+        logits,
+        [free, Sampling(temperature=0), Sampling(top_k=2)],
+        [[1]] * 3,
+        [[]] * 3,
+        set(),
+        [torch.Generator().manual_seed(s) for s in (5, 6, 7)],
+    )[0][0]
     assert alone[0] == alone[1] == mixed
 
 

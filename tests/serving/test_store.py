@@ -15,7 +15,7 @@ from torch import nn
 
 import lorakit
 from lorakit.serving import AdapterStore
-from lorakit.training.tasks import load_model
+from lorakit.training.base_model import load_model
 
 
 @pytest.fixture
@@ -72,7 +72,9 @@ def test_the_byte_budget_evicts_the_least_recently_used(model, adapters):
     for name in "abcd":
         store.load(name)
         sizes[name] = store.entries[name].loaded_bytes
-        assert sizes[name] == sum(t.numel() * t.element_size() for t in lorakit.adapter_state_dict(model, name).values())
+        assert sizes[name] == sum(
+            t.numel() * t.element_size() for t in lorakit.adapter_state_dict(model, name).values()
+        )
     assert store.loaded_bytes == sum(sizes.values())
     for name in "abcd":
         store.unregister(name)
@@ -120,6 +122,7 @@ def test_a_load_walks_the_same_modules_however_many_adapters_are_loaded(model, a
             for item in original(self, *args, **kwargs):
                 visited[0] += 1
                 yield item
+
         return walk
 
     monkeypatch.setattr(nn.Module, "named_modules", counting(named_modules))
@@ -170,7 +173,9 @@ def _served_beside_a_lora(model, adapters, folder, std: float, **lora):
     its own model, then served by a store beside adapter "a": (the store, ids, rows of the mixed
     batch [folder, base, "a"], the trained model's output, the base model's output)."""
     trained = load_model(str(adapters["bert"]), "classify", list(LABELS)).eval()
-    lorakit.inject(trained, lorakit.LoraConfig(rank=4, targets=["query", "value"], modules_to_save=["classifier"], **lora))
+    lorakit.inject(
+        trained, lorakit.LoraConfig(rank=4, targets=["query", "value"], modules_to_save=["classifier"], **lora)
+    )
     randomize_adapter(trained, std=std, seed=9)
     lorakit.save_adapter(trained, folder, task_type="SEQ_CLS")
     ids = torch.randint(4, 60, (3, 5), generator=torch.Generator().manual_seed(1))

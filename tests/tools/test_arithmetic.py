@@ -1,4 +1,4 @@
-"""arithmetic.py: combining adapters, pinned to the plain sums and to PEFT's add_weighted_adapter."""
+"""tools/arithmetic.py: combining adapters, pinned to the plain sums and to PEFT's add_weighted_adapter."""
 
 from __future__ import annotations
 
@@ -47,8 +47,10 @@ def test_cat_is_exactly_the_weighted_sum():
     assert_rounding_close(_delta(layer, "mix"), want, n=8)  # rank 8
     v = model.model.layers[0].self_attn.v_proj  # only a1 adapts v_proj: rank 4 there
     assert v.rank("mix") == 4 and v.scaling["mix"] == 1.0
-    assert lorakit.adapters(model)["mix"].config.rank_pattern == {"model.layers.0.self_attn.v_proj": 4,
-                                                                 "model.layers.1.self_attn.v_proj": 4}
+    assert lorakit.adapters(model)["mix"].config.rank_pattern == {
+        "model.layers.0.self_attn.v_proj": 4,
+        "model.layers.1.self_attn.v_proj": 4,
+    }
     assert report.max_error < 1e-6 and lorakit.active_adapters(model) == ["a1"]
 
 
@@ -114,15 +116,18 @@ def test_combined_adapter_with_heads_saves_and_reloads(tmp_path, ids):
     torch.testing.assert_close(logits(fresh, ids), expected, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("call, message", [
-    (dict(weights={"zz": 1.0}), "no adapter named 'zz'"),
-    (dict(method="magic"), "method must be one of linear, cat, svd, ties, dare"),
-    (dict(method="cat", rank=4), "rank .* applies to the methods svd, ties and dare"),
-    (dict(method="ties"), "method 'ties' needs density"),
-    (dict(method="svd", density=0.5), "density applies to the methods ties and dare"),
-    (dict(weights={"a1": float("nan")}), "must be a finite number"),
-    (dict(name="a1"), "already has an adapter named 'a1'"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (dict(weights={"zz": 1.0}), "no adapter named 'zz'"),
+        (dict(method="magic"), "method must be one of linear, cat, svd, ties, dare"),
+        (dict(method="cat", rank=4), "rank .* applies to the methods svd, ties and dare"),
+        (dict(method="ties"), "method 'ties' needs density"),
+        (dict(method="svd", density=0.5), "density applies to the methods ties and dare"),
+        (dict(weights={"a1": float("nan")}), "must be a finite number"),
+        (dict(name="a1"), "already has an adapter named 'a1'"),
+    ],
+)
 def test_bad_requests_change_nothing(call, message):
     model = _two_adapters()
     before = snapshot(model)
@@ -170,10 +175,14 @@ PEFT_METHODS = {
 
 def _peft_pair(case, tmp_path):
     make, first, second, fifo = PEFT_CASES[case]
-    reference = peft.get_peft_model(make().eval(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=first,
-                                    init_lora_weights=False, fan_in_fan_out=fifo), adapter_name="a1")
-    reference.add_adapter("a2", peft.LoraConfig(r=4, lora_alpha=16, target_modules=second, init_lora_weights=False,
-                                                fan_in_fan_out=fifo))
+    reference = peft.get_peft_model(
+        make().eval(),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=first, init_lora_weights=False, fan_in_fan_out=fifo),
+        adapter_name="a1",
+    )
+    reference.add_adapter(
+        "a2", peft.LoraConfig(r=4, lora_alpha=16, target_modules=second, init_lora_weights=False, fan_in_fan_out=fifo)
+    )
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, p in reference.named_parameters():
@@ -205,8 +214,14 @@ def test_same_outputs_as_peft(case, method, tmp_path, monkeypatch):
         return real(self, *args, **kw)
 
     monkeypatch.setattr(LoraModel, "_svd_generalized_task_arithmetic_weighted_adapter", seeding)
-    reference.add_weighted_adapter(["a1", "a2"], [0.7, -0.4], "mix", combination_type=kind,
-                                   svd_rank=kwargs.get("rank"), density=kwargs.get("density"))
+    reference.add_weighted_adapter(
+        ["a1", "a2"],
+        [0.7, -0.4],
+        "mix",
+        combination_type=kind,
+        svd_rank=kwargs.get("rank"),
+        density=kwargs.get("density"),
+    )
     lorakit.combine(ours, W, "mix", method=method, seed=11, **kwargs)
     reference.set_adapter("mix")
     lorakit.set_adapter(ours, "mix")

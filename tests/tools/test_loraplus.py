@@ -1,4 +1,4 @@
-"""loraplus.py: optimizer parameter groups, LoRA+ (B at ratio x lr) and what is not decayed."""
+"""tools/loraplus.py: optimizer parameter groups, LoRA+ (B at ratio x lr) and what is not decayed."""
 
 from __future__ import annotations
 
@@ -25,16 +25,26 @@ def test_without_a_ratio_one_plain_group():
 
 def test_loraplus_groups():
     model = tiny_llama()
-    lorakit.inject(model, lorakit.LoraConfig(rank=4, targets=["q_proj", "v_proj", "embed_tokens"], use_dora=True,
-                                             bias="lora_only", modules_to_save=["lm_head", "norm"]))
+    lorakit.inject(
+        model,
+        lorakit.LoraConfig(
+            rank=4,
+            targets=["q_proj", "v_proj", "embed_tokens"],
+            use_dora=True,
+            bias="lora_only",
+            modules_to_save=["lm_head", "norm"],
+        ),
+    )
     main, fast, no_decay = lorakit.param_groups(model, 1e-4, loraplus_ratio=16, weight_decay=0.1)
     assert (fast["lr"], fast["weight_decay"], fast["lr_scale"]) == (1.6e-3, 0.1, 16.0)
     assert (main["lr"], main["weight_decay"]) == (1e-4, 0.1)
     assert (no_decay["lr"], no_decay["weight_decay"]) == (1e-4, 0.0)
     fast_names, main_names, quiet = _names(model, fast), _names(model, main), _names(model, no_decay)
     assert fast_names and all(n.split(".")[-3] == "lora_B" for n in fast_names)  # q/v B, not the embedding's
-    assert {n for n in main_names if "embed_tokens" in n} == {"model.embed_tokens.lora_embedding_A.default",
-                                                             "model.embed_tokens.lora_embedding_B.default"}
+    assert {n for n in main_names if "embed_tokens" in n} == {
+        "model.embed_tokens.lora_embedding_A.default",
+        "model.embed_tokens.lora_embedding_B.default",
+    }
     assert any("lm_head.copies.default.weight" in n for n in main_names)
     assert any("lora_magnitude" in n for n in quiet) and any(n.endswith("norm.copies.default.weight") for n in quiet)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -57,12 +67,15 @@ def test_one_sgd_step_moves_b_ratio_times_faster():
     torch.testing.assert_close(b - b0, -8e-2 * gb)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(lr=0.0), "lr must be a finite number > 0"),
-    (dict(lr=1e-3, loraplus_ratio=-2), "loraplus_ratio must be a finite number > 0"),
-    (dict(lr=1e-3, loraplus_ratio=float("nan")), "loraplus_ratio"),
-    (dict(lr=1e-3, weight_decay=-0.1), "weight_decay must be a finite number >= 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(lr=0.0), "lr must be a finite number > 0"),
+        (dict(lr=1e-3, loraplus_ratio=-2), "loraplus_ratio must be a finite number > 0"),
+        (dict(lr=1e-3, loraplus_ratio=float("nan")), "loraplus_ratio"),
+        (dict(lr=1e-3, weight_decay=-0.1), "weight_decay must be a finite number >= 0"),
+    ],
+)
 def test_bad_values(kwargs, message):
     model = tiny_llama()
     lorakit.inject(model, lorakit.LoraConfig(rank=4))

@@ -17,7 +17,12 @@ from lorakit.cli import main
 from lorakit.training.run_lock import LOCK_FILE
 
 STATE, OPTIMIZER, RNG, ADAPTER, METRICS = (
-    "trainer_state.json", "optimizer.safetensors", "rng.safetensors", "adapter_model.safetensors", "metrics.jsonl")
+    "trainer_state.json",
+    "optimizer.safetensors",
+    "rng.safetensors",
+    "adapter_model.safetensors",
+    "metrics.jsonl",
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +42,7 @@ def edit_json(name: str, change):
         state = json.loads((folder / name).read_text())
         change(state)
         (folder / name).write_text(json.dumps(state))
+
     return damage
 
 
@@ -45,6 +51,7 @@ def edit_tensors(name: str, change):
         loaded = load_file(str(folder / name))
         change(loaded)
         save_file(loaded, str(folder / name))
+
     return damage
 
 
@@ -61,32 +68,57 @@ DAMAGE = {
     "state without step": (edit_json(STATE, lambda s: s.pop("step")), STATE, "'step' is None, expected 4"),
     "state of another step": (edit_json(STATE, lambda s: s.update(step=7)), STATE, "'step' is 7, expected 4"),
     "state without optimizer": (edit_json(STATE, lambda s: s.pop("optimizer")), STATE, "'optimizer' must be"),
-    "state with a broken random state": (edit_json(STATE, lambda s: s.update(python_random=[3, [1, 2], None])),
-                                         STATE, "'python_random' is not a Python random state"),
+    "state with a broken random state": (
+        edit_json(STATE, lambda s: s.update(python_random=[3, [1, 2], None])),
+        STATE,
+        "'python_random' is not a Python random state",
+    ),
     "state with a text learning rate": (
-        edit_json(STATE, lambda s: s["optimizer"]["param_groups"][0].update(lr="fast")), STATE,
-        "param_groups[0].lr is 'fast'"),
+        edit_json(STATE, lambda s: s["optimizer"]["param_groups"][0].update(lr="fast")),
+        STATE,
+        "param_groups[0].lr is 'fast'",
+    ),
     "rng without rank 0": (edit_tensors(RNG, lambda t: t.pop("cpu.rank0")), RNG, "no 'cpu.rank0'"),
-    "rng of the wrong shape": (edit_tensors(RNG, lambda t: t.update({"cpu.rank0": torch.zeros(10, dtype=torch.uint8)})),
-                               RNG, "'cpu.rank0' is torch.uint8 of shape (10,), not a random state"),
+    "rng of the wrong shape": (
+        edit_tensors(RNG, lambda t: t.update({"cpu.rank0": torch.zeros(10, dtype=torch.uint8)})),
+        RNG,
+        "'cpu.rank0' is torch.uint8 of shape (10,), not a random state",
+    ),
     "optimizer tensor of the wrong shape": (
-        edit_tensors(OPTIMIZER, lambda t: t.update({first(t, "/exp_avg"): torch.zeros(3)})), OPTIMIZER,
-        "has shape (3,), expected"),
+        edit_tensors(OPTIMIZER, lambda t: t.update({first(t, "/exp_avg"): torch.zeros(3)})),
+        OPTIMIZER,
+        "has shape (3,), expected",
+    ),
     "optimizer tensor of no parameter": (
-        edit_tensors(OPTIMIZER, lambda t: t.update({"nowhere.weight/exp_avg": torch.zeros(3)})), OPTIMIZER,
-        "'nowhere.weight/exp_avg' names no trained parameter"),
-    "optimizer without exp_avg_sq": (edit_tensors(OPTIMIZER, lambda t: t.pop(first(t, "/exp_avg_sq"))),
-                                     OPTIMIZER, "no exp_avg_sq for"),
+        edit_tensors(OPTIMIZER, lambda t: t.update({"nowhere.weight/exp_avg": torch.zeros(3)})),
+        OPTIMIZER,
+        "'nowhere.weight/exp_avg' names no trained parameter",
+    ),
+    "optimizer without exp_avg_sq": (
+        edit_tensors(OPTIMIZER, lambda t: t.pop(first(t, "/exp_avg_sq"))),
+        OPTIMIZER,
+        "no exp_avg_sq for",
+    ),
     "adapter tensor of the wrong shape": (
-        edit_tensors(ADAPTER, lambda t: t.update({first(t, "lora_A.weight"): torch.zeros(2, 2)})), ADAPTER,
-        "has shape (2, 2), expected"),
+        edit_tensors(ADAPTER, lambda t: t.update({first(t, "lora_A.weight"): torch.zeros(2, 2)})),
+        ADAPTER,
+        "has shape (2, 2), expected",
+    ),
     "adapter tensor not finite": (
-        edit_tensors(ADAPTER, lambda t: t[first(t, "lora_B.weight")].fill_(float("nan"))), ADAPTER,
-        "holds values that are not finite"),
-    "metrics line broken": (lambda f: (f / METRICS).write_text('{"step": 0}\n{"step": 1, "loss"\n'), METRICS + ":2",
-                            "not valid JSON"),
-    "metrics eval not numbers": (lambda f: (f / METRICS).write_text('{"step": 0, "eval": {"accuracy": "high"}}\n'),
-                                 METRICS + ":1", "'eval' must be an object of numbers"),
+        edit_tensors(ADAPTER, lambda t: t[first(t, "lora_B.weight")].fill_(float("nan"))),
+        ADAPTER,
+        "holds values that are not finite",
+    ),
+    "metrics line broken": (
+        lambda f: (f / METRICS).write_text('{"step": 0}\n{"step": 1, "loss"\n'),
+        METRICS + ":2",
+        "not valid JSON",
+    ),
+    "metrics eval not numbers": (
+        lambda f: (f / METRICS).write_text('{"step": 0, "eval": {"accuracy": "high"}}\n'),
+        METRICS + ":1",
+        "'eval' must be an object of numbers",
+    ),
 }
 
 
@@ -124,8 +156,10 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(finished, tm
     assert metrics(out) == metrics(finished)
     # The damaged step was written again, whole; both checkpoints are kept.
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
-    assert load_file(str(out / "checkpoints" / "step-000004" / OPTIMIZER)).keys() == \
-        load_file(str(finished / "checkpoints" / "step-000004" / OPTIMIZER)).keys()
+    assert (
+        load_file(str(out / "checkpoints" / "step-000004" / OPTIMIZER)).keys()
+        == load_file(str(finished / "checkpoints" / "step-000004" / OPTIMIZER)).keys()
+    )
 
 
 def test_both_checkpoints_damaged_names_the_newest_and_counts_the_rest(finished, tmp_path, capsys):

@@ -15,15 +15,36 @@ from helpers import train_tiny as run
 
 
 def test_resume_after_kill_matches_an_uninterrupted_run(tiny, tmp_path):
-    args = ["train", "--model", str(tiny["bert"]), "--data", str(tiny["classify"]), "--batch-size", "4",
-            "--max-steps", "64", "--save-every", "4", "--threads", "1", "--dropout", "0.2", "--lr", "5e-3"]
+    args = [
+        "train",
+        "--model",
+        str(tiny["bert"]),
+        "--data",
+        str(tiny["classify"]),
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "64",
+        "--save-every",
+        "4",
+        "--threads",
+        "1",
+        "--dropout",
+        "0.2",
+        "--lr",
+        "5e-3",
+    ]
     whole = cli(*args, "--out", str(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr
 
     out = tmp_path / "killed"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-m", "lorakit", *args, "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lorakit", *args, "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     deadline = time.monotonic() + 240
     # Kill once a second checkpoint has replaced the first, mid-epoch (32 steps an epoch).
     while proc.poll() is None and time.monotonic() < deadline:
@@ -43,7 +64,9 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key  # bitwise
-    losses = lambda d: [m["loss"] for m in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+    losses = lambda d: [
+        m["loss"] for m in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss" in m
+    ]
     assert losses(tmp_path / "whole") == losses(out)
 
 

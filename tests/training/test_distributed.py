@@ -12,13 +12,42 @@ from safetensors.torch import load_file
 
 
 def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tiny, tmp_path):
-    common = ["--model", str(tiny["llama"]), "--data", str(tiny["completion"]), "--max-steps", "4",
-              "--threads", "1", "--lr", "1e-2"]
+    common = [
+        "--model",
+        str(tiny["llama"]),
+        "--data",
+        str(tiny["completion"]),
+        "--max-steps",
+        "4",
+        "--threads",
+        "1",
+        "--lr",
+        "1e-2",
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     ddp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "lorakit", "train", *common, "--batch-size", "4", "--save-every", "2", "--out", str(tmp_path / "ddp")],
-        capture_output=True, text=True, timeout=300, env=env,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "lorakit",
+            "train",
+            *common,
+            "--batch-size",
+            "4",
+            "--save-every",
+            "2",
+            "--out",
+            str(tmp_path / "ddp"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "2 processes" in ddp.stdout

@@ -24,17 +24,38 @@ from lorakit.training.loop import lr_at, train
 def test_classify_run_writes_everything(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     stream = io.StringIO()
-    summary = train(RunConfig(model=str(tiny["bert"]), data=str(tiny["classify"]), out=str(out), batch_size=8,
-                              epochs=2, lr=1e-2, threads=1), stream=stream)
+    summary = train(
+        RunConfig(
+            model=str(tiny["bert"]),
+            data=str(tiny["classify"]),
+            out=str(out),
+            batch_size=8,
+            epochs=2,
+            lr=1e-2,
+            threads=1,
+        ),
+        stream=stream,
+    )
     text = stream.getvalue()
     bar = capsys.readouterr().err.splitlines()  # the progress bar goes to stderr
     assert bar[-1].startswith("step 32/32 [####") and " loss 0." in bar[-1] and "ETA 0s" in bar[-1]
-    for expected in ("trainable parameters:", "before training: held-out accuracy", "after training: held-out",
-                     "adapter: ", "adapter_model.safetensors ("):
+    for expected in (
+        "trainable parameters:",
+        "before training: held-out accuracy",
+        "after training: held-out",
+        "adapter: ",
+        "adapter_model.safetensors (",
+    ):
         assert expected in text
     names = {p.name for p in out.iterdir()}
-    assert {"adapter_config.json", "adapter_model.safetensors", "labels.json", "metrics.jsonl", "loss.png",
-            "run_config.json"} <= names
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "labels.json",
+        "metrics.jsonl",
+        "loss.png",
+        "run_config.json",
+    } <= names
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     umask = os.umask(0)
     os.umask(umask)
@@ -86,7 +107,9 @@ def test_classify_with_a_decoder_model_trains_its_score_head(tiny, tmp_path):
 
 
 def test_bf16_autocast_runs(tiny, tmp_path):
-    summary = run(tiny, tmp_path / "bf16", model=str(tiny["gpt2"]), data=str(tiny["completion"]), max_steps=3, bf16=True)
+    summary = run(
+        tiny, tmp_path / "bf16", model=str(tiny["gpt2"]), data=str(tiny["completion"]), max_steps=3, bf16=True
+    )
     assert summary["steps"] == 3 and math.isfinite(summary["after"]["loss"])
     assert all(t.dtype == torch.float32 for t in tensors(tmp_path / "bf16").values())  # weights stay float32
 
@@ -202,8 +225,16 @@ def test_bad_data_fails_before_anything_is_written(tiny, tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny, tmp_path):
     out = tmp_path / "boom"
     with pytest.raises(TrainingError, match=r"not finite\) at step \d+.*last good checkpoint.*step-00000\d"):
-        run(tiny, out, model=str(tiny["llama"]), data=str(tiny["completion"]), lr=1e30, warmup=0.0,
-            save_every=1, max_steps=50)
+        run(
+            tiny,
+            out,
+            model=str(tiny["llama"]),
+            data=str(tiny["completion"]),
+            lr=1e30,
+            warmup=0.0,
+            save_every=1,
+            max_steps=50,
+        )
     checkpoints = list((out / "checkpoints").glob("step-*"))
     assert len(checkpoints) == 1
     # Only safetensors and JSON: nothing pickled.
@@ -223,15 +254,28 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny, tmp_path):
 def test_a_run_that_does_not_learn_says_so_and_keeps_its_adapter(tiny, tmp_path):
     out = tmp_path / "still"
     stream = io.StringIO()
-    summary = train(RunConfig(model=str(tiny["bert"]), data=str(tiny["classify"]), out=str(out), batch_size=8,
-                              epochs=1, lr=1e-9, threads=1), stream=stream)
+    summary = train(
+        RunConfig(
+            model=str(tiny["bert"]),
+            data=str(tiny["classify"]),
+            out=str(out),
+            batch_size=8,
+            epochs=1,
+            lr=1e-9,
+            threads=1,
+        ),
+        stream=stream,
+    )
     lines = stream.getvalue().splitlines()
     assert summary["learned"] is False and summary["after"]["accuracy"] <= summary["before"]["accuracy"]
     assert lines[-3].startswith("done in ")  # the warning is the run's last two lines
     assert lines[-2].startswith("warning: this run did not learn (held-out accuracy ")
     assert "weights barely moved" in lines[-1] and "Next: try --lr 1e-8 or more --epochs." in lines[-1]
     assert summary["warning"] == lines[-2].removeprefix("warning: ") + " " + lines[-1].strip()
-    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1]) == \
-        {"step": 16, "learned": False, "warning": summary["warning"]}
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1]) == {
+        "step": 16,
+        "learned": False,
+        "warning": summary["warning"],
+    }
     assert json.loads((out / "run_config.json").read_text())["learned"] is False
     assert (out / "adapter_model.safetensors").is_file()  # it ran to the end: its adapter is written

@@ -18,8 +18,13 @@ TOKENS = ["<|im_start|>", "<|im_end|>"]
 
 @pytest.fixture(scope="module")
 def chatml(tmp_path_factory):
-    rows = [{"prompt": f"<|im_start|> count from {s} : <|im_end|> <|im_start|>",
-             "completion": f"{s + 1} {s + 2} <|im_end|>"} for s in range(16)] * 4
+    rows = [
+        {
+            "prompt": f"<|im_start|> count from {s} : <|im_end|> <|im_start|>",
+            "completion": f"{s + 1} {s + 2} <|im_end|>",
+        }
+        for s in range(16)
+    ] * 4
     return write_jsonl(tmp_path_factory.mktemp("tokens") / "chatml.jsonl", rows)
 
 
@@ -52,27 +57,47 @@ def test_new_tokens_train_and_round_trip_through_peft(tiny, tmp_path, chatml):
 
 
 def test_new_tokens_resume_bitwise(tiny, tmp_path, chatml, monkeypatch):
-    whole, cut = whole_and_resumed(tiny, tmp_path, monkeypatch, model=str(tiny["gpt2"]), data=str(chatml),
-                                   add_tokens=list(TOKENS), max_steps=6, save_every=3)
+    whole, cut = whole_and_resumed(
+        tiny,
+        tmp_path,
+        monkeypatch,
+        model=str(tiny["gpt2"]),
+        data=str(chatml),
+        add_tokens=list(TOKENS),
+        max_steps=6,
+        save_every=3,
+    )
     assert any(k.endswith("trainable_tokens_delta") for k in tensors(whole))
     assert tensors(whole).keys() == tensors(cut).keys()
     for key, value in tensors(whole).items():
         assert torch.equal(value, tensors(cut)[key]), key
 
 
-@pytest.mark.parametrize("given, message", [
-    ("", "--add-tokens needs at least one token"),
-    ("<a>,<a>", "--add-tokens names '<a>' more than once"),
-    ("[EOS]", "--add-tokens: '[EOS]' is already a token of"),
-])
+@pytest.mark.parametrize(
+    "given, message",
+    [
+        ("", "--add-tokens needs at least one token"),
+        ("<a>,<a>", "--add-tokens names '<a>' more than once"),
+        ("[EOS]", "--add-tokens: '[EOS]' is already a token of"),
+    ],
+)
 def test_bad_token_lists_are_one_line(tiny, tmp_path, chatml, capsys, given, message):
-    code, _, err = cli_here(capsys, "train", "--model", str(tiny["llama"]), "--data", str(chatml), "--out",
-                            str(tmp_path / "never"), "--add-tokens", given)
+    code, _, err = cli_here(
+        capsys,
+        "train",
+        "--model",
+        str(tiny["llama"]),
+        "--data",
+        str(chatml),
+        "--out",
+        str(tmp_path / "never"),
+        "--add-tokens",
+        given,
+    )
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err
     assert not (tmp_path / "never").exists()
 
 
 def test_add_tokens_refuses_classification(tiny, tmp_path):
-    with pytest.raises(TrainingError, match="--add-tokens is for causal-lm training; the task here is "
-                                            "classify"):
+    with pytest.raises(TrainingError, match="--add-tokens is for causal-lm training; the task here is classify"):
         run(tiny, tmp_path / "never", add_tokens=["<x>"])

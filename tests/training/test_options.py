@@ -15,13 +15,13 @@ import pytest
 from lorakit.cli import main
 from lorakit.training import RunConfig, TrainingError
 from lorakit.training.option_check import number_problem, parse_bounds
-from lorakit.training.options import RUN_FILE, _option_fields, add_run_options, read_run
+from lorakit.training.options import RUN_FILE, add_run_options, read_run, run_option_fields
 
 
 def numeric_options() -> list[tuple[str, type, str]]:
     """(name, int or float, range) of every numeric option, read from the definitions."""
     found = []
-    for f in _option_fields():
+    for f in run_option_fields():
         kind = f.metadata.get("type") or type(f.default)
         if kind in (int, float):
             found.append((f.name, kind, f.metadata.get("valid")))
@@ -61,18 +61,21 @@ def test_bad_numeric_option_exits_2_and_writes_nothing(name, value, tmp_path, ca
     assert not out.exists()
 
 
-@pytest.mark.parametrize(("changes", "message"), [
-    ({"rank": 2.5}, "--rank must be an integer >= 1, got 2.5"),
-    ({"rank": True}, "--rank must be an integer >= 1, got True"),
-    ({"weight_decay": "0.1"}, "--weight-decay must be a number >= 0, got '0.1'"),
-    ({"max_steps": 0}, "--max-steps must be an integer >= 1, got 0"),
-    ({"seed": 10**13}, "--seed must be an integer in [-1e12, 1e12]"),
-    ({"device": "gpu"}, "--device must be one of auto, cpu, cuda, got 'gpu'"),
-    ({"task": "translate"}, "--task must be one of classify, causal-lm"),
-    ({"bf16": "yes"}, "--bf16 must be true or false, got 'yes'"),
-    ({"model": 3}, "--model must be a string, got 3"),
-    ({"labels": "neg,pos"}, "--labels must be a list of names"),
-])
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"rank": 2.5}, "--rank must be an integer >= 1, got 2.5"),
+        ({"rank": True}, "--rank must be an integer >= 1, got True"),
+        ({"weight_decay": "0.1"}, "--weight-decay must be a number >= 0, got '0.1'"),
+        ({"max_steps": 0}, "--max-steps must be an integer >= 1, got 0"),
+        ({"seed": 10**13}, "--seed must be an integer in [-1e12, 1e12]"),
+        ({"device": "gpu"}, "--device must be one of auto, cpu, cuda, got 'gpu'"),
+        ({"task": "translate"}, "--task must be one of classify, causal-lm"),
+        ({"bf16": "yes"}, "--bf16 must be true or false, got 'yes'"),
+        ({"model": 3}, "--model must be a string, got 3"),
+        ({"labels": "neg,pos"}, "--labels must be a list of names"),
+    ],
+)
 def test_check_covers_types_and_choices(changes, message):
     with pytest.raises(TrainingError) as caught:
         RunConfig(**changes).check()
@@ -121,8 +124,23 @@ def test_every_option_has_a_flag_and_the_dataclass_default():
 
 
 def test_parsed_values_reach_the_config_typed():
-    args = _parser().parse_args(["--rank", "4", "--alpha", "8", "--targets", "q_proj,v_proj", "--labels", "a, b",
-                                 "--max-steps", "7", "--bf16", "--lr", "3e-4"])
+    args = _parser().parse_args(
+        [
+            "--rank",
+            "4",
+            "--alpha",
+            "8",
+            "--targets",
+            "q_proj,v_proj",
+            "--labels",
+            "a, b",
+            "--max-steps",
+            "7",
+            "--bf16",
+            "--lr",
+            "3e-4",
+        ]
+    )
     config = RunConfig.from_args(args)
     assert (config.rank, config.alpha, config.targets, config.labels) == (4, 8.0, ["q_proj", "v_proj"], ["a", "b"])
     assert (config.max_steps, config.bf16, config.lr) == (7, True, 3e-4)
@@ -154,11 +172,14 @@ def test_run_config_json_round_trip_and_unknown_keys(tmp_path):
     assert set(asdict(config)) == {f.name for f in fields(RunConfig)}
 
 
-@pytest.mark.parametrize(("changes", "message"), [
-    ({"targets": 5}, "--targets must be a preset, a regex or a list of module names, got 5"),
-    ({"targets": ["query", 5]}, "--targets must be a preset, a regex or a list of module names"),
-    ({"labels": []}, "--labels must be a list of names, got []"),
-])
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"targets": 5}, "--targets must be a preset, a regex or a list of module names, got 5"),
+        ({"targets": ["query", 5]}, "--targets must be a preset, a regex or a list of module names"),
+        ({"labels": []}, "--labels must be a list of names, got []"),
+    ],
+)
 def test_check_covers_the_list_options(changes, message, tmp_path, capsys):
     with pytest.raises(TrainingError, match=re.escape(message)):
         RunConfig(**changes).check()

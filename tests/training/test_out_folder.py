@@ -18,8 +18,22 @@ from lorakit.training.run_lock import LOCK_FILE
 
 
 def train_args(tiny, out, *more: str) -> list[str]:
-    return ["train", "--model", str(tiny["bert"]), "--data", str(tiny["classify"]), "--out", str(out),
-            "--batch-size", "8", "--threads", "1", "--max-steps", "2", *more]
+    return [
+        "train",
+        "--model",
+        str(tiny["bert"]),
+        "--data",
+        str(tiny["classify"]),
+        "--out",
+        str(out),
+        "--batch-size",
+        "8",
+        "--threads",
+        "1",
+        "--max-steps",
+        "2",
+        *more,
+    ]
 
 
 def lorakit(capsys, *args: str) -> tuple[int, str, str]:
@@ -43,8 +57,7 @@ def previous_run(tiny, tmp_path):
 def test_out_below_a_file_is_refused_before_anything_is_written(tiny, tmp_path, capsys):
     blocker = tmp_path / "plain.txt"
     blocker.write_text("a file")
-    for out, message in ((blocker / "run", f"{blocker} is a file, not a folder"),
-                         (blocker, "is a file, not a folder")):
+    for out, message in ((blocker / "run", f"{blocker} is a file, not a folder"), (blocker, "is a file, not a folder")):
         code, _, err = lorakit(capsys, *train_args(tiny, out))
         assert code == 2 and message in err and err.count("\n") == 1
     assert blocker.read_text() == "a file"
@@ -55,8 +68,9 @@ def test_unwritable_destination_is_refused_before_anything_is_written(tiny, tmp_
     locked.mkdir()
     real_access = os.access
     # Tests may run as root, where chmod does not stop writes: say the folder is not writable.
-    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if os.fspath(p) == str(locked)
-                        else real_access(p, mode, **kw))
+    monkeypatch.setattr(
+        os, "access", lambda p, mode, **kw: False if os.fspath(p) == str(locked) else real_access(p, mode, **kw)
+    )
     code, _, err = lorakit(capsys, *train_args(tiny, locked / "new" / "run"))
     assert code == 2 and f"{locked} is not writable" in err
     assert list(locked.iterdir()) == []
@@ -66,8 +80,12 @@ def test_unwritable_destination_is_refused_before_anything_is_written(tiny, tmp_
 
 def test_overwrite_removes_only_what_a_run_wrote(tiny, previous_run, capsys):
     out = previous_run
-    assert {p.name for p in RUN.entries(out)} >= {"checkpoints", "run_config.json", ".metrics.jsonl.x1y2.tmp",
-                                                  LOCK_FILE}
+    assert {p.name for p in RUN.entries(out)} >= {
+        "checkpoints",
+        "run_config.json",
+        ".metrics.jsonl.x1y2.tmp",
+        LOCK_FILE,
+    }
     code, _, err = lorakit(capsys, *train_args(tiny, out, "--overwrite", "--max-steps", "3"))
     assert code == 0, err
     assert (out / "notes.txt").read_text() == "mine" and (out / "mine" / "keep.csv").is_file()
@@ -84,10 +102,12 @@ def test_out_dot_from_inside_a_run_folder(tiny, previous_run, capsys, monkeypatc
     assert (previous_run / "adapter_model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("where", ["data inside", "data named like an output", "model is out", "model inside",
-                                   "out inside model"])
-def test_an_input_inside_equal_to_or_holding_out_is_refused_before_anything_is_written(where, tiny, previous_run,
-                                                                                        tmp_path, capsys):
+@pytest.mark.parametrize(
+    "where", ["data inside", "data named like an output", "model is out", "model inside", "out inside model"]
+)
+def test_an_input_inside_equal_to_or_holding_out_is_refused_before_anything_is_written(
+    where, tiny, previous_run, tmp_path, capsys
+):
     data, model, out = tiny["classify"], tiny["bert"], previous_run
     if where == "data inside":
         data = write_csv(previous_run / "train.csv", classify_rows(40, seed=3))
@@ -101,8 +121,23 @@ def test_an_input_inside_equal_to_or_holding_out_is_refused_before_anything_is_w
         model = shutil.copytree(tiny["bert"], tmp_path / "model")
         out = model / "run"
     before = files_of(tmp_path)
-    code, _, err = lorakit(capsys, "train", "--model", str(model), "--data", str(data), "--out", str(out),
-                           "--overwrite", "--batch-size", "8", "--max-steps", "1", "--threads", "1")
+    code, _, err = lorakit(
+        capsys,
+        "train",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--overwrite",
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "1",
+        "--threads",
+        "1",
+    )
     relation = {"model is out": "is", "out inside model": "is inside"}.get(where, "holds")
     option, path = ("--model", model) if where.startswith("model") or where.endswith("model") else ("--data", data)
     assert code == 2 and err.count("\n") == 1 and f"--out {out} {relation} {option} {path}" in err, err

@@ -1,4 +1,4 @@
-"""prepare.py: the data as training takes it: --train-on-inputs, and a warning when --max-length cuts
+"""training/prepare.py: the data as training takes it: --train-on-inputs, and a warning when --max-length cuts
 more than a few examples. (The rest of prepare is exercised through every training test.)"""
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from lorakit.training.prepare import prepare
 
 
 def _setup(tiny, tmp_path, **options):
-    config = RunConfig(model=str(tiny["llama"]), data=str(tiny["chat"]), out=str(tmp_path / "run"), batch_size=8,
-                       threads=1, **options)
+    config = RunConfig(
+        model=str(tiny["llama"]), data=str(tiny["chat"]), out=str(tmp_path / "run"), batch_size=8, threads=1, **options
+    )
     world = dist_mod.setup("cpu")
     try:
         return prepare(config, world)
@@ -38,17 +39,39 @@ def test_train_warns_when_max_length_cuts_many_examples(tiny, tmp_path):
     longest = lengths.pop()
     assert not [n for n in _setup(tiny, tmp_path, max_length=longest).describe["notices"] if "cut" in n]
     stream = io.StringIO()
-    train(RunConfig(model=str(tiny["llama"]), data=str(tiny["chat"]), out=str(tmp_path / "run"), batch_size=8,
-                    threads=1, max_steps=1, max_length=longest - 1), stream=stream)
-    assert (f"51 of 51 training examples (100%) are longer than --max-length {longest - 1} and are cut (their "
-            "ends are not trained); `lorakit data` shows them") in stream.getvalue()
+    train(
+        RunConfig(
+            model=str(tiny["llama"]),
+            data=str(tiny["chat"]),
+            out=str(tmp_path / "run"),
+            batch_size=8,
+            threads=1,
+            max_steps=1,
+            max_length=longest - 1,
+        ),
+        stream=stream,
+    )
+    assert (
+        f"51 of 51 training examples (100%) are longer than --max-length {longest - 1} and are cut (their "
+        "ends are not trained); `lorakit data` shows them"
+    ) in stream.getvalue()
 
 
 def test_eval_measures_the_loss_training_measured(tiny, tmp_path, capsys):
     """A run with --train-on-inputs: `lorakit eval` takes the loss over every token, as training did."""
     out = tmp_path / "every"
-    train(RunConfig(model=str(tiny["llama"]), data=str(tiny["chat"]), out=str(out), batch_size=8, threads=1,
-                    max_steps=2, train_on_inputs=True), stream=io.StringIO())
+    train(
+        RunConfig(
+            model=str(tiny["llama"]),
+            data=str(tiny["chat"]),
+            out=str(out),
+            batch_size=8,
+            threads=1,
+            max_steps=2,
+            train_on_inputs=True,
+        ),
+        stream=io.StringIO(),
+    )
     final = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in x][-1]
     code, text, err = cli_here(capsys, "eval", str(out), "--json")
     assert code == 0, err

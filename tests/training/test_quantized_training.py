@@ -34,8 +34,9 @@ def test_quantized_run_trains_adapters_on_a_4bit_base(tiny, tmp_path):
 
 @pytest.mark.parametrize("kind, bf16", [("nf4", False), ("int8", False), ("fp4", True)])
 def test_resumed_quantized_run_is_bitwise_the_uninterrupted_one(tiny, tmp_path, monkeypatch, kind, bf16):
-    options = dict(quantize=kind, bf16=bf16, max_steps=12, save_every=4, dropout=0.1, batch_size=4,
-                   targets="all-linear")
+    options = dict(
+        quantize=kind, bf16=bf16, max_steps=12, save_every=4, dropout=0.1, batch_size=4, targets="all-linear"
+    )
     run(tiny, tmp_path / "whole", **options)
 
     real_lr_at = loop_mod.lr_at

@@ -49,8 +49,19 @@ def test_a_second_run_exits_2_naming_the_first_and_writes_nothing(tiny, tmp_path
     run(tiny, out, max_steps=2, save_every=2)
     other = holder(out)
     before = files_of(out)
-    args = ["train", "--model", str(tiny["bert"]), "--data", str(tiny["classify"]), "--batch-size", "8",
-            "--threads", "1", "--max-steps", "2"]
+    args = [
+        "train",
+        "--model",
+        str(tiny["bert"]),
+        "--data",
+        str(tiny["classify"]),
+        "--batch-size",
+        "8",
+        "--threads",
+        "1",
+        "--max-steps",
+        "2",
+    ]
     for attempt in ([*args, "--out", str(out), "--overwrite"], ["train", "--resume", str(out)]):
         code = main(attempt)
         err = capsys.readouterr().err

@@ -36,8 +36,17 @@ def test_trainer_writes_peft_adapters_that_reload(tmp_path, ids):
 
     model = tiny_bert()
     lorakit.inject(model, lorakit.LoraConfig(rank=4, targets=["query", "value"], modules_to_save=["classifier"]))
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=4, save_steps=2, per_device_train_batch_size=4,
-                             learning_rate=5e-2, report_to=[], use_cpu=True, logging_steps=100, disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=4,
+        save_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=5e-2,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=100,
+        disable_tqdm=True,
+    )
     Trainer(model=model, args=args, train_dataset=_Sentences(), callbacks=[SaveAdapterCallback()]).train()
     model.eval()
     trained = logits(model, ids)

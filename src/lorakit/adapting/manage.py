@@ -16,37 +16,36 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from . import pissa
 from ..config import LoraConfig
 from ..layers import experts
 from ..layers.base import LoraLayer
+from ..module_tree import base_modules
+from ..quant.bnb import logical_numel
+from ..targets import resolve_targets
+from . import pissa
+from .given import check_shape, check_values, get_adapted, load_copy
 from .plan import (
     build_plan,
-    check_shape,
-    check_values,
     commit,
-    get_adapted,
-    load_copy,
-    replace_module,
     saved_module_paths,
     saved_wrapper_paths,
     unwrap,
 )
-from ..quant.bnb import logical_numel
 from .registry import (
     AdapterRecord,
     activate,
     active_adapters,
     adapters,
+    check_new_name,
     disabled_depth,
     forget,
     lora_layers,
-    named_base_modules,
+    refuse_if_merged,
+    replace_module,
     set_disabled_depth,
     wrappers,
 )
 from .saved_modules import SavedModule
-from ..targets import resolve_targets
 
 # ---- public API ----------------------------------------------------------------------------
 
@@ -60,9 +59,9 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
 
 def add_adapter(model: nn.Module, name: str, config: LoraConfig) -> nn.Module:
     """Add adapter `name` (active only if no other adapter is); see `set_adapter`."""
-    _check_new_name(model, name)
+    check_new_name(model, name)
     _check_config(config)
-    _refuse_if_merged(model, "adding an adapter")
+    refuse_if_merged(model, "adding an adapter")
     exclude = list(config.modules_to_save) + saved_wrapper_paths(model)
     parameters = experts.resolve_parameters(model, config, exclude)
     modules = _resolve_modules(model, config, exclude) if config.targets or not parameters else []
@@ -98,9 +97,9 @@ def add_adapter_from_tensors(
     integer dtypes); a ValueError names the module, parameter or tensor at fault. The adapter
     becomes active if no other adapter is.
     """
-    _check_new_name(model, name)
+    check_new_name(model, name)
     _check_config(config)
-    _refuse_if_merged(model, "loading an adapter")
+    refuse_if_merged(model, "loading an adapter")
     if not pairs:
         raise ValueError("no LoRA weights given (pairs is empty)")
     for path in pairs:
@@ -112,17 +111,23 @@ def add_adapter_from_tensors(
     unknown = sorted(set(magnitudes or {}) - set(pairs))
     if unknown:
         raise ValueError(f"magnitudes: {unknown[0]!r} has no (A, B) pair in pairs")
-    order = {p: i for i, (p, _) in enumerate(named_base_modules(model))}
+    order = {p: i for i, (p, _) in enumerate(base_modules(model))}
     # An expert parameter not yet adapted sorts right after its experts module, in the forward's order.
-    modules = sorted(pairs, key=lambda p: (order[p], 0) if p in order else (order[p.rpartition(".")[0]], 1 + ("down" in p)))
-    plan = build_plan(model, name, config, modules, tensors=pairs, magnitudes=(magnitudes or {}) if config.use_dora else None)
+    modules = sorted(
+        pairs, key=lambda p: (order[p], 0) if p in order else (order[p.rpartition(".")[0]], 1 + ("down" in p))
+    )
+    plan = build_plan(
+        model, name, config, modules, tensors=pairs, magnitudes=(magnitudes or {}) if config.use_dora else None
+    )
     saved = saved or {}
     for (_, clone), path in zip(plan.copies, plan.record.saved):
         load_copy(clone, saved.get(path), path)
     unknown = sorted(set(saved) - set(plan.record.saved))
     if unknown:
         raise ValueError(f"saved: {unknown[0]!r} is not one of the modules_to_save {plan.record.saved}")
-    params = dict(model.named_parameters(remove_duplicate=False)) if base else {}  # a tied weight answers to each of its names
+    params = (
+        dict(model.named_parameters(remove_duplicate=False)) if base else {}
+    )  # a tied weight answers to each of its names
     for pname, value in (base or {}).items():
         if pname not in params:
             raise ValueError(f"base: the model has no parameter named {pname!r}")
@@ -131,7 +136,10 @@ def add_adapter_from_tensors(
         check_values(f"{pname!r}", value)
         owner = next((n for n, r in adapters(model).items() if any(p is param for p, _ in r.replaced)), None)
         if owner is not None:
-            raise ValueError(f"base: {pname!r} already holds the value adapter {owner!r} brought; two adapters cannot each replace it")
+            raise ValueError(
+                f"base: {pname!r} already holds the value adapter {owner!r} brought; "
+                "two adapters cannot each replace it"
+            )
         plan.base_values.append((param, value.to(param.device, param.dtype)))
         plan.record.replaced.append((param, param.detach().to("cpu", copy=True)))
     plan.record.trainable = trainable
@@ -149,14 +157,16 @@ def set_adapter(model: nn.Module, names: str | list[str]) -> None:
     names = [names] if isinstance(names, str) else list(names)
     known = adapters(model)
     if not names:
-        raise ValueError("set_adapter needs at least one adapter name; for the base model alone use lorakit.disabled(model)")
+        raise ValueError(
+            "set_adapter needs at least one adapter name; for the base model alone use lorakit.disabled(model)"
+        )
     repeated = sorted({n for n in names if names.count(n) > 1}, key=names.index)
     if repeated:
         raise ValueError(f"adapter {repeated[0]!r} is named more than once in {names}; each active adapter counts once")
     for n in names:
         if n not in known:
             raise ValueError(f"no adapter named {n!r}; the model has {sorted(known) or 'none'}")
-    _refuse_if_merged(model, "switching adapters")
+    refuse_if_merged(model, "switching adapters")
     for path, module in wrappers(model):
         if isinstance(module, SavedModule) and sum(n in module.copies for n in names) > 1:
             raise ValueError(
@@ -205,7 +215,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     Blocks nest: adapters come back when the outermost one closes, however it closes. Adapters
     added inside a block are off until then too; merging inside one is refused.
     """
-    _refuse_if_merged(model, "disabling adapters")
+    refuse_if_merged(model, "disabling adapters")
     set_disabled_depth(model, disabled_depth(model) + 1)
     _set_enabled(model, False)
     try:
@@ -230,8 +240,10 @@ def merge(model: nn.Module, requantize: bool = False) -> nn.Module:
         layer.merge(requantize=requantize)
     errors = [e for e in (getattr(layer, "requantize_error", None) for layer in lora_layers(model)) if e is not None]
     if requantize and errors:
-        warnings.warn(f"merged by re-quantizing {len(errors)} quantized weights; largest weight error "
-                      f"{max(errors):.3g}", stacklevel=2)
+        warnings.warn(
+            f"merged by re-quantizing {len(errors)} quantized weights; largest weight error {max(errors):.3g}",
+            stacklevel=2,
+        )
     return model
 
 
@@ -259,7 +271,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     if not merge:
         for record in adapters(model).values():
             _give_back_base(model, record)
-    for path, module in list(model.named_modules()):
+    for path, module in wrappers(model):
         if isinstance(module, LoraLayer):
             unwrap(model, path, module)
         elif isinstance(module, SavedModule):
@@ -280,7 +292,9 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 
 def _resolve_modules(model: nn.Module, config: LoraConfig, exclude: list[str]) -> list[str]:
     try:
-        return resolve_targets(model, config.targets, config.layers, exclude=exclude, layers_pattern=config.layers_pattern)
+        return resolve_targets(
+            model, config.targets, config.layers, exclude=exclude, layers_pattern=config.layers_pattern
+        )
     except ValueError as err:
         hint = experts.expert_hint(model, config.targets)
         if hint:
@@ -288,29 +302,9 @@ def _resolve_modules(model: nn.Module, config: LoraConfig, exclude: list[str]) -
         raise
 
 
-def _check_new_name(model: nn.Module, name: str) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(name, str) or not name or "." in name:
-        raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
-    # Each wrapper keeps its adapters in an nn.ModuleDict / nn.ParameterDict keyed by name, and
-    # those refuse the names of their own attributes; caught here, before anything changes.
-    taken = next((d for d in (nn.ModuleDict(), nn.ParameterDict()) if hasattr(d, name)), None)
-    if taken is not None:
-        raise ValueError(f"adapter name {name!r} is the name of an attribute of torch's {type(taken).__name__}, "
-                         "which holds each layer's adapters by name; pick another name")
-    if name in adapters(model):
-        raise ValueError(f"the model already has an adapter named {name!r}; delete_adapter it or pick another name")
-
-
 def _check_config(config: LoraConfig) -> None:
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a lorakit.LoraConfig, got {type(config).__name__} {config!r}"[:200])
-
-
-def _refuse_if_merged(model: nn.Module, doing: str) -> None:
-    if any(layer.merged for layer in lora_layers(model)):
-        raise ValueError(f"adapters are merged into the weights; call lorakit.unmerge(model) before {doing}")
 
 
 def _check_merge(model: nn.Module, requantize: bool) -> None:
@@ -351,6 +345,7 @@ def _refuse_tied(model: nn.Module) -> None:
             tied = owners.get(id(layer.base_layer.weight), [])
             if len(tied) > 1:
                 raise ValueError(
-                    f"cannot merge into {path!r}: its weight is tied to {[t for t in tied if not t.startswith(path + '.')]}, "
+                    f"cannot merge into {path!r}: its weight is tied to "
+                    f"{[t for t in tied if not t.startswith(path + '.')]}, "
                     "which merging would change too; keep this adapter unmerged"
                 )

@@ -29,12 +29,13 @@ import math
 import torch
 from torch import nn
 
-from ..files import peft_format as fmt
 from ..config import LoraConfig
+from ..files import peft_format as fmt
 from ..layers.base import LoraLayer
-from .registry import AdapterRecord, adapters
-from ..targets import adaptable_kind
 from ..layers.kinds import wrapper_for
+from ..targets import adaptable_kind
+from .given import get_adapted, given_pair
+from .registry import AdapterRecord, adapters
 
 RESIDUAL_INITS = {"pissa": "PiSSA", "olora": "OLoRA"}  # the inits whose base weight holds a residual
 
@@ -61,7 +62,8 @@ def check_alone(model: nn.Module, layer: LoraLayer, path: str, config: LoraConfi
         )
     if config.init in RESIDUAL_INITS:
         raise ValueError(
-            f"module {path!r} already carries adapters {[n for n in layer.scaling if n in known]}; a {RESIDUAL_INITS[config.init]} adapter replaces "
+            f"module {path!r} already carries adapters {[n for n in layer.scaling if n in known]}; "
+            f"a {RESIDUAL_INITS[config.init]} adapter replaces "
             f"the base weight by its residual, which they would then act on. Put the {RESIDUAL_INITS[config.init]} "
             "adapter on a model of its own"
         )
@@ -123,7 +125,6 @@ def plain_pairs(
     would. The base is left unchanged, so other adapters and the base model itself can share it
     (`load_adapter(..., as_lora=True)`, which lorakit serve uses). Each given pair is checked
     against its module first (plan.TensorError names the module and A or B)."""
-    from .plan import get_adapted, given_pair  # plan imports this file
 
     converted = {}
     for path, pair in pairs.items():

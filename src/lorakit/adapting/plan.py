@@ -8,33 +8,35 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import pissa
 from ..config import LoraConfig
-from ..errors import LorakitError
 from ..layers import experts
 from ..layers.base import LoraLayer
+from ..layers.kinds import wrapper_for
+from ..module_tree import base_modules, get_module, is_wrapper, name_matches, within
+from ..targets import adaptable_kind
+from . import pissa
+from .given import given_magnitude, given_pair
 from .registry import (
     AdapterRecord,
     activate,
     active_adapters,
     disabled_depth,
-    named_base_modules,
     register,
-    structure_changed,
+    replace_module,
 )
 from .saved_modules import SavedModule
-from ..targets import adaptable_kind
-from ..layers.kinds import wrapper_for
 
 
-class TensorError(LorakitError, ValueError):
-    """A given A, B or DoRA magnitude ("m") that does not fit its module; `module` and `role` say which."""
+@dataclass
+class NewPair:
+    """One layer's part of a new adapter, as `LoraLayer.attach` takes it."""
 
-    user_fixable = False  # the caller's tensors, given in Python; the CLI's come from files (AdapterFileError)
-
-    def __init__(self, message: str, module: str, role: str) -> None:
-        super().__init__(message)
-        self.module, self.role = module, role
+    layer: LoraLayer
+    a: torch.Tensor
+    b: torch.Tensor
+    scaling: float
+    dropout: float
+    magnitude: torch.Tensor | None = None  # DoRA's m
 
 
 @dataclass
@@ -42,9 +44,8 @@ class Plan:
     name: str
     record: AdapterRecord
     wrappers: list[tuple[str, nn.Module]] = field(default_factory=list)  # (path, new wrapper)
-    pairs: list[tuple[LoraLayer, torch.Tensor, torch.Tensor, float, float]] = field(default_factory=list)
+    pairs: list[NewPair] = field(default_factory=list)
     residuals: list[tuple[LoraLayer, torch.Tensor]] = field(default_factory=list)  # PiSSA / OLoRA bases
-    magnitudes: dict[int, torch.Tensor] = field(default_factory=dict)  # DoRA: index in `pairs` -> m
     copies: list[tuple[SavedModule, nn.Module]] = field(default_factory=list)
     base_values: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)  # replaced base tensors
 
@@ -96,15 +97,18 @@ def build_plan(
             a, b = given_pair(layer, path, rank, tensors[path])
         else:
             a, b = layer.build_pair(rank, config.init)
+        magnitude = None
         if config.use_dora:
             if not layer.supports_dora:
-                raise ValueError(f"module {path!r}: DoRA needs a full-precision base weight, and this one is "
-                                 f"{type(layer.base_layer).__name__}; train plain LoRA on it, or dequantize the model")
+                raise ValueError(
+                    f"module {path!r}: DoRA needs a full-precision base weight, and this one is "
+                    f"{type(layer.base_layer).__name__}; train plain LoRA on it, or dequantize the model"
+                )
             if magnitudes is not None:
-                plan.magnitudes[len(plan.pairs)] = given_magnitude(layer, path, magnitudes.get(path))
+                magnitude = given_magnitude(layer, path, magnitudes.get(path))
             else:
-                plan.magnitudes[len(plan.pairs)] = layer.initial_magnitude(a, b, scaling, residual)
-        plan.pairs.append((layer, a, b, scaling, config.dropout))
+                magnitude = layer.initial_magnitude(a, b, scaling, residual)
+        plan.pairs.append(NewPair(layer, a, b, scaling, config.dropout, magnitude))
     for path in saved_module_paths(model, config.modules_to_save):
         module = get_module(model, path)
         if isinstance(module, LoraLayer):
@@ -122,9 +126,11 @@ def _expert_layer(plan: Plan, hosts: dict[str, nn.Module], path: str, expert: tu
     (with a new LoraExperts around its experts module where there is none yet)."""
     host_path, host, layer = expert
     if config.use_dora:
-        raise ValueError(f"parameter {path!r}: DoRA on fused expert weights is not supported (its norm per "
-                         "output feature of each expert is not implemented; PEFT refuses it too); train plain LoRA "
-                         "there, or leave the experts out of the targets")
+        raise ValueError(
+            f"parameter {path!r}: DoRA on fused expert weights is not supported (its norm per "
+            "output feature of each expert is not implemented; PEFT refuses it too); train plain LoRA "
+            "there, or leave the experts out of the targets"
+        )
     if layer is not None:
         return layer
     if host_path not in hosts:
@@ -153,8 +159,9 @@ def commit(model: nn.Module, plan: Plan) -> None:
             layer.base_layer.weight.copy_(residual)
         for param, value in plan.base_values:
             param.copy_(value)
-    for i, (layer, a, b, scaling, dropout) in enumerate(plan.pairs):
-        layer.attach(plan.name, a, b, scaling, dropout, plan.magnitudes.get(i))
+    for pair in plan.pairs:
+        layer = pair.layer
+        layer.attach(plan.name, pair.a, pair.b, pair.scaling, pair.dropout, pair.magnitude)
         # New modules train; in an eval-mode model the adapter's dropout would then act at inference.
         # (_store_pair gives the new pair the layer's mode: a layer already right costs nothing more,
         # where train() would walk every adapter the layer holds.)
@@ -165,8 +172,8 @@ def commit(model: nn.Module, plan: Plan) -> None:
     if active_adapters(model):
         # The active set stays as it is, so only the new, inactive adapter's flags change:
         # O(its size), however many adapters the model holds.
-        for layer, *_ in plan.pairs:
-            for p in layer.adapter_parameters(plan.name).values():
+        for pair in plan.pairs:
+            for p in pair.layer.adapter_parameters(plan.name).values():
                 p.requires_grad_(False)
         for _, clone in plan.copies:
             clone.requires_grad_(False)
@@ -177,14 +184,10 @@ def commit(model: nn.Module, plan: Plan) -> None:
 def saved_module_paths(model: nn.Module, names: list[str]) -> list[str]:
     """Module paths matching each modules_to_save entry (exact name or '.'-suffix)."""
     paths: list[str] = []
-    modules = named_base_modules(model)
-    wrappers = [p for p, m in modules if isinstance(m, (LoraLayer, SavedModule))]
+    modules = base_modules(model)
+    wrappers = [p for p, m in modules if is_wrapper(m)]
     for entry in names:
-        found = [
-            p
-            for p, m in modules
-            if p and (p == entry or p.endswith("." + entry)) and not any(p.startswith(w + ".") for w in wrappers)
-        ]
+        found = [p for p, m in modules if p and name_matches(p, entry) and not within(p, wrappers)]
         if not found:
             raise ValueError(f"modules_to_save entry {entry!r} matches no module of the model")
         paths += [p for p in found if p not in paths]
@@ -193,96 +196,7 @@ def saved_module_paths(model: nn.Module, names: list[str]) -> list[str]:
 
 def saved_wrapper_paths(model: nn.Module) -> list[str]:
     """Paths of existing modules_to_save wrappers: never LoRA targets themselves."""
-    return [p for p, m in named_base_modules(model) if isinstance(m, SavedModule)]
-
-
-def given_pair(
-    layer: LoraLayer, path: str, rank: int, pair: tuple[torch.Tensor, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A given (A, B), checked against the layer and the rank, where the layer keeps its adapters."""
-    if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(t, torch.Tensor) for t in pair)):
-        raise ValueError(f"module {path!r}: expected a pair of tensors (A, B)")
-    a, b = pair
-    axis = 1 if isinstance(layer, experts.LoraExpertParam) else 0  # experts: A is (E, r, in)
-    given = a.shape[axis] if a.dim() > axis else 0
-    if given != rank:
-        raise TensorError(f"module {path!r}: A has rank {given}, but the config gives rank {rank} for {path!r}", path, "A")
-    for role, tensor, shape in zip(("A", "B"), (a, b), layer.pair_shapes(rank)):
-        try:
-            check_shape(f"module {path!r}: {role}", tensor, shape)
-            check_values(f"module {path!r}: {role}", tensor)
-        except ValueError as err:
-            raise TensorError(str(err), path, role) from None
-    device, dtype = layer.adapter_placement()
-    return a.to(device, dtype), b.to(device, dtype)
-
-
-def given_magnitude(layer: LoraLayer, path: str, magnitude: torch.Tensor | None) -> torch.Tensor:
-    """A given DoRA magnitude vector, checked against the layer, on the base weight's device and dtype."""
-    if not isinstance(magnitude, torch.Tensor):
-        raise ValueError(f"module {path!r}: no DoRA magnitude given (the config has use_dora)")
-    try:
-        check_shape(f"module {path!r}: the DoRA magnitude", magnitude, layer.magnitude_shape())
-        check_values(f"module {path!r}: the DoRA magnitude", magnitude)
-    except ValueError as err:
-        raise TensorError(str(err), path, "m") from None
-    weight = layer.base_layer.weight
-    return magnitude.to(weight.device, weight.dtype)
-
-
-def load_copy(clone: nn.Module, state: dict[str, torch.Tensor] | None, path: str) -> None:
-    """Fill a modules_to_save copy from `state`, which must match it key for key and shape for shape."""
-    if state is None:
-        raise ValueError(f"saved: no weights given for {path!r} (modules_to_save)")
-    expected = clone.state_dict()
-    for k, v in expected.items():
-        if k not in state:
-            raise ValueError(f"missing key {path}.{k!r} (modules_to_save)")
-        check_shape(f"'{path}.{k}'", state[k], v.shape)
-        check_values(f"'{path}.{k}'", state[k], like=v)
-    for k in state:
-        if k not in expected:
-            raise ValueError(f"unexpected key {path}.{k!r} (modules_to_save {path!r})")
-    clone.load_state_dict(state)
-
-
-def check_shape(what: str, tensor: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> None:
-    if tuple(tensor.shape) != tuple(shape):
-        raise ValueError(
-            f"{what} has shape {tuple(tensor.shape)}, but this model needs {tuple(shape)} "
-            "(was the adapter trained on another base model?)"
-        )
-
-
-def check_values(what: str, tensor: torch.Tensor, like: torch.Tensor | None = None) -> None:
-    """Refuse integer or boolean values where the model holds floats (`like`: the tensor they
-    replace; default a float one), and NaN or infinite values anywhere."""
-    if (like is None or like.is_floating_point()) and not tensor.is_floating_point():
-        raise ValueError(f"{what} has dtype {tensor.dtype}, but this model needs floating-point values")
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise ValueError(f"{what} holds {bad} NaN or infinite value{'s' if bad > 1 else ''}")
-
-
-def get_adapted(model: nn.Module, path: str) -> nn.Module | None:
-    """The module at `path`, which must exist and be able to carry an adapter (None for an
-    expert parameter, which can)."""
-    if experts.host_and_layer(model, path) is not None:
-        return None
-    try:
-        module = model.get_submodule(path)
-    except AttributeError:
-        raise ValueError(f"the adapter names module {path!r}, which this model does not have") from None
-    if adaptable_kind(module) is None:
-        raise ValueError(f"module {path!r} ({type(module).__name__}) cannot carry a LoRA adapter")
-    return module
-
-
-def get_module(model: nn.Module, path: str) -> nn.Module:
-    try:
-        return model.get_submodule(path)
-    except AttributeError:
-        raise ValueError(f"the model has no module named {path!r}") from None
+    return [p for p, m in base_modules(model) if isinstance(m, SavedModule)]
 
 
 def unwrap(model: nn.Module, path: str, wrapper: LoraLayer) -> None:
@@ -291,10 +205,3 @@ def unwrap(model: nn.Module, path: str, wrapper: LoraLayer) -> None:
         experts.unwrap(model, path, wrapper, replace_module)
     else:
         replace_module(model, path, wrapper.base_layer)
-
-
-def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, child, new)
-    structure_changed(model)

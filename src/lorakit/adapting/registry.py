@@ -14,6 +14,7 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..layers.base import LoraLayer
+from ..module_tree import base_modules, set_module
 from .saved_modules import SavedModule
 
 _REGISTRY = "_lorakit_adapters"  # attribute on the user's model: name -> AdapterRecord
@@ -115,7 +116,7 @@ def register(model: nn.Module, name: str, record: AdapterRecord) -> None:
 
 def wrappers(model: nn.Module) -> list[tuple[str, LoraLayer | SavedModule]]:
     """(path, wrapper) for every lorakit wrapper, in module order."""
-    return [(p, m) for p, m in named_base_modules(model) if isinstance(m, (LoraLayer, SavedModule))]
+    return [(p, m) for p, m in base_modules(model) if isinstance(m, (LoraLayer, SavedModule))]
 
 
 def cached_wrappers(model: nn.Module) -> list[LoraLayer | SavedModule]:
@@ -132,31 +133,10 @@ def structure_changed(model: nn.Module) -> None:
     model.__dict__.pop(_WRAPPERS, None)
 
 
-def named_base_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """`model.named_modules()` without the adapters' own modules (A, B, trained copies).
-
-    Walking only the base model (and the wrappers themselves) costs the same with one adapter
-    loaded or a thousand, which keeps adding, loading and deleting an adapter O(its size).
-    """
-    found: list[tuple[str, nn.Module]] = [("", model)]
-    seen: set[int] = {id(model)}
-
-    def walk(module: nn.Module, prefix: str) -> None:
-        if isinstance(module, LoraLayer):
-            children = {"base_layer": module.base_layer}
-        elif isinstance(module, SavedModule):
-            children = {"original": module.original}
-        else:
-            children = module._modules
-        for child_name, child in children.items():
-            if child is None or id(child) in seen:
-                continue
-            seen.add(id(child))
-            found.append((prefix + child_name, child))
-            walk(child, prefix + child_name + ".")
-
-    walk(model, "")
-    return found
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Put `new` at `path`; the remembered wrappers are walked again next time."""
+    set_module(model, path, new)
+    structure_changed(model)
 
 
 def disabled_depth(model: nn.Module) -> int:
@@ -169,3 +149,27 @@ def set_disabled_depth(model: nn.Module, depth: int) -> None:
         object.__setattr__(model, _DISABLED, depth)
     elif hasattr(model, _DISABLED):
         object.__delattr__(model, _DISABLED)
+
+
+def check_new_name(model: nn.Module, name: str) -> None:
+    """Refuse a name a new adapter cannot take on this model, before anything changes."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
+    # Each wrapper keeps its adapters in an nn.ModuleDict / nn.ParameterDict keyed by name, and
+    # those refuse the names of their own attributes; caught here, before anything changes.
+    taken = next((d for d in (nn.ModuleDict(), nn.ParameterDict()) if hasattr(d, name)), None)
+    if taken is not None:
+        raise ValueError(
+            f"adapter name {name!r} is the name of an attribute of torch's {type(taken).__name__}, "
+            "which holds each layer's adapters by name; pick another name"
+        )
+    if name in adapters(model):
+        raise ValueError(f"the model already has an adapter named {name!r}; delete_adapter it or pick another name")
+
+
+def refuse_if_merged(model: nn.Module, doing: str) -> None:
+    """Refuse `doing` (a phrase: "switching adapters") while adapters are merged into the weights."""
+    if any(layer.merged for layer in lora_layers(model)):
+        raise ValueError(f"adapters are merged into the weights; call lorakit.unmerge(model) before {doing}")

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import named_base_modules
+from ..module_tree import base_modules, name_matches
 
 ROWS_KEY = "token_adapter.trainable_tokens_delta"  # PEFT's key suffix for a wrapped module's rows
 CONFIG_KEY = "trainable_token_indices"
@@ -49,8 +49,9 @@ class TokenRows(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         if isinstance(base, nn.Embedding):
-            return F.embedding(x, self.weight, base.padding_idx, base.max_norm, base.norm_type,
-                               base.scale_grad_by_freq, base.sparse)
+            return F.embedding(
+                x, self.weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+            )
         return F.linear(x, self.weight, base.bias)
 
     def __getattr__(self, name: str) -> Any:
@@ -69,8 +70,10 @@ def add_token_rows(model: nn.Module, indices: list[int]) -> list[str]:
     shares its rows. Call after the model's vocabulary is resized for new tokens."""
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     if not isinstance(embedding, nn.Embedding):
-        raise ValueError(f"the input embedding is a {type(embedding).__name__}, not an nn.Embedding "
-                         "(an adapter on it, or an unusual model); its rows cannot be trained alone")
+        raise ValueError(
+            f"the input embedding is a {type(embedding).__name__}, not an nn.Embedding "
+            "(an adapter on it, or an unusual model); its rows cannot be trained alone"
+        )
     size = embedding.num_embeddings
     bad = [i for i in indices if not 0 <= i < size]
     if bad or not indices:
@@ -84,8 +87,10 @@ def add_token_rows(model: nn.Module, indices: list[int]) -> list[str]:
         model.set_output_embeddings(TokenRows(head, indices, embed_rows.rows if tied else None))
         wrapped.append(paths[id(head)])
     elif head is not None:
-        raise ValueError(f"the output head is a {type(head).__name__}, not an nn.Linear (an adapter on it?); "
-                         "its rows cannot be trained alone")
+        raise ValueError(
+            f"the output head is a {type(head).__name__}, not an nn.Linear (an adapter on it?); "
+            "its rows cannot be trained alone"
+        )
     for module in (model.get_input_embeddings(), model.get_output_embeddings()):
         if isinstance(module, TokenRows):
             module.rows.requires_grad_(True)
@@ -95,7 +100,7 @@ def add_token_rows(model: nn.Module, indices: list[int]) -> list[str]:
 def token_rows(model: nn.Module) -> dict[str, TokenRows]:
     """The model's TokenRows that own their rows (not tied to another's), by module path."""
     # The base modules only: saving costs the same however many adapters are loaded (registry.py).
-    return {p: m for p, m in named_base_modules(model) if isinstance(m, TokenRows) and not m.tied}
+    return {p: m for p, m in base_modules(model) if isinstance(m, TokenRows) and not m.tied}
 
 
 def config_entry(model: nn.Module) -> list[int] | dict[str, list[int]] | None:
@@ -116,17 +121,19 @@ def indices_by_module(model: nn.Module, entry: Any, where: str) -> dict[str, lis
     is the name or ends with "." + name."""
     if isinstance(entry, list):
         embedding = model.get_input_embeddings()
-        path = next((p for p, m in named_base_modules(model) if m is embedding), None)
+        path = next((p for p, m in base_modules(model) if m is embedding), None)
         if path is None:
             raise ValueError(f"{where}: {CONFIG_KEY} names the input embedding, which this model lacks")
         return {path: entry}
     found: dict[str, list[int]] = {}
-    names = [p for p, _ in named_base_modules(model)]
+    names = [p for p, _ in base_modules(model)]
     for name, ids in entry.items():
-        matches = [p for p in names if p == name or p.endswith("." + name)]
+        matches = [p for p in names if name_matches(p, name)]
         if len(matches) != 1:
-            raise ValueError(f"{where}: {CONFIG_KEY} names {name!r}, which matches {len(matches)} modules "
-                             "of this model (one expected)")
+            raise ValueError(
+                f"{where}: {CONFIG_KEY} names {name!r}, which matches {len(matches)} modules "
+                "of this model (one expected)"
+            )
         found[matches[0]] = ids
     return found
 
@@ -134,10 +141,19 @@ def indices_by_module(model: nn.Module, entry: Any, where: str) -> dict[str, lis
 def check_entry(entry: Any, where: str) -> None:
     """`trainable_token_indices` must be a list of token ids or an object of such lists."""
     lists = entry.values() if isinstance(entry, dict) else [entry]
-    if not all(isinstance(ids, list) and ids and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
-                                                     for i in ids) for ids in lists) or entry == {}:
-        raise ValueError(f"{where}: {CONFIG_KEY} must be a list of token ids or an object of module name -> "
-                         f"list of token ids, got {entry!r}")
+    if (
+        not all(
+            isinstance(ids, list)
+            and ids
+            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+            for ids in lists
+        )
+        or entry == {}
+    ):
+        raise ValueError(
+            f"{where}: {CONFIG_KEY} must be a list of token ids or an object of module name -> "
+            f"list of token ids, got {entry!r}"
+        )
 
 
 def rows_replacing(weight: torch.Tensor, ids: list[int], rows: torch.Tensor, what: str) -> torch.Tensor:
@@ -145,11 +161,15 @@ def rows_replacing(weight: torch.Tensor, ids: list[int], rows: torch.Tensor, wha
     if len(set(ids)) != len(ids):
         raise ValueError(f"{what}: the token ids {ids} repeat one")
     if max(ids) >= weight.shape[0]:
-        raise ValueError(f"{what}: token id {max(ids)} is beyond this model's {weight.shape[0]} rows; resize "
-                         "its embeddings to the adapter's tokenizer first "
-                         "(model.resize_token_embeddings(len(tokenizer)))")
+        raise ValueError(
+            f"{what}: token id {max(ids)} is beyond this model's {weight.shape[0]} rows; resize "
+            "its embeddings to the adapter's tokenizer first "
+            "(model.resize_token_embeddings(len(tokenizer)))"
+        )
     if tuple(rows.shape) != (len(ids), weight.shape[1]):
-        raise ValueError(f"{what}: shape {tuple(rows.shape)}, expected {(len(ids), weight.shape[1])} "
-                         f"({len(ids)} tokens x the width {weight.shape[1]})")
+        raise ValueError(
+            f"{what}: shape {tuple(rows.shape)}, expected {(len(ids), weight.shape[1])} "
+            f"({len(ids)} tokens x the width {weight.shape[1]})"
+        )
     index = torch.tensor(ids, dtype=torch.long)
     return weight.detach().to("cpu", copy=True).index_copy(0, index, rows.to(weight.dtype))

@@ -17,27 +17,40 @@ from pathlib import Path
 
 from ..files.adapter_file import load_adapter, save_adapter
 from ..files.expert_layout import LAYOUTS, check_layout
-from ..tools.arithmetic import METHODS, combine
 from ..files.output_folder import Output
 from ..files.peft_format import CONFIG_FILE, WEIGHTS_FILE
-from ..training.tasks import LABELS_FILE, TASK_TYPES, labels_json
+from ..tools.arithmetic import METHODS, combine
+from ..training.labels import LABELS_FILE, labels_json
+from ..training.tasks import TASK_TYPES
 from .errors import CommandError
 from .trained import adapter_facts, load_trained
 
 RECORD_FILE = "combine.json"
-COMBINED = Output(command="lorakit combine", what="a combined adapter folder", marker=RECORD_FILE,
-                  names=(CONFIG_FILE, WEIGHTS_FILE, LABELS_FILE, RECORD_FILE), error=CommandError)
+COMBINED = Output(
+    command="lorakit combine",
+    what="a combined adapter folder",
+    marker=RECORD_FILE,
+    names=(CONFIG_FILE, WEIGHTS_FILE, LABELS_FILE, RECORD_FILE),
+    error=CommandError,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    c = sub.add_parser("combine", help="weight several adapters into one (linear, cat, svd, ties, dare)",
-                       description="Combine trained adapters of one base model into a new adapter folder.")
+    c = sub.add_parser(
+        "combine",
+        help="weight several adapters into one (linear, cat, svd, ties, dare)",
+        description="Combine trained adapters of one base model into a new adapter folder.",
+    )
     c.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapter folders (lorakit or PEFT)")
     c.add_argument("--out", required=True, help="the adapter folder to write")
     c.add_argument("--weights", help="one number per adapter, comma-separated (default: equal, summing to 1)")
-    c.add_argument("--method", default="svd", choices=METHODS,
-                   help="cat: exact, ranks add up; svd: the exact sum cut to --rank; linear: factor-wise, "
-                        "same ranks; ties / dare: TIES / DARE merging, then --rank (default: svd)")
+    c.add_argument(
+        "--method",
+        default="svd",
+        choices=METHODS,
+        help="cat: exact, ranks add up; svd: the exact sum cut to --rank; linear: factor-wise, "
+        "same ranks; ties / dare: TIES / DARE merging, then --rank (default: svd)",
+    )
     c.add_argument("--rank", type=int, help="svd, ties, dare: the new rank (default: the largest source rank)")
     c.add_argument("--density", type=float, help="ties, dare: the fraction of each delta kept, in (0, 1]")
     c.add_argument("--seed", type=int, default=0, help="dare: the random stream (default: 0)")
@@ -45,8 +58,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="how a pair on MoE experts is written: fused (PEFT's target_parameters) or per-expert "
                         "(vLLM's layout for Qwen3-MoE, Qwen2-MoE, OLMoE, Mixtral, DeepSeek) (default: fused)")
     c.add_argument("--model", help="base model (default: the one named in the adapters' adapter_config.json)")
-    c.add_argument("--overwrite", action="store_true", help="replace a folder lorakit combine wrote (removes only "
-                                                            "the files it wrote; your own files there stay)")
+    c.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a folder lorakit combine wrote (removes only the files it wrote; your own files there stay)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,16 +70,26 @@ def run(args: argparse.Namespace) -> int:
     weights = _weights(args.weights, len(args.adapters))
     facts = [adapter_facts(a) for a in args.adapters]
     bases = [args.model] if args.model else sorted({f["base"] for f in facts if f["base"]})
-    COMBINED.check_out(target, args.overwrite, [*(("the adapter folder", a) for a in args.adapters),
-                                                *(("the base model folder", b) for b in bases)])
+    COMBINED.check_out(
+        target,
+        args.overwrite,
+        [*(("the adapter folder", a) for a in args.adapters), *(("the base model folder", b) for b in bases)],
+    )
     _check_alike(args.adapters, facts, args.model)
     model, _, first = load_trained(args.adapters[0], args.model, adapter=False)
     names = [f"source{i}" for i in range(len(args.adapters))]
     for folder, name in zip(args.adapters, names):
         load_adapter(model, folder, name=name)
     try:
-        report = combine(model, dict(zip(names, weights)), "combined", method=args.method, rank=args.rank,
-                         density=args.density, seed=args.seed)
+        report = combine(
+            model,
+            dict(zip(names, weights)),
+            "combined",
+            method=args.method,
+            rank=args.rank,
+            density=args.density,
+            seed=args.seed,
+        )
     except ValueError as err:
         message = str(err)
         for name, folder in zip(names, args.adapters):
@@ -73,21 +99,36 @@ def run(args: argparse.Namespace) -> int:
         check_layout(model, args.expert_layout, "combined")
     except ValueError as err:
         raise CommandError(f"--expert-layout {args.expert_layout}: {err}") from None
-    record = {"adapters": [str(Path(a).resolve()) for a in args.adapters], "weights": weights,
-              "method": args.method, "rank": report.rank, "density": args.density,
-              "seed": args.seed if args.method == "dare" else None, "relative_error": report.errors}
+    record = {
+        "adapters": [str(Path(a).resolve()) for a in args.adapters],
+        "weights": weights,
+        "method": args.method,
+        "rank": report.rank,
+        "density": args.density,
+        "seed": args.seed if args.method == "dare" else None,
+        "relative_error": report.errors,
+    }
     extra = {LABELS_FILE: labels_json(first["labels"])} if first["labels"] else {}
 
     def fill(tmp: Path) -> None:
-        save_adapter(model, tmp, name="combined", base_model_name_or_path=first["base"],
-                     task_type=TASK_TYPES[first["task"]], extra_files=extra, expert_layout=args.expert_layout)
+        save_adapter(
+            model,
+            tmp,
+            name="combined",
+            base_model_name_or_path=first["base"],
+            task_type=TASK_TYPES[first["task"]],
+            extra_files=extra,
+            expert_layout=args.expert_layout,
+        )
 
     COMBINED.write(target, fill, record, args.overwrite)
     parts = " + ".join(f"{w:g} x {a}" for w, a in zip(weights, args.adapters))
     print(f"combined {parts} ({args.method}, rank {report.rank}): {target}")
-    print(f"relative error of the new deltas against the {'merged' if args.method in ('ties', 'dare') else 'weighted'} "
-          f"sum: max {report.max_error:.3g}, mean {report.mean_error:.3g} over {len(report.errors)} modules "
-          f"(per module in {target / RECORD_FILE})")
+    print(
+        f"relative error of the new deltas against the {'merged' if args.method in ('ties', 'dare') else 'weighted'} "
+        f"sum: max {report.max_error:.3g}, mean {report.mean_error:.3g} over {len(report.errors)} modules "
+        f"(per module in {target / RECORD_FILE})"
+    )
     return 0
 
 
@@ -108,11 +149,17 @@ def _check_alike(folders: list[str], facts: list[dict], model: str | None) -> No
     first = facts[0]
     for folder, f in zip(folders[1:], facts[1:]):
         if f["task"] != first["task"]:
-            raise CommandError(f"{folder} is a {f['task']} adapter, {folders[0]} a {first['task']} one; "
-                                "only adapters of one task combine")
+            raise CommandError(
+                f"{folder} is a {f['task']} adapter, {folders[0]} a {first['task']} one; "
+                "only adapters of one task combine"
+            )
         if f["labels"] != first["labels"]:
-            raise CommandError(f"{folder}/{LABELS_FILE} names the labels {f['labels']}, {folders[0]} has "
-                                f"{first['labels']}; classifier heads combine only over the same labels")
+            raise CommandError(
+                f"{folder}/{LABELS_FILE} names the labels {f['labels']}, {folders[0]} has "
+                f"{first['labels']}; classifier heads combine only over the same labels"
+            )
         if model is None and f["base"] != first["base"]:
-            raise CommandError(f"{folder} was trained on {f['base']!r}, {folders[0]} on {first['base']!r}; "
-                                "adapters combine on one base model (pass --model to choose it)")
+            raise CommandError(
+                f"{folder} was trained on {f['base']!r}, {folders[0]} on {first['base']!r}; "
+                "adapters combine on one base model (pass --model to choose it)"
+            )

@@ -15,11 +15,11 @@ import sys
 from types import SimpleNamespace
 
 from ..training import RunConfig, TrainingError
+from ..training.base_model import default_model, fit_max_length, load_config, load_tokenizer, quiet_transformers
 from ..training.data import examples as data_mod
 from ..training.data.report import DataSummary, marked_text, summarize
 from ..training.options import add_run_options
 from ..training.prepare import run_labels
-from ..training.tasks import default_model, fit_max_length, load_config, load_tokenizer, quiet_transformers
 
 # The RunConfig options that decide what training sees of the data. Those RunConfig defines are
 # offered (a data option RunConfig gains, such as `packing`, joins when it is defined there).
@@ -27,16 +27,27 @@ DATA_OPTIONS = ("model", "task", "labels", "max_length", "train_on_inputs", "pac
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    d = sub.add_parser("data", help="what training will see of a data file: tokens, trained tokens, cuts, padding",
-                       description="Read and tokenize a data file as `lorakit train` would (every record: no "
-                                   "held-out split), and show what training sees of it.")
+    d = sub.add_parser(
+        "data",
+        help="what training will see of a data file: tokens, trained tokens, cuts, padding",
+        description="Read and tokenize a data file as `lorakit train` would (every record: no "
+        "held-out split), and show what training sees of it.",
+    )
     d.add_argument("file", metavar="FILE", help="CSV/TSV (header line) or JSONL file, as `train --data` takes")
     add_run_options(d, only=DATA_OPTIONS)
-    d.add_argument("--show", type=int, default=3, metavar="N",
-                   help="print the first N examples with their trained tokens marked (default: 3)")
-    d.add_argument("--json", action="store_true",
-                   help='print one JSON object per example, {"input_ids": [...], "labels": [...]}, -100 where '
-                        "nothing is trained (classify: labels is the class id)")
+    d.add_argument(
+        "--show",
+        type=int,
+        default=3,
+        metavar="N",
+        help="print the first N examples with their trained tokens marked (default: 3)",
+    )
+    d.add_argument(
+        "--json",
+        action="store_true",
+        help='print one JSON object per example, {"input_ids": [...], "labels": [...]}, -100 where '
+        "nothing is trained (classify: labels is the class id)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,8 +63,9 @@ def run(args: argparse.Namespace) -> int:
     quiet_transformers()
     tokenizer = load_tokenizer(model_name)
     # The position limit is all that is needed of the model: its configuration, not its weights.
-    max_length, notice = fit_max_length(config.max_length, SimpleNamespace(config=load_config(model_name)),
-                                        "--max-length")
+    max_length, notice = fit_max_length(
+        config.max_length, SimpleNamespace(config=load_config(model_name)), "--max-length"
+    )
     encoded = data_mod.encode(dataset, task, tokenizer, max_length, labels, config.train_on_inputs)
     if notice:  # once the data is known to be good: an error is the only line then
         print(f"lorakit data: notice: {notice}", file=sys.stderr)
@@ -96,6 +108,7 @@ def describe(summary: DataSummary, max_length: int, batch_size: int) -> list[str
         cut += f" ({', '.join(summary.cut[:5])}{', ...' if len(summary.cut) > 5 else ''})"
     lines.append(cut)
     what, share = summary.efficiency
-    lines.append(f"{what} efficiency at --batch-size {batch_size}: {share:.0%} of the tokens processed are "
-                 "the examples' own")
+    lines.append(
+        f"{what} efficiency at --batch-size {batch_size}: {share:.0%} of the tokens processed are the examples' own"
+    )
     return lines

@@ -10,11 +10,13 @@ from pathlib import Path
 import torch
 
 from ..training import TrainingError
+from ..training.base_model import fit_max_length
 from ..training.data import examples as data_mod
-from ..training.report.metrics_log import fmt_result
+from ..training.labels import LABELS_FILE
 from ..training.options import RUN_FILE, read_run
 from ..training.prepare import held_out_set
-from ..training.tasks import LABELS_FILE, evaluate, fit_max_length
+from ..training.report.metrics_log import fmt_result
+from ..training.tasks import evaluate
 from .trained import adapter_facts, load_trained
 
 

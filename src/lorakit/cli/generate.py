@@ -13,7 +13,8 @@ import argparse
 import torch
 
 from ..training import TrainingError
-from ..training.tasks import model_inputs, position_limit
+from ..training.base_model import position_limit
+from ..training.tasks import model_inputs
 from .trained import load_trained
 
 
@@ -48,8 +49,9 @@ def run(args: argparse.Namespace) -> int:
             f"model's position limit, {limit[0]} ({limit[1]} in its config)"
         )
     with torch.no_grad():
-        ids = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False,
-                             pad_token_id=model.config.pad_token_id)
+        ids = model.generate(
+            **enc, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=model.config.pad_token_id
+        )
     text = tokenizer.decode(ids[0, length:], skip_special_tokens=True)
     print(text if text.strip() else "(no text: the model produced only special tokens, e.g. end-of-text)")
     return 0

@@ -11,8 +11,9 @@ from typing import Any
 
 from ..files.adapter_file import read_adapter_config, read_tensor_shapes
 from ..files.peft_format import PREFIX, WEIGHTS_FILE, split_pair_key
+from ..training.labels import read_labels
 from ..training.report.metrics_log import METRICS_FILE, evaluations, fmt_result, read_metrics
-from ..training.tasks import TASK_OF_TYPE, read_labels
+from ..training.tasks import TASK_OF_TYPE
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +27,7 @@ def inspect_adapter(folder: str | Path) -> dict[str, Any]:
     config, facts = read_adapter_config(folder)
     shapes = read_tensor_shapes(folder)
     count = sum(_numel(s) for s in shapes.values())
-    lora = sum(_numel(s) for k, s in shapes.items() if k.startswith(PREFIX) and split_pair_key(k[len(PREFIX):]))
+    lora = sum(_numel(s) for k, s in shapes.items() if k.startswith(PREFIX) and split_pair_key(k[len(PREFIX) :]))
     modules = facts.get("target_modules") or []
     experts = _experts(config.target_parameters, modules)
     if isinstance(modules, list):
@@ -97,9 +98,12 @@ def run(args: argparse.Namespace) -> int:
     rows = [
         ("base model", info["base_model"]),
         ("task", f"{info['task_type']} ({TASK_OF_TYPE.get(info['task_type'], '?')})"),
-        ("LoRA", f"rank {info['rank']}, alpha {info['alpha']:g}{', rsLoRA' if info['rslora'] else ''}"
-                 f"{', DoRA' if info['dora'] else ''}{', ' + info['init'] + ' init' if info['init'] != 'default' else ''}, "
-                 f"dropout {info['dropout']:g}"),
+        (
+            "LoRA",
+            f"rank {info['rank']}, alpha {info['alpha']:g}{', rsLoRA' if info['rslora'] else ''}"
+            f"{', DoRA' if info['dora'] else ''}{', ' + info['init'] + ' init' if info['init'] != 'default' else ''}, "
+            f"dropout {info['dropout']:g}",
+        ),
         ("targets", f"{info['target_modules']} modules: {targets}"),
         *([("experts", _experts_text(info["experts"]))] if info["experts"] else []),
         ("trained in full", ", ".join(info["modules_to_save"]) or "-"),
@@ -110,7 +114,9 @@ def run(args: argparse.Namespace) -> int:
         rows.append(("labels", ", ".join(info["labels"])))
     if "held_out" in info:
         h = info["held_out"]
-        rows.append(("held out", f"before {fmt_result(h['before'])}; after {h['steps']} steps {fmt_result(h['after'])}"))
+        rows.append(
+            ("held out", f"before {fmt_result(h['before'])}; after {h['steps']} steps {fmt_result(h['after'])}")
+        )
     width = max(len(k) for k, _ in rows)
     print(info["folder"])
     for key, value in rows:

@@ -55,8 +55,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     # The file-system errors a user's paths cause (a folder they cannot read, a file where a
     # folder should be) name the path; they are shown as one line, not a traceback.
-    return (LorakitError, FileExistsError, FileNotFoundError, PermissionError, IsADirectoryError,
-            NotADirectoryError)
+    return (LorakitError, FileExistsError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 def is_user_error(err: BaseException) -> bool:
@@ -124,8 +123,10 @@ def _one_line(err: BaseException) -> str:
         return f"{err.filename}: {err.strerror or err}"
     # Some messages list what exists (a model's adaptable modules) one per line: fold them.
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return "".join(line + ("" if i == len(lines) - 1 else " " if line.endswith((".", ":")) else "; ")
-                   for i, line in enumerate(lines))
+    return "".join(
+        line + ("" if i == len(lines) - 1 else " " if line.endswith((".", ":")) else "; ")
+        for i, line in enumerate(lines)
+    )
 
 
 if __name__ == "__main__":

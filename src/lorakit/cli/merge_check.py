@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
+from ..training.base_model import fit_max_length
 from ..training.data import examples as data_mod
 from ..training.options import RUN_FILE, read_run
 from ..training.prepare import held_out_set
-from ..training.tasks import fit_max_length
 
 EXAMPLES = 16
 

@@ -1,7 +1,7 @@
 """`lorakit serve`: a base model and its adapters over HTTP, with vLLM's endpoints.
 
-    lorakit serve runs/sentiment                      the adapter of a default `lorakit train`
-    lorakit serve runs/a runs/b --adapter-root runs/  several, plus every adapter folder under runs/
+lorakit serve runs/sentiment                      the adapter of a default `lorakit train`
+lorakit serve runs/a runs/b --adapter-root runs/  several, plus every adapter folder under runs/
 """
 
 from __future__ import annotations
@@ -24,29 +24,52 @@ _WHAT, _SERVER, _BATCHES = "what to serve", "server", "batching"
 class ServeOptions:
     """The options of `lorakit serve` (besides the adapter folders), checked from these definitions."""
 
-    model: str | None = option(None, _WHAT, "base model (default: the one named in the adapters' "
-                               "adapter_config.json)")
-    adapter_root: str | None = option(None, _WHAT, "register every adapter folder under DIR (loaded on "
-                                      "first use); /v1/load_lora_adapter may load folders from DIR only",
-                                      metavar="DIR")
-    max_loaded_mb: float = option(1024.0, _WHAT, "loaded adapters' size limit in MB; least recently used "
-                                  "ones are unloaded (default 1024)", metavar="MB", valid=">= 0")
+    model: str | None = option(None, _WHAT, "base model (default: the one named in the adapters' adapter_config.json)")
+    adapter_root: str | None = option(
+        None,
+        _WHAT,
+        "register every adapter folder under DIR (loaded on "
+        "first use); /v1/load_lora_adapter may load folders from DIR only",
+        metavar="DIR",
+    )
+    max_loaded_mb: float = option(
+        1024.0,
+        _WHAT,
+        "loaded adapters' size limit in MB; least recently used ones are unloaded (default 1024)",
+        metavar="MB",
+        valid=">= 0",
+    )
     host: str = option("127.0.0.1", _SERVER, "address to listen on (default 127.0.0.1)")
     port: int = option(8000, _SERVER, "port (default 8000; 0: any free port)", valid="[0, 65535]")
-    api_key: str | None = option(None, _SERVER, "require 'Authorization: Bearer KEY' (default: "
-                                 f"${API_KEY_ENV} if set)", metavar="KEY")
+    api_key: str | None = option(
+        None, _SERVER, f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV} if set)", metavar="KEY"
+    )
     max_batch: int = option(32, _BATCHES, "rows per batch (default 32)", metavar="ROWS", valid=">= 1")
     # A batch that waits longer than a minute for company leaves a lone request hanging.
-    max_wait_ms: float = option(5.0, _BATCHES, "how long a batch waits for more rows, at most a minute "
-                                "(default 5)", metavar="MS", valid="[0, 60000]")
-    max_queue: int = option(256, _BATCHES, "rows waiting before requests get 429; a request of more rows "
-                            "gets 413 (default 256)", metavar="ROWS", valid=">= 1")
+    max_wait_ms: float = option(
+        5.0,
+        _BATCHES,
+        "how long a batch waits for more rows, at most a minute (default 5)",
+        metavar="MS",
+        valid="[0, 60000]",
+    )
+    max_queue: int = option(
+        256,
+        _BATCHES,
+        "rows waiting before requests get 429; a request of more rows gets 413 (default 256)",
+        metavar="ROWS",
+        valid=">= 1",
+    )
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="serve a base model and many adapters over HTTP (vLLM-compatible endpoints)")
-    s.add_argument("adapters", nargs="*", metavar="RUN_OR_ADAPTER_FOLDER",
-                   help="adapter folders, served under their folder names and kept loaded")
+    s.add_argument(
+        "adapters",
+        nargs="*",
+        metavar="RUN_OR_ADAPTER_FOLDER",
+        help="adapter folders, served under their folder names and kept loaded",
+    )
     add_options(s, ServeOptions)
 
 
@@ -67,16 +90,25 @@ def run(args: argparse.Namespace) -> int:
     engine, skipped = build_engine(pinned, found, args.model, int(args.max_loaded_mb * 2**20))
     for folder, err in skipped:
         print(f"lorakit serve: skipping {folder}: {err}", file=sys.stderr)
-    settings = Settings(api_key=api_key, max_batch=args.max_batch,
-                        max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, adapter_root=root)
+    settings = Settings(
+        api_key=api_key,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        adapter_root=root,
+    )
     app = build_app(engine, settings)
     names = list(engine.store.entries)
     shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
 
     def announce(url: str) -> None:
         print(f"lorakit serve: {engine.base_id} ({engine.task}) with adapters: {shown or 'none'}", flush=True)
-        print(f"lorakit serve: listening on {url}" + (" (API key required)" if settings.api_key else "")
-              + "; Ctrl-C to stop", flush=True)
+        print(
+            f"lorakit serve: listening on {url}"
+            + (" (API key required)" if settings.api_key else "")
+            + "; Ctrl-C to stop",
+            flush=True,
+        )
 
     interrupted = False
     try:
@@ -94,8 +126,9 @@ def _api_key(given: str | None) -> str | None:
     if given is None:
         key, source = os.environ.get(API_KEY_ENV), f"${API_KEY_ENV}"
     if key is not None and not key.strip():
-        raise ServeError(f"{source} is empty: give a key, or leave it out (and unset ${API_KEY_ENV}) "
-                         "to serve without one")
+        raise ServeError(
+            f"{source} is empty: give a key, or leave it out (and unset ${API_KEY_ENV}) to serve without one"
+        )
     return key
 
 

@@ -7,28 +7,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..files.adapter_file import AdapterFileError
 from ..config import LoraConfig
+from ..files.adapter_file import AdapterFileError
 from ..files.peft_format import CONFIG_FILE
-from ..serving.extra_check import ServeError
 from ..serving.engine import Engine
+from ..serving.extra_check import ServeError
 from ..serving.store import AdapterStore
+from ..training.base_model import load_base
 from ..training.data.examples import chat_prompt
-from ..training.tasks import LABELS_FILE, load_model, load_tokenizer, prepare_model, quiet_transformers
+from ..training.labels import LABELS_FILE
 from .trained import adapter_facts
 
 
 def root_folders(root: Path) -> list[Path]:
     """The adapter folders directly under `root`, by name (a symlink that leads out is not one)."""
     inside = root.resolve()
-    return sorted(p for p in root.iterdir()
-                  if (p / CONFIG_FILE).is_file() and p.resolve().parent == inside)
+    return sorted(p for p in root.iterdir() if (p / CONFIG_FILE).is_file() and p.resolve().parent == inside)
 
 
-def build_engine(pinned: list[Path], found: list[Path], model_name: str | None,
-                 budget: int) -> tuple[Engine, list[tuple[Path, Exception]]]:
+def build_engine(
+    pinned: list[Path], found: list[Path], model_name: str | None, budget: int
+) -> tuple[Engine, list[tuple[Path, Exception]]]:
     """The engine over the base model; `pinned` adapters are loaded now and kept (any error is
     the user's to fix), `found` ones registered for loading on first use (a bad one is skipped
     and reported)."""
@@ -40,20 +39,20 @@ def build_engine(pinned: list[Path], found: list[Path], model_name: str | None,
         raise ServeError(f"{pinned[0] if pinned else found[0]}: base_model_name_or_path is empty; pass --model")
     task = first["task"] if first else "causal-lm"
     labels = first["labels"] if first else None
-    quiet_transformers()
-    tokenizer = load_tokenizer(base)
-    torch.manual_seed(0)  # a classifier's base head is fresh: the same one on every start
-    model = load_model(base, task, labels)
-    prepare_model(model, tokenizer)
+    # seed: a classifier's base head is fresh, the same one on every start
+    model, tokenizer = load_base(base, task, labels, seed=0)
     model.eval()
 
     def check(folder: Path, _config: LoraConfig, _facts: dict[str, Any]) -> dict[str, Any]:
         facts = adapter_facts(folder)
         if facts["task"] != task:
-            raise AdapterFileError(f"{folder / CONFIG_FILE}: a {facts['task']} adapter; this server runs {task} adapters")
+            raise AdapterFileError(
+                f"{folder / CONFIG_FILE}: a {facts['task']} adapter; this server runs {task} adapters"
+            )
         if task == "classify" and len(facts["labels"]) != len(labels):
-            raise AdapterFileError(f"{folder / LABELS_FILE}: {len(facts['labels'])} labels, but the served "
-                                   f"classifier has {len(labels)}")
+            raise AdapterFileError(
+                f"{folder / LABELS_FILE}: {len(facts['labels'])} labels, but the served classifier has {len(labels)}"
+            )
         return {"labels": facts["labels"]}
 
     store = AdapterStore(model, budget, check)

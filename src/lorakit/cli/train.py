@@ -7,21 +7,31 @@ import argparse
 from pathlib import Path
 
 from ..training import RunConfig, TrainingError, train
-from ..training.options import _option_fields, add_run_options, read_run
+from ..training.options import add_run_options, read_run, run_option_fields
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    t = sub.add_parser("train", help="train an adapter (defaults: bundled MiniLM on bundled sentiment data)",
-                       description="Train a LoRA adapter. With no options: the bundled all-MiniLM-L6-v2 as a "
-                                   "sentence classifier on the bundled sentiment sentences, 20% held out.")
+    t = sub.add_parser(
+        "train",
+        help="train an adapter (defaults: bundled MiniLM on bundled sentiment data)",
+        description="Train a LoRA adapter. With no options: the bundled all-MiniLM-L6-v2 as a "
+        "sentence classifier on the bundled sentiment sentences, 20% held out.",
+    )
     out = add_run_options(t)["output"]
-    out.add_argument("--overwrite", action="store_true", help="replace a previous run in --out (removes only the "
-                     "files a run writes; your own files there stay)")
+    out.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a previous run in --out (removes only the files a run writes; your own files there stay)",
+    )
     again = out.add_mutually_exclusive_group()
-    again.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its last checkpoint "
-                                                       "(its saved options are used; giving others is an error)")
-    again.add_argument("--repeat", metavar="RUN", help="train again with every option saved in RUN/run_config.json, "
-                                                       "writing to --out")
+    again.add_argument(
+        "--resume",
+        metavar="OUT",
+        help="continue the run in OUT from its last checkpoint (its saved options are used; giving others is an error)",
+    )
+    again.add_argument(
+        "--repeat", metavar="RUN", help="train again with every option saved in RUN/run_config.json, writing to --out"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,8 +57,13 @@ def _refuse_run_options(args: argparse.Namespace, mode: str) -> None:
     """--resume and --repeat take the run's saved options: one given as well would be ignored in silence
     (`--resume R --epochs 5` would stop at the saved epochs)."""
     defaults = RunConfig()
-    given = [f"--{f.name.replace('_', '-')}" for f in _option_fields()
-             if f.name != "out" and getattr(args, f.name) != getattr(defaults, f.name)]
+    given = [
+        f"--{f.name.replace('_', '-')}"
+        for f in run_option_fields()
+        if f.name != "out" and getattr(args, f.name) != getattr(defaults, f.name)
+    ]
     if given:
-        raise TrainingError(f"{mode} uses every option saved in its run_config.json, so {', '.join(given)} would be "
-                            f"ignored; leave {'it' if len(given) == 1 else 'them'} out, or start a new run without {mode}")
+        raise TrainingError(
+            f"{mode} uses every option saved in its run_config.json, so {', '.join(given)} would be "
+            f"ignored; leave {'it' if len(given) == 1 else 'them'} out, or start a new run without {mode}"
+        )

@@ -7,17 +7,11 @@ from typing import Any
 
 from ..files.adapter_file import AdapterFileError, load_adapter, read_adapter_config
 from ..files.peft_format import CONFIG_FILE
+from ..training.base_model import load_base
+from ..training.labels import LABELS_FILE, read_labels
 from ..training.options import RUN_FILE, read_run
 from ..training.prepare import quantize_base
-from ..training.tasks import (
-    LABELS_FILE,
-    TASK_OF_TYPE,
-    load_model,
-    load_tokenizer,
-    prepare_model,
-    quiet_transformers,
-    read_labels,
-)
+from ..training.tasks import TASK_OF_TYPE
 
 
 def adapter_facts(folder: str | Path) -> dict[str, Any]:
@@ -33,9 +27,16 @@ def adapter_facts(folder: str | Path) -> dict[str, Any]:
     if TASK_OF_TYPE[task_type] == "classify":
         labels = read_labels(folder)
         if labels is None:
-            raise AdapterFileError(f"{folder / LABELS_FILE}: missing; a classifier adapter needs its label names (id2label)")
-    return {"config": config, "task": TASK_OF_TYPE[task_type], "base": facts.get("base_model_name_or_path"),
-            "labels": labels, "facts": facts}
+            raise AdapterFileError(
+                f"{folder / LABELS_FILE}: missing; a classifier adapter needs its label names (id2label)"
+            )
+    return {
+        "config": config,
+        "task": TASK_OF_TYPE[task_type],
+        "base": facts.get("base_model_name_or_path"),
+        "labels": labels,
+        "facts": facts,
+    }
 
 
 def run_quantization(folder: str | Path) -> tuple[str | None, bool]:
@@ -57,13 +58,12 @@ def load_trained(folder: str, model_name: str | None, adapter: bool = True, quan
     if not base:
         raise AdapterFileError(f"{Path(folder) / CONFIG_FILE}: base_model_name_or_path is empty; pass --model")
     if not model_name and Path(base).is_absolute() and not Path(base).is_dir():
-        raise AdapterFileError(f"{Path(folder) / CONFIG_FILE}: base_model_name_or_path {base} is not a folder "
-                               "(moved or deleted?); pass --model FOLDER")
-    quiet_transformers()
+        raise AdapterFileError(
+            f"{Path(folder) / CONFIG_FILE}: base_model_name_or_path {base} is not a folder "
+            "(moved or deleted?); pass --model FOLDER"
+        )
     own = (Path(folder) / "tokenizer_config.json").is_file()  # --add-tokens writes one
-    tokenizer = load_tokenizer(str(folder) if own else base)
-    model = load_model(base, facts["task"], facts["labels"])
-    prepare_model(model, tokenizer)
+    model, tokenizer = load_base(base, facts["task"], facts["labels"], tokenizer_from=str(folder) if own else None)
     if own and len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))  # the adapter brings the new rows' values
     kind, bf16 = run_quantization(folder) if quantize == "run" else (quantize, False)

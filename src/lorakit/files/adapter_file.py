@@ -22,21 +22,21 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..adapting.given import TensorError
+from ..adapting.manage import add_adapter_from_tensors
+from ..adapting.pissa import RESIDUAL_INITS, as_plain_lora, plain_pairs
+from ..adapting.registry import adapters, base_biases
+from ..adapting.token_rows import CONFIG_KEY, ROWS_KEY, config_entry, token_rows
+from ..config import LoraConfig
+from ..targets import adaptable_kind
 from . import peft_format as fmt
 from .expert_layout import LAYOUTS, expert_paths, per_expert_pairs
 from .atomic import make_temp_dir, write_atomic, write_json_atomic
-from ..config import LoraConfig
 from .file_keys import AdapterFileError, file_tensors
 from .json_file import read_json
-from ..adapting.manage import add_adapter_from_tensors
 from ..layers.experts import expert_parameters, from_peft
 from .peft_params import pair_to_file, wrapper_paths
 from .peft_targets import peft_saved_modules
-from ..adapting.pissa import RESIDUAL_INITS, as_plain_lora, plain_pairs
-from ..adapting.plan import TensorError
-from ..adapting.registry import adapters, base_biases
-from ..targets import adaptable_kind
-from ..adapting.token_rows import CONFIG_KEY, ROWS_KEY, config_entry, token_rows
 
 CONFIG_FILE = fmt.CONFIG_FILE
 WEIGHTS_FILE = fmt.WEIGHTS_FILE
@@ -288,12 +288,21 @@ def load_adapter(
     config, facts = read_adapter_config(path)
     tensors = read_adapter_tensors(path)
     where = str(Path(path) / WEIGHTS_FILE)
-    pairs, magnitudes, base, saved = file_tensors(model, config, facts, tensors, where)
+    found = file_tensors(model, config, facts, tensors, where)
+    pairs = found.pairs
     try:
         if as_lora and config.init in RESIDUAL_INITS:
             config, pairs = plain_pairs(model, config, pairs)
-        add_adapter_from_tensors(model, name, config, pairs, saved=saved, base=base, magnitudes=magnitudes or None,
-                                 trainable=trainable)
+        add_adapter_from_tensors(
+            model,
+            name,
+            config,
+            pairs,
+            saved=found.saved,
+            base=found.base,
+            magnitudes=found.magnitudes or None,
+            trainable=trainable,
+        )
     except TensorError as err:  # say which key of the file it is
         experts = wrapper_paths(model, [p for p in pairs if p in set(expert_parameters(model))])
         if err.module in experts:

@@ -9,25 +9,27 @@ first key, module or field at fault.
 
 from __future__ import annotations
 
-import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import peft_format as fmt
+from ..adapting.given import check_shape, check_values, get_adapted
+from ..adapting.plan import saved_module_paths
+from ..adapting.registry import base_biases
+from ..adapting.saved_modules import SavedModule
+from ..adapting.token_rows import CONFIG_KEY, ROWS_KEY, check_entry, indices_by_module, rows_replacing
 from ..config import LoraConfig
 from ..errors import LorakitError
 from ..layers.base import LoraLayer
 from ..layers.experts import expert_parameters
+from ..module_tree import base_modules
+from ..targets import adaptable_kind
+from . import peft_format as fmt
 from .expert_layout import gather_per_expert
 from .peft_params import not_adaptable, pair_from_file, targeted_parameters, wrapper_paths
-from .peft_targets import peft_saved_modules, targeted_modules
-from ..adapting.plan import check_shape, check_values, get_adapted, saved_module_paths
-from ..adapting.registry import base_biases, named_base_modules
-from ..adapting.saved_modules import SavedModule
-from ..targets import adaptable_kind
-from ..adapting.token_rows import CONFIG_KEY, ROWS_KEY, check_entry, indices_by_module, rows_replacing
+from .peft_targets import config_targets, peft_saved_modules
 
 CONFIG_FILE = fmt.CONFIG_FILE
 _PEFT_SAVED_INSIDE = ("modules_to_save.", "original_module.")  # PEFT's names inside its modules_to_save wrapper
@@ -37,11 +39,21 @@ class AdapterFileError(LorakitError, ValueError):
     """An adapter folder that cannot be loaded onto this model; the message names file and key."""
 
 
+@dataclass
+class FileTensors:
+    """An adapter file's tensors by what they are on the model, as `add_adapter_from_tensors` takes them."""
+
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A, B)
+    magnitudes: dict[str, torch.Tensor]  # module path -> DoRA's m
+    base: dict[str, torch.Tensor]  # parameter name -> value replacing the base's (biases, token rows)
+    saved: dict[str, dict[str, torch.Tensor]]  # modules_to_save path -> its state dict
+
+
 def file_tensors(
     model: nn.Module, config: LoraConfig, facts: dict, tensors: dict[str, torch.Tensor], where: str
-) -> tuple[dict, dict, dict, dict]:
-    """(pairs, magnitudes, base, saved) of the file's `tensors` on `model`, every key checked;
-    sets config.modules_to_save to the modules the file trains in full (`where`: the file)."""
+) -> FileTensors:
+    """The file's `tensors` on `model`, every key checked; sets config.modules_to_save to the
+    modules the file trains in full (`where`: the file)."""
     try:
         config.modules_to_save = _saved_paths(model, _present_saved_modules(model, config, tensors), tensors)
         saved_paths = saved_module_paths(model, config.modules_to_save)
@@ -62,7 +74,7 @@ def file_tensors(
     base.update(rows)
     _check_targets(model, config, facts, pairs, where, params)
     _check_biases(model, config, pairs, base, saved_paths, where)
-    return pairs, magnitudes, base, saved
+    return FileTensors(pairs, magnitudes, base, saved)
 
 
 def expert_keys(model: nn.Module, config: LoraConfig, where: str) -> dict[str, str]:
@@ -81,17 +93,14 @@ def expert_keys(model: nn.Module, config: LoraConfig, where: str) -> dict[str, s
     return wrapper_paths(model, params)
 
 
-def _token_rows(
-    model: nn.Module, facts: dict, tensors: dict[str, torch.Tensor], where: str
-) -> dict[str, torch.Tensor]:
+def _token_rows(model: nn.Module, facts: dict, tensors: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
     """The base weights that new tokens' trained rows replace (token_rows.py): parameter name ->
     the weight with those rows in place. PEFT writes no rows for a head tied to the embedding."""
     entry = facts.get(CONFIG_KEY)
     keys = sorted(k for k in tensors if k.endswith("." + ROWS_KEY))
     if entry is None:
         if keys:
-            raise AdapterFileError(f"{where}: key {keys[0]!r} holds token rows, but {CONFIG_FILE} has no "
-                                   f"{CONFIG_KEY}")
+            raise AdapterFileError(f"{where}: key {keys[0]!r} holds token rows, but {CONFIG_FILE} has no {CONFIG_KEY}")
         return {}
     config_file = str(Path(where).with_name(CONFIG_FILE))
     try:
@@ -110,8 +119,7 @@ def _token_rows(
             tied = embedding is not None and weight is embedding.weight
             if tied and model.get_submodule(path) is not embedding:
                 continue  # a head tied to the embedding takes the embedding's rows
-            raise AdapterFileError(f"{where}: missing key {key!r} (the rows of the tokens {CONFIG_KEY} "
-                                   f"gives {path!r})")
+            raise AdapterFileError(f"{where}: missing key {key!r} (the rows of the tokens {CONFIG_KEY} gives {path!r})")
         _check_values(key, tensors[key], where, None)
         try:
             base[f"{path}.weight"] = rows_replacing(weight, ids, tensors[key], f"key {key!r}")
@@ -119,16 +127,19 @@ def _token_rows(
             raise AdapterFileError(f"{where}: {err}") from None
     unexpected = [k for k in keys if k[len(fmt.PREFIX) : -len(ROWS_KEY) - 1] not in by_module]
     if unexpected:
-        raise AdapterFileError(f"{where}: unexpected key {unexpected[0]!r} ({CONFIG_KEY} names no such "
-                               "module)")
+        raise AdapterFileError(f"{where}: unexpected key {unexpected[0]!r} ({CONFIG_KEY} names no such module)")
     return base
 
 
 def _sort_keys(
     model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], saved_paths: list[str], where: str,
     wrapped: dict[str, str],
-) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor], dict[str, torch.Tensor],
-           dict[str, dict[str, torch.Tensor]]]:
+) -> tuple[
+    dict[str, tuple[torch.Tensor, torch.Tensor]],
+    dict[str, torch.Tensor],
+    dict[str, torch.Tensor],
+    dict[str, dict[str, torch.Tensor]],
+]:
     """Split the file's keys into LoRA pairs and DoRA magnitudes (by module), base tensors (by
     parameter name: trained biases, embedding tables) and modules_to_save states (by module);
     every key must find a place; `wrapped`: expert parameter -> the module path its keys use."""
@@ -159,7 +170,9 @@ def _sort_keys(
             # PEFT saves a whole embedding table next to its adapter when the vocabulary may have
             # changed; it replaces the base table on load. Trained biases replace the base biases.
             plain = rest.replace(".base_layer.", ".")
-            params = params or dict(model.named_parameters(remove_duplicate=False))  # a tied lm_head.weight has its own name
+            params = params or dict(
+                model.named_parameters(remove_duplicate=False)
+            )  # a tied lm_head.weight has its own name
             name = rest if rest in params else plain
             if name not in params:
                 raise AdapterFileError(f"{where}: key {key!r} names no parameter of this model")
@@ -175,12 +188,19 @@ def _sort_keys(
             same = saved[owner].get(tensor_name)
         else:
             same = _saved_tensor(model, owner, f"{owner}.{tensor_name}")
-        if same is None or same.shape != tensors[key].shape or not torch.equal(same.to(tensors[key].dtype), tensors[key]):
+        if (
+            same is None
+            or same.shape != tensors[key].shape
+            or not torch.equal(same.to(tensors[key].dtype), tensors[key])
+        ):
             what = "the trained copy's value" if inside == "modules_to_save" else "the model's own value"
-            raise AdapterFileError(f"{where}: key {key!r} differs from {what} for {owner}.{tensor_name} (modules_to_save)")
+            raise AdapterFileError(
+                f"{where}: key {key!r} differs from {what} for {owner}.{tensor_name} (modules_to_save)"
+            )
     experts = {path: param for param, path in wrapped.items()}
-    pairs = {experts[m]: _expert_pair(model, config, experts[m], m, half, where) for m, half in halves.items()
-             if m in experts}
+    pairs = {
+        experts[m]: _expert_pair(model, config, experts[m], m, half, where) for m, half in halves.items() if m in experts
+    }
     pairs |= {m: _pair(model, m, half, config.use_dora, where) for m, half in halves.items() if m not in experts}
     magnitudes = {module: half[fmt.MAGNITUDE] for module, half in halves.items() if fmt.MAGNITUDE in half}
     return pairs, magnitudes, base, saved
@@ -195,8 +215,9 @@ def _pair(
     keys = {role: k for role, k in fmt.pair_keys(embedding).items() if role != "m" or use_dora}
     for suffix in list(keys.values()) + list(half):
         if suffix == fmt.MAGNITUDE and not use_dora and suffix in half:
-            raise AdapterFileError(f"{where}: unexpected key {fmt.key(path, suffix)} (a DoRA magnitude, but the "
-                                   f"config has use_dora false)")
+            raise AdapterFileError(
+                f"{where}: unexpected key {fmt.key(path, suffix)} (a DoRA magnitude, but the config has use_dora false)"
+            )
         if suffix not in half or suffix not in keys.values():
             missing = suffix not in half
             raise AdapterFileError(f"{where}: {'missing' if missing else 'unexpected'} key {fmt.key(path, suffix)}")
@@ -258,17 +279,9 @@ def _check_targets(
                                f"(target_parameters selects {missing[0]!r})")
     config_file = Path(where).with_name(CONFIG_FILE)
     try:
-        expected = targeted_modules(
-            model,
-            facts.get("target_modules"),
-            layers=config.layers,
-            layers_pattern=config.layers_pattern,
-            exclude=facts.get("exclude_modules"),
-            modules_to_save=config.modules_to_save,
-            task_type=facts.get("task_type"),
-        )
-    except re.error as err:
-        raise AdapterFileError(f"{config_file}: target_modules or exclude_modules is not a valid regex: {err}") from None
+        expected = config_targets(model, config, facts)
+    except ValueError as err:
+        raise AdapterFileError(f"{config_file}: {err}") from None
     if expected is None and params and facts.get("target_modules") == []:
         expected = []
     if expected is None:
@@ -287,7 +300,9 @@ def _check_targets(
     missing = [p for p in expected if p not in pairs]
     if missing:
         suffix = fmt.pair_keys(adaptable_kind(model.get_submodule(missing[0])) == "embedding")["A"]
-        raise AdapterFileError(f"{where}: missing key {fmt.key(missing[0], suffix)} (the config targets {missing[0]!r})")
+        raise AdapterFileError(
+            f"{where}: missing key {fmt.key(missing[0], suffix)} (the config targets {missing[0]!r})"
+        )
 
 
 def _unknown_module(model: nn.Module, path: str, config: LoraConfig, err: ValueError) -> str:
@@ -342,7 +357,7 @@ def _saved_paths(model: nn.Module, entries: list[str], tensors: dict[str, torch.
         except ValueError:
             if not peft_saved_modules(model, [entry]):
                 raise
-    held = [k[len(fmt.PREFIX):] for k in tensors if k.startswith(fmt.PREFIX)]
+    held = [k[len(fmt.PREFIX) :] for k in tensors if k.startswith(fmt.PREFIX)]
     return [p for p in peft_saved_modules(model, entries) if p in own or any(k.startswith(p + ".") for k in held)]
 
 
@@ -363,8 +378,8 @@ def _present_saved_modules(model: nn.Module, config: LoraConfig, tensors: dict[s
     PEFT writes both `classifier` and `score` for any sequence-classification adapter; the one
     the model lacks (and the file has no weights for) is dropped, as PEFT does.
     """
-    names = [p for p, _ in named_base_modules(model) if p]
-    keys = [k[len(fmt.PREFIX):] for k in tensors if k.startswith(fmt.PREFIX)]
+    names = [p for p, _ in base_modules(model) if p]
+    keys = [k[len(fmt.PREFIX) :] for k in tensors if k.startswith(fmt.PREFIX)]
 
     def known(entry: str) -> bool:  # PEFT's rule: a plain suffix of the name (peft_targets.py)
         return any(p.endswith(entry) for p in names) or any(k.rsplit(".", 1)[0].endswith(entry) for k in keys)

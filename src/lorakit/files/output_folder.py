@@ -81,8 +81,10 @@ class Output:
             source = Path(path).resolve()
             if source == where or where in source.parents or source in where.parents:
                 relation = "is" if source == where else "holds" if where in source.parents else "is inside"
-                raise self.error(f"--out {out} {relation} {label} {path}; {self.command} never writes where it "
-                                 "reads: choose another --out")
+                raise self.error(
+                    f"--out {out} {relation} {label} {path}; {self.command} never writes where it "
+                    "reads: choose another --out"
+                )
 
     def check_contents(self, out: Path, overwrite: bool) -> None:
         """`out` is new or empty, or holds this command's previous output and `overwrite` is set."""
@@ -96,11 +98,15 @@ class Output:
         if not present:
             return
         if not (out / self.marker).is_file():
-            raise self.error(f"--out {out} holds files that are not {self.what} (no {self.marker}); {self.command} "
-                             "does not replace them, even with --overwrite: choose a new or empty folder")
+            raise self.error(
+                f"--out {out} holds files that are not {self.what} (no {self.marker}); {self.command} "
+                "does not replace them, even with --overwrite: choose a new or empty folder"
+            )
         if not overwrite:
-            raise self.error(f"--out {out} already exists and is not empty; pass --overwrite to replace "
-                             f"{self.what} there{self.hint.format(out=out)}")
+            raise self.error(
+                f"--out {out} already exists and is not empty; pass --overwrite to replace "
+                f"{self.what} there{self.hint.format(out=out)}"
+            )
 
     # -- what the command wrote, and removing it -----------------------------------------------
     def entries(self, folder: Path) -> list[Path]:
@@ -153,8 +159,10 @@ class Output:
         theirs = [p for p in target.iterdir() if p not in previous and p.name not in self.ignore]
         clash = sorted({p.name for p in theirs} & {p.name for p in built.iterdir()})
         if clash:
-            raise self.error(f"--out {target} holds {clash[0]}, which {self.command} writes but is not from its "
-                             "previous output there; move it, or choose another --out")
+            raise self.error(
+                f"--out {target} holds {clash[0]}, which {self.command} writes but is not from its "
+                "previous output there; move it, or choose another --out"
+            )
         # The previous output goes aside first; it is deleted only once the new one is in place
         # (a failure or Ctrl-C half-way leaves it in the hidden `.NAME.old.XXXX` beside).
         old = make_temp_dir(target.parent, target.name + ".old")
@@ -174,6 +182,7 @@ class Output:
                     os.rename(entry, target / entry.name)
             os.replace(built / self.marker, target / self.marker)
         shutil.rmtree(old, ignore_errors=True)
+
 
 def _temporary_of(name: str, names: set[str]) -> bool:
     return name.endswith(".tmp") and any(name.startswith(f".{n}.") for n in names)

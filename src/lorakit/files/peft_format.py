@@ -78,8 +78,15 @@ _PEFT_TYPED_FIELDS = (
     ("layers_pattern", (str, list), "a block-list name or a list of them"),
 )
 # LoraConfig's names for the fields of adapter_config.json that are named otherwise there.
-_FIELD_IN_FILE = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "rslora": "use_rslora",
-                  "targets": "target_modules", "layers": "layers_to_transform", "init": "init_lora_weights"}
+_FIELD_IN_FILE = {
+    "rank": "r",
+    "alpha": "lora_alpha",
+    "dropout": "lora_dropout",
+    "rslora": "use_rslora",
+    "targets": "target_modules",
+    "layers": "layers_to_transform",
+    "init": "init_lora_weights",
+}
 
 
 def to_peft_dict(
@@ -142,7 +149,9 @@ def _written_patterns(config: LoraConfig, module_names: list[str]) -> dict[str, 
         return written
     return {
         "rank_pattern": {re.escape(m): config.rank_for(m) for m in module_names if config.rank_for(m) != config.rank},
-        "alpha_pattern": {re.escape(m): config.alpha_for(m) for m in module_names if config.alpha_for(m) != config.alpha},
+        "alpha_pattern": {
+            re.escape(m): config.alpha_for(m) for m in module_names if config.alpha_for(m) != config.alpha
+        },
     }
 
 
@@ -212,8 +221,10 @@ def from_peft_dict(raw: Any, where: str) -> tuple[LoraConfig, dict[str, Any]]:
         field = _FIELD_IN_FILE.get(word.group(0)) if word else None
         raise ValueError(f"{where}: {f'{field}: ' if field else ''}{err}") from None
     exclude = raw.get("exclude_modules")
-    if exclude is not None and not isinstance(exclude, str) and not (
-        isinstance(exclude, list) and all(isinstance(e, str) for e in exclude)
+    if (
+        exclude is not None
+        and not isinstance(exclude, str)
+        and not (isinstance(exclude, list) and all(isinstance(e, str) for e in exclude))
     ):
         raise ValueError(f"{where}: exclude_modules={exclude!r} must be a regex or a list of module names")
     facts = {

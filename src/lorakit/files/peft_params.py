@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..adapting.registry import named_base_modules
+from ..module_tree import base_modules
 from ..layers.experts import LoraExperts, expert_parameters, from_peft, to_peft
 
 _WRAPPER_CHILD = {"is_lora_layer": "base_layer", "is_lora_host": "base_layer", "is_saved_module": "original"}
@@ -34,7 +34,7 @@ def base_parameter_names(model: nn.Module) -> list[str]:
     plain: dict[str, str] = {"": ""}  # module path -> its path without wrappers
     names: list[str] = []
     wrappers: dict[str, str] = {}  # wrapper path -> the child that holds the original module
-    for path, module in named_base_modules(model):
+    for path, module in base_modules(model):
         parent, _, child = path.rpartition(".")
         if path and wrappers.get(parent) == child:
             plain[path] = plain[parent]

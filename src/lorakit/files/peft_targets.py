@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from ..adapting.registry import named_base_modules
+from ..module_tree import base_modules, is_wrapper, name_matches, output_embeddings, unwrapped, within
 from ..targets import adaptable_modules, layer_index
 
 ALL_LINEAR = "all-linear"
@@ -58,6 +58,24 @@ def targeted_modules(
     return [n for n in chosen if not _excluded(n, exclude, modules_to_save)]
 
 
+def config_targets(model: nn.Module, config: Any, facts: dict[str, Any]) -> list[str] | None:
+    """`targeted_modules` for an adapter file: its `adapter_config.json` as read (`facts`) and as a
+    `LoraConfig` (`config`: layers, layers_pattern, modules_to_save). ValueError naming the keys
+    when target_modules or exclude_modules is no valid regex."""
+    try:
+        return targeted_modules(
+            model,
+            facts.get("target_modules"),
+            layers=config.layers,
+            layers_pattern=config.layers_pattern,
+            exclude=facts.get("exclude_modules"),
+            modules_to_save=config.modules_to_save,
+            task_type=facts.get("task_type"),
+        )
+    except re.error as err:
+        raise ValueError(f"target_modules or exclude_modules is not a valid regex: {err}") from None
+
+
 def peft_saved_modules(model: nn.Module, entries: list[str]) -> list[str]:
     """The modules PEFT trains in full for `modules_to_save` entries, in model order.
 
@@ -66,21 +84,20 @@ def peft_saved_modules(model: nn.Module, entries: list[str]) -> list[str]:
     first). Nothing inside a lorakit wrapper counts.
     """
     chosen: list[str] = []
-    modules = named_base_modules(model)  # not the adapters' own modules: O(the base), however many are loaded
-    for name, module in modules:
-        if not name or any(name.startswith(c + ".") for c in chosen):
+    modules = base_modules(model)  # not the adapters' own modules: O(the base), however many are loaded
+    for name, _ in modules:
+        if not name or within(name, chosen):
             continue
         if any(name.endswith(entry) for entry in entries):
             chosen.append(name)
-    wrappers = [n for n, m in modules if getattr(type(m), "is_lora_layer", False)
-                or getattr(type(m), "is_saved_module", False)]
-    return [c for c in chosen if not any(c.startswith(w + ".") for w in wrappers)]
+    wrappers = [n for n, m in modules if is_wrapper(m)]
+    return [c for c in chosen if not within(c, wrappers)]
 
 
 def _listed(name: str, entries: list[str], layers: list[int] | None, pattern: str | list[str] | None) -> bool:
     if name in entries:
         return True  # a whole name: no layer filter
-    if not any(name.endswith("." + e) for e in entries):
+    if not any(name_matches(name, e) for e in entries):
         return False
     if not layers:  # None or [] mean every block
         return True
@@ -96,25 +113,21 @@ def _excluded(name: str, exclude: str | list[str] | None, modules_to_save: list[
     if isinstance(exclude, str):
         if re.fullmatch(exclude, name):
             return True
-    elif exclude and (name in exclude or any(name.endswith("." + e) for e in exclude)):
+    elif exclude and any(name_matches(name, e) for e in exclude):
         return True
     return any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in modules_to_save)
 
 
 def _is_linear(module: nn.Module) -> bool:
-    base = getattr(module, "base_layer", module) if getattr(type(module), "is_lora_layer", False) else module
+    base = unwrapped(module)
     return isinstance(base, nn.Linear) or type(base).__name__ == "Conv1D"
 
 
 def _output_layers(model: nn.Module, task_type: str | None) -> set[str]:
     """The module PEFT's all-linear leaves out: the output embedding, else a SEQ_CLS head."""
-    getter = getattr(model, "get_output_embeddings", None)
-    try:
-        out = getter() if callable(getter) else None
-    except (NotImplementedError, AttributeError):
-        out = None
+    out = output_embeddings(model)
     if out is None and task_type == "SEQ_CLS":
         out = next((getattr(model, n) for n in _SEQ_CLS_HEADS if getattr(model, n, None) is not None), None)
     if not isinstance(out, nn.Module):
         return set()
-    return {name for name, module in named_base_modules(model) if module is out}
+    return {name for name, module in base_modules(model) if module is out}

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dispatch, dora
-from ..adapting.init_schemes import init_pair
+from .init_schemes import init_pair
 from .precision import precise
 
 
@@ -187,8 +187,9 @@ class LoraLayer(nn.Module):
         """The shape of a DoRA magnitude vector on this layer (PEFT's file shape)."""
         return (self.base_layer.weight.shape[self.out_dim],)
 
-    def initial_magnitude(self, a: torch.Tensor, b: torch.Tensor, scaling: float,
-                          base_weight: torch.Tensor | None = None) -> torch.Tensor:
+    def initial_magnitude(
+        self, a: torch.Tensor, b: torch.Tensor, scaling: float, base_weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """DoRA's m for a new (A, B): ||W + s B A|| per output, W the base weight (or `base_weight`)."""
         weight = self.base_layer.weight if base_weight is None else base_weight
         return dora.initial_magnitude(self, a, b, scaling, weight)
@@ -217,8 +218,15 @@ class LoraLayer(nn.Module):
         """(A, B, residual base weight) for OLoRA init; the caller swaps the residual in."""
         raise ValueError(f"init='olora' needs a linear layer, not {type(self.base_layer).__name__}")
 
-    def attach(self, name: str, a: torch.Tensor, b: torch.Tensor, scaling: float, dropout: float,
-               magnitude: torch.Tensor | None = None) -> None:
+    def attach(
+        self,
+        name: str,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scaling: float,
+        dropout: float,
+        magnitude: torch.Tensor | None = None,
+    ) -> None:
         """Add adapter `name` from ready tensors (no validation: the caller checked); with a
         `magnitude` it is a DoRA adapter."""
         self._store_pair(name, a, b)

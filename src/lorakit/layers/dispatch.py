@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 import torch
 from torch import nn
 
+from ..quant.bnb import compute_dtype, dequantize, quantized_kind, relaid_out
 from . import torch_internals
 from .dora import linear_forward as dora_linear_forward
 from .fused import Adapter, lora_linear
 from .quantized_fused import qlora_linear
-from ..quant.bnb import compute_dtype, dequantize, quantized_kind, relaid_out
 
 if TYPE_CHECKING:
     from .base import LoraLayer

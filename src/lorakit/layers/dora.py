@@ -117,7 +117,9 @@ def weight_norm(layer, name: str) -> torch.Tensor:
     return norm
 
 
-def initial_magnitude(layer, a: torch.Tensor, b: torch.Tensor, scaling: float, base_weight: torch.Tensor) -> torch.Tensor:
+def initial_magnitude(
+    layer, a: torch.Tensor, b: torch.Tensor, scaling: float, base_weight: torch.Tensor
+) -> torch.Tensor:
     """m for a new adapter (A, B) over `base_weight`: the norm itself, in the magnitude's file shape."""
     with torch.no_grad():
         delta = layer.delta_from(a, b, scaling)
@@ -315,8 +317,9 @@ class _DoraLinear(torch.autograd.Function):
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
         need_x = need[1] or need[3]  # x is kept for A's or the weight's gradient
         kept = keep_input(ctx, x, x2, need_x)
-        ctx.save_for_backward(*kept, weight, a, b, magnitude, call.norm,
-                              xa if need[4] else None, y0 if need[5] else None)
+        ctx.save_for_backward(
+            *kept, weight, a, b, magnitude, call.norm, xa if need[4] else None, y0 if need[5] else None
+        )
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod

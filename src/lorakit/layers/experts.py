@@ -24,16 +24,23 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..targets import layer_index
 from .base import LoraLayer
+from .experts_grouped import grouped_forward
+from .experts_grouped import projections as _projections
 from .precision import precise
 
-__all__ = ["LoraExpertParam", "LoraExperts", "expert_parameters", "from_peft", "is_experts", "to_peft"]
-
-_GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+__all__ = [
+    "LoraExpertParam",
+    "LoraExperts",
+    "expert_parameters",
+    "from_peft",
+    "grouped_forward",
+    "is_experts",
+    "to_peft",
+]
 
 
 # -- what counts as an experts module ----------------------------------------------------------
@@ -48,11 +55,6 @@ def is_experts(module: nn.Module) -> bool:
         return False
     names = _projections(module)
     return all(isinstance(getattr(module, n, None), torch.Tensor) and getattr(module, n).dim() == 3 for n in names)
-
-
-def _projections(experts: nn.Module) -> tuple[str, str]:
-    """The (first, second) projection parameters, in the order the forward uses them."""
-    return ("gate_up_proj" if getattr(experts, "has_gate", True) else "up_proj"), "down_proj"
 
 
 def expert_parameters(model: nn.Module) -> list[str]:
@@ -81,11 +83,14 @@ def to_peft(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 def from_peft(a: torch.Tensor, b: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """PEFT's (A (r*E, in), B (out, r*E)) -> (A (E, r, in), B (E, out, r)), each contiguous."""
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] % num_experts or b.shape[1] != a.shape[0]:
-        raise ValueError(f"PEFT expert pair of shapes {tuple(a.shape)}, {tuple(b.shape)} does not split into "
-                         f"{num_experts} experts")
+        raise ValueError(
+            f"PEFT expert pair of shapes {tuple(a.shape)}, {tuple(b.shape)} does not split into {num_experts} experts"
+        )
     rank = a.shape[0] // num_experts
-    return (a.reshape(num_experts, rank, a.shape[1]).contiguous(),
-            b.reshape(b.shape[0], rank, num_experts).permute(2, 0, 1).contiguous())
+    return (
+        a.reshape(num_experts, rank, a.shape[1]).contiguous(),
+        b.reshape(b.shape[0], rank, num_experts).permute(2, 0, 1).contiguous(),
+    )
 
 
 # -- one adapted parameter -----------------------------------------------------------------------
@@ -105,7 +110,11 @@ class ExpertWeight(nn.Module):
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return getattr(self.experts, self.parameter_name + "_bias", None) if getattr(self.experts, "has_bias", False) else None
+        return (
+            getattr(self.experts, self.parameter_name + "_bias", None)
+            if getattr(self.experts, "has_bias", False)
+            else None
+        )
 
     def extra_repr(self) -> str:
         return f"{self.parameter_name}: {tuple(self.weight.shape)}"
@@ -121,8 +130,10 @@ class LoraExpertParam(LoraLayer):
         if not isinstance(weight, torch.Tensor) or weight.dim() != 3:
             raise ValueError(f"{parameter_name!r} is not a 3-D expert parameter of {type(experts).__name__}")
         if not weight.is_floating_point() or type(weight).__name__ not in ("Parameter", "Tensor"):
-            raise ValueError(f"LoRA on experts needs full-precision expert weights; {parameter_name!r} is "
-                             f"{type(weight).__name__} of {weight.dtype} (quantized experts are not supported)")
+            raise ValueError(
+                f"LoRA on experts needs full-precision expert weights; {parameter_name!r} is "
+                f"{type(weight).__name__} of {weight.dtype} (quantized experts are not supported)"
+            )
         super().__init__(ExpertWeight(experts, parameter_name))
         self.parameter_name = parameter_name
         self.num_experts = weight.shape[0]
@@ -220,7 +231,9 @@ class LoraExperts(nn.Module):
     def add_param(self, layer: LoraExpertParam) -> None:
         self.add_module(layer.parameter_name, layer)
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         routing = next((p.routing for p in self.params() if p.routing is not None), None)
         if routing is not None:
             return _mixed(self, routing, hidden_states, top_k_index, top_k_weights)
@@ -229,8 +242,9 @@ class LoraExperts(nn.Module):
             return self.base_layer(hidden_states, top_k_index, top_k_weights)
         return grouped_forward(self.base_layer, hidden_states, top_k_index, top_k_weights, terms)
 
-    def reference_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                          top_k_weights: torch.Tensor) -> torch.Tensor:
+    def reference_forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         """The plain computation the grouped path is pinned to: per expert, its weights plus the
         live adapters' full deltas, over the tokens routed to it."""
         experts = self.base_layer
@@ -262,126 +276,9 @@ class LoraExperts(nn.Module):
         return f"experts={self.base_layer.num_experts}, adapted={[p.parameter_name for p in self.params()]}"
 
 
-Terms = dict[str, list[tuple[torch.Tensor, torch.Tensor, float, float]]]
-
-
-def grouped_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                    top_k_weights: torch.Tensor, terms: Terms) -> torch.Tensor:
-    """The experts' output with low-rank terms, computed as Transformers' grouped_mm experts do:
-    the (token, expert) pairs sorted by expert, one grouped matmul per projection over them, the
-    adapters' x A^T and (.) B^T grouped the same way (rank r per pair), weighted and summed back."""
-    top_k = top_k_index.size(-1)
-    tokens, hidden = hidden_states.shape
-    expert_ids, perm = torch.sort(top_k_index.reshape(-1))
-    x = hidden_states[perm // top_k]  # (pairs, in), sorted by expert
-    counts = torch.bincount(expert_ids, minlength=experts.num_experts)
-    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-    first, second = _projections(experts)
-    bias = (lambda n: getattr(experts, n + "_bias")[expert_ids]) if experts.has_bias else (lambda n: None)
-    h = _project(x, getattr(experts, first), offsets, counts, bias(first), experts.is_transposed, terms.get(first, ()))
-    h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
-    h = _project(h, getattr(experts, second), offsets, counts, bias(second), experts.is_transposed, terms.get(second, ()))
-    h = h * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
-    back = torch.empty_like(perm)
-    back[perm] = torch.arange(perm.numel(), device=perm.device)
-    return h[back].view(tokens, top_k, hidden).sum(dim=1).to(hidden_states.dtype)
-
-
-def _project(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor,
-             bias: torch.Tensor | None, transposed: bool, terms) -> torch.Tensor:
-    """x through each pair's expert weight (+ bias), plus scaling * B[e] A[e] x for each term."""
-    weight_t = weight if transposed else weight.transpose(1, 2)  # (E, in, out)
-    if terms:
-        p = max(t[3] for t in terms)
-        x_lora = F.dropout(x, p, True) if p else None  # one mask for the adapters of this projection
-        flat = [t for a, b, _, _ in terms for t in (a.transpose(1, 2), b.transpose(1, 2))]
-        out = _ExpertProjection.apply(x, x_lora, weight_t, offsets, counts, tuple(t[2] for t in terms), *flat)
-    else:
-        out = _grouped(x, weight_t, offsets, counts)
-    if bias is not None:
-        out = out + bias
-    return out
-
-
-class _ExpertProjection(torch.autograd.Function):
-    """x W_e^T + sum_i s_i (x A_ie^T) B_ie^T over the sorted (token, expert) pairs, one node:
-    each low-rank product lands in the base product's buffer (no (pairs, out) temporary summed
-    afterwards), and backward adds the rank-r path's input gradient into the base one's likewise.
-    Saves x and each (pairs, r) x A^T; the frozen weight is read, never copied."""
-
-    @staticmethod
-    def forward(ctx, x, x_lora, weight_t, offsets, counts, scalings, *factors):
-        src = x if x_lora is None else x_lora
-        out = _grouped(x, weight_t, offsets, counts)
-        projected = []
-        for i, scaling in enumerate(scalings):
-            a_t, b_t = factors[2 * i], factors[2 * i + 1]  # (E, in, r), (E, r, out)
-            xa = _grouped(src, a_t, offsets, counts).mul_(scaling)  # (pairs, r)
-            out.add_(_grouped(xa, b_t, offsets, counts))
-            projected.append(xa)
-        ctx.save_for_backward(src, weight_t, offsets, counts, *factors, *projected)
-        ctx.scalings, ctx.split = scalings, x_lora is not None
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        src, weight_t, offsets, counts, *rest = ctx.saved_tensors
-        n = len(ctx.scalings)
-        factors, projected = rest[: 2 * n], rest[2 * n:]
-        grad = grad.contiguous()
-        grad_x = _grouped(grad, weight_t.transpose(1, 2), offsets, counts) if ctx.needs_input_grad[0] else None
-        grad_lora = None
-        grads = []
-        for i, scaling in enumerate(ctx.scalings):
-            a_t, b_t = factors[2 * i], factors[2 * i + 1]
-            grad_b = _grouped_outer(projected[i], grad, offsets, counts)  # (E, r, out)
-            grad_xa = _grouped(grad, b_t.transpose(1, 2), offsets, counts).mul_(scaling)  # (pairs, r)
-            grad_a = _grouped_outer(src, grad_xa, offsets, counts)  # (E, in, r)
-            to_x = _grouped(grad_xa, a_t.transpose(1, 2), offsets, counts)
-            if ctx.split:
-                grad_lora = to_x if grad_lora is None else grad_lora.add_(to_x)
-            elif grad_x is not None:
-                grad_x.add_(to_x)
-            grads += [grad_a, grad_b]
-        return (grad_x, grad_lora, None, None, None, None, *grads)
-
-
-def _grouped_outer(u: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Per expert e, u_e^T v_e over its rows: (E, u's width, v's width) (a weight's gradient)."""
-    if u.dtype in _GROUPED_DTYPES and _grouped_mm_ok(u) and _aligned(u.t()) and _aligned(v):
-        return F.grouped_mm(u.t(), v, offs=offsets)
-    return torch.stack([u_e.t() @ v_e for u_e, v_e in zip(torch.split(u, counts.tolist()), torch.split(v, counts.tolist()))])
-
-
-def _grouped(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """x's rows, sorted by expert, each times its expert's (in, out) matrix of `weight` (E, in, out)."""
-    weight = weight.to(x.dtype) if weight.dtype != x.dtype else weight
-    if x.dtype in _GROUPED_DTYPES and _grouped_mm_ok(x):
-        if not _aligned(weight):  # B^T of a rank that is no multiple of 4 (fp32): a small copy
-            weight = weight.contiguous()
-        if _aligned(weight) and _aligned(x):
-            return F.grouped_mm(x, weight, offs=offsets)
-    # float64 (tests' reference precision) and devices without the kernel: one matmul per expert.
-    parts = [x_e @ weight[e] for e, x_e in enumerate(torch.split(x, counts.tolist()))]
-    return torch.cat(parts) if parts else x.new_zeros(0, weight.shape[2])
-
-
-def _aligned(t: torch.Tensor) -> bool:
-    """torch's grouped_mm kernel wants 16-byte aligned data and strides (but the unit one)."""
-    size = t.element_size()
-    return t.data_ptr() % 16 == 0 and all(s == 1 or (s * size) % 16 == 0 for s in t.stride())
-
-
-def _grouped_mm_ok(x: torch.Tensor) -> bool:
-    if not hasattr(F, "grouped_mm"):
-        return False
-    if x.device.type == "cuda":
-        return torch.cuda.get_device_capability(x.device) >= (8, 0)
-    return x.device.type == "cpu"
-
-
-def _mixed(host: LoraExperts, routing, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-           top_k_weights: torch.Tensor) -> torch.Tensor:
+def _mixed(
+    host: LoraExperts, routing, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
     """Inside `mixed_batch`: the base experts for every token (base rows bitwise the base), then
     each route's tokens again through that route's weighted adapters. Tokens are rows of
     (rows, seq) flattened, so token t belongs to route t // (tokens / routes)."""
@@ -400,8 +297,10 @@ def _mixed(host: LoraExperts, routing, hidden_states: torch.Tensor, top_k_index:
             groups.setdefault(route, []).append(i)
     enabled = all(p.enabled for p in host.params())
     for route, indices in groups.items() if enabled else ():
-        terms = {p.parameter_name: [(*p.pair(n), p.scaling[n] * w, 0.0) for n, w in route if n in p.scaling]
-                 for p in host.params()}
+        terms = {
+            p.parameter_name: [(*p.pair(n), p.scaling[n] * w, 0.0) for n, w in route if n in p.scaling]
+            for p in host.params()
+        }
         if not any(terms.values()):
             continue
         rows = torch.tensor(indices, device=hidden_states.device)
@@ -428,16 +327,21 @@ def resolve_parameters(model: nn.Module, config, exclude: list[str] = ()) -> lis
         named = [p for p in found if p == entry or p.endswith("." + entry)]
         if not named:
             other = [n for n, _ in _all_parameter_names(model) if n == entry or n.endswith("." + entry)]
-            what = (f"it names {other[0]!r}, which is not a fused 3-D expert weight (lorakit adapts the "
-                    "gate_up_proj / up_proj / down_proj of Transformers' experts modules)") if other else \
-                "it names no parameter of the model"
-            raise ValueError(f"target_parameters entry {entry!r} selects no expert parameter: {what}. "
-                             + _describe(found))
+            what = (
+                (
+                    f"it names {other[0]!r}, which is not a fused 3-D expert weight (lorakit adapts the "
+                    "gate_up_proj / up_proj / down_proj of Transformers' experts modules)"
+                )
+                if other
+                else "it names no parameter of the model"
+            )
+            raise ValueError(
+                f"target_parameters entry {entry!r} selects no expert parameter: {what}. " + _describe(found)
+            )
         chosen.update(named)
     if config.layers is not None:
         chosen = {p for p in chosen if layer_index(p, config.layers_pattern) in config.layers}
-    chosen = {p for p in chosen
-              if not any(p == e or p.endswith("." + e) or f".{e}." in f".{p}." for e in exclude)}
+    chosen = {p for p in chosen if not any(p == e or p.endswith("." + e) or f".{e}." in f".{p}." for e in exclude)}
     return [p for p in found if p in chosen]
 
 
@@ -460,8 +364,10 @@ def expert_hint(model: nn.Module, targets) -> str:
     named = [e for e in entries if any(p == e or p.endswith("." + e) for p in found)]
     if not named:
         return ""
-    return (f"{named[0]!r} is a fused expert parameter, not a module: pass it as "
-            f"target_parameters=[{named[0]!r}] (or use the preset 'attention+mlp' / 'all-linear').\n")
+    return (
+        f"{named[0]!r} is a fused expert parameter, not a module: pass it as "
+        f"target_parameters=[{named[0]!r}] (or use the preset 'attention+mlp' / 'all-linear').\n"
+    )
 
 
 def host_and_layer(model: nn.Module, path: str) -> tuple[str, nn.Module, LoraExpertParam | None] | None:

@@ -60,8 +60,9 @@ class Term:
 
     __slots__ = ("a", "b", "scaling", "dropout", "folded", "xa", "rng_state")
 
-    def __init__(self, a: torch.Tensor, b: torch.Tensor, scaling: float, dropout: float = 0.0,
-                 folded: bool = False) -> None:
+    def __init__(
+        self, a: torch.Tensor, b: torch.Tensor, scaling: float, dropout: float = 0.0, folded: bool = False
+    ) -> None:
         self.a, self.b, self.scaling, self.dropout, self.folded = a, b, scaling, dropout, folded
         self.xa: torch.Tensor | None = None
         self.rng_state: torch.Tensor | None = None
@@ -175,9 +176,7 @@ def _forward(x, weight, bias, fan_in_fan_out, terms, record) -> tuple[torch.Tens
     return y.view(*x.shape[:-1], y.shape[-1]), x2
 
 
-def add_deltas(
-    y: torch.Tensor, x: torch.Tensor, x2: torch.Tensor, terms: Sequence[Term], record: bool
-) -> None:
+def add_deltas(y: torch.Tensor, x: torch.Tensor, x2: torch.Tensor, terms: Sequence[Term], record: bool) -> None:
     """Add the terms not folded into the weight to y (tokens, out) in place. With `record`
     (an autograd forward), each term keeps x A^T where B's gradient needs it and the RNG state
     its dropout mask is drawn from."""

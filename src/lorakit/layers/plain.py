@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import dispatch, torch_internals
-from ..adapting.init_schemes import olora_pair, pissa_pair
-from .base import LoraLayer
-from .precision import precise
 from ..targets import adaptable_kind
+from . import dispatch, torch_internals
+from .base import LoraLayer
+from .init_schemes import olora_pair, pissa_pair
+from .precision import precise
 
 __all__ = ["LoraConv", "LoraEmbedding", "LoraLayer", "LoraLinear"]
 
@@ -105,7 +105,9 @@ class LoraEmbedding(LoraLayer):
     def lora_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
         a, b = self.pair(name)
         base = self.base_layer
-        rows = F.embedding(x, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+        rows = F.embedding(
+            x, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+        )
         return (rows @ b.T) * self.scaling[name]
 
 

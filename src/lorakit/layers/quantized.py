@@ -20,11 +20,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..quant.bnb import check_quantized, dequantize, keep_layout, quant_type, restore, snapshot
+from ..quant.bnb import requantize as store_requantized
 from . import dispatch
 from .base import LoraLayer
 from .plain import LoraLinear
-from ..quant.bnb import check_quantized, dequantize, keep_layout, quant_type, restore, snapshot
-from ..quant.bnb import requantize as store_requantized
 
 ADAPTER_DTYPE = torch.float32  # QLoRA trains the adapters in full precision over the 4-bit base
 
@@ -50,12 +50,16 @@ class LoraQuantLinear(LoraLinear):
         return self.base_layer.weight.device, ADAPTER_DTYPE
 
     def pissa(self, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        raise ValueError(f"init='pissa' replaces the base weight, which is quantized here ({quant_type(self.base_layer)}); "
-                         "use the default init on a quantized base")
+        raise ValueError(
+            f"init='pissa' replaces the base weight, which is quantized here ({quant_type(self.base_layer)}); "
+            "use the default init on a quantized base"
+        )
 
     def olora(self, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        raise ValueError(f"init='olora' replaces the base weight, which is quantized here ({quant_type(self.base_layer)}); "
-                         "use the default init on a quantized base")
+        raise ValueError(
+            f"init='olora' replaces the base weight, which is quantized here ({quant_type(self.base_layer)}); "
+            "use the default init on a quantized base"
+        )
 
     # -- forward -----------------------------------------------------------------------------
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:

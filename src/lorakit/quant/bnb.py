@@ -49,15 +49,16 @@ def bitsandbytes() -> Any:
     try:
         import bitsandbytes as bnb
     except ImportError as err:
-        raise ImportError(f"quantized (QLoRA) layers need bitsandbytes, which is not installed ({err}); "
-                          f"{INSTALL}") from None
+        raise ImportError(
+            f"quantized (QLoRA) layers need bitsandbytes, which is not installed ({err}); {INSTALL}"
+        ) from None
     finally:
         log.setLevel(level)
     return bnb
 
 
 def quantized_kind(module: nn.Module) -> str | None:
-    """"linear4bit" or "linear8bit" for a bitsandbytes quantized linear layer, else None."""
+    """ "linear4bit" or "linear8bit" for a bitsandbytes quantized linear layer, else None."""
     bnb = sys.modules.get("bitsandbytes")
     if bnb is None or not hasattr(bnb, "nn"):
         return None
@@ -69,7 +70,7 @@ def quantized_kind(module: nn.Module) -> str | None:
 
 
 def quant_type(layer: nn.Module) -> str:
-    """"nf4", "fp4" or "int8"."""
+    """ "nf4", "fp4" or "int8"."""
     return layer.weight.quant_type if quantized_kind(layer) == "linear4bit" else "int8"
 
 
@@ -83,8 +84,10 @@ def compute_dtype(layer: nn.Module, x_dtype: torch.dtype) -> torch.dtype:
 def check_quantized(layer: nn.Module) -> None:
     """A 4-bit layer must hold its packed weight (bitsandbytes quantizes on .to(device))."""
     if quantized_kind(layer) == "linear4bit" and not getattr(layer.weight, "bnb_quantized", False):
-        raise ValueError("this bitsandbytes Linear4bit's weight is not quantized yet (bitsandbytes quantizes "
-                         "it in .to(device)); move the model to its device first")
+        raise ValueError(
+            "this bitsandbytes Linear4bit's weight is not quantized yet (bitsandbytes quantizes "
+            "it in .to(device)); move the model to its device first"
+        )
 
 
 def keep_layout(layer: nn.Module) -> None:
@@ -97,8 +100,10 @@ def keep_layout(layer: nn.Module) -> None:
         # What bitsandbytes itself does before saving such a layer; the bf16 rounding stays.
         undo = getattr(bitsandbytes().functional, "_convert_weight_packed_for_cpu_inverse", None)
         if undo is None:
-            raise ValueError("this 4-bit layer was re-laid out for CPU inference and this bitsandbytes "
-                             "cannot undo it; reload the model")
+            raise ValueError(
+                "this 4-bit layer was re-laid out for CPU inference and this bitsandbytes "
+                "cannot undo it; reload the model"
+            )
         weight.data, weight.quant_state = undo(weight.data, weight.quant_state)
         layer.quant_state = weight.quant_state
 
@@ -159,11 +164,23 @@ def requantize(layer: nn.Module, value: torch.Tensor) -> None:
         return
     state = weight.quant_state
     packed, new_state = bnb.functional.quantize_4bit(
-        value.to(weight.device, state.dtype).contiguous(), blocksize=state.blocksize,
-        compress_statistics=state.nested, quant_type=state.quant_type, quant_storage=weight.dtype)
-    layer.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=new_state, blocksize=state.blocksize,
-                                     compress_statistics=state.nested, quant_type=state.quant_type,
-                                     quant_storage=weight.dtype, module=layer, bnb_quantized=True)
+        value.to(weight.device, state.dtype).contiguous(),
+        blocksize=state.blocksize,
+        compress_statistics=state.nested,
+        quant_type=state.quant_type,
+        quant_storage=weight.dtype,
+    )
+    layer.weight = bnb.nn.Params4bit(
+        packed,
+        requires_grad=False,
+        quant_state=new_state,
+        blocksize=state.blocksize,
+        compress_statistics=state.nested,
+        quant_type=state.quant_type,
+        quant_storage=weight.dtype,
+        module=layer,
+        bnb_quantized=True,
+    )
     layer.quant_state = new_state
 
 

@@ -17,11 +17,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..adapting.registry import replace_module
 from ..layers.plain import LoraLayer, LoraLinear
-from ..adapting.plan import replace_module
+from ..module_tree import inside, name_matches
+from ..targets import output_head_names
 from .bnb import bitsandbytes, keep_layout, quantized_kind
 from .bnb import dequantize as dequantized_weight
-from ..targets import _inside, _names, output_head_names
 
 KINDS = ("nf4", "fp4", "int8")
 BLOCKSIZE = 64  # QLoRA's block size, and what Transformers uses
@@ -50,8 +51,10 @@ def quantize(
         raise ValueError(f"quantize: compute_dtype must be float32, bfloat16 or float16, got {compute_dtype}")
     chosen = _quantizable(model, list(skip or []))
     if not chosen:
-        raise ValueError("quantize: the model has no nn.Linear layer to quantize outside its heads and skip "
-                         "(bitsandbytes has no quantized form of other layers, e.g. GPT-2's Conv1D)")
+        raise ValueError(
+            "quantize: the model has no nn.Linear layer to quantize outside its heads and skip "
+            "(bitsandbytes has no quantized form of other layers, e.g. GPT-2's Conv1D)"
+        )
     bitsandbytes()  # missing: an error before anything changes
     for path, linear in chosen:
         replace_module(model, path, quantized_copy(linear, kind, compute_dtype))
@@ -95,7 +98,7 @@ def _quantizable(model: nn.Module, skip: list[str]) -> list[tuple[str, nn.Linear
     """(path, layer) of every nn.Linear to quantize; a skip entry that names nothing is an error."""
     names = [p for p, _ in model.named_modules() if p]
     for entry in skip:
-        if not any(_names(p, entry) for p in names):
+        if not any(name_matches(p, entry) for p in names):
             raise ValueError(f"quantize: skip entry {entry!r} names no module of the model")
     keep = sorted(output_head_names(model)) + skip
     owners: dict[int, int] = {}
@@ -108,7 +111,7 @@ def _quantizable(model: nn.Module, skip: list[str]) -> list[tuple[str, nn.Linear
         parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
         if isinstance(parent, nn.MultiheadAttention):
             continue  # it reads out_proj.weight directly
-        if any(_inside(path, entry) for entry in keep):
+        if any(inside(path, entry) for entry in keep):
             continue
         if owners.get(id(module.weight), 0) > 1:
             continue  # tied to another module: quantizing one copy would untie them
@@ -122,15 +125,33 @@ def quantized_copy(linear: nn.Linear, kind: str, compute_dtype: torch.dtype | No
     weight, bias = linear.weight, linear.bias
     has_bias = bias is not None
     if kind == "int8":
-        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False,
-                                    threshold=INT8_THRESHOLD, device="meta")
+        layer = bnb.nn.Linear8bitLt(
+            linear.in_features,
+            linear.out_features,
+            bias=has_bias,
+            has_fp16_weights=False,
+            threshold=INT8_THRESHOLD,
+            device="meta",
+        )
         layer.weight = bnb.nn.Int8Params(weight.data, requires_grad=False, has_fp16_weights=False)
     else:
-        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias,
-                                  compute_dtype=compute_dtype or weight.dtype, compress_statistics=True,
-                                  quant_type=kind, device="meta")
-        layer.weight = bnb.nn.Params4bit(weight.data, requires_grad=False, blocksize=BLOCKSIZE,
-                                         compress_statistics=True, quant_type=kind, module=layer)
+        layer = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=has_bias,
+            compute_dtype=compute_dtype or weight.dtype,
+            compress_statistics=True,
+            quant_type=kind,
+            device="meta",
+        )
+        layer.weight = bnb.nn.Params4bit(
+            weight.data,
+            requires_grad=False,
+            blocksize=BLOCKSIZE,
+            compress_statistics=True,
+            quant_type=kind,
+            module=layer,
+        )
     if has_bias:
         layer.bias = bias  # the same parameter: nothing copied
     layer.weight = layer.weight.to(weight.device)  # bitsandbytes quantizes here

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from ..config import LoraConfig
-from .convert import quantized_copy
-from .bnb import dequantize
 from ..targets import resolve_targets
+from .bnb import dequantize
+from .convert import quantized_copy
 
 
 @torch.no_grad()

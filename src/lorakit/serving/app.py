@@ -66,8 +66,12 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
         """(route, adapter names, the model name to echo)."""
         if mix is not None:
             if model not in (None, engine.base_id):
-                raise Problem(422, f"`adapters` mixes adapters over the base model; give model "
-                                   f"{engine.base_id!r} (or none) with it, not {model!r}", "model")
+                raise Problem(
+                    422,
+                    f"`adapters` mixes adapters over the base model; give model "
+                    f"{engine.base_id!r} (or none) with it, not {model!r}",
+                    "model",
+                )
             unknown = [n for n in mix if n not in store.entries]
             if unknown:
                 raise Problem(404, _unknown(unknown[0]), "adapters")
@@ -96,11 +100,17 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
         if not batcher.alive:  # queued rows would wait for ever
             raise Problem(503, "the server's batch loop has stopped; see the server's log")
         if len(rows) > settings.max_queue:  # it would never fit: retrying (as clients do on 429) cannot help
-            raise Problem(413, f"this request has {len(rows)} rows (inputs x n), more than the "
-                               f"{settings.max_queue} the server queues (--max-queue); send it in parts")
+            raise Problem(
+                413,
+                f"this request has {len(rows)} rows (inputs x n), more than the "
+                f"{settings.max_queue} the server queues (--max-queue); send it in parts",
+            )
         if batcher.room() < len(rows):
-            raise Problem(429, f"the queue is full ({settings.max_queue} rows waiting); retry shortly",
-                          headers={"Retry-After": "1"})
+            raise Problem(
+                429,
+                f"the queue is full ({settings.max_queue} rows waiting); retry shortly",
+                headers={"Retry-After": "1"},
+            )
         return batcher.submit(rows, with_results)
 
     # -- endpoints ---------------------------------------------------------------------------
@@ -167,10 +177,18 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
         for p, ids in enumerate(prompts):
             for c in range(body.n):
                 index = p * body.n + c
-                rows.append(Row(ids, route, names, max_tokens=limit or max(engine.max_length - len(ids), 1),
-                                sampling=sampling, seed=None if body.seed is None else body.seed + c,
-                                stop=stop,
-                                emit=lambda ev, i=index: loop.call_soon_threadsafe(events.put_nowait, (i, ev))))
+                rows.append(
+                    Row(
+                        ids,
+                        route,
+                        names,
+                        max_tokens=limit or max(engine.max_length - len(ids), 1),
+                        sampling=sampling,
+                        seed=None if body.seed is None else body.seed + c,
+                        stop=stop,
+                        emit=lambda ev, i=index: loop.call_soon_threadsafe(events.put_nowait, (i, ev)),
+                    )
+                )
         _check_lengths(engine, rows, limit or 0)
         enqueue(rows, with_results=False)
         rid, created = P.request_id("cmpl" if kind == "text" else "chatcmpl"), int(time.time())
@@ -200,8 +218,11 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
             _cancel(rows)
         logprobs = [_logprobs(kind, engine, r.logprobs)[0] if sampling.logprobs is not None else None for r in rows]
         choices = [P.completion_choice(kind, i, texts[i], *finish[i], logprobs[i]) for i in range(len(rows))]
-        return JSONResponse(P.completion_answer(kind, rid, created, shown, choices, sum(len(r.ids) for r in rows),
-                                                sum(len(r.out) for r in rows)))
+        return JSONResponse(
+            P.completion_answer(
+                kind, rid, created, shown, choices, sum(len(r.ids) for r in rows), sum(len(r.out) for r in rows)
+            )
+        )
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora(body: P.LoadRequest) -> Response:
@@ -275,8 +296,12 @@ def _check_lengths(engine: Engine, rows: list[Row], new_tokens: int) -> None:
         if not row.ids:
             raise Problem(422, "an input is empty after tokenizing")
         if len(row.ids) + new_tokens > engine.max_length:
-            raise Problem(413, f"the input is {len(row.ids)} tokens" + (f" + {new_tokens} to generate" if new_tokens
-                          else "") + f", more than this model's maximum context of {engine.max_length} tokens")
+            raise Problem(
+                413,
+                f"the input is {len(row.ids)} tokens"
+                + (f" + {new_tokens} to generate" if new_tokens else "")
+                + f", more than this model's maximum context of {engine.max_length} tokens",
+            )
 
 
 async def _next(events: asyncio.Queue, rows: list[Row]) -> tuple[int, tuple]:
@@ -294,6 +319,7 @@ def _cancel(rows: list[Row]) -> None:
 
 def _logprobs(kind: Literal["text", "chat"], engine: Engine, entries: list, offset: int = 0) -> tuple[dict, int]:
     """A choice's `logprobs` for some of its tokens, and (completions) the text offset after them."""
+
     def decode(token: int) -> str:
         return engine.tokenizer.decode([token])
 
@@ -308,9 +334,19 @@ def _problem(err: Exception) -> Problem:
     return internal_error(err, "a row failed")
 
 
-async def _sse(kind, rid: str, created: int, model: str, rows: list[Row], events: asyncio.Queue, first: tuple,
-               include_usage: bool, engine: Engine) -> AsyncIterator[str]:
+async def _sse(
+    kind,
+    rid: str,
+    created: int,
+    model: str,
+    rows: list[Row],
+    events: asyncio.Queue,
+    first: tuple,
+    include_usage: bool,
+    engine: Engine,
+) -> AsyncIterator[str]:
     """Server-sent events: a chunk per piece of new text, a last chunk per choice, [DONE]."""
+
     def data(obj: dict) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -333,8 +369,19 @@ async def _sse(kind, rid: str, created: int, model: str, rows: list[Row], events
             if ev[0] == "text":
                 yield data(P.chunk(kind, rid, created, model, index, ev[1], logprobs=logprobs(index, ev[2])))
             elif ev[0] == "done":
-                yield data(P.chunk(kind, rid, created, model, index, "", finish=ev[1], stop=ev[2],
-                                   logprobs=logprobs(index, ev[3]) if ev[3] else None))
+                yield data(
+                    P.chunk(
+                        kind,
+                        rid,
+                        created,
+                        model,
+                        index,
+                        "",
+                        finish=ev[1],
+                        stop=ev[2],
+                        logprobs=logprobs(index, ev[3]) if ev[3] else None,
+                    )
+                )
                 finished += 1
             else:  # the status line is gone already: the error goes in-band
                 problem = _problem(ev[1])
@@ -343,8 +390,16 @@ async def _sse(kind, rid: str, created: int, model: str, rows: list[Row], events
             if finished == len(rows):
                 if include_usage:
                     prompt, completion = sum(len(r.ids) for r in rows), sum(len(r.out) for r in rows)
-                    yield data({"id": rid, "object": "text_completion" if kind == "text" else "chat.completion.chunk",
-                                "created": created, "model": model, "choices": [], "usage": P.usage(prompt, completion)})
+                    yield data(
+                        {
+                            "id": rid,
+                            "object": "text_completion" if kind == "text" else "chat.completion.chunk",
+                            "created": created,
+                            "model": model,
+                            "choices": [],
+                            "usage": P.usage(prompt, completion),
+                        }
+                    )
                 break
             event = await events.get()
         yield "data: [DONE]\n\n"

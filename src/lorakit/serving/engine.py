@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..files.adapter_file import AdapterFileError
+from ..adapting.mixed import Route, mixed_batch
 from ..errors import LorakitError
-from ..layers.mixed import Route, mixed_batch
+from ..files.adapter_file import AdapterFileError
 from .sampling import Sampling, TokenLogprob, pick
 from .store import AdapterStore
 
@@ -83,15 +83,14 @@ class Engine:
         self.base_id, self.base_labels, self.render_chat = base_id, base_labels, render_chat
         config = getattr(model, "config", None)
         self.max_length = _max_positions(config, tokenizer)
-        self.pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None))
+        self.pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         weight = getattr(head, "weight", None)
         # The width of the logits: the token ids that logit_bias and stop_token_ids may name.
-        self.vocab_size = int(weight.shape[0]) if weight is not None else getattr(config, "vocab_size",
-                                                                                  len(tokenizer))
+        self.vocab_size = int(weight.shape[0]) if weight is not None else getattr(config, "vocab_size", len(tokenizer))
 
     def check_sampling(self, sampling: Sampling) -> tuple[str, str] | None:
         """(field, message) when a request's sampling fields name a token the model does not have."""
@@ -189,8 +188,7 @@ class Engine:
                 if not row.ended and not row.cancelled:
                     self._decode_isolated([row], streams)
 
-    def _decode(self, live: list[Row], streams: dict[int, torch.Generator],
-                before: dict[int, tuple[int, Any]]) -> None:
+    def _decode(self, live: list[Row], streams: dict[int, torch.Generator], before: dict[int, tuple[int, Any]]) -> None:
         live = [r for r in live if not r.ended and not r.cancelled]
         if not live:
             return
@@ -201,12 +199,19 @@ class Engine:
         with torch.inference_mode(), mixed_batch(self.model, [r.route for r in live]) as batch:
             while True:
                 before.update((id(r), (len(r.out), g.get_state())) for r, g in zip(live, generators))
-                out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                 past_key_values=past, use_cache=True)
+                out = self.model(
+                    input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True
+                )
                 past = out.past_key_values
                 logits = out.logits[:, -1, :].float()
-                tokens, entries = pick(logits, [r.sampling for r in live], [r.ids for r in live],
-                                       [r.out for r in live], self.eos_ids, generators)
+                tokens, entries = pick(
+                    logits,
+                    [r.sampling for r in live],
+                    [r.ids for r in live],
+                    [r.out for r in live],
+                    self.eos_ids,
+                    generators,
+                )
                 keep = [j for j, row in enumerate(live) if not self._step(row, tokens[j], entries[j])]
                 if not keep:
                     return

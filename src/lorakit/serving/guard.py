@@ -25,8 +25,17 @@ from .metrics import Metrics
 
 log = logging.getLogger("lorakit.serve")
 
-ENDPOINTS = ("/v1/models", "/classify", "/v1/classify", "/v1/completions", "/v1/chat/completions",
-             "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/health", "/metrics")
+ENDPOINTS = (
+    "/v1/models",
+    "/classify",
+    "/v1/classify",
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/load_lora_adapter",
+    "/v1/unload_lora_adapter",
+    "/health",
+    "/metrics",
+)
 
 
 class Problem(LorakitError):
@@ -49,7 +58,9 @@ def internal_error(err: BaseException, what: str) -> Problem:
 def error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def problem(_request, err: Problem) -> JSONResponse:
-        return JSONResponse(P.error_body(err.status, err.message, err.param), status_code=err.status, headers=err.headers)
+        return JSONResponse(
+            P.error_body(err.status, err.message, err.param), status_code=err.status, headers=err.headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request, err: RequestValidationError) -> JSONResponse:
@@ -61,8 +72,11 @@ def error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request, err: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(P.error_body(err.status_code, str(err.detail)), status_code=err.status_code,
-                            headers=getattr(err, "headers", None))
+        return JSONResponse(
+            P.error_body(err.status_code, str(err.detail)),
+            status_code=err.status_code,
+            headers=getattr(err, "headers", None),
+        )
 
     @app.exception_handler(Exception)
     async def crash(request, err: Exception) -> JSONResponse:
@@ -124,6 +138,11 @@ class Guard:
 
 async def _send_error(send: Any, status: int, message: str) -> None:
     payload = json.dumps(P.error_body(status, message)).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": payload})

@@ -27,7 +27,9 @@ class Histogram:
 
     def lines(self, name: str, labels: str = "") -> list[str]:
         sep = "," if labels else ""
-        out = [f'{name}_bucket{{{labels}{sep}le="{_num(edge)}"}} {count}' for edge, count in zip(self.buckets, self.counts)]
+        out = [
+            f'{name}_bucket{{{labels}{sep}le="{_num(edge)}"}} {count}' for edge, count in zip(self.buckets, self.counts)
+        ]
         out.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.total}')
         braces = f"{{{labels}}}" if labels else ""
         return out + [f"{name}_sum{braces} {self.sum:.6f}", f"{name}_count{braces} {self.total}"]
@@ -50,28 +52,43 @@ class Metrics:
         self.batch_rows.observe(rows)
 
     def text(self, store: AdapterStore) -> str:
-        lines = ["# HELP lorakit_requests_total HTTP requests by endpoint and status.",
-                 "# TYPE lorakit_requests_total counter"]
-        lines += [f'lorakit_requests_total{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in sorted(self.requests.items())]
+        lines = [
+            "# HELP lorakit_requests_total HTTP requests by endpoint and status.",
+            "# TYPE lorakit_requests_total counter",
+        ]
+        lines += [
+            f'lorakit_requests_total{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in sorted(self.requests.items())
+        ]
         errors = sum(n for (_, s), n in self.requests.items() if s >= 400)
-        lines += ["# HELP lorakit_request_errors_total HTTP requests answered with a 4xx or 5xx status.",
-                  "# TYPE lorakit_request_errors_total counter", f"lorakit_request_errors_total {errors}",
-                  "# HELP lorakit_request_duration_seconds Time from request to the end of the response.",
-                  "# TYPE lorakit_request_duration_seconds histogram"]
+        lines += [
+            "# HELP lorakit_request_errors_total HTTP requests answered with a 4xx or 5xx status.",
+            "# TYPE lorakit_request_errors_total counter",
+            f"lorakit_request_errors_total {errors}",
+            "# HELP lorakit_request_duration_seconds Time from request to the end of the response.",
+            "# TYPE lorakit_request_duration_seconds histogram",
+        ]
         for endpoint, hist in sorted(self.latency.items()):
             lines += hist.lines("lorakit_request_duration_seconds", f'endpoint="{endpoint}"')
-        lines += ["# HELP lorakit_queue_depth Rows waiting for a batch.", "# TYPE lorakit_queue_depth gauge",
-                  f"lorakit_queue_depth {self.queue_depth}",
-                  "# HELP lorakit_batch_rows Rows per batch run on the model.", "# TYPE lorakit_batch_rows histogram"]
+        lines += [
+            "# HELP lorakit_queue_depth Rows waiting for a batch.",
+            "# TYPE lorakit_queue_depth gauge",
+            f"lorakit_queue_depth {self.queue_depth}",
+            "# HELP lorakit_batch_rows Rows per batch run on the model.",
+            "# TYPE lorakit_batch_rows histogram",
+        ]
         lines += self.batch_rows.lines("lorakit_batch_rows")
-        gauges = [("adapters_registered", "Adapters the server knows.", len(store.entries)),
-                  ("adapters_loaded", "Adapters loaded on the model.", len(store.loaded)),
-                  ("adapter_loaded_bytes", "Bytes of the loaded adapters' tensors.", store.loaded_bytes)]
+        gauges = [
+            ("adapters_registered", "Adapters the server knows.", len(store.entries)),
+            ("adapters_loaded", "Adapters loaded on the model.", len(store.loaded)),
+            ("adapter_loaded_bytes", "Bytes of the loaded adapters' tensors.", store.loaded_bytes),
+        ]
         for name, text, value in gauges:
             lines += [f"# HELP lorakit_{name} {text}", f"# TYPE lorakit_{name} gauge", f"lorakit_{name} {value}"]
-        counters = [("adapter_loads_total", "Adapter loads.", store.loads),
-                    ("adapter_evictions_total", "Adapters unloaded to stay within the byte budget.", store.evictions),
-                    ("adapter_load_failures_total", "Adapter loads that failed.", store.failures)]
+        counters = [
+            ("adapter_loads_total", "Adapter loads.", store.loads),
+            ("adapter_evictions_total", "Adapters unloaded to stay within the byte budget.", store.evictions),
+            ("adapter_load_failures_total", "Adapter loads that failed.", store.failures),
+        ]
         for name, text, value in counters:
             lines += [f"# HELP lorakit_{name} {text}", f"# TYPE lorakit_{name} counter", f"lorakit_{name} {value}"]
         return "\n".join(lines) + "\n"

@@ -18,7 +18,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -73,18 +73,39 @@ REFUSED: dict[str, Callable[[Any, Any], bool]] = {
     "add_special_tokens": lambda v, body: v is None or v is (not hasattr(body, "messages")),
 }
 # vLLM's fields that change nothing here (bookkeeping, or features lorakit's models lack): no warning.
-_HARMLESS = frozenset({
-    "user", "request_id", "session_id", "priority", "cache_salt", "kv_transfer_params", "ec_transfer_params",
-    "vllm_xargs", "stream_interval", "length_penalty", "include_reasoning", "parallel_tool_calls",
-    "thinking_token_budget", "mm_processor_kwargs", "media_io_kwargs", "return_mm_kwargs", "return_token_offsets",
-    "return_prompt_text", "truncation_side", "routed_experts_prompt_start", "service_tier", "store", "metadata"})
+_HARMLESS = frozenset(
+    {
+        "user",
+        "request_id",
+        "session_id",
+        "priority",
+        "cache_salt",
+        "kv_transfer_params",
+        "ec_transfer_params",
+        "vllm_xargs",
+        "stream_interval",
+        "length_penalty",
+        "include_reasoning",
+        "parallel_tool_calls",
+        "thinking_token_budget",
+        "mm_processor_kwargs",
+        "media_io_kwargs",
+        "return_mm_kwargs",
+        "return_token_offsets",
+        "return_prompt_text",
+        "truncation_side",
+        "routed_experts_prompt_start",
+        "service_tier",
+        "store",
+        "metadata",
+    }
+)
 
 # Every body takes finite numbers only (pydantic applies it to every float field, nested ones too).
 _FINITE = ConfigDict(extra="allow", allow_inf_nan=False)
 # Sampling divides float32 logits by the temperature: below float32's smallest normal number the
 # quotient is inf or nan whatever the logits, so such a temperature could only fail.
 MIN_TEMPERATURE = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny
-
 
 
 def _not_empty(value: Any) -> Any:
@@ -100,7 +121,7 @@ def _temperature(value: float) -> float:
 
 
 # One text or token-id list, or several: vLLM's `prompt` / `input`.
-Texts = Annotated[Union[str, list[str], list[int], list[list[int]]], AfterValidator(_not_empty)]
+Texts = Annotated[str | list[str] | list[int] | list[list[int]], AfterValidator(_not_empty)]
 
 
 def as_list(value: Any) -> list[str | list[int]]:
@@ -118,8 +139,9 @@ class _Body(BaseModel):
         extra = self.model_extra or {}
         for name, neutral in REFUSED.items():
             if name in extra and not neutral(extra[name], self):
-                raise ValueError(f"{name!r} is not supported by lorakit serve (it would change the answer); "
-                                 "leave it out")
+                raise ValueError(
+                    f"{name!r} is not supported by lorakit serve (it would change the answer); leave it out"
+                )
         ignored = sorted(set(extra) - set(REFUSED) - _HARMLESS)
         if ignored:
             log.warning("fields ignored (lorakit serve does not know them): %s", ", ".join(ignored))
@@ -158,7 +180,7 @@ class _Generation(_Body):
     def _token_ids_as_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key, bias in (value or {}).items():
             if not key.strip().lstrip("-").isdigit() or int(key) < 0:
-                raise ValueError(f"logit_bias keys are token ids (\"0\", \"1\", ...), not {key!r}")
+                raise ValueError(f'logit_bias keys are token ids ("0", "1", ...), not {key!r}')
             if not math.isfinite(bias):
                 raise ValueError(f"logit_bias[{key!r}] must be a finite number")
         return value
@@ -278,39 +300,75 @@ def error_body(status: int, message: str, param: str | None = None) -> dict[str,
     return {"error": {"message": message, "type": ERROR_TYPES.get(status, "APIError"), "param": param, "code": status}}
 
 
-ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
-               404: "NotFoundError", 405: "MethodNotAllowed", 413: "RequestTooLargeError",
-               422: "UnprocessableEntityError", 429: "RateLimitError", 500: "InternalServerError",
-               503: "ServiceUnavailableError"}
+ERROR_TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    403: "PermissionDeniedError",
+    404: "NotFoundError",
+    405: "MethodNotAllowed",
+    413: "RequestTooLargeError",
+    422: "UnprocessableEntityError",
+    429: "RateLimitError",
+    500: "InternalServerError",
+    503: "ServiceUnavailableError",
+}
 
 
 def model_card(model_id: str, root: str, parent: str | None, max_model_len: int | None) -> dict[str, Any]:
-    return {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "lorakit", "root": root,
-            "parent": parent, "max_model_len": max_model_len}
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": int(time.time()),
+        "owned_by": "lorakit",
+        "root": root,
+        "parent": parent,
+        "max_model_len": max_model_len,
+    }
 
 
 def classify_answer(model: str, results: list[tuple[list[float], str | None]], prompt_tokens: int) -> dict[str, Any]:
-    data = [{"index": i, "label": label, "probs": probs, "num_classes": len(probs)}
-            for i, (probs, label) in enumerate(results)]
-    return {"id": request_id("classify"), "object": "list", "created": int(time.time()), "model": model,
-            "data": data, "usage": usage(prompt_tokens, 0)}
+    data = [
+        {"index": i, "label": label, "probs": probs, "num_classes": len(probs)}
+        for i, (probs, label) in enumerate(results)
+    ]
+    return {
+        "id": request_id("classify"),
+        "object": "list",
+        "created": int(time.time()),
+        "model": model,
+        "data": data,
+        "usage": usage(prompt_tokens, 0),
+    }
 
 
-def completion_choice(kind: Literal["text", "chat"], index: int, text: str, finish: str,
-                      stop: str | int | None, logprobs: dict | None = None) -> dict:
+def completion_choice(
+    kind: Literal["text", "chat"],
+    index: int,
+    text: str,
+    finish: str,
+    stop: str | int | None,
+    logprobs: dict | None = None,
+) -> dict:
     if kind == "text":
-        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish,
-                "stop_reason": stop}
-    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-            "finish_reason": finish, "stop_reason": stop}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish, "stop_reason": stop}
+    return {
+        "index": index,
+        "message": {"role": "assistant", "content": text},
+        "logprobs": logprobs,
+        "finish_reason": finish,
+        "stop_reason": stop,
+    }
 
 
 def _logprob(value: float) -> float:
     return max(value, -9999.0)  # OpenAI's (and vLLM's) stand-in for -inf, which JSON cannot carry
 
 
-def completion_logprobs(entries: list[TokenLogprob], decode: Callable[[int], str], offset: int = 0,
-                        ) -> tuple[dict[str, Any], int]:
+def completion_logprobs(
+    entries: list[TokenLogprob],
+    decode: Callable[[int], str],
+    offset: int = 0,
+) -> tuple[dict[str, Any], int]:
     """The completions API's `logprobs` for some tokens, and the text offset after them: per token its
     text, log-probability, offset, and {text: log-probability} of the most likely tokens and the chosen
     one (so up to n + 1 entries, as OpenAI documents)."""
@@ -331,28 +389,55 @@ def completion_logprobs(entries: list[TokenLogprob], decode: Callable[[int], str
 def chat_logprobs(entries: list[TokenLogprob], decode: Callable[[int], str]) -> dict[str, Any]:
     """The chat API's `logprobs`: per token its text, log-probability, UTF-8 bytes and the
     `top_logprobs` most likely tokens (OpenAI's definition: the top n, whichever was chosen)."""
+
     def item(token: int, value: float) -> dict[str, Any]:
         text = decode(token)
         text_bytes = list(text.encode("utf-8", errors="replace"))
         return {"token": text, "logprob": _logprob(value), "bytes": text_bytes}
 
-    return {"content": [dict(item(e.token, e.logprob), top_logprobs=[item(t, v) for t, v in e.top])
-                        for e in entries]}
+    return {"content": [dict(item(e.token, e.logprob), top_logprobs=[item(t, v) for t, v in e.top]) for e in entries]}
 
 
-def completion_answer(kind: Literal["text", "chat"], rid: str, created: int, model: str, choices: list[dict],
-                      prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    return {"id": rid, "object": "text_completion" if kind == "text" else "chat.completion", "created": created,
-            "model": model, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+def completion_answer(
+    kind: Literal["text", "chat"],
+    rid: str,
+    created: int,
+    model: str,
+    choices: list[dict],
+    prompt_tokens: int,
+    completion_tokens: int,
+) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": "text_completion" if kind == "text" else "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
 
 
-def chunk(kind: Literal["text", "chat"], rid: str, created: int, model: str, index: int, text: str | None,
-          finish: str | None = None, stop: str | int | None = None, first: bool = False,
-          logprobs: dict | None = None) -> dict[str, Any]:
+def chunk(
+    kind: Literal["text", "chat"],
+    rid: str,
+    created: int,
+    model: str,
+    index: int,
+    text: str | None,
+    finish: str | None = None,
+    stop: str | int | None = None,
+    first: bool = False,
+    logprobs: dict | None = None,
+) -> dict[str, Any]:
     """One server-sent event's body: one choice's new text (and its tokens' logprobs), or its end."""
     if kind == "text":
-        choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish,
-                  "stop_reason": stop}
+        choice = {
+            "index": index,
+            "text": text or "",
+            "logprobs": logprobs,
+            "finish_reason": finish,
+            "stop_reason": stop,
+        }
         return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
     delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
     choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}

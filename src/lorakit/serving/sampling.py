@@ -73,8 +73,10 @@ def pick(
     """The next token of each row (logits: (rows, vocab) float32), and its log-probability entry
     where the row asked for one."""
     raw = logits.log_softmax(-1) if any(s.logprobs is not None for s in settings) else None
-    changed = any(len(o) < s.min_tokens or s.logit_bias or s.repetition_penalty != 1 or s.presence_penalty
-                  or s.frequency_penalty for s, o in zip(settings, outputs))
+    changed = any(
+        len(o) < s.min_tokens or s.logit_bias or s.repetition_penalty != 1 or s.presence_penalty or s.frequency_penalty
+        for s, o in zip(settings, outputs)
+    )
     scores = adjust(logits.clone(), settings, prompts, outputs, eos_ids) if changed else logits
     tokens = [0] * len(settings)
     greedy = [j for j, s in enumerate(settings) if s.greedy]

@@ -6,7 +6,7 @@ so thousands of folders register in moments. Loading is `load_adapter`'s transac
 folder fails its own load with an AdapterFileError naming the file, and nothing else changes.
 The budget is in bytes, not a count: adapters' sizes differ by orders of magnitude with rank.
 Loading and evicting cost O(the adapter's size), however many adapters are loaded (the model
-walks in lorakit skip the adapters' own modules; see registry.named_base_modules). A PiSSA
+walks in lorakit skip the adapters' own modules; see module_tree.base_modules). A PiSSA
 adapter is loaded as the plain LoRA adapter it equals (`load_adapter(as_lora=True)`): its
 residual must not replace base weights that every other adapter and base request shares.
 
@@ -16,7 +16,6 @@ Torch only, like the core: the HTTP server (app.py) drives a store, and so can a
 from __future__ import annotations
 
 import os
-import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -25,6 +24,9 @@ from typing import Any
 
 from torch import nn
 
+from ..adapting.manage import delete_adapter
+from ..adapting.registry import adapters
+from ..config import LoraConfig
 from ..files import peft_format as fmt
 from ..files.adapter_file import (
     AdapterFileError,
@@ -33,12 +35,9 @@ from ..files.adapter_file import (
     read_adapter_config,
     read_tensor_shapes,
 )
-from ..config import LoraConfig
-from ..adapting.manage import delete_adapter
 from ..files.expert_layout import per_expert_parameters
 from ..files.peft_params import not_adaptable, targeted_parameters
-from ..files.peft_targets import targeted_modules
-from ..adapting.registry import adapters
+from ..files.peft_targets import config_targets
 
 # check(folder, config, facts) -> extra facts kept with the entry (e.g. label names); raises
 # AdapterFileError when the adapter does not fit what is being served.
@@ -91,30 +90,33 @@ class AdapterStore:
         if config.bias != "none":
             raise AdapterFileError(
                 f"{where}: bias={config.bias!r} trains the base model's biases; adapters served together share "
-                "one base model, so only bias='none' can be served")
+                "one base model, so only bias='none' can be served"
+            )
         try:  # the modules loading will want, by PEFT's rules (peft_targets.py)
-            found = targeted_modules(
-                self.model, facts.get("target_modules"), layers=config.layers, layers_pattern=config.layers_pattern,
-                exclude=facts.get("exclude_modules"), modules_to_save=config.modules_to_save,
-                task_type=facts.get("task_type"))
-        except re.error as err:
-            raise AdapterFileError(f"{where}: target_modules or exclude_modules is not a valid regex: {err}") from None
+            found = config_targets(self.model, config, facts)
+        except ValueError as err:
+            raise AdapterFileError(f"{where}: {err}") from None
         parameters = targeted_parameters(self.model, config.target_parameters)  # fused MoE experts
         per_expert = per_expert_parameters(self.model, facts.get("target_modules"))  # or vLLM's layout of them
         other = not_adaptable(self.model, parameters)
         if config.target_parameters and (not parameters or other):
             what = f"selects {other[0]!r}, which lorakit cannot adapt" if other else "selects no parameter of it"
-            raise AdapterFileError(f"{where}: the adapter does not fit this base model: target_parameters="
-                                   f"{config.target_parameters!r} {what}")
+            raise AdapterFileError(
+                f"{where}: the adapter does not fit this base model: target_parameters="
+                f"{config.target_parameters!r} {what}"
+            )
         if found == [] and not parameters and not per_expert:
             raise AdapterFileError(
                 f"{where}: the adapter does not fit this base model: target_modules={facts.get('target_modules')!r}"
-                f"{'' if config.layers is None else f', layers_to_transform={config.layers}'} selects none of its modules")
+                f"{'' if config.layers is None else f', layers_to_transform={config.layers}'} "
+                "selects none of its modules"
+            )
         if self.check is not None:
             facts = {**facts, **self.check(folder, config, facts)}
         weights = folder / fmt.WEIGHTS_FILE
-        entry = Entry(name, folder, config, facts, pinned=pin,
-                      file_bytes=weights.stat().st_size if weights.is_file() else 0)
+        entry = Entry(
+            name, folder, config, facts, pinned=pin, file_bytes=weights.stat().st_size if weights.is_file() else 0
+        )
         self.entries[name] = entry
         return entry
 
@@ -164,7 +166,9 @@ class AdapterStore:
             return entry
         try:
             _refuse_base_tensors(entry.folder)
-            load_adapter(self.model, entry.folder, name, as_lora=True)  # a PiSSA adapter leaves the shared base as it is
+            load_adapter(
+                self.model, entry.folder, name, as_lora=True
+            )  # a PiSSA adapter leaves the shared base as it is
         except Exception as err:
             entry.error = str(err)
             self.failures += 1
@@ -208,4 +212,5 @@ def _refuse_base_tensors(folder: Path) -> None:
         if key.endswith("." + fmt.BASE_WEIGHT):
             raise AdapterFileError(
                 f"{folder / fmt.WEIGHTS_FILE}: key {key!r} replaces a base model tensor; adapters served "
-                "together share one base model, so such an adapter cannot be served")
+                "together share one base model, so such an adapter cannot be served"
+            )

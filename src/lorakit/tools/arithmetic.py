@@ -38,11 +38,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..adapting.manage import add_adapter_from_tensors
+from ..adapting.registry import adapters, check_new_name, lora_layers, refuse_if_merged, wrappers
 from ..config import LoraConfig
 from ..layers.base import LoraLayer
 from ..layers.experts import ExpertSlice, LoraExpertParam
-from ..adapting.manage import _check_new_name, _refuse_if_merged, add_adapter_from_tensors
-from ..adapting.registry import adapters, lora_layers, wrappers
 
 METHODS = ("linear", "cat", "svd", "ties", "dare")
 
@@ -96,14 +96,22 @@ def combine(
         pairs[path] = (a, b)
         got = torch.bmm(_precise(b), _precise(a)) if isinstance(layer, LoraExpertParam) else _delta(a, b, 1.0)
         errors[path] = _relative_error(got, aim)
-    ranks = {p: layers[p].rank_of(a) if isinstance(layers[p], LoraExpertParam) else a.shape[0] for p, (a, _) in pairs.items()}
+    ranks = {
+        p: layers[p].rank_of(a) if isinstance(layers[p], LoraExpertParam) else a.shape[0] for p, (a, _) in pairs.items()
+    }
     common = Counter(ranks.values()).most_common(1)[0][0]
     odd = {p: r for p, r in ranks.items() if r != common}  # scaling 1 everywhere: alpha follows rank
     saved_paths = list(dict.fromkeys(p for n in sources for p in known[n].saved))
     on_experts = [p for p in modules if isinstance(layers[p], LoraExpertParam)]
-    config = LoraConfig(rank=common, alpha=common, targets=[p for p in modules if p not in on_experts],
-                        target_parameters=on_experts, rank_pattern=odd, alpha_pattern=dict(odd),
-                        modules_to_save=saved_paths)
+    config = LoraConfig(
+        rank=common,
+        alpha=common,
+        targets=[p for p in modules if p not in on_experts],
+        target_parameters=on_experts,
+        rank_pattern=odd,
+        alpha_pattern=dict(odd),
+        modules_to_save=saved_paths,
+    )
     saved = {p: _combine_copies(model.get_submodule(p), sources) for p in saved_paths}
     add_adapter_from_tensors(model, name, config, pairs, saved=saved, trainable=False)
     return CombineReport(name=name, method=method, rank=common, errors=errors)
@@ -113,8 +121,8 @@ def combine(
 
 
 def _check(model, weights, name, method, rank, density) -> dict[str, float]:
-    _check_new_name(model, name)
-    _refuse_if_merged(model, "combining adapters")
+    check_new_name(model, name)
+    refuse_if_merged(model, "combining adapters")
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     if not isinstance(weights, dict) or not weights:
@@ -127,27 +135,36 @@ def _check(model, weights, name, method, rank, density) -> dict[str, float]:
             raise ValueError(f"the weight of {n!r} must be a finite number, got {w!r}")
         config = known[n].config
         if config.use_dora:
-            raise ValueError(f"adapter {n!r} is a DoRA adapter: its magnitudes rescale whole weights and do not "
-                             "add up like low-rank deltas; combine works on LoRA adapters (merge a DoRA one instead)")
+            raise ValueError(
+                f"adapter {n!r} is a DoRA adapter: its magnitudes rescale whole weights and do not "
+                "add up like low-rank deltas; combine works on LoRA adapters (merge a DoRA one instead)"
+            )
         if config.bias != "none":
-            raise ValueError(f"adapter {n!r} trains biases (bias={config.bias!r}), which live in the base model and "
-                             "cannot be weighted per adapter; combine adapters trained with bias='none'")
+            raise ValueError(
+                f"adapter {n!r} trains biases (bias={config.bias!r}), which live in the base model and "
+                "cannot be weighted per adapter; combine adapters trained with bias='none'"
+            )
     low_rank = method in ("svd", "ties", "dare")
     if rank is not None and (not low_rank or isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise ValueError(f"rank (an integer >= 1) applies to the methods svd, ties and dare; got rank={rank!r} "
-                         f"with method {method!r}")
+        raise ValueError(
+            f"rank (an integer >= 1) applies to the methods svd, ties and dare; got rank={rank!r} "
+            f"with method {method!r}"
+        )
     if method in ("ties", "dare"):
         if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
-            raise ValueError(f"method {method!r} needs density, the fraction of each delta kept, in (0, 1]; "
-                             f"got {density!r}")
+            raise ValueError(
+                f"method {method!r} needs density, the fraction of each delta kept, in (0, 1]; got {density!r}"
+            )
     elif density is not None:
         raise ValueError(f"density applies to the methods ties and dare, not {method!r}")
     if method == "linear":
         for layer in lora_layers(model):
             ranks = {n: layer.rank(n) for n in weights if n in layer.adapter_names}
             if len(set(ranks.values())) > 1:
-                raise ValueError(f"method 'linear' needs adapters of one rank, but they have ranks {ranks}; "
-                                 "use 'cat' (exact) or 'svd'")
+                raise ValueError(
+                    f"method 'linear' needs adapters of one rank, but they have ranks {ranks}; "
+                    "use 'cat' (exact) or 'svd'"
+                )
     return {n: float(w) for n, w in weights.items()}
 
 
@@ -164,20 +181,34 @@ def _delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     return scaling * (_precise(b).reshape(b.shape[0], r) @ _precise(a).reshape(r, -1))
 
 
-def _combine_any(layer: LoraLayer, present: list[tuple[str, float]], method: str, rank: int,
-                 density: float | None, generator: torch.Generator | None):
+def _combine_any(
+    layer: LoraLayer,
+    present: list[tuple[str, float]],
+    method: str,
+    rank: int,
+    density: float | None,
+    generator: torch.Generator | None,
+):
     """`_combine_layer`, for fused expert parameters one expert at a time (each its own low-rank
     pair), the results stacked back to (E, r, in) / (E, out, r)."""
     if not isinstance(layer, LoraExpertParam):
         return _combine_layer(layer, present, method, rank, density, generator)
-    parts = [_combine_layer(ExpertSlice(layer, e), present, method, rank, density, generator)
-             for e in range(layer.num_experts)]
+    parts = [
+        _combine_layer(ExpertSlice(layer, e), present, method, rank, density, generator)
+        for e in range(layer.num_experts)
+    ]
     a, b, aim = (torch.stack(t) for t in zip(*parts))
     return a, b, aim
 
 
-def _combine_layer(layer: LoraLayer, present: list[tuple[str, float]], method: str, rank: int,
-                   density: float | None, generator: torch.Generator | None):
+def _combine_layer(
+    layer: LoraLayer,
+    present: list[tuple[str, float]],
+    method: str,
+    rank: int,
+    density: float | None,
+    generator: torch.Generator | None,
+):
     """(A, B, the delta the method aims at) for one module; A and B in the layer's dtype and layout."""
     dtype = layer.pair(present[0][0])[0].dtype
     factors = [(*layer.pair(n), layer.scaling[n], w) for n, w in present]

@@ -37,8 +37,12 @@ def check_state(state: Any, file: Path, step: int) -> None:
     if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
         raise CheckpointError(f"{file}: 'processes' must be an integer >= 1, got {processes!r}")
     optimizer = state.get("optimizer")
-    if not (isinstance(optimizer, dict) and isinstance(optimizer.get("names"), list)
-            and isinstance(optimizer.get("param_groups"), list) and isinstance(optimizer.get("state", {}), dict)):
+    if not (
+        isinstance(optimizer, dict)
+        and isinstance(optimizer.get("names"), list)
+        and isinstance(optimizer.get("param_groups"), list)
+        and isinstance(optimizer.get("state", {}), dict)
+    ):
         raise CheckpointError(f"{file}: 'optimizer' must be an object with 'names', 'param_groups' and 'state'")
     if "python_random" not in state:
         raise CheckpointError(f"{file}: 'python_random' is missing")
@@ -103,8 +107,10 @@ def _param_groups(saved: list, optimizer: torch.optim.Optimizer, file: Path) -> 
         if not isinstance(group, dict) or not isinstance(group.get("params"), list):
             raise CheckpointError(f"{file}: optimizer param_groups[{number}] must be an object with 'params'")
         if len(group["params"]) != len(mine["params"]):
-            raise CheckpointError(f"{file}: optimizer param_groups[{number}] has {len(group['params'])} "
-                                  f"parameters, this run has {len(mine['params'])}")
+            raise CheckpointError(
+                f"{file}: optimizer param_groups[{number}] has {len(group['params'])} "
+                f"parameters, this run has {len(mine['params'])}"
+            )
         group = dict(group)
         for key, value in group.items():
             if key != "params" and key in mine and not _same_kind(value, mine[key]):
@@ -121,8 +127,11 @@ def _same_kind(value: Any, like: Any) -> bool:
     if isinstance(like, (int, float)):
         return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if isinstance(like, (tuple, list)):
-        return isinstance(value, (tuple, list)) and len(value) == len(like) and all(
-            _same_kind(v, w) for v, w in zip(value, like))
+        return (
+            isinstance(value, (tuple, list))
+            and len(value) == len(like)
+            and all(_same_kind(v, w) for v, w in zip(value, like))
+        )
     return True
 
 
@@ -138,5 +147,7 @@ def check_rng(rng: dict[str, torch.Tensor], processes: int, device: torch.device
     for key, value in rng.items():
         kind = key.split(".", 1)[0]
         if kind in sizes and (value.dtype != torch.uint8 or tuple(value.shape) != (sizes[kind],)):
-            raise CheckpointError(f"{file}: {key!r} is {value.dtype} of shape {tuple(value.shape)}, "
-                                  f"not a random state (uint8 of shape ({sizes[kind]},))")
+            raise CheckpointError(
+                f"{file}: {key!r} is {value.dtype} of shape {tuple(value.shape)}, "
+                f"not a random state (uint8 of shape ({sizes[kind]},))"
+            )

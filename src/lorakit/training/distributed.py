@@ -43,8 +43,10 @@ def setup(device: str = "auto") -> World:
         raise TrainingError(f"--device cuda: no CUDA device is available ({why}); use --device cpu or auto")
     if device == "cuda" and size > 1:
         if local_rank >= torch.cuda.device_count():
-            raise TrainingError(f"--device cuda: process {local_rank} of this machine has no GPU of its own "
-                                f"({torch.cuda.device_count()} available); start at most that many processes")
+            raise TrainingError(
+                f"--device cuda: process {local_rank} of this machine has no GPU of its own "
+                f"({torch.cuda.device_count()} available); start at most that many processes"
+            )
         device = f"cuda:{local_rank}"
     chosen = torch.device(device)
     if chosen.type == "cuda":

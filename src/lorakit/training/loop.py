@@ -29,25 +29,27 @@ from typing import Any, TextIO
 
 import torch
 
+from ..adapting.manage import adapters, trainable_parameters
 from ..files.adapter_file import save_adapter
 from ..files.atomic import write_json_atomic
-from ..tools.loraplus import param_groups
-from ..layers.experts import expert_parameters
-from ..adapting.manage import adapters, trainable_parameters
 from ..files.peft_format import CONFIG_FILE, WEIGHTS_FILE
+from ..layers.experts import expert_parameters
+from ..tools.loraplus import param_groups
 from . import distributed as dist_mod
-from .checkpoints import choose_checkpoint, latest_checkpoint, resumable_checkpoints, save_checkpoint
+from .checkpoints import Snapshot, choose_checkpoint, latest_checkpoint, resumable_checkpoints, save_checkpoint
+from .data.batches import epoch_batches
 from .errors import TrainingError
-from .report.metrics_log import METRICS_FILE, evaluations, fmt_one, fmt_result, fmt_size, write_metrics
+from .labels import LABELS_FILE, labels_json
 from .new_tokens import write_tokenizer
 from .options import RUN_FILE, RunConfig
 from .out_folder import RUN, check_out, clear_previous_run
-from .report.plot import PLOT_FILE, plot_loss
 from .prepare import Setup, prepare
+from .report.metrics_log import METRICS_FILE, evaluations, fmt_one, fmt_result, fmt_size, write_metrics
+from .report.plot import PLOT_FILE, plot_loss
 from .report.progress import Progress, duration
-from .run_lock import RunLock, check_unlocked
-from .tasks import LABELS_FILE, TASK_TYPES, evaluate, forward, label_count, labels_json, loss_sum
 from .report.verdict import Verdict, advice, judge, write_verdict
+from .run_lock import RunLock, check_unlocked
+from .tasks import TASK_TYPES, evaluate, forward, label_count, loss_sum
 
 
 def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
@@ -58,25 +60,9 @@ def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
     return peak * max(0.0, (total - step) / max(1, total - warm))
 
 
-def epoch_batches(lengths: list[int], seed: int, epoch: int, size: int) -> list[list[int]]:
-    """The global batches of one epoch, a pure function of (seed, epoch).
-
-    A seeded shuffle, cut into pools of 50 batches; each pool is sorted by length before it is
-    cut into batches (less padding, so less compute), then the batches are shuffled. The last
-    len % size examples of the shuffle sit this epoch out.
-    """
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(len(lengths), generator=generator).tolist()
-    order = order[: len(order) // size * size]
-    batches: list[list[int]] = []
-    pool = 50 * size
-    for start in range(0, len(order), pool):
-        chunk = sorted(order[start : start + pool], key=lambda i: lengths[i])
-        batches += [chunk[k : k + size] for k in range(0, len(chunk), size)]
-    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-
-
-def train(config: RunConfig, *, overwrite: bool = False, resume: bool = False, stream: TextIO | None = None) -> dict[str, Any]:
+def train(
+    config: RunConfig, *, overwrite: bool = False, resume: bool = False, stream: TextIO | None = None
+) -> dict[str, Any]:
     """Run training as configured; returns a summary (metrics before/after, adapter path and size,
     `learned` and `warning` as verdict.py judged the run)."""
     stream = stream if stream is not None else sys.stdout
@@ -163,8 +149,9 @@ class _Run:
         torch.manual_seed(config.seed + world.rank)  # dropout masks differ between processes
         checkpoint = None
         if resume:
-            restored, damaged = choose_checkpoint(out, setup.model, self.optimizer, self.names, world.size,
-                                                  world.device)
+            restored, damaged = choose_checkpoint(
+                out, setup.model, self.optimizer, self.names, world.size, world.device
+            )
             restored.apply(setup.model, self.optimizer)
             self.claimed = True
             checkpoint, self.step, self.metrics = restored.folder, restored.state["step"], restored.metrics
@@ -218,17 +205,28 @@ class _Run:
         expert = set(expert_parameters(s.model))  # fused MoE expert weights, adapted as parameters
         kinds = sorted({p.rsplit(".", 1)[-1] for p in record.modules if p not in expert})
         experts = sorted({p.rsplit(".", 1)[-1] for p in record.modules if p in expert})
-        on_experts = f" and {sum(p in expert for p in record.modules)} expert parameters ({', '.join(experts)})" if experts else ""
+        on_experts = (
+            f" and {sum(p in expert for p in record.modules)} expert parameters ({', '.join(experts)})"
+            if experts
+            else ""
+        )
         self.say(f"lorakit train: {s.describe['model']}, task {s.task}")
         self.say(f"data: {s.describe['data']}")
         if s.labels:
             self.say(f"labels: {', '.join(s.labels)}")
         head = f"; {', '.join(s.describe['saved'])} trained in full" if s.describe["saved"] else ""
-        variant = "".join([" (rsLoRA)" if config.rslora else "", ", DoRA" if config.dora else "",
-                           f", {config.init} init" if config.init != "default" else "",
-                           f", LoRA+ ratio {config.loraplus_ratio:g}" if config.loraplus_ratio else ""])
-        self.say(f"LoRA: rank {config.rank}, alpha {config.alpha:g}{variant} on "
-                 f"{len(record.modules) - len(expert & set(record.modules))} modules ({', '.join(kinds)}){on_experts}{head}")
+        variant = "".join(
+            [
+                " (rsLoRA)" if config.rslora else "",
+                ", DoRA" if config.dora else "",
+                f", {config.init} init" if config.init != "default" else "",
+                f", LoRA+ ratio {config.loraplus_ratio:g}" if config.loraplus_ratio else "",
+            ]
+        )
+        self.say(
+            f"LoRA: rank {config.rank}, alpha {config.alpha:g}{variant} on "
+            f"{len(record.modules) - len(expert & set(record.modules))} modules ({', '.join(kinds)}){on_experts}{head}"
+        )
         self.say(f"trainable parameters: {trainable:,} of {everything:,} ({100 * trainable / everything:.2f}%)")
         processes = f", {self.world.size} processes" if self.world.distributed else ""
         self.say(f"steps: {self.total} ({self.per_epoch} per epoch, global batch {self.global_batch}{processes})")
@@ -310,18 +308,28 @@ class _Run:
     def _save_checkpoint(self) -> None:
         rng = _rng_states(self.world)
         if self.world.main:
-            state = {"epoch": self.step / self.per_epoch, "total_steps": self.total, "processes": self.world.size,
-                     "schedule": {"kind": "linear", "peak": self.config.lr, "warmup": self.config.warmup}}
-            save_checkpoint(self.out, self.step, self.setup.model, self.optimizer, self.names, state, rng,
-                            self._adapter_files(), self.metrics)
+            state = {
+                "epoch": self.step / self.per_epoch,
+                "total_steps": self.total,
+                "processes": self.world.size,
+                "schedule": {"kind": "linear", "peak": self.config.lr, "warmup": self.config.warmup},
+            }
+            snap = Snapshot(
+                self.step, self.setup.model, self.optimizer, self.names, state, rng, self._adapter_files(), self.metrics
+            )
+            save_checkpoint(self.out, snap)
             write_metrics(self.out, self.metrics)
         dist_mod.barrier(self.world)
 
     def _stop(self, loss: float) -> None:
         kept = latest_checkpoint(self.out)
-        where = f"the last good checkpoint, {kept}, is kept" if kept else "no checkpoint was written (use --save-every N)"
-        what = (f"the training loss is {loss} (not finite) at step {self.step + 1}; stopped before updating "
-                "the weights with it.")
+        where = (
+            f"the last good checkpoint, {kept}, is kept" if kept else "no checkpoint was written (use --save-every N)"
+        )
+        what = (
+            f"the training loss is {loss} (not finite) at step {self.step + 1}; stopped before updating "
+            "the weights with it."
+        )
         verdict = Verdict(False, what, advice(self.config, "rose"))
         if self.world.main:
             self.metrics.append({"step": self.step + 1, "loss": loss})
@@ -338,8 +346,13 @@ class _Run:
         after = evaluations(self.metrics)[-1]["eval"]
         losses = [m["loss"] for m in self.metrics if "loss" in m]
         verdict = judge(s.task, self.before, after, losses, self.config)
-        summary: dict[str, Any] = {"before": self.before, "after": after, "out": str(out), "steps": self.step,
-                                   **verdict.record()}
+        summary: dict[str, Any] = {
+            "before": self.before,
+            "after": after,
+            "out": str(out),
+            "steps": self.step,
+            **verdict.record(),
+        }
         if self.world.main:
             save_adapter(s.model, out, **self._adapter_files(), expert_layout=self.config.expert_layout)
             if self.config.add_tokens:  # the adapter's new token ids mean nothing without it

@@ -58,69 +58,148 @@ _WHAT, _LORA, _TRAINING, _OUTPUT = "what to train", "LoRA", "training", "output"
 class RunConfig:
     """Every option of a run; saved as run_config.json so the run can be repeated or resumed."""
 
-    model: str | None = option(None, _WHAT, "local Hugging Face model folder, or a hub id where the network "
-                               "allows (default: the bundled all-MiniLM-L6-v2)", metavar="FOLDER|HUB_ID")
-    data: str = option(data_mod.BUNDLED, _WHAT, "CSV/TSV (header line) or JSONL file; columns text,label | "
-                       f"prompt,completion | messages (default: {data_mod.BUNDLED})", metavar="FILE")
+    model: str | None = option(
+        None,
+        _WHAT,
+        "local Hugging Face model folder, or a hub id where the network allows (default: the bundled all-MiniLM-L6-v2)",
+        metavar="FOLDER|HUB_ID",
+    )
+    data: str = option(
+        data_mod.BUNDLED,
+        _WHAT,
+        "CSV/TSV (header line) or JSONL file; columns text,label | "
+        f"prompt,completion | messages (default: {data_mod.BUNDLED})",
+        metavar="FILE",
+    )
     task: str | None = option(None, _WHAT, "default: inferred from the data's columns", choices=data_mod.TASKS)
-    labels: list[str] | None = option(None, _WHAT, "classify: the label set in id order, comma-separated "
-                                      "(default: the data's labels, sorted)", metavar="A,B,...", type=_names)
-    eval_data: str | None = option(None, _WHAT, "held-out file (same format and columns as --data)",
-                                   metavar="FILE", exclusive="held out")
-    eval_split: float = option(0.2, _WHAT, "fraction of --data held out, a fixed split (default: 0.2)",
-                               metavar="FRACTION", exclusive="held out", valid="(0, 1)")
-    quantize: str | None = option(None, _WHAT, "QLoRA: quantize the base model's linear layers (the heads stay in "
-                                  "full precision); needs bitsandbytes (pip install 'lorakit[quant]')",
-                                  choices=QUANTIZE_KINDS)
-    loftq: bool = option(False, _LORA, "with --quantize: start the adapters from the quantization error "
-                         "(LoftQ, one iteration) instead of B = 0")
+    labels: list[str] | None = option(
+        None,
+        _WHAT,
+        "classify: the label set in id order, comma-separated (default: the data's labels, sorted)",
+        metavar="A,B,...",
+        type=_names,
+    )
+    eval_data: str | None = option(
+        None, _WHAT, "held-out file (same format and columns as --data)", metavar="FILE", exclusive="held out"
+    )
+    eval_split: float = option(
+        0.2,
+        _WHAT,
+        "fraction of --data held out, a fixed split (default: 0.2)",
+        metavar="FRACTION",
+        exclusive="held out",
+        valid="(0, 1)",
+    )
+    quantize: str | None = option(
+        None,
+        _WHAT,
+        "QLoRA: quantize the base model's linear layers (the heads stay in "
+        "full precision); needs bitsandbytes (pip install 'lorakit[quant]')",
+        choices=QUANTIZE_KINDS,
+    )
+    loftq: bool = option(
+        False,
+        _LORA,
+        "with --quantize: start the adapters from the quantization error (LoftQ, one iteration) instead of B = 0",
+    )
     rank: int = option(8, _LORA, "rank r of each adapter (default: 8)", metavar="R", valid=">= 1")
     alpha: float = option(16.0, _LORA, "scale: alpha / rank (default: 16)", metavar="A", valid="> 0")
-    targets: str | list[str] = option("attention", _LORA, "attention | attention+mlp | all-linear | "
-                                      "comma-separated module names | a regex (default: attention)",
-                                      metavar="WHICH", type=_targets)
+    targets: str | list[str] = option(
+        "attention",
+        _LORA,
+        "attention | attention+mlp | all-linear | comma-separated module names | a regex (default: attention)",
+        metavar="WHICH",
+        type=_targets,
+    )
     dropout: float = option(0.0, _LORA, "dropout on the adapters' input (default: 0)", metavar="P", valid="[0, 1)")
-    rslora: bool = option(False, _LORA, "scale by alpha / sqrt(rank) (rank-stabilised LoRA): steps "
-                          "sqrt(rank) x those of plain LoRA at the same --lr, so lower --lr about as much "
-                          "(bundled task, rank 8: --lr 3.5e-4 gives 94.00%%; the default 1e-3 is at the "
-                          "edge: 45.50%%, chance, with 2 threads)")
+    rslora: bool = option(
+        False,
+        _LORA,
+        "scale by alpha / sqrt(rank) (rank-stabilised LoRA): steps "
+        "sqrt(rank) x those of plain LoRA at the same --lr, so lower --lr about as much "
+        "(bundled task, rank 8: --lr 3.5e-4 gives 94.00%%; the default 1e-3 is at the "
+        "edge: 45.50%%, chance, with 2 threads)",
+    )
     dora: bool = option(False, _LORA, "DoRA: also train a magnitude per output feature (weight-decomposed LoRA)")
-    add_tokens: list[str] | None = option(None, _LORA, "causal-lm: add these special tokens to the "
-                                          "tokenizer and train only their embedding rows (and the output "
-                                          "head's), saved in PEFT's layout with the tokenizer",
-                                          metavar="TOKEN,...", type=_names)
-    init: str = option("default", _LORA, "how A and B start; pissa / olora take the top of the base weight's "
-                       "SVD / QR and leave the residual in the base (default: default)", choices=INIT_MODES)
+    add_tokens: list[str] | None = option(
+        None,
+        _LORA,
+        "causal-lm: add these special tokens to the "
+        "tokenizer and train only their embedding rows (and the output "
+        "head's), saved in PEFT's layout with the tokenizer",
+        metavar="TOKEN,...",
+        type=_names,
+    )
+    init: str = option(
+        "default",
+        _LORA,
+        "how A and B start; pissa / olora take the top of the base weight's "
+        "SVD / QR and leave the residual in the base (default: default)",
+        choices=INIT_MODES,
+    )
     epochs: int = option(3, _TRAINING, "passes over the data (default: 3)", metavar="N", valid=">= 1")
-    max_steps: int | None = option(None, _TRAINING, "stop after this many optimizer steps (overrides --epochs)",
-                                   metavar="N", type=int, valid=">= 1")
+    max_steps: int | None = option(
+        None,
+        _TRAINING,
+        "stop after this many optimizer steps (overrides --epochs)",
+        metavar="N",
+        type=int,
+        valid=">= 1",
+    )
     lr: float = option(1e-3, _TRAINING, "peak learning rate (default: 1e-3)", valid="> 0")
-    warmup: float = option(0.1, _TRAINING, "fraction of steps to warm up over (default: 0.1)", metavar="FRACTION",
-                           valid="[0, 1)")
+    warmup: float = option(
+        0.1, _TRAINING, "fraction of steps to warm up over (default: 0.1)", metavar="FRACTION", valid="[0, 1)"
+    )
     weight_decay: float = option(0.0, _TRAINING, "AdamW weight decay (default: 0)", metavar="W", valid=">= 0")
-    loraplus_ratio: float | None = option(None, _TRAINING, "LoRA+: B's learning rate is R x --lr (the "
-                                          "paper suggests 16; default: off, one rate); lower --lr by about "
-                                          "sqrt(R) (bundled task, R 16: --lr 2.5e-4 gives 94.75%%; 1e-3 does "
-                                          "not learn)", metavar="R", type=float, valid="> 0")
-    batch_size: int = option(16, _TRAINING, "examples per process per micro-batch (default: 16)", metavar="N",
-                             valid=">= 1")
+    loraplus_ratio: float | None = option(
+        None,
+        _TRAINING,
+        "LoRA+: B's learning rate is R x --lr (the "
+        "paper suggests 16; default: off, one rate); lower --lr by about "
+        "sqrt(R) (bundled task, R 16: --lr 2.5e-4 gives 94.75%%; 1e-3 does "
+        "not learn)",
+        metavar="R",
+        type=float,
+        valid="> 0",
+    )
+    batch_size: int = option(
+        16, _TRAINING, "examples per process per micro-batch (default: 16)", metavar="N", valid=">= 1"
+    )
     grad_accum: int = option(1, _TRAINING, "micro-batches per optimizer step (default: 1)", metavar="N", valid=">= 1")
-    max_length: int = option(128, _TRAINING, "tokens per example; above the model's position limit it is lowered "
-                             "to that limit, with a notice (default: 128)", metavar="TOKENS", valid=">= 2")
-    train_on_inputs: bool = option(False, _TRAINING, "causal-lm: train on every token (prompts, system and user "
-                                   "turns too), not only the completions or the assistant's turns")
-    packing: bool = option(False, _TRAINING, "causal-lm: pack examples into rows of up to --max-length "
-                           "tokens (positions restart per example, no attention across them); --batch-size "
-                           "counts rows")
-    seed: int = option(0, _TRAINING, "seed for the initial weights, order and dropout (default: 0)", metavar="N",
-                       valid="[-1e12, 1e12]")  # seed * 1_000_003 + epoch seeds a torch.Generator (64 bits)
-    bf16: bool = option(False, _TRAINING, "compute in bfloat16 (autocast; with --quantize also the 4-bit "
-                        "layers' compute dtype)")
+    max_length: int = option(
+        128,
+        _TRAINING,
+        "tokens per example; above the model's position limit it is lowered "
+        "to that limit, with a notice (default: 128)",
+        metavar="TOKENS",
+        valid=">= 2",
+    )
+    train_on_inputs: bool = option(
+        False,
+        _TRAINING,
+        "causal-lm: train on every token (prompts, system and user "
+        "turns too), not only the completions or the assistant's turns",
+    )
+    packing: bool = option(
+        False,
+        _TRAINING,
+        "causal-lm: pack examples into rows of up to --max-length "
+        "tokens (positions restart per example, no attention across them); --batch-size "
+        "counts rows",
+    )
+    seed: int = option(
+        0, _TRAINING, "seed for the initial weights, order and dropout (default: 0)", metavar="N", valid="[-1e12, 1e12]"
+    )  # seed * 1_000_003 + epoch seeds a torch.Generator (64 bits)
+    bf16: bool = option(
+        False, _TRAINING, "compute in bfloat16 (autocast; with --quantize also the 4-bit layers' compute dtype)"
+    )
     device: str = option("auto", _TRAINING, "default: cuda if available", choices=("auto", "cpu", "cuda"))
-    threads: int | None = option(None, _TRAINING, "CPU threads per process (default: the cores / processes)",
-                                 metavar="N", type=int, valid=">= 1")
-    save_every: int | None = option(None, _OUTPUT, "write a checkpoint every N optimizer steps",
-                                    metavar="N", type=int, valid=">= 1")
+    threads: int | None = option(
+        None, _TRAINING, "CPU threads per process (default: the cores / processes)", metavar="N", type=int, valid=">= 1"
+    )
+    save_every: int | None = option(
+        None, _OUTPUT, "write a checkpoint every N optimizer steps", metavar="N", type=int, valid=">= 1"
+    )
     out: str = option(DEFAULT_OUT, _OUTPUT, f"output folder (default: {DEFAULT_OUT})", metavar="FOLDER")
     expert_layout: str = option("fused", _OUTPUT, "how an adapter on MoE experts is written: fused (PEFT's "
                                 "target_parameters; read by PEFT, lorakit, and vLLM for gpt-oss) or per-expert "
@@ -158,8 +237,16 @@ class RunConfig:
 
     def lora(self, modules_to_save: list[str]) -> LoraConfig:
         try:
-            return LoraConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets,
-                              rslora=self.rslora, use_dora=self.dora, init=self.init, modules_to_save=modules_to_save)
+            return LoraConfig(
+                rank=self.rank,
+                alpha=self.alpha,
+                dropout=self.dropout,
+                targets=self.targets,
+                rslora=self.rslora,
+                use_dora=self.dora,
+                init=self.init,
+                modules_to_save=modules_to_save,
+            )
         except ValueError as err:
             raise TrainingError(f"LoRA options: {err}") from None
 
@@ -173,7 +260,8 @@ def option_fields(config_class: type) -> list[Field]:
     return [f for f in fields(config_class) if "group" in f.metadata]
 
 
-def _option_fields() -> list[Field]:
+def run_option_fields() -> list[Field]:
+    """The options of `lorakit train` (RunConfig's)."""
     return option_fields(RunConfig)
 
 
@@ -207,8 +295,9 @@ def add_run_options(parser: argparse.ArgumentParser, only: Collection[str] | Non
     return add_options(parser, RunConfig, only)
 
 
-def add_options(parser: argparse.ArgumentParser, config_class: type,
-                only: Collection[str] | None = None) -> dict[str, Any]:
+def add_options(
+    parser: argparse.ArgumentParser, config_class: type, only: Collection[str] | None = None
+) -> dict[str, Any]:
     """Add every `option()` field of `config_class` (or those named in `only`) to `parser`, in
     argument groups, with the fields' defaults; returns the groups by title, for the caller's own
     options."""

@@ -17,20 +17,35 @@ from ..files.output_folder import Inputs, Output
 from ..files.peft_format import CONFIG_FILE, WEIGHTS_FILE
 from .checkpoints import CHECKPOINTS
 from .errors import TrainingError
-from .report.metrics_log import METRICS_FILE
+from .labels import LABELS_FILE
 from .new_tokens import TOKENIZER_FILES
 from .options import RUN_FILE
+from .report.metrics_log import METRICS_FILE
 from .report.plot import PLOT_FILE
 from .run_lock import LOCK_FILE, check_unlocked
-from .tasks import LABELS_FILE
 
 # Everything a run writes in its folder, and nothing else.
-RUN_OUTPUTS = (CONFIG_FILE, WEIGHTS_FILE, LABELS_FILE, METRICS_FILE, PLOT_FILE, RUN_FILE, CHECKPOINTS,
-               LOCK_FILE, *TOKENIZER_FILES)  # the tokenizer: with --add-tokens
+RUN_OUTPUTS = (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    LABELS_FILE,
+    METRICS_FILE,
+    PLOT_FILE,
+    RUN_FILE,
+    CHECKPOINTS,
+    LOCK_FILE,
+    *TOKENIZER_FILES,
+)  # the tokenizer: with --add-tokens
 
-RUN = Output(command="lorakit train", what="a lorakit run", marker=RUN_FILE, names=RUN_OUTPUTS,
-             error=TrainingError, ignore=(LOCK_FILE,),  # a finished run's lock file is no run
-             hint=", or `lorakit train --resume {out}` to continue it")
+RUN = Output(
+    command="lorakit train",
+    what="a lorakit run",
+    marker=RUN_FILE,
+    names=RUN_OUTPUTS,
+    error=TrainingError,
+    ignore=(LOCK_FILE,),  # a finished run's lock file is no run
+    hint=", or `lorakit train --resume {out}` to continue it",
+)
 
 
 def check_out(out: Path, overwrite: bool, inputs: Inputs = ()) -> None:

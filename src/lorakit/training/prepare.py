@@ -10,29 +10,22 @@ from typing import Any
 
 import torch
 
-from ..config import LoraConfig
-from ..quant.loftq import loftq_pairs
 from ..adapting.manage import add_adapter_from_tensors, inject, set_adapter
 from ..files.expert_layout import check_layout
-from ..quant.convert import quantize
-from ..quant.bnb import quantized_kind
-from ..targets import resolve_targets
 from ..adapting.token_rows import add_token_rows
+from ..config import LoraConfig
+from ..quant.bnb import quantized_kind
+from ..quant.convert import quantize
+from ..quant.loftq import loftq_pairs
+from ..targets import resolve_targets
+from .base_model import default_model, fit_max_length, load_base
 from .data import examples as data_mod
+from .data.packing import Packed, check_model, efficiency, pack
 from .distributed import World
 from .errors import TrainingError
 from .new_tokens import add_tokens
 from .options import RunConfig
-from .data.packing import Packed, check_model, efficiency, pack
-from .tasks import (
-    default_model,
-    fit_max_length,
-    head_name,
-    load_model,
-    load_tokenizer,
-    prepare_model,
-    quiet_transformers,
-)
+from .tasks import head_name
 
 SPLIT_SEED = 0  # the held-out split is fixed by the data, not by --seed
 
@@ -82,11 +75,8 @@ def prepare(config: RunConfig, world: World) -> Setup:
     model_name = config.model or default_model()
     if Path(model_name).is_dir():
         model_name = str(Path(model_name).resolve())  # the adapter names its base wherever it is read
-    quiet_transformers()
-    tokenizer = load_tokenizer(model_name)
-    torch.manual_seed(config.seed)  # the new classifier head's initial weights
-    model = load_model(model_name, task, labels)  # float32 weights; --bf16 autocasts the compute
-    prepare_model(model, tokenizer)
+    # float32 weights (--bf16 autocasts the compute); the seed sets a new classifier head's weights
+    model, tokenizer = load_base(model_name, task, labels, seed=config.seed)
     new_ids = add_tokens(tokenizer, model, config.add_tokens, model_name) if config.add_tokens else []
     max_length, notice = fit_max_length(config.max_length, model, "--max-length")
     train_enc = data_mod.encode(train_set, task, tokenizer, max_length, labels, config.train_on_inputs)
@@ -122,8 +112,7 @@ def prepare(config: RunConfig, world: World) -> Setup:
     if config.packing:
         train_enc, held_enc, packed = _pack(train_enc, held_enc, model, max_length, config, world)
     describe = {
-        "data": f"{train_set.source}: {len(train_set)} training examples, {len(held_set)} held out ({how})"
-                f"{packed}",
+        "data": f"{train_set.source}: {len(train_set)} training examples, {len(held_set)} held out ({how}){packed}",
         "train_examples": len(train_set),
         "held_out_examples": len(held_set),
         "model": f"{model_name if config.model else 'all-MiniLM-L6-v2 (bundled)'} ({type(model).__name__}){quantized}",
@@ -133,13 +122,20 @@ def prepare(config: RunConfig, world: World) -> Setup:
     }
     if new_ids:
         added = ", ".join(f"{token} (id {i})" for token, i in zip(config.add_tokens, new_ids))
-        describe["notices"].append(f"added tokens {added}; their embedding rows train, and the tokenizer is "
-                                   "written with the adapter")
+        describe["notices"].append(
+            f"added tokens {added}; their embedding rows train, and the tokenizer is written with the adapter"
+        )
     return Setup(task, train_enc, held_enc, labels, model_name, model, describe, tokenizer)
 
 
-def _pack(train: data_mod.Encoded, held: data_mod.Encoded, model: torch.nn.Module, max_length: int,
-          config: RunConfig, world: World) -> tuple[Packed, Packed, str]:
+def _pack(
+    train: data_mod.Encoded,
+    held: data_mod.Encoded,
+    model: torch.nn.Module,
+    max_length: int,
+    config: RunConfig,
+    world: World,
+) -> tuple[Packed, Packed, str]:
     """--packing: both sets in rows of up to `max_length` tokens, once the model is known to keep
     packed examples apart; returns them and what to tell the user."""
     check_model(model, train.input_ids, world.device)
@@ -154,8 +150,14 @@ def _pack(train: data_mod.Encoded, held: data_mod.Encoded, model: torch.nn.Modul
         )
     packed = efficiency(lengths, config.batch_size, packing_to=max_length, seed=config.seed)
     unpacked = efficiency(lengths, config.batch_size, seed=config.seed)
-    return train_rows, held_rows, (f"; packed into {len(train_rows)} rows of up to {max_length} tokens "
-                                   f"({packed:.0%} of the tokens are not padding; unpacked {unpacked:.0%})")
+    return (
+        train_rows,
+        held_rows,
+        (
+            f"; packed into {len(train_rows)} rows of up to {max_length} tokens "
+            f"({packed:.0%} of the tokens are not padding; unpacked {unpacked:.0%})"
+        ),
+    )
 
 
 def quantize_base(model: torch.nn.Module, kind: str | None, bf16: bool) -> str:
@@ -184,11 +186,15 @@ def _check_rank(model: torch.nn.Module, lora: LoraConfig) -> None:
         return  # inject says what is wrong with the targets
     widest = max(max(model.get_submodule(m).weight.shape) for m in modules)
     if lora.rank > widest:
-        raise TrainingError(f"--rank {lora.rank} is above the size of every layer it adapts (the largest is {widest}); "
-                            f"a LoRA pair that large holds more numbers than its weight: use --rank <= {widest}")
+        raise TrainingError(
+            f"--rank {lora.rank} is above the size of every layer it adapts (the largest is {widest}); "
+            f"a LoRA pair that large holds more numbers than its weight: use --rank <= {widest}"
+        )
 
 
-def run_labels(config: RunConfig, task: str, train_set: data_mod.Dataset, *others: data_mod.Dataset) -> list[str] | None:
+def run_labels(
+    config: RunConfig, task: str, train_set: data_mod.Dataset, *others: data_mod.Dataset
+) -> list[str] | None:
     """classify: the label set (from --labels or the training data), checked against every set."""
     if task != "classify":
         return None

@@ -42,7 +42,9 @@ class RunLock:
             self._fd, self._made_file = _open_lock_file(self.folder / LOCK_FILE)
         except OSError as err:
             self._undo()
-            raise TrainingError(f"{self.folder}: cannot create or write the run folder ({err.strerror or err})") from None
+            raise TrainingError(
+                f"{self.folder}: cannot create or write the run folder ({err.strerror or err})"
+            ) from None
         if fcntl is None:
             return
         try:
@@ -107,5 +109,7 @@ def check_unlocked(folder: Path) -> None:
 
 def in_use(folder: Path, pid: int | None) -> str:
     who = f"process {pid}" if pid else "another process"
-    return (f"{folder} is in use by another lorakit run ({who} holds {Path(folder) / LOCK_FILE}); "
-            "wait for it to end, or write to another folder")
+    return (
+        f"{folder} is in use by another lorakit run ({who} holds {Path(folder) / LOCK_FILE}); "
+        "wait for it to end, or write to another folder"
+    )

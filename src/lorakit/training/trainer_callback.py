@@ -22,13 +22,16 @@ from transformers import (
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..files.adapter_file import save_adapter
 from ..adapting.registry import adapters
+from ..files.adapter_file import save_adapter
 from .tasks import TASK_TYPES
 
 # Transformers class-name endings -> PEFT's task_type.
-_TASK_OF_CLASS = {"ForSequenceClassification": TASK_TYPES["classify"], "ForCausalLM": TASK_TYPES["causal-lm"],
-                  "LMHeadModel": TASK_TYPES["causal-lm"]}
+_TASK_OF_CLASS = {
+    "ForSequenceClassification": TASK_TYPES["classify"],
+    "ForCausalLM": TASK_TYPES["causal-lm"],
+    "LMHeadModel": TASK_TYPES["causal-lm"],
+}
 
 
 class SaveAdapterCallback(TrainerCallback):
@@ -39,14 +42,21 @@ class SaveAdapterCallback(TrainerCallback):
     writes.
     """
 
-    def __init__(self, name: str = "default", *, task_type: str | None = None,
-                 base_model_name_or_path: str | None = None) -> None:
+    def __init__(
+        self, name: str = "default", *, task_type: str | None = None, base_model_name_or_path: str | None = None
+    ) -> None:
         self.name = name
         self.task_type = task_type
         self.base_model_name_or_path = base_model_name_or_path
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       model: nn.Module | None = None, **kwargs: Any) -> None:
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
         # Fail at the start, not at the first checkpoint, if there is nothing to save.
         if model is not None and self.name not in adapters(model):
             raise ValueError(
@@ -54,20 +64,37 @@ class SaveAdapterCallback(TrainerCallback):
                 f"it has {sorted(adapters(model)) or 'none'}"
             )
 
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                model: nn.Module | None = None, **kwargs: Any) -> None:
+    def on_save(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         self._write(model, folder, state)
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                     model: nn.Module | None = None, **kwargs: Any) -> None:
+    def on_train_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._write(model, args.output_dir, state)
 
     def _write(self, model: nn.Module | None, folder: str, state: TrainerState) -> None:
         if model is None or not state.is_world_process_zero:
             return
-        save_adapter(model, folder, self.name, task_type=self.task_type or _task_type(model),
-                     base_model_name_or_path=self.base_model_name_or_path)
+        save_adapter(
+            model,
+            folder,
+            self.name,
+            task_type=self.task_type or _task_type(model),
+            base_model_name_or_path=self.base_model_name_or_path,
+        )
 
 
 def _task_type(model: nn.Module) -> str | None:

@@ -1,4 +1,4 @@
-"""chat.py: every assistant turn trained, with and without {% generation %} marks, the rest masked;
+"""training/data/chat.py: every assistant turn trained, with and without {% generation %} marks, the rest masked;
 what is refused; --train-on-inputs; the same tokens trained as TRL's SFTTrainer(assistant_only_loss)."""
 
 from __future__ import annotations
@@ -13,14 +13,20 @@ from lorakit.training.data import examples as D
 
 # Word-level tokenizer: every piece of a template is its own word. The role names are unknown words.
 _TURN = "{{ m['role'] }} : "
-MARKED = ("{% for m in messages %}" + _TURN + "{% if m['role'] == 'assistant' %}{% generation %}"
-          "{{ m['content'] }} [EOS]{% endgeneration %}{% else %}{{ m['content'] }} [EOS]{% endif %} {% endfor %}"
-          "{% if add_generation_prompt %}assistant : {% endif %}")
-UNMARKED = ("{% for m in messages %}" + _TURN + "{{ m['content'] }} [EOS] {% endfor %}"
-            "{% if add_generation_prompt %}assistant : {% endif %}")
+MARKED = (
+    "{% for m in messages %}" + _TURN + "{% if m['role'] == 'assistant' %}{% generation %}"
+    "{{ m['content'] }} [EOS]{% endgeneration %}{% else %}{{ m['content'] }} [EOS]{% endif %} {% endfor %}"
+    "{% if add_generation_prompt %}assistant : {% endif %}"
+)
+UNMARKED = (
+    "{% for m in messages %}" + _TURN + "{{ m['content'] }} [EOS] {% endfor %}"
+    "{% if add_generation_prompt %}assistant : {% endif %}"
+)
 # Drops the content of every assistant turn but the last (as templates that drop past reasoning do).
-NOT_PREFIX = ("{% for m in messages %}" + _TURN + "{% if m['role'] != 'assistant' or loop.last %}"
-              "{{ m['content'] }}{% endif %} [EOS] {% endfor %}{% if add_generation_prompt %}assistant : {% endif %}")
+NOT_PREFIX = (
+    "{% for m in messages %}" + _TURN + "{% if m['role'] != 'assistant' or loop.last %}"
+    "{{ m['content'] }}{% endif %} [EOS] {% endfor %}{% if add_generation_prompt %}assistant : {% endif %}"
+)
 
 
 def turn(role: str, content: str) -> dict[str, str]:
@@ -28,23 +34,44 @@ def turn(role: str, content: str) -> dict[str, str]:
 
 
 SYSTEM = turn("system", "answer please")
-THREE = [SYSTEM, turn("user", "count from 3 :"), turn("assistant", "4 5 6"), turn("user", "next"),
-         turn("assistant", "7 8 9"), turn("user", "next please"), turn("assistant", "10 11 12")]
+THREE = [
+    SYSTEM,
+    turn("user", "count from 3 :"),
+    turn("assistant", "4 5 6"),
+    turn("user", "next"),
+    turn("assistant", "7 8 9"),
+    turn("user", "next please"),
+    turn("assistant", "10 11 12"),
+]
 TRAILING_USER = [turn("user", "count from 1 :"), turn("assistant", "2 3"), turn("user", "next")]
-CONVERSATIONS = [THREE, TRAILING_USER, [turn("user", "list good"), turn("assistant", "great fine")],
-                 [SYSTEM, turn("user", "count to 5"), turn("assistant", "1 2 3 4 5")]]
+CONVERSATIONS = [
+    THREE,
+    TRAILING_USER,
+    [turn("user", "list good"), turn("assistant", "great fine")],
+    [SYSTEM, turn("user", "count to 5"), turn("assistant", "1 2 3 4 5")],
+]
 
 
 # ChatML on a byte-level BPE tokenizer (spaces and newlines inside tokens, as in real models).
-CHATML_MARKED = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}"
-                 "{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}{% else %}{{ m['content'] }}"
-                 "<|im_end|>{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
-                 "{% endif %}")
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML_MARKED = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}"
+    "{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}{% else %}{{ m['content'] }}"
+    "<|im_end|>{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% endif %}"
+)
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 CHATML_CONVERSATIONS = [
-    [turn("system", "You are terse."), turn("user", "What is 2 + 2?"), turn("assistant", "It is 4."),
-     turn("user", "And doubled?"), turn("assistant", " Eight, of course!\n"), turn("user", "Hello")],
+    [
+        turn("system", "You are terse."),
+        turn("user", "What is 2 + 2?"),
+        turn("assistant", "It is 4."),
+        turn("user", "And doubled?"),
+        turn("assistant", " Eight, of course!\n"),
+        turn("user", "Hello"),
+    ],
     [turn("user", "Hello there, how are you?"), turn("assistant", "Terse.")],
 ]
 
@@ -64,9 +91,14 @@ def chatml():
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     text = "You are terse. What is 2 + 2? It is 4. And doubled? Eight, of course!\nHello there, how are you?"
-    core.train_from_iterator([text] * 20, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    core.train_from_iterator(
+        [text] * 20,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>")
 
 
@@ -91,8 +123,11 @@ def trained_runs(labels: list[int]) -> list[list[int]]:
 def answers(tokenizer, messages) -> list[list[int]]:
     """What each assistant turn should train: its content and the end-of-turn token."""
     eos = tokenizer.eos_token_id
-    return [tokenizer(m["content"], add_special_tokens=False)["input_ids"] + [eos]
-            for m in messages if m["role"] == "assistant"]
+    return [
+        tokenizer(m["content"], add_special_tokens=False)["input_ids"] + [eos]
+        for m in messages
+        if m["role"] == "assistant"
+    ]
 
 
 @pytest.mark.parametrize("template", [MARKED, UNMARKED], ids=["generation-marks", "turn-by-turn"])
@@ -138,7 +173,8 @@ def test_added_tokens_around_the_plain_lines(tmp_path):
 
     tok = make_tokenizer(tmp_path)
     tok._tokenizer.post_processor = processors.TemplateProcessing(
-        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", 2), ("[EOS]", 3)])
+        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", 2), ("[EOS]", 3)]
+    )
     messages = [turn("user", "count from 3 :"), turn("assistant", "4 5")]
     ids, labels = chat.encode_conversation(messages, tok, "c.jsonl:1")
     assert ids[0] == tok.bos_token_id and labels[0] == D.IGNORE
@@ -167,8 +203,11 @@ def test_a_template_that_rewrites_earlier_turns_is_refused_naming_the_line(base,
     tok = with_template(base, NOT_PREFIX)
     ds = D.read_dataset(write_jsonl(tmp_path / "c.jsonl", [{"messages": CONVERSATIONS[2]}, {"messages": THREE}]))
     D.validate(ds, "causal-lm")
-    with pytest.raises(D.DataError, match=r"c\.jsonl:2: the chat template does not render this conversation "
-                                          r"turn by turn .*messages\[2\].*\{% generation %\}"):
+    with pytest.raises(
+        D.DataError,
+        match=r"c\.jsonl:2: the chat template does not render this conversation "
+        r"turn by turn .*messages\[2\].*\{% generation %\}",
+    ):
         D.encode(ds, "causal-lm", tok, 64)
     D.encode(ds.subset([0]), "causal-lm", tok, 64)  # a single turn is rendered the same either way
 
@@ -198,12 +237,20 @@ def test_an_assistant_first_conversation(base):
     ("record", "message"),
     [
         ({"messages": THREE, "tools": [{"type": "function", "function": {"name": "f"}}]}, r"'tools' .* not supported"),
-        ({"messages": [turn("user", "hi"), {"role": "assistant", "content": "",
-                                            "tool_calls": [{"function": {"name": "f"}}]}]},
-         r"messages\[1\]: tool calls and tool results are not supported"),
+        (
+            {
+                "messages": [
+                    turn("user", "hi"),
+                    {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f"}}]},
+                ]
+            },
+            r"messages\[1\]: tool calls and tool results are not supported",
+        ),
         ({"messages": [turn("user", "hi"), turn("tool", "42")]}, r"messages\[1\]: tool calls and tool results"),
-        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]},
-         r"messages\[0\]: multi-part content \(a list\) is not supported"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]},
+            r"messages\[0\]: multi-part content \(a list\) is not supported",
+        ),
     ],
     ids=["tools", "tool_calls", "tool-role", "multi-part"],
 )
@@ -237,8 +284,11 @@ def test_max_length_cuts_and_says_which(base, tmp_path):
     assert enc.cut == [i for i, ids in enumerate(full.input_ids) if len(ids) > 16] != []
     assert all(ids == f[:16] for ids, f in zip(enc.input_ids, full.input_ids))
     # The system turn, the question and "assistant :" take 14 tokens: with 6 no answer is left.
-    with pytest.raises(D.DataError, match=r"c\.jsonl:1: nothing to train on within --max-length 6 "
-                                          r"\(the first trained token is token 15\)"):
+    with pytest.raises(
+        D.DataError,
+        match=r"c\.jsonl:1: nothing to train on within --max-length 6 "
+        r"\(the first trained token is token 15\)",
+    ):
         D.encode(ds, "causal-lm", tok, 6)
     assert D.cut_notice(enc, 16).startswith(f"{len(enc.cut)} of 4 training examples")
     assert D.cut_notice(full, 64) is None
@@ -261,11 +311,13 @@ def test_same_tokens_trained_as_trl_sft_trainer_with_assistant_only_loss(base, c
     }[kind]
     marked, unmarked = with_template(tokenizer, marked), with_template(tokenizer, unmarked)
     model = tiny_model("llama", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    config = trl.SFTConfig(output_dir=str(tmp_path / "trl"), assistant_only_loss=True, report_to="none",
-                           use_cpu=True, max_length=None)
+    config = trl.SFTConfig(
+        output_dir=str(tmp_path / "trl"), assistant_only_loss=True, report_to="none", use_cpu=True, max_length=None
+    )
     rows = [{"messages": m} for m in conversations]
-    trainer = trl.SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(rows),
-                             processing_class=marked)
+    trainer = trl.SFTTrainer(
+        model=model, args=config, train_dataset=datasets.Dataset.from_list(rows), processing_class=marked
+    )
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
     for row, messages in enumerate(conversations):
         width = int(batch["attention_mask"][row].sum())

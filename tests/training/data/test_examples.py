@@ -1,4 +1,4 @@
-"""data.py: reading files, errors that name file and line, labels, splits, tokenising."""
+"""training/data/examples.py: reading files, errors that name file and line, labels, splits, tokenising."""
 
 from __future__ import annotations
 
@@ -100,8 +100,16 @@ def test_infer_task(tmp_path):
     [
         ([{"text": "a", "label": "x"}, {"text": "", "label": "y"}], "classify", r":2: missing or empty column 'text'"),
         ([{"text": "a", "label": "x"}, {"text": "b"}], "classify", r":2: missing or empty column 'label'"),
-        ([{"prompt": "a", "completion": "b"}, {"prompt": "a"}], "causal-lm", r":2: missing or empty column 'completion'"),
-        ([{"prompt": "a", "completion": "b"}, {"completion": "b", "x": 1}], "causal-lm", r":2: missing column 'prompt'"),
+        (
+            [{"prompt": "a", "completion": "b"}, {"prompt": "a"}],
+            "causal-lm",
+            r":2: missing or empty column 'completion'",
+        ),
+        (
+            [{"prompt": "a", "completion": "b"}, {"completion": "b", "x": 1}],
+            "causal-lm",
+            r":2: missing column 'prompt'",
+        ),
         ([{"messages": []}], "causal-lm", r":1: 'messages' must be a non-empty list"),
         ([{"messages": [{"role": "robot", "content": "hi"}]}], "causal-lm", r":1: messages\[0\]: role must be one of"),
     ],
@@ -177,7 +185,9 @@ def test_prompt_longer_than_max_length_is_an_error(tmp_path, tokenizer):
 
 
 def test_truncation_keeps_max_length(tmp_path, tokenizer):
-    ds = D.read_dataset(write_jsonl(tmp_path / "t.jsonl", [{"text": "good " * 50, "label": "a"}, {"text": "bad", "label": "b"}]))
+    ds = D.read_dataset(
+        write_jsonl(tmp_path / "t.jsonl", [{"text": "good " * 50, "label": "a"}, {"text": "bad", "label": "b"}])
+    )
     enc = D.encode(ds, "classify", tokenizer, 8, ["a", "b"])
     assert len(enc.input_ids[0]) == 8
     json.dumps(enc.labels)  # plain ints
@@ -196,8 +206,13 @@ def test_encode_chat_with_a_template_masks_everything_but_the_answer(tmp_path, t
         answer = record["messages"][-1]["content"]
         # The template closes the answer with [EOS]; the encoder does not add a second one.
         assert templated.decode(trained) == f"{answer} [EOS]"
-        assert ids[: len(ids) - len(trained)] == templated(templated.apply_chat_template(
-            record["messages"][:-1], add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"]
+        assert (
+            ids[: len(ids) - len(trained)]
+            == templated(
+                templated.apply_chat_template(record["messages"][:-1], add_generation_prompt=True, tokenize=False),
+                add_special_tokens=False,
+            )["input_ids"]
+        )
 
 
 def test_csv_fields_over_128_kb_read_as_jsonl_does(tmp_path):

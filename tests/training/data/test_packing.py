@@ -1,4 +1,4 @@
-"""training/packing.py: best-fit-decreasing rows, packed batches, the mask Transformers builds
+"""training/data/packing.py: best-fit-decreasing rows, packed batches, the mask Transformers builds
 from restarting positions, the refusal of models that leak across examples, and packed runs
 whose held-out loss, first-step loss and resumed weights match the unpacked ones."""
 
@@ -13,11 +13,12 @@ from helpers import tensors, tiny_model, whole_and_resumed, write_jsonl
 from helpers import train_tiny as run
 
 from lorakit.training import TrainingError
+from lorakit.training.base_model import load_tokenizer
 from lorakit.training.data import examples as D
-from lorakit.training.report.metrics_log import fmt_result
 from lorakit.training.data.packing import Packed, check_model, efficiency, pack, pack_lengths
 from lorakit.training.prepare import SPLIT_SEED
-from lorakit.training.tasks import forward, label_count, load_tokenizer, loss_sum
+from lorakit.training.report.metrics_log import fmt_result
+from lorakit.training.tasks import forward, label_count, loss_sum
 
 
 def varied_rows(n: int, seed: int = 0) -> list[dict]:
@@ -26,8 +27,12 @@ def varied_rows(n: int, seed: int = 0) -> list[dict]:
     rows = []
     for _ in range(n):
         start, count = rng.randint(0, 19), rng.randint(1, 12)
-        rows.append({"prompt": f"count from {start} :", "completion": " ".join(str((start + k) % 20)
-                                                                           for k in range(1, count + 1))})
+        rows.append(
+            {
+                "prompt": f"count from {start} :",
+                "completion": " ".join(str((start + k) % 20) for k in range(1, count + 1)),
+            }
+        )
     return rows
 
 
@@ -57,8 +62,13 @@ def test_rows_hold_every_example_once_within_capacity():
 
 
 def test_packed_batch_restarts_positions_and_never_targets_a_first_token():
-    data = D.Encoded("causal-lm", [[5, 6, 7], [8, 9], [4, 4, 4, 4]],
-                     [[-100, 6, 7], [8, 9], [-100, -100, 4, 4]], pad_id=0, lines=["f:1", "f:2", "f:3"])
+    data = D.Encoded(
+        "causal-lm",
+        [[5, 6, 7], [8, 9], [4, 4, 4, 4]],
+        [[-100, 6, 7], [8, 9], [-100, -100, 4, 4]],
+        pad_id=0,
+        lines=["f:1", "f:2", "f:3"],
+    )
     packed = pack(data, 6)
     assert isinstance(packed, Packed) and len(packed) == 2 and packed.examples == 3
     assert packed.members == [[2, 1], [0]] and packed.pieces == [[4, 2], [3]]
@@ -88,12 +98,15 @@ def test_efficiency_counts_padding_of_the_batches():
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_packed_loss_equals_unpacked(kind, attention):
-    model = tiny_model(kind, attn_implementation=attention, **({"resid_pdrop": 0.0, "embd_pdrop": 0.0,
-                                                                "attn_pdrop": 0.0} if kind == "gpt2" else {}))
+    model = tiny_model(
+        kind,
+        attn_implementation=attention,
+        **({"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0} if kind == "gpt2" else {}),
+    )
     model.train()  # use_cache is on in training mode too: the packed forward must turn it off
     gen = torch.Generator().manual_seed(0)
     seqs = [torch.randint(1, 120, (n,), generator=gen).tolist() for n in (9, 3, 14, 6, 1, 11)]
-    labels = [[-100] * (len(s) // 2) + s[len(s) // 2:] for s in seqs]
+    labels = [[-100] * (len(s) // 2) + s[len(s) // 2 :] for s in seqs]
     data = D.Encoded("causal-lm", seqs, labels, pad_id=0)
     packed = pack(data, 16)
     assert len(packed) < len(data)
@@ -163,9 +176,19 @@ def test_held_out_and_first_step_losses_do_not_change_with_packing(tiny, tmp_pat
 def test_packed_run_resumes_bitwise(tiny, tmp_path, varied, monkeypatch):
     from lorakit.training.options import read_run
 
-    whole, cut = whole_and_resumed(tiny, tmp_path, monkeypatch, model=str(tiny["llama"]), data=str(varied),
-                                   max_length=32, packing=True, batch_size=2, max_steps=6, save_every=3,
-                                   dropout=0.1)
+    whole, cut = whole_and_resumed(
+        tiny,
+        tmp_path,
+        monkeypatch,
+        model=str(tiny["llama"]),
+        data=str(varied),
+        max_length=32,
+        packing=True,
+        batch_size=2,
+        max_steps=6,
+        save_every=3,
+        dropout=0.1,
+    )
     assert read_run(cut).packing is True
     assert tensors(whole).keys() == tensors(cut).keys()
     for key, value in tensors(whole).items():
@@ -182,6 +205,15 @@ def test_packing_refuses_classification_before_writing(tiny, tmp_path):
 def test_cli_packing_on_classification_is_one_line(tiny, tmp_path, capsys):
     from helpers import cli_here
 
-    code, _, err = cli_here(capsys, "train", "--model", str(tiny["bert"]), "--data", str(tiny["classify"]),
-                              "--out", str(tmp_path / "never"), "--packing")
+    code, _, err = cli_here(
+        capsys,
+        "train",
+        "--model",
+        str(tiny["bert"]),
+        "--data",
+        str(tiny["classify"]),
+        "--out",
+        str(tmp_path / "never"),
+        "--packing",
+    )
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--packing" in err

@@ -1,4 +1,4 @@
-"""data_report.py: the padding figure and an example's text with its trained tokens marked."""
+"""training/data/report.py: the padding figure and an example's text with its trained tokens marked."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 from helpers import make_tokenizer
 
 from lorakit.training.data.examples import IGNORE
-from lorakit.training.data.report import marked_text
 from lorakit.training.data.packing import efficiency as padding_efficiency
+from lorakit.training.data.report import marked_text
 
 
 @pytest.mark.parametrize(
@@ -31,6 +31,8 @@ def test_marked_text(tmp_path):
     ids = tok("count from 3 : 4 5 [EOS] next 6 [EOS]", add_special_tokens=False)["input_ids"]
     labels = [IGNORE] * 4 + ids[4:7] + [IGNORE] + ids[8:]
     assert marked_text(ids, labels, tok) == "count from 3 : [[4 5 [EOS]]] next [[6 [EOS]]]"
-    assert marked_text(ids, labels, tok, colour=True) == \
-        "count from 3 : \033[32m4 5 [EOS]\033[0m next \033[32m6 [EOS]\033[0m"
+    assert (
+        marked_text(ids, labels, tok, colour=True)
+        == "count from 3 : \033[32m4 5 [EOS]\033[0m next \033[32m6 [EOS]\033[0m"
+    )
     assert marked_text(ids, ids, tok) == "[[count from 3 : 4 5 [EOS] next 6 [EOS]]]"

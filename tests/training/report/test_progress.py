@@ -1,4 +1,4 @@
-"""training/progress.py: the progress line on a terminal and in a log."""
+"""training/report/progress.py: the progress line on a terminal and in a log."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""training/verdict.py: the rule for a run that did not learn, its smoothing, and the advice."""
+"""training/report/verdict.py: the rule for a run that did not learn, its smoothing, and the advice."""
 
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ def test_a_run_that_learns_gets_no_warning():
     verdict = judge("classify", *classify(0.55, 0.9), FALLING, RunConfig())
     assert verdict.learned and verdict.warning is None and verdict.lines() == []
     assert verdict.record() == {"learned": True, "warning": None}
-    assert judge("causal-lm", {"loss": 3.0, "perplexity": 20.1}, {"loss": 2.5, "perplexity": 12.2}, FALLING,
-                 RunConfig()).learned
+    assert judge(
+        "causal-lm", {"loss": 3.0, "perplexity": 20.1}, {"loss": 2.5, "perplexity": 12.2}, FALLING, RunConfig()
+    ).learned
 
 
 @pytest.mark.parametrize("after", [0.455, 0.5425])
@@ -103,5 +104,11 @@ def test_advice_follows_what_the_losses_did():
 
 
 def test_fmt_lr():
-    assert [fmt_lr(x) for x in (1e-3, 3.5355e-4, 2.5e-4, 0.5, 0.02, 1e-10)] == \
-        ["1e-3", "3.5e-4", "2.5e-4", "0.5", "0.02", "1e-10"]
+    assert [fmt_lr(x) for x in (1e-3, 3.5355e-4, 2.5e-4, 0.5, 0.02, 1e-10)] == [
+        "1e-3",
+        "3.5e-4",
+        "2.5e-4",
+        "0.5",
+        "0.02",
+        "1e-10",
+    ]

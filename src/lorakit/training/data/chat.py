@@ -42,21 +42,26 @@ def check_messages(record: dict[str, Any], where: str) -> None:
     """The shape every conversation must have: {role, content} objects with string content."""
     messages = record.get("messages")
     if record.get("tools"):
-        raise DataError(f"{where}: 'tools' (tool definitions) are not supported; remove the column to train on "
-                        "the conversation's text")
+        raise DataError(
+            f"{where}: 'tools' (tool definitions) are not supported; remove the column to train on "
+            "the conversation's text"
+        )
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise DataError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
         if m.get("role") == "tool" or "tool_calls" in m or "function_call" in m:
-            raise DataError(f"{where}: messages[{i}]: tool calls and tool results are not supported; "
-                            f"use roles {', '.join(ROLES)} with text content")
+            raise DataError(
+                f"{where}: messages[{i}]: tool calls and tool results are not supported; "
+                f"use roles {', '.join(ROLES)} with text content"
+            )
         if m.get("role") not in ROLES:
             raise DataError(f"{where}: messages[{i}]: role must be one of {', '.join(ROLES)}, got {m.get('role')!r}")
         if isinstance(m.get("content"), list):
-            raise DataError(f"{where}: messages[{i}]: multi-part content (a list) is not supported; "
-                            "give the text as one string")
+            raise DataError(
+                f"{where}: messages[{i}]: multi-part content (a list) is not supported; give the text as one string"
+            )
         if not isinstance(m.get("content"), str):
             raise DataError(f"{where}: messages[{i}] must have string 'content'")
 
@@ -76,8 +81,10 @@ def encode_conversation(messages: list[dict[str, str]], tokenizer: Any, where: s
         ids = list(out["input_ids"])
         labels = [t if m else IGNORE for t, m in zip(ids, out["assistant_masks"])]
         if all(t == IGNORE for t in labels) and any(m["role"] == "assistant" for m in messages):
-            raise DataError(f"{where}: the chat template's {{% generation %}} marks cover none of the assistant's "
-                            "turns; mark each assistant turn's text, or train on every token (--train-on-inputs)")
+            raise DataError(
+                f"{where}: the chat template's {{% generation %}} marks cover none of the assistant's "
+                "turns; mark each assistant turn's text, or train on every token (--train-on-inputs)"
+            )
         return ids, labels
     plain = {} if template else {"chat_template": PLAIN_TEMPLATE, "end_of_turn": _end_of_turn(tokenizer)}
     text, spans = assistant_spans(messages, tokenizer, where, **plain)
@@ -85,8 +92,9 @@ def encode_conversation(messages: list[dict[str, str]], tokenizer: Any, where: s
     return _tokenize(text, spans, tokenizer, special=not template)
 
 
-def assistant_spans(messages: list[dict[str, str]], tokenizer: Any, where: str,
-                    **template: Any) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(
+    messages: list[dict[str, str]], tokenizer: Any, where: str, **template: Any
+) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of its assistant turns, found turn by turn."""
     full = _render(tokenizer, messages, where, **template)
     spans = []
@@ -94,9 +102,11 @@ def assistant_spans(messages: list[dict[str, str]], tokenizer: Any, where: str,
         if m["role"] != "assistant":
             continue
         if i == 0:
-            raise DataError(f"{where}: messages[0] is the assistant's; without {{% generation %}} marks in the "
-                            "chat template the turns are found by rendering the conversation before each "
-                            "assistant turn, so a conversation must start with a system or user turn")
+            raise DataError(
+                f"{where}: messages[0] is the assistant's; without {{% generation %}} marks in the "
+                "chat template the turns are found by rendering the conversation before each "
+                "assistant turn, so a conversation must start with a system or user turn"
+            )
         before = _render(tokenizer, messages[:i], where, add_generation_prompt=True, **template)
         through = _render(tokenizer, messages[: i + 1], where, **template)
         if not (through.startswith(before) and full.startswith(through)):

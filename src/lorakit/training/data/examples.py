@@ -23,9 +23,9 @@ from typing import Any
 import torch
 
 from ...files.json_file import jsonl_objects
+from ..errors import DataError
 from . import chat
 from .chat import IGNORE  # the label the loss skips (prompt and padding tokens)
-from ..errors import DataError
 
 TASKS = ("classify", "causal-lm")
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
@@ -109,8 +109,7 @@ def _read_rows(text: str, where: str, fmt: str) -> tuple[list[dict], list[str]]:
             continue  # blank line
         if len(row) != len(header):
             raise DataError(
-                f"{where}:{reader.line_num}: {len(row)} fields, but the header has {len(header)} "
-                f"({', '.join(header)})"
+                f"{where}:{reader.line_num}: {len(row)} fields, but the header has {len(header)} ({', '.join(header)})"
             )
         records.append(dict(zip(header, row)))
         lines.append(f"{where}:{reader.line_num}")
@@ -264,8 +263,10 @@ def cut_notice(encoded: Encoded, max_length: int) -> str | None:
     if count <= CUT_SHARE * len(encoded):
         return None
     lost = "their ends are not trained" if encoded.task == "causal-lm" else "their ends are not seen"
-    return (f"{count} of {len(encoded)} training examples ({count / len(encoded):.0%}) are longer than "
-            f"--max-length {max_length} and are cut ({lost}); `lorakit data` shows them")
+    return (
+        f"{count} of {len(encoded)} training examples ({count / len(encoded):.0%}) are longer than "
+        f"--max-length {max_length} and are cut ({lost}); `lorakit data` shows them"
+    )
 
 
 def pad_id(tokenizer: Any) -> int:
@@ -275,8 +276,14 @@ def pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def encode(dataset: Dataset, task: str, tokenizer: Any, max_length: int, labels: list[str] | None = None,
-           train_on_inputs: bool = False) -> Encoded:
+def encode(
+    dataset: Dataset,
+    task: str,
+    tokenizer: Any,
+    max_length: int,
+    labels: list[str] | None = None,
+    train_on_inputs: bool = False,
+) -> Encoded:
     """Tokenise a validated dataset, each example cut to `max_length` tokens (`Encoded.cut` says which
     were). classify needs `labels` (the label set, in id order); `train_on_inputs` (causal-lm)
     labels every token, not only the completion or the assistant's turns."""
@@ -304,16 +311,22 @@ def encode(dataset: Dataset, task: str, tokenizer: Any, max_length: int, labels:
             out.cut.append(index)
         if all(t == IGNORE for t in trained[:max_length]):
             first = next((k for k, t in enumerate(trained) if t != IGNORE), None)
-            raise DataError(f"{where}: nothing to train on" + (
-                " (no assistant turn)" if first is None else
-                f" within --max-length {max_length} (the first trained token is token {first + 1})"))
+            raise DataError(
+                f"{where}: nothing to train on"
+                + (
+                    " (no assistant turn)"
+                    if first is None
+                    else f" within --max-length {max_length} (the first trained token is token {first + 1})"
+                )
+            )
         out.input_ids.append(ids[:max_length])
         out.labels.append(trained[:max_length])
     return out
 
 
-def _prompt_completion(record: dict[str, Any], tokenizer: Any, max_length: int, where: str,
-                       train_on_inputs: bool) -> tuple[list[int], list[int]]:
+def _prompt_completion(
+    record: dict[str, Any], tokenizer: Any, max_length: int, where: str, train_on_inputs: bool
+) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of a prompt/completion pair: the completion, closed by end-of-text, is trained."""
     prompt, completion = record["prompt"], record["completion"]
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id

@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .examples import IGNORE, Encoded
 from ..errors import TrainingError
+from .batches import epoch_batches
+from .examples import IGNORE, Encoded
 
 
 def pack_lengths(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -86,8 +87,7 @@ class Packed(Encoded):
 def pack(data: Encoded, max_length: int) -> Packed:
     """The causal-LM examples of `data` packed into rows of at most `max_length` tokens."""
     if data.task != "causal-lm":
-        raise TrainingError(f"--packing is for causal-lm training (it packs token sequences), not "
-                            f"{data.task}")
+        raise TrainingError(f"--packing is for causal-lm training (it packs token sequences), not {data.task}")
     rows = pack_lengths([len(ids) for ids in data.input_ids], max_length)
     packed = Packed(data.task, [], [], data.pad_id, [], examples=len(data))
     for members in rows:
@@ -100,8 +100,9 @@ def pack(data: Encoded, max_length: int) -> Packed:
     return packed
 
 
-def efficiency(lengths: list[int], batch_size: int, *, grad_accum: int = 1, packing_to: int | None = None,
-               seed: int = 0) -> float:
+def efficiency(
+    lengths: list[int], batch_size: int, *, grad_accum: int = 1, packing_to: int | None = None, seed: int = 0
+) -> float:
     """The share of the tokens one epoch's forward passes take that are not padding.
 
     `lengths`: the tokenized examples' lengths (after --max-length); `batch_size`: examples
@@ -110,8 +111,6 @@ def efficiency(lengths: list[int], batch_size: int, *, grad_accum: int = 1, pack
     first epoch (`epoch_batches`, one process), each micro-batch padded to its longest; with fewer
     items than one global batch, all in one.
     """
-    # Imported here: loop imports this module (through prepare).
-    from ..loop import epoch_batches
 
     if packing_to is not None:
         lengths = [sum(lengths[i] for i in row) for row in pack_lengths(lengths, packing_to)]
@@ -140,18 +139,18 @@ def check_model(model: nn.Module, sample: list[list[int]], device: torch.device)
     model.eval()
     name = type(model).__name__
     try:
-        apart = torch.cat([model(input_ids=torch.tensor([s], device=device), use_cache=False).logits[0]
-                           for s in seqs])
+        apart = torch.cat([model(input_ids=torch.tensor([s], device=device), use_cache=False).logits[0] for s in seqs])
         ids = torch.tensor([[t for s in seqs for t in s]], device=device)
         positions = torch.tensor([[p for s in seqs for p in range(len(s))]], device=device)
         together = model(input_ids=ids, position_ids=positions, use_cache=False).logits[0]
     except (TypeError, ValueError) as err:  # a forward without position_ids or use_cache
-        raise TrainingError(f"--packing: {name} does not take packed rows ({err}); train without "
-                            "--packing") from None
+        raise TrainingError(f"--packing: {name} does not take packed rows ({err}); train without --packing") from None
     finally:
         model.train(was_training)
     gap = float((together.float() - apart.float()).abs().max())
     scale = float(apart.float().abs().max())
     if not gap <= 1e-3 * scale + 1e-5:  # float32 rounding is ~1e-7 of the scale; a leak is ~1e-2
-        raise TrainingError(f"--packing: {name} does not keep packed examples apart (its logits change by "
-                            f"{gap:.3g} when examples share a row); train without --packing")
+        raise TrainingError(
+            f"--packing: {name} does not keep packed examples apart (its logits change by "
+            f"{gap:.3g} when examples share a row); train without --packing"
+        )

@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..options import RunConfig
 from . import packing
 from .examples import IGNORE, Encoded
-from ..options import RunConfig
 
 # How trained text is marked: colour on a terminal, brackets where colour would be noise.
 _MARKS = {True: ("\033[32m", "\033[0m"), False: ("[[", "]]")}
@@ -38,8 +38,9 @@ def efficiency(encoded: Encoded, config: RunConfig) -> tuple[str, float]:
     examples' own, not padding): packed rows with --packing, else batches padded to their longest."""
     lengths = [len(ids) for ids in encoded.input_ids]
     packing_to = config.max_length if config.packing else None
-    share = packing.efficiency(lengths, config.batch_size, grad_accum=config.grad_accum, packing_to=packing_to,
-                               seed=config.seed)
+    share = packing.efficiency(
+        lengths, config.batch_size, grad_accum=config.grad_accum, packing_to=packing_to, seed=config.seed
+    )
     return ("packing" if packing_to else "padding"), share
 
 

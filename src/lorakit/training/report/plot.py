@@ -37,7 +37,13 @@ def plot_loss(metrics: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.plot(steps, losses, color="#9ab", linewidth=0.8, label="training loss (per step)")
         window = max(1, len(losses) // 20)
         if window > 1:
-            ax.plot(steps, trailing_mean(losses, window), color="#25a", linewidth=1.6, label=f"training loss (mean of {window})")
+            ax.plot(
+                steps,
+                trailing_mean(losses, window),
+                color="#25a",
+                linewidth=1.6,
+                label=f"training loss (mean of {window})",
+            )
     if evals:
         steps, losses = zip(*evals)
         ax.plot(steps, losses, "o-", color="#d62", label="held-out loss")

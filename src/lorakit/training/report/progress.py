@@ -47,8 +47,17 @@ class Progress:
         self.every = max(1, (total - start) // 10)
         self.bar: _Bar | None = None
         if self.live:  # ascii "-#": '-' for the empty part, '#' for the done part
-            self.bar = _Bar(total=total, initial=start, file=self.stream, bar_format=self.format, ascii="-#",
-                            mininterval=0, miniters=1, delay=1e-9, dynamic_ncols=False)
+            self.bar = _Bar(
+                total=total,
+                initial=start,
+                file=self.stream,
+                bar_format=self.format,
+                ascii="-#",
+                mininterval=0,
+                miniters=1,
+                delay=1e-9,
+                dynamic_ncols=False,
+            )
 
     def update(self, step: int, loss: float, lr: float) -> None:
         elapsed = time.monotonic() - self.began

@@ -27,8 +27,8 @@ from typing import Any
 from ...files.atomic import write_json_atomic
 from ...files.json_file import read_json
 from ..errors import TrainingError
-from .metrics_log import write_metrics
 from ..options import RUN_FILE, RunConfig
+from .metrics_log import write_metrics
 
 _ROSE, _FELL = 1.01, 0.9  # smoothed end / start above which the loss rose, below which it fell
 _STILL = 1e-3  # a held-out loss that changed by less than this fraction: the weights barely moved
@@ -76,8 +76,9 @@ def smoothed_ends(losses: list[float]) -> tuple[float, float, float] | None:
     return mean_first, mean_last, 2 * math.sqrt(spread / (window - 1) / window)
 
 
-def judge(task: str, before: dict[str, float], after: dict[str, float], losses: list[float],
-          config: RunConfig) -> Verdict:
+def judge(
+    task: str, before: dict[str, float], after: dict[str, float], losses: list[float], config: RunConfig
+) -> Verdict:
     """The verdict of a run that ran to its end: `before`/`after` are the held-out results,
     `losses` the training loss of every step."""
     key = "accuracy" if task == "classify" else "loss"
@@ -88,8 +89,9 @@ def judge(task: str, before: dict[str, float], after: dict[str, float], losses: 
         return Verdict(True)
     parts = []
     if worse:
-        parts.append(f"held-out {key} {_value(key, after.get(key, math.nan))} after training, "
-                     f"{_value(key, before[key])} before")
+        parts.append(
+            f"held-out {key} {_value(key, after.get(key, math.nan))} after training, {_value(key, before[key])} before"
+        )
     if ends is not None:
         parts.append(f"training loss {ends[0]:.4g} over the first steps, {ends[1]:.4g} over the last")
     what = f"this run did not learn ({'; '.join(parts)})."
@@ -128,23 +130,31 @@ def advice(config: RunConfig, trend: str) -> str:
     (its held-out loss did not change: the weights barely moved)."""
     lr = config.lr
     if trend == "still":
-        return (f"Likely cause: the weights barely moved (--lr {fmt_lr(lr)} is too small for this run, or it "
-                f"is too short). Next: try --lr {fmt_lr(lr * 10)} or more --epochs.")
+        return (
+            f"Likely cause: the weights barely moved (--lr {fmt_lr(lr)} is too small for this run, or it "
+            f"is too short). Next: try --lr {fmt_lr(lr * 10)} or more --epochs."
+        )
     if trend == "fell":
-        return ("Likely cause: the model fits the training data but not the held-out set. Next: check that "
-                "the held-out data is like the training data, or train on more data / fewer --epochs.")
+        return (
+            "Likely cause: the model fits the training data but not the held-out set. Next: check that "
+            "the held-out data is like the training data, or train on more data / fewer --epochs."
+        )
     larger, factor = [], 1.0
     if config.rslora:
-        larger.append(f"--rslora scales the update by alpha/sqrt(rank) instead of alpha/rank: "
-                      f"{math.sqrt(config.rank):.3g}x larger steps")
+        larger.append(
+            f"--rslora scales the update by alpha/sqrt(rank) instead of alpha/rank: "
+            f"{math.sqrt(config.rank):.3g}x larger steps"
+        )
         factor *= math.sqrt(config.rank)
     if config.loraplus_ratio and config.loraplus_ratio > 1:
         ratio = config.loraplus_ratio
         larger.append(f"--loraplus-ratio {ratio:g} steps B at {fmt_lr(ratio * lr)}")
         factor *= math.sqrt(ratio)
     if larger:
-        return (f"Likely cause: the step is too large at --lr {fmt_lr(lr)} ({'; '.join(larger)}). "
-                f"Next: try --lr {fmt_lr(lr / factor)}.")
+        return (
+            f"Likely cause: the step is too large at --lr {fmt_lr(lr)} ({'; '.join(larger)}). "
+            f"Next: try --lr {fmt_lr(lr / factor)}."
+        )
     settled = "" if trend == "rose" else " (the model settled on one answer) or the data carries no signal"
     return f"Likely cause: the step is too large{settled}. Next: try --lr {fmt_lr(lr / 3)}."
 

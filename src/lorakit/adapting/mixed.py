@@ -39,19 +39,19 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
 
-from . import dispatch
-from .fused import Adapter, lora_linear
-from .base import LoraLayer
-from .plain import LoraLinear
-from ..adapting.registry import adapters, cached_wrappers
-from ..adapting.saved_modules import SavedModule
+from ..layers import dispatch
+from ..layers.base import LoraLayer
+from ..layers.fused import Adapter, lora_linear
+from ..layers.plain import LoraLinear
+from .registry import adapters, cached_wrappers
+from .saved_modules import SavedModule
 
-Route = Union[str, None, Mapping[str, float]]
+Route = str | None | Mapping[str, float]
 _Normal = tuple[tuple[str, float], ...]  # a route as ((name, weight), ...), sorted; () is the base
 _MISSING = object()
 
@@ -68,8 +68,10 @@ def mixed_batch(model: nn.Module, routes: Sequence[Route]) -> Iterator[MixedBatc
     """
     batch = MixedBatch(model, routes)
     if model.training:
-        raise RuntimeError("mixed_batch is for inference: call model.eval() first (dropout and gradients "
-                           "would need a per-row training path)")
+        raise RuntimeError(
+            "mixed_batch is for inference: call model.eval() first (dropout and gradients "
+            "would need a per-row training path)"
+        )
     found = cached_wrappers(model)
     if any(isinstance(m, LoraLayer) and m.merged for m in found):
         raise ValueError("adapters are merged into the weights; call lorakit.unmerge(model) before mixed_batch")
@@ -114,7 +116,8 @@ class MixedBatch:
         for name, weight in items:
             if name not in self._known:
                 raise ValueError(
-                    f"routes[{row}]: no adapter named {name!r}; the model has {sorted(self._known) or 'none'}")
+                    f"routes[{row}]: no adapter named {name!r}; the model has {sorted(self._known) or 'none'}"
+                )
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
                 raise ValueError(f"routes[{row}]: the weight of {name!r} must be a finite number, got {weight!r}")
             if weight:
@@ -129,7 +132,8 @@ class MixedBatch:
             if rows % n:
                 raise ValueError(
                     f"mixed_batch: {type(module).__name__} got {rows} rows, but there are {n} routes; a forward "
-                    f"inside the block must have one row per route, or a whole multiple (generate's copies)")
+                    f"inside the block must have one row per route, or a whole multiple (generate's copies)"
+                )
             plan = self._plans[rows] = _RowPlan([self.routes[r // (rows // n)] for r in range(rows)])
         return plan
 
@@ -219,7 +223,8 @@ class MixedBatch:
         if not isinstance(out, torch.Tensor) or out.shape[:1] != first.shape[:1]:
             raise TypeError(
                 f"mixed_batch routes modules_to_save whose output is one tensor with a row per input row; "
-                f"{type(module.original).__name__} returned {type(out).__name__}")
+                f"{type(module.original).__name__} returned {type(out).__name__}"
+            )
         routed = out.clone()
         for g in groups:
             rows = g.rows_on(out.device)  # index_copy_ / index_add_ want the index on the output's device
@@ -328,8 +333,12 @@ def _segments(layer: LoraLinear, plan: _RowPlan, groups: list[_Group], device: t
     if layout is None:
         layout = plan.layouts[key] = _layout(plan.routes, key, device)
     with torch.no_grad():
-        return [_Segment(rows, torch.stack([pairs[n][0] for n in names]), torch.stack([pairs[n][1] for n in names]),
-                         factors) for names, rows, factors in layout]
+        return [
+            _Segment(
+                rows, torch.stack([pairs[n][0] for n in names]), torch.stack([pairs[n][1] for n in names]), factors
+            )
+            for names, rows, factors in layout
+        ]
 
 
 def _layout(routes: list[_Normal], key: tuple, device: torch.device) -> list[tuple[list[str], Any, list[float]]]:

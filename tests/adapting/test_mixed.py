@@ -9,7 +9,7 @@ import torch
 from helpers import randomize_adapter, tiny_model
 
 import lorakit
-from lorakit.layers import mixed
+from lorakit.adapting import mixed
 
 pytestmark = pytest.mark.numeric  # pins float32 numbers to references (helpers.assert_rounding_close)
 

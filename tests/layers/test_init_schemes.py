@@ -1,4 +1,4 @@
-"""init_schemes.py: how A and B start (PiSSA, OLoRA, gaussian)."""
+"""layers/init_schemes.py: how A and B start (PiSSA, OLoRA, gaussian)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,9 @@ def test_gaussian_init():
     lorakit.inject(model, lorakit.LoraConfig(rank=8, targets="all-linear", init="gaussian"))
     a = torch.cat([m.pair("default")[0].flatten() for m in model.modules() if isinstance(m, lorakit.LoraLayer)])
     assert abs(a.std().item() - 1 / 8) < 0.01
-    assert all(torch.count_nonzero(m.pair("default")[1]) == 0 for m in model.modules() if isinstance(m, lorakit.LoraLayer))
+    assert all(
+        torch.count_nonzero(m.pair("default")[1]) == 0 for m in model.modules() if isinstance(m, lorakit.LoraLayer)
+    )
 
 
 def test_olora_keeps_outputs_and_uses_the_qr_factors(ids):
@@ -59,8 +61,9 @@ def test_olora_keeps_outputs_and_uses_the_qr_factors(ids):
 
 def test_olora_matches_peft_and_works_on_conv1d(ids):
     peft = pytest.importorskip("peft")
-    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                               init_lora_weights="olora"))
+    theirs = peft.get_peft_model(
+        tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="olora")
+    )
     ours = tiny_llama()
     lorakit.inject(ours, lorakit.LoraConfig(rank=4, alpha=8, targets=["q_proj", "v_proj"], init="olora"))
     mine, other = ours.model.layers[1].self_attn.v_proj, theirs.base_model.model.model.layers[1].self_attn.v_proj
@@ -88,6 +91,9 @@ def test_residual_inits_with_dora_keep_outputs(ids):
 def test_olora_rank_above_the_layer_is_refused():
     model = tiny_llama()
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"module 'model.layers.0.self_attn.k_proj': OLoRA rank 20 is above the layer's size.*rank <= 16"):
+    with pytest.raises(
+        ValueError,
+        match=r"module 'model.layers.0.self_attn.k_proj': OLoRA rank 20 is above the layer's size.*rank <= 16",
+    ):
         lorakit.inject(model, lorakit.LoraConfig(rank=20, targets=["k_proj"], init="olora"))
     assert_unchanged(model, before)
