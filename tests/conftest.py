@@ -71,7 +71,14 @@ def moe(tiny, tmp_path_factory):
         "base": base,
         "root": root / "adapters",
         "m1": make_adapter(base, root / "adapters" / "m1", "causal-lm", seed=7, rank=4, targets="attention+mlp"),
-        "m2": make_adapter(base, root / "adapters" / "m2", "causal-lm", seed=8, rank=2,
-                           targets=[], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
-                           expert_layout="per-expert"),
+        "m2": make_adapter(
+            base,
+            root / "adapters" / "m2",
+            "causal-lm",
+            seed=8,
+            rank=2,
+            targets=[],
+            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+            expert_layout="per-expert",
+        ),
     }

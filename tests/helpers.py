@@ -278,8 +278,9 @@ def make_adapter(
 
     model = load_model(str(base), task, list(labels) if task == "classify" else None)
     saved = ["classifier"] if task == "classify" else []
-    lorakit.inject(model, lorakit.LoraConfig(rank=rank, alpha=2 * rank, targets=targets, modules_to_save=saved,
-                                             **config))
+    lorakit.inject(
+        model, lorakit.LoraConfig(rank=rank, alpha=2 * rank, targets=targets, modules_to_save=saved, **config)
+    )
     randomize_adapter(model, seed=seed)
     if saved:
         with torch.no_grad():

@@ -18,7 +18,9 @@ TRAIN = ("--targets", "attention+mlp", "--batch-size", "8", "--max-steps", "4", 
 @pytest.fixture(scope="module")
 def moe_run(moe, tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("moe_run") / "run"
-    code = lorakit_main("train", "--model", str(moe["base"]), "--data", str(tiny["completion"]), "--out", str(out), *TRAIN)
+    code = lorakit_main(
+        "train", "--model", str(moe["base"]), "--data", str(tiny["completion"]), "--out", str(out), *TRAIN
+    )
     assert code == 0
     return out
 
@@ -34,8 +36,9 @@ def test_train_adapts_the_experts_and_peft_reads_the_run(moe, moe_run, capsys):
     from transformers import AutoModelForCausalLM
 
     config = json.loads((moe_run / "adapter_config.json").read_text())
-    assert config["target_parameters"] == sorted(f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1)
-                                                 for p in ("gate_up_proj", "down_proj"))
+    assert config["target_parameters"] == sorted(
+        f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("gate_up_proj", "down_proj")
+    )
     code, out, _ = lorakit(capsys, "inspect", str(moe_run))
     assert code == 0 and "4 fused expert parameters: down_proj, gate_up_proj" in out
     ours, tokenizer, _ = load_trained(str(moe_run), None)
@@ -58,14 +61,25 @@ def test_merge_an_moe_run_into_a_model_folder(moe_run, tmp_path, capsys):
     ours, tokenizer, _ = load_trained(str(moe_run), None)
     ids = tokenizer(["count from 3 : 4 5"], return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        assert_rounding_close(AutoModelForCausalLM.from_pretrained(str(merged))(ids).logits, ours(ids).logits,
-                              n=TINY_MODEL_N)
+        assert_rounding_close(
+            AutoModelForCausalLM.from_pretrained(str(merged))(ids).logits, ours(ids).logits, n=TINY_MODEL_N
+        )
 
 
 def test_train_writes_the_per_expert_layout_on_request(moe, tiny, tmp_path, capsys):
     out = tmp_path / "run"
-    code = lorakit_main("train", "--model", str(moe["base"]), "--data", str(tiny["completion"]), "--out", str(out),
-                        "--expert-layout", "per-expert", *TRAIN)
+    code = lorakit_main(
+        "train",
+        "--model",
+        str(moe["base"]),
+        "--data",
+        str(tiny["completion"]),
+        "--out",
+        str(out),
+        "--expert-layout",
+        "per-expert",
+        *TRAIN,
+    )
     assert code == 0
     keys = tensors(out)
     assert "base_model.model.model.layers.1.mlp.experts.3.up_proj.lora_B.weight" in keys
@@ -78,8 +92,19 @@ def test_train_writes_the_per_expert_layout_on_request(moe, tiny, tmp_path, caps
 def test_a_model_without_a_per_expert_layout_is_refused_before_training(tiny, tmp_path, capsys):
     folder = make_model(tmp_path / "gpt_oss", "gpt_oss")
     out = tmp_path / "run"
-    code, _, err = lorakit(capsys, "train", "--model", str(folder), "--data", str(tiny["completion"]), "--out", str(out),
-                           "--expert-layout", "per-expert", *TRAIN)
+    code, _, err = lorakit(
+        capsys,
+        "train",
+        "--model",
+        str(folder),
+        "--data",
+        str(tiny["completion"]),
+        "--out",
+        str(out),
+        "--expert-layout",
+        "per-expert",
+        *TRAIN,
+    )
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "--expert-layout per-expert" in err and "gpt_oss" in err
     assert not out.exists() or files_of(out) == {}
@@ -89,8 +114,18 @@ def test_combine_moe_runs_and_write_them_per_expert(moe, moe_run, tmp_path, caps
     from lorakit import load_adapter, mixed_batch
 
     out = tmp_path / "combined"
-    code, _, err = lorakit(capsys, "combine", str(moe_run), str(moe["m1"]), "--method", "cat", "--out", str(out),
-                           "--expert-layout", "per-expert")
+    code, _, err = lorakit(
+        capsys,
+        "combine",
+        str(moe_run),
+        str(moe["m1"]),
+        "--method",
+        "cat",
+        "--out",
+        str(out),
+        "--expert-layout",
+        "per-expert",
+    )
     assert code == 0, err
     assert "base_model.model.model.layers.0.mlp.experts.2.gate_proj.lora_A.weight" in tensors(out)
     combined, tokenizer, _ = load_trained(str(out), None)
@@ -106,8 +141,17 @@ def test_combine_moe_runs_and_write_them_per_expert(moe, moe_run, tmp_path, caps
 def test_an_moe_run_resumed_from_a_checkpoint_ends_bit_for_bit_the_same(moe, tiny, tmp_path, monkeypatch):
     from helpers import whole_and_resumed
 
-    whole, cut = whole_and_resumed(tiny, tmp_path, monkeypatch, model=str(moe["base"]), data=str(tiny["completion"]),
-                                   targets="attention+mlp", max_steps=4, save_every=2, batch_size=8)
+    whole, cut = whole_and_resumed(
+        tiny,
+        tmp_path,
+        monkeypatch,
+        model=str(moe["base"]),
+        data=str(tiny["completion"]),
+        targets="attention+mlp",
+        max_steps=4,
+        save_every=2,
+        batch_size=8,
+    )
     assert tensors(whole).keys() == tensors(cut).keys()
     diffs = {k: (tensors(whole)[k] - tensors(cut)[k]).abs().max().item() for k in tensors(whole)}
     assert all(v == 0 for v in diffs.values()), {k: v for k, v in diffs.items() if v}

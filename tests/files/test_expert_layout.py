@@ -7,8 +7,16 @@ import json
 
 import pytest
 import torch
-from helpers import TINY_MODEL_N, assert_rounding_close, assert_unchanged, logits, randomize_adapter, snapshot, \
-    tensors, tiny_model
+from helpers import (
+    TINY_MODEL_N,
+    assert_rounding_close,
+    assert_unchanged,
+    logits,
+    randomize_adapter,
+    snapshot,
+    tensors,
+    tiny_model,
+)
 from safetensors.torch import load_file, save_file
 
 import lorakit
@@ -79,8 +87,11 @@ def test_gate_and_up_with_their_own_a_load_as_the_same_update(tmp_path, ids):
         for layer in (0, 1):
             experts = expected.model.layers[layer].mlp.experts
             for e in range(4):
-                for name, fan_in, fan_out in (("gate_proj", hidden, width), ("up_proj", hidden, width),
-                                              ("down_proj", width, hidden)):
+                for name, fan_in, fan_out in (
+                    ("gate_proj", hidden, width),
+                    ("up_proj", hidden, width),
+                    ("down_proj", width, hidden),
+                ):
                     a, b = torch.randn(2, fan_in, generator=gen) * 0.3, torch.randn(fan_out, 2, generator=gen) * 0.3
                     prefix = f"base_model.model.model.layers.{layer}.mlp.experts.{e}.{name}"
                     state[f"{prefix}.{A}"], state[f"{prefix}.{B}"] = a, b
@@ -92,8 +103,11 @@ def test_gate_and_up_with_their_own_a_load_as_the_same_update(tmp_path, ids):
                         experts.gate_up_proj[e, rows] += delta
     tmp_path.mkdir(exist_ok=True)
     save_file(state, str(tmp_path / "adapter_model.safetensors"))
-    (tmp_path / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["gate_proj", "up_proj", "down_proj"]}))
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps(
+            {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["gate_proj", "up_proj", "down_proj"]}
+        )
+    )
     lorakit.load_adapter(model, tmp_path)
     assert model.get_submodule("model.layers.0.mlp.experts.gate_up_proj").rank("default") == 4
     assert model.get_submodule("model.layers.0.mlp.experts.down_proj").rank("default") == 2

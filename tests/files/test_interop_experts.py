@@ -7,8 +7,17 @@ import json
 
 import pytest
 import torch
-from helpers import MOE_KINDS, TINY_MODEL_N, assert_rounding_close, assert_unchanged, logits, randomize_adapter, \
-    snapshot, tensors, tiny_model
+from helpers import (
+    MOE_KINDS,
+    TINY_MODEL_N,
+    assert_rounding_close,
+    assert_unchanged,
+    logits,
+    randomize_adapter,
+    snapshot,
+    tensors,
+    tiny_model,
+)
 
 import lorakit
 from lorakit.files.adapter_file import AdapterFileError
@@ -44,8 +53,9 @@ def _peft_file(kind: str, folder, **config):
 
 @pytest.mark.parametrize("kind", MOE_KINDS)
 def test_peft_expert_adapter_loads_in_lorakit(kind, tmp_path, ids):
-    reference = _peft_file(kind, tmp_path, r=4, lora_alpha=8, target_modules=_peft_modules(kind),
-                           target_parameters=EXPERTS)
+    reference = _peft_file(
+        kind, tmp_path, r=4, lora_alpha=8, target_modules=_peft_modules(kind), target_parameters=EXPERTS
+    )
     expected = logits(reference, ids)
     model = tiny_model(kind)
     base = logits(model, ids)
@@ -54,8 +64,9 @@ def test_peft_expert_adapter_loads_in_lorakit(kind, tmp_path, ids):
     assert_rounding_close(logits(model, ids), expected, n=TINY_MODEL_N)
     # The fused experts are adapted as parameters, the shared expert's Linears as modules.
     adapted = lorakit.adapters(model)["default"].modules
-    assert sorted(p for p in adapted if ".experts." in p) == sorted(f"model.layers.{i}.{p}" for i in (0, 1)
-                                                                    for p in EXPERTS)
+    assert sorted(p for p in adapted if ".experts." in p) == sorted(
+        f"model.layers.{i}.{p}" for i in (0, 1) for p in EXPERTS
+    )
     assert len([p for p in adapted if ".shared_expert." in p]) == (6 if kind == "qwen2_moe" else 0)
 
 
@@ -86,9 +97,17 @@ def test_lorakit_expert_adapter_loads_in_peft(kind, tmp_path, ids):
 def test_one_expert_parameter_is_not_nested(tmp_path, ids):
     """PEFT nests the wrappers of one module's parameters; with only down_proj targeted its pair
     sits at the experts module itself, and rank / alpha patterns reach it by its parameter name."""
-    reference = _peft_file("qwen3_moe", tmp_path, r=4, lora_alpha=8, target_modules=[], use_rslora=True,
-                           target_parameters=["mlp.experts.down_proj"], rank_pattern={"layers.1.mlp.experts.down_proj": 2},
-                           alpha_pattern={"down_proj": 3})
+    reference = _peft_file(
+        "qwen3_moe",
+        tmp_path,
+        r=4,
+        lora_alpha=8,
+        target_modules=[],
+        use_rslora=True,
+        target_parameters=["mlp.experts.down_proj"],
+        rank_pattern={"layers.1.mlp.experts.down_proj": 2},
+        alpha_pattern={"down_proj": 3},
+    )
     keys = sorted(tensors(tmp_path))
     assert keys[0] == "base_model.model.model.layers.0.mlp.experts.lora_A.weight" and len(keys) == 4
     model = tiny_model("qwen3_moe")
@@ -151,14 +170,23 @@ def test_a_rank_that_does_not_split_into_experts_is_refused(expert_file):
 @pytest.mark.parametrize(
     "change, match",
     [
-        (dict(target_parameters=["mlp.gate.weight"]), r"selects 'model\.layers\.0\.mlp\.gate\.weight', which lorakit "
-                                                      r"cannot adapt"),
+        (
+            dict(target_parameters=["mlp.gate.weight"]),
+            r"selects 'model\.layers\.0\.mlp\.gate\.weight', which lorakit "
+            r"cannot adapt",
+        ),
         (dict(target_parameters=["no_such_weight"]), r"selects no parameter of this model"),
         (dict(target_parameters="mlp.experts.down_proj"), r"must be a list of parameter names"),
-        (dict(target_parameters=None), r"is where PEFT writes a pair of target_parameters on 'model\.layers\.0\.mlp\."
-                                       r"experts'"),
-        (dict(target_parameters=["mlp.experts.down_proj"]), r"target_parameters=\['mlp\.experts\.down_proj'\] puts "
-                                                            r"none there"),
+        (
+            dict(target_parameters=None),
+            r"is where PEFT writes a pair of target_parameters on 'model\.layers\.0\.mlp\."
+            r"experts'",
+        ),
+        (
+            dict(target_parameters=["mlp.experts.down_proj"]),
+            r"target_parameters=\['mlp\.experts\.down_proj'\] puts "
+            r"none there",
+        ),
         (dict(use_dora=True), r"DoRA on a parameter is refused by PEFT"),
     ],
 )

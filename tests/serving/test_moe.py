@@ -51,8 +51,11 @@ def test_an_moe_adapter_that_does_not_fit_is_refused_at_register(moe, tmp_path):
     config = json.loads((foreign / "adapter_config.json").read_text())
     (foreign / "adapter_config.json").write_text(json.dumps(dict(config, target_parameters=["mlp.gate.weight"])))
     store = AdapterStore(load_model(str(moe["base"]), "causal-lm", None))
-    with pytest.raises(lorakit.AdapterFileError, match=r"target_parameters=\['mlp.gate.weight'\] selects "
-                                                        r"'model.layers.0.mlp.gate.weight', which lorakit cannot adapt"):
+    with pytest.raises(
+        lorakit.AdapterFileError,
+        match=r"target_parameters=\['mlp.gate.weight'\] selects "
+        r"'model.layers.0.mlp.gate.weight', which lorakit cannot adapt",
+    ):
         store.register("foreign", foreign)
     assert store.entries == {}
 
@@ -63,9 +66,12 @@ def test_completions_on_moe_adapters_equal_generate_alone(moe):
 
     async def go():
         async with client(app) as c:
-            return await asyncio.gather(*[
-                c.post("/v1/completions", json={"model": n, "prompt": p, "max_tokens": 4, "temperature": 0})
-                for n, p in prompts.items()])
+            return await asyncio.gather(
+                *[
+                    c.post("/v1/completions", json={"model": n, "prompt": p, "max_tokens": 4, "temperature": 0})
+                    for n, p in prompts.items()
+                ]
+            )
 
     for (name, prompt), r in zip(prompts.items(), run(go())):
         assert r.status_code == 200, r.text
@@ -73,6 +79,6 @@ def test_completions_on_moe_adapters_equal_generate_alone(moe):
         enc = tokenizer(prompt, return_tensors="pt")
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=model.config.pad_token_id)
-        want = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        want = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         assert r.json()["choices"][0]["text"] == want
     assert sorted(engine.store.loaded) == ["m1", "m2"]

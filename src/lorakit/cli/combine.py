@@ -54,9 +54,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--rank", type=int, help="svd, ties, dare: the new rank (default: the largest source rank)")
     c.add_argument("--density", type=float, help="ties, dare: the fraction of each delta kept, in (0, 1]")
     c.add_argument("--seed", type=int, default=0, help="dare: the random stream (default: 0)")
-    c.add_argument("--expert-layout", default="fused", choices=LAYOUTS,
-                   help="how a pair on MoE experts is written: fused (PEFT's target_parameters) or per-expert "
-                        "(vLLM's layout for Qwen3-MoE, Qwen2-MoE, OLMoE, Mixtral, DeepSeek) (default: fused)")
+    c.add_argument(
+        "--expert-layout",
+        default="fused",
+        choices=LAYOUTS,
+        help="how a pair on MoE experts is written: fused (PEFT's target_parameters) or per-expert "
+        "(vLLM's layout for Qwen3-MoE, Qwen2-MoE, OLMoE, Mixtral, DeepSeek) (default: fused)",
+    )
     c.add_argument("--model", help="base model (default: the one named in the adapters' adapter_config.json)")
     c.add_argument(
         "--overwrite",

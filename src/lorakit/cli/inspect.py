@@ -66,13 +66,20 @@ def _experts(parameters: list[str], modules: Any) -> dict[str, Any] | None:
     """The adapter's part on MoE experts, from its config alone: fused parameters (PEFT's
     target_parameters) or per-expert modules (vLLM's layout), or None."""
     if parameters:
-        return {"layout": "fused", "parameters": len(parameters),
-                "names": sorted({p.rsplit(".", 1)[-1] for p in parameters})}
+        return {
+            "layout": "fused",
+            "parameters": len(parameters),
+            "names": sorted({p.rsplit(".", 1)[-1] for p in parameters}),
+        }
     per = [m for m in modules if _PER_EXPERT.search(m)] if isinstance(modules, list) else []
     if not per:
         return None
-    return {"layout": "per-expert", "modules": len(per), "experts": len({_PER_EXPERT.search(m).group(1) for m in per}),
-            "names": sorted({m.rsplit(".", 1)[-1] for m in per})}
+    return {
+        "layout": "per-expert",
+        "modules": len(per),
+        "experts": len({_PER_EXPERT.search(m).group(1) for m in per}),
+        "names": sorted({m.rsplit(".", 1)[-1] for m in per}),
+    }
 
 
 def _numel(shape: list[int]) -> int:
@@ -86,7 +93,9 @@ def _experts_text(experts: dict[str, Any]) -> str:
     names = ", ".join(experts["names"])
     if experts["layout"] == "fused":
         return f"{experts['parameters']} fused expert parameters: {names} (PEFT's target_parameters layout)"
-    return f"{experts['modules']} per-expert modules of {experts['experts']} experts: {names} (vLLM's per-expert layout)"
+    return (
+        f"{experts['modules']} per-expert modules of {experts['experts']} experts: {names} (vLLM's per-expert layout)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

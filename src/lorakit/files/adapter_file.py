@@ -28,13 +28,13 @@ from ..adapting.pissa import RESIDUAL_INITS, as_plain_lora, plain_pairs
 from ..adapting.registry import adapters, base_biases
 from ..adapting.token_rows import CONFIG_KEY, ROWS_KEY, config_entry, token_rows
 from ..config import LoraConfig
+from ..layers.experts import expert_parameters, from_peft
 from ..targets import adaptable_kind
 from . import peft_format as fmt
-from .expert_layout import LAYOUTS, expert_paths, per_expert_pairs
 from .atomic import make_temp_dir, write_atomic, write_json_atomic
+from .expert_layout import LAYOUTS, expert_paths, per_expert_pairs
 from .file_keys import AdapterFileError, file_tensors
 from .json_file import read_json
-from ..layers.experts import expert_parameters, from_peft
 from .peft_params import pair_to_file, wrapper_paths
 from .peft_targets import peft_saved_modules
 
@@ -60,8 +60,11 @@ def copy_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], name: s
     with torch.no_grad():
         for param, path in wrapper_paths(model, expert_paths(model, record)).items():
             layer = model.get_submodule(param)
-            pair = from_peft(state[fmt.key(path, fmt.LINEAR_KEYS["A"])], state[fmt.key(path, fmt.LINEAR_KEYS["B"])],
-                             layer.num_experts)
+            pair = from_peft(
+                state[fmt.key(path, fmt.LINEAR_KEYS["A"])],
+                state[fmt.key(path, fmt.LINEAR_KEYS["B"])],
+                layer.num_experts,
+            )
             for live, value in zip(layer.pair(name), pair):
                 live.copy_(value)
         for key, tensor in _state(model, name, record, fused_experts=False).items():
@@ -201,8 +204,9 @@ def _exact_patterns(config: LoraConfig, sources: dict[str, str]) -> LoraConfig:
     ranks = {re.escape(m): config.rank_for(s) for m, s in sources.items() if config.rank_for(s) != config.rank}
     alphas = {re.escape(m): config.alpha_for(s) for m, s in sources.items() if config.alpha_for(s) != config.alpha}
     # (targets is not written, target_modules is: [] would only be valid with target_parameters)
-    return dataclasses.replace(config, rank_pattern=ranks, alpha_pattern=alphas, target_parameters=[],
-                               targets=config.targets or "all-linear")
+    return dataclasses.replace(
+        config, rank_pattern=ranks, alpha_pattern=alphas, target_parameters=[], targets=config.targets or "all-linear"
+    )
 
 
 # ---- loading -------------------------------------------------------------------------------

@@ -45,8 +45,22 @@ class ExpertLayoutError(LorakitError, ValueError):
 _QWEN2_MOE = (None, "gate_proj", "up_proj", "down_proj")
 _MIXTRAL = ((".mlp.experts", ".block_sparse_moe.experts"), "w1", "w3", "w2")
 _FAMILIES = {
-    **dict.fromkeys(["qwen2_moe", "qwen3_moe", "olmoe", "flex_olmo", "deepseek_v2", "deepseek_v3", "qwen3_next",
-                     "glm4_moe", "dots1", "ernie4_5_moe", "hunyuan_v1_moe"], _QWEN2_MOE),
+    **dict.fromkeys(
+        [
+            "qwen2_moe",
+            "qwen3_moe",
+            "olmoe",
+            "flex_olmo",
+            "deepseek_v2",
+            "deepseek_v3",
+            "qwen3_next",
+            "glm4_moe",
+            "dots1",
+            "ernie4_5_moe",
+            "hunyuan_v1_moe",
+        ],
+        _QWEN2_MOE,
+    ),
     **dict.fromkeys(["mixtral", "minimax"], _MIXTRAL),
 }
 
@@ -72,10 +86,15 @@ def per_expert_pairs(
     family = _FAMILIES.get(model_type)
     if family is None:
         known = ", ".join(sorted(_FAMILIES))
-        why = ("its checkpoints keep the experts fused and vLLM reads its adapters in the fused layout"
-               if model_type == "gpt_oss" else f"lorakit knows the per-expert names of {known}")
-        raise ExpertLayoutError(f"no per-expert layout for model type {model_type!r}: {why}; save it with "
-                                "expert_layout='fused' (PEFT's target_parameters layout)")
+        why = (
+            "its checkpoints keep the experts fused and vLLM reads its adapters in the fused layout"
+            if model_type == "gpt_oss"
+            else f"lorakit knows the per-expert names of {known}"
+        )
+        raise ExpertLayoutError(
+            f"no per-expert layout for model type {model_type!r}: {why}; save it with "
+            "expert_layout='fused' (PEFT's target_parameters layout)"
+        )
     rename, gate, up, down = family
     pairs: dict[str, tuple[str, torch.Tensor, torch.Tensor]] = {}
     for param in parameters:
@@ -84,15 +103,18 @@ def per_expert_pairs(
         experts = model.get_submodule(owner)
         experts = experts.base_layer if isinstance(experts, LoraExperts) else experts
         if layer.transposed:
-            raise ExpertLayoutError(f"{param}: stored (experts, in, out); lorakit knows no per-expert checkpoint "
-                                    "layout for transposed experts")
+            raise ExpertLayoutError(
+                f"{param}: stored (experts, in, out); lorakit knows no per-expert checkpoint "
+                "layout for transposed experts"
+            )
         a, b = (t.detach() for t in layer.pair(name))  # (E, r, in), (E, out, r)
         path = owner.replace(*rename) if rename else owner
         if short == "gate_up_proj":
-            width = getattr(experts, "down_proj").shape[-1]  # down_proj (E, H, I): I
+            width = experts.down_proj.shape[-1]  # down_proj (E, H, I): I
             if b.shape[1] != 2 * width:
-                raise ExpertLayoutError(f"{param}: {b.shape[1]} outputs, not gate and up of {width} each "
-                                        f"(down_proj takes {width})")
+                raise ExpertLayoutError(
+                    f"{param}: {b.shape[1]} outputs, not gate and up of {width} each (down_proj takes {width})"
+                )
             for e in range(layer.num_experts):
                 pairs[f"{path}.{e}.{gate}"] = (param, a[e], b[e, :width])
                 pairs[f"{path}.{e}.{up}"] = (param, a[e], b[e, width:])
@@ -131,11 +153,14 @@ def gather_per_expert(
             paths = [[by_expert.get(e, {}).get(n) for n in names] for e in range(count)]
             if all(p is None for row in paths for p in row):
                 continue
-            absent = next((f"{owner}.{e}.{n}" for e, row in enumerate(paths) for n, p in zip(names, row) if p is None),
-                          None)
+            absent = next(
+                (f"{owner}.{e}.{n}" for e, row in enumerate(paths) for n, p in zip(names, row) if p is None), None
+            )
             if absent is not None:
-                raise ExpertLayoutError(f"missing key {fmt.key(absent, fmt.LINEAR_KEYS['A'])} (the file holds other "
-                                        f"experts' pairs of {owner}.{param}, per expert)")
+                raise ExpertLayoutError(
+                    f"missing key {fmt.key(absent, fmt.LINEAR_KEYS['A'])} (the file holds other "
+                    f"experts' pairs of {owner}.{param}, per expert)"
+                )
             scaling = config.scaling_for(paths[0][0])  # the gathered pair's; any other folded into B
             rows = [[_scaled(pairs[p], config.scaling_for(p) / scaling) for p in row] for row in paths]
             try:

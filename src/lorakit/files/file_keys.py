@@ -84,12 +84,15 @@ def expert_keys(model: nn.Module, config: LoraConfig, where: str) -> dict[str, s
     params = targeted_parameters(model, config.target_parameters)
     config_file = Path(where).with_name(CONFIG_FILE)
     if config.target_parameters and not params:
-        raise AdapterFileError(f"{config_file}: target_parameters={config.target_parameters!r} selects no parameter "
-                               "of this model")
+        raise AdapterFileError(
+            f"{config_file}: target_parameters={config.target_parameters!r} selects no parameter of this model"
+        )
     other = not_adaptable(model, params)
     if other:
-        raise AdapterFileError(f"{config_file}: target_parameters selects {other[0]!r}, which lorakit cannot adapt "
-                               "(LoRA on parameters is for the fused 3-D expert weights of MoE models)")
+        raise AdapterFileError(
+            f"{config_file}: target_parameters selects {other[0]!r}, which lorakit cannot adapt "
+            "(LoRA on parameters is for the fused 3-D expert weights of MoE models)"
+        )
     return wrapper_paths(model, params)
 
 
@@ -132,7 +135,11 @@ def _token_rows(model: nn.Module, facts: dict, tensors: dict[str, torch.Tensor],
 
 
 def _sort_keys(
-    model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], saved_paths: list[str], where: str,
+    model: nn.Module,
+    config: LoraConfig,
+    tensors: dict[str, torch.Tensor],
+    saved_paths: list[str],
+    where: str,
     wrapped: dict[str, str],
 ) -> tuple[
     dict[str, tuple[torch.Tensor, torch.Tensor]],
@@ -199,7 +206,9 @@ def _sort_keys(
             )
     experts = {path: param for param, path in wrapped.items()}
     pairs = {
-        experts[m]: _expert_pair(model, config, experts[m], m, half, where) for m, half in halves.items() if m in experts
+        experts[m]: _expert_pair(model, config, experts[m], m, half, where)
+        for m, half in halves.items()
+        if m in experts
     }
     pairs |= {m: _pair(model, m, half, config.use_dora, where) for m, half in halves.items() if m not in experts}
     magnitudes = {module: half[fmt.MAGNITUDE] for module, half in halves.items() if fmt.MAGNITUDE in half}
@@ -237,11 +246,19 @@ def _expert_pair(
     keys = (fmt.LINEAR_KEYS["A"], fmt.LINEAR_KEYS["B"])
     for suffix in [*keys, *half]:
         if suffix not in half or suffix not in keys:
-            raise AdapterFileError(f"{where}: {'missing' if suffix not in half else 'unexpected'} key "
-                                   f"{fmt.key(path, suffix)} (parameter {param!r})")
+            raise AdapterFileError(
+                f"{where}: {'missing' if suffix not in half else 'unexpected'} key "
+                f"{fmt.key(path, suffix)} (parameter {param!r})"
+            )
     try:
-        return pair_from_file(model, param, half[keys[0]], half[keys[1]], config.rank_for(param),
-                              (fmt.key(path, keys[0]), fmt.key(path, keys[1])))
+        return pair_from_file(
+            model,
+            param,
+            half[keys[0]],
+            half[keys[1]],
+            config.rank_for(param),
+            (fmt.key(path, keys[0]), fmt.key(path, keys[1])),
+        )
     except ValueError as err:
         raise AdapterFileError(f"{where}: {err}") from None
 
@@ -275,8 +292,10 @@ def _check_targets(
         raise AdapterFileError(f"{where}: holds no LoRA weights")
     missing = [p for p in params if p not in pairs]
     if missing:
-        raise AdapterFileError(f"{where}: missing key {fmt.key(params[missing[0]], fmt.LINEAR_KEYS['A'])} "
-                               f"(target_parameters selects {missing[0]!r})")
+        raise AdapterFileError(
+            f"{where}: missing key {fmt.key(params[missing[0]], fmt.LINEAR_KEYS['A'])} "
+            f"(target_parameters selects {missing[0]!r})"
+        )
     config_file = Path(where).with_name(CONFIG_FILE)
     try:
         expected = config_targets(model, config, facts)
@@ -314,9 +333,11 @@ def _unknown_module(model: nn.Module, path: str, config: LoraConfig, err: ValueE
     held = [p for p in expert_parameters(model) if p.rpartition(".")[0] == owner]
     if not held:
         return str(err)
-    return (f"key {fmt.key(path, fmt.LINEAR_KEYS['A'])!r} is where PEFT writes a pair of target_parameters on "
-            f"{owner!r} (which holds {', '.join(p.rpartition('.')[2] for p in held)}), but the config's "
-            f"target_parameters={config.target_parameters!r} puts none there")
+    return (
+        f"key {fmt.key(path, fmt.LINEAR_KEYS['A'])!r} is where PEFT writes a pair of target_parameters on "
+        f"{owner!r} (which holds {', '.join(p.rpartition('.')[2] for p in held)}), but the config's "
+        f"target_parameters={config.target_parameters!r} puts none there"
+    )
 
 
 def _check_biases(

@@ -246,8 +246,10 @@ def _target_parameters(raw: dict[str, Any], where: str) -> list[str]:
     if not (isinstance(value, list) and all(isinstance(v, str) and v for v in value)):
         raise ValueError(f"{where}: target_parameters={value!r} must be a list of parameter names (or null)")
     if raw.get("use_dora"):
-        raise ValueError(f"{where}: use_dora=true with target_parameters: DoRA on a parameter is refused by PEFT "
-                         "(lora.ParamWrapper) and by lorakit")
+        raise ValueError(
+            f"{where}: use_dora=true with target_parameters: DoRA on a parameter is refused by PEFT "
+            "(lora.ParamWrapper) and by lorakit"
+        )
     return list(value)
 
 

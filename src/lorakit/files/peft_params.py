@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..module_tree import base_modules
 from ..layers.experts import LoraExperts, expert_parameters, from_peft, to_peft
+from ..module_tree import base_modules
 
 _WRAPPER_CHILD = {"is_lora_layer": "base_layer", "is_lora_host": "base_layer", "is_saved_module": "original"}
 

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 
 from ..adapting.manage import add_adapter_from_tensors, inject, set_adapter
-from ..files.expert_layout import check_layout
 from ..adapting.token_rows import add_token_rows
 from ..config import LoraConfig
+from ..files.expert_layout import check_layout
 from ..quant.bnb import quantized_kind
 from ..quant.convert import quantize
 from ..quant.loftq import loftq_pairs
