@@ -13,7 +13,7 @@ from served import build, client, run
 import lorakit
 from lorakit.cli.trained import load_trained
 from lorakit.serving import AdapterStore
-from lorakit.training.tasks import load_model
+from lorakit.training.base_model import load_model
 
 pytestmark = pytest.mark.numeric
 
