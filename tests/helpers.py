@@ -238,6 +238,7 @@ _FOLDER_CONFIGS = {
         initializer_range=0.2,
     ),
     "llama": dict(pad_token_id=0, bos_token_id=2, eos_token_id=3),
+    "qwen3_moe": dict(pad_token_id=0, bos_token_id=2, eos_token_id=3),
     "gpt2": dict(
         n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0, bos_token_id=2, eos_token_id=3
     ),
@@ -245,7 +246,8 @@ _FOLDER_CONFIGS = {
 
 
 def make_model(folder: Path, kind: str, seed: int = 0) -> Path:
-    """Save a tiny random `kind` ("bert" as a bare encoder, "llama", "gpt2") and the tokenizer in `folder`."""
+    """Save a tiny random `kind` ("bert" as a bare encoder, "llama", "gpt2", "qwen3_moe") and the
+    tokenizer in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     make_tokenizer(folder)
     head = "base" if kind == "bert" else None
