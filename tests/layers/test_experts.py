@@ -385,3 +385,14 @@ def test_generate_inside_mixed_batch_follows_each_rows_route():
             lorakit.set_adapter(model, route)
             alone = model.generate(ids[row : row + 1], **kw)
         assert torch.equal(alone[0], together[row])
+
+
+def test_layers_restrict_the_experts_too():
+    model = tiny_model("olmoe")
+    lorakit.inject(model, lorakit.LoraConfig(targets="attention+mlp", layers=[1]))
+    modules = lorakit.adapters(model)["default"].modules
+    assert all(".layers.1." in p for p in modules)
+    assert {p for p in modules if "experts" in p} == {
+        "model.layers.1.mlp.experts.gate_up_proj",
+        "model.layers.1.mlp.experts.down_proj",
+    }
