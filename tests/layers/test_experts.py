@@ -204,12 +204,16 @@ def test_bad_targets_are_refused_with_what_exists():
     assert_unchanged(model, before)
 
 
-def test_dora_and_quantized_experts_are_refused_before_anything_changes():
+def test_dora_pissa_and_quantized_experts_are_refused_before_anything_changes():
     model = tiny_model("olmoe")
     before = snapshot(model)
     with pytest.raises(ValueError, match="DoRA on fused expert weights is not supported"):
         lorakit.inject(model, lorakit.LoraConfig(targets="attention+mlp", use_dora=True))
     assert_unchanged(model, before)
+    for init in ("pissa", "olora"):
+        with pytest.raises(ValueError, match=f"init='{init}' is not supported on fused expert weights"):
+            lorakit.inject(model, lorakit.LoraConfig(targets="attention+mlp", init=init))
+        assert_unchanged(model, before)
     with torch.no_grad():
         _experts(model).down_proj = torch.nn.Parameter(torch.zeros(4, 32, 64, dtype=torch.uint8), requires_grad=False)
     before = snapshot(model)
