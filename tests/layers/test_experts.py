@@ -118,6 +118,24 @@ def test_grouped_forward_and_gradients_match_float64_reference(kind, rank, froze
     assert pairs["gate_up_proj"][0].grad[3].abs().max() == 0  # an expert no token reaches learns nothing
 
 
+@pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
+def test_host_forward_matches_its_reference_forward(kind):
+    """LoraExperts' grouped forward (two adapters live) against its own plain per-expert path."""
+    model = _adapted(kind, seed=1)
+    lorakit.add_adapter(model, "b", lorakit.LoraConfig(rank=2, targets=[], target_parameters=["down_proj"]))
+    randomize_adapter(model, "b", seed=2)
+    lorakit.set_adapter(model, ["default", "b"])
+    host = _experts(model)
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(9, 32, generator=gen)
+    index = torch.stack([torch.randperm(4, generator=gen)[:2] for _ in range(9)])
+    weights = torch.rand(9, 2, generator=gen)
+    with torch.no_grad():
+        got = host(hidden, index, weights)
+        want = host.reference_forward(hidden, index, weights)
+    assert_rounding_close(got, want, n=32 + 2 * 64)
+
+
 def test_peft_layout_round_trip_and_its_meaning():
     a, b = torch.randn(4, 3, 5), torch.randn(4, 6, 3)
     a2, b2 = to_peft(a, b)

@@ -228,8 +228,6 @@ class LoraExperts(nn.Module):
     """The experts module, adapted: `base_layer` is the original, each adapted parameter a child
     `LoraExpertParam` named like the parameter."""
 
-    is_lora_host = True  # how targets.py / plan.py know it without importing this file
-
     def __init__(self, experts: nn.Module) -> None:
         super().__init__()
         if not is_experts(experts):
