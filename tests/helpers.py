@@ -246,7 +246,8 @@ _FOLDER_CONFIGS = {
 
 
 def make_model(folder: Path, kind: str, seed: int = 0) -> Path:
-    """Save a tiny random `kind` ("bert" as a bare encoder, "llama", "gpt2") and the tokenizer in `folder`."""
+    """Save a tiny random `kind` ("bert" as a bare encoder, "llama", "gpt2", "qwen3_moe") and the
+    tokenizer in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     make_tokenizer(folder)
     head = "base" if kind == "bert" else None

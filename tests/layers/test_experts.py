@@ -118,6 +118,24 @@ def test_grouped_forward_and_gradients_match_float64_reference(kind, rank, froze
     assert pairs["gate_up_proj"][0].grad[3].abs().max() == 0  # an expert no token reaches learns nothing
 
 
+@pytest.mark.parametrize("kind", ["mixtral", "gpt_oss"])
+def test_host_forward_matches_its_reference_forward(kind):
+    """LoraExperts' grouped forward (two adapters live) against its own plain per-expert path."""
+    model = _adapted(kind, seed=1)
+    lorakit.add_adapter(model, "b", lorakit.LoraConfig(rank=2, targets=[], target_parameters=["down_proj"]))
+    randomize_adapter(model, "b", seed=2)
+    lorakit.set_adapter(model, ["default", "b"])
+    host = _experts(model)
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(9, 32, generator=gen)
+    index = torch.stack([torch.randperm(4, generator=gen)[:2] for _ in range(9)])
+    weights = torch.rand(9, 2, generator=gen)
+    with torch.no_grad():
+        got = host(hidden, index, weights)
+        want = host.reference_forward(hidden, index, weights)
+    assert_rounding_close(got, want, n=32 + 2 * 64)
+
+
 def test_peft_layout_round_trip_and_its_meaning():
     a, b = torch.randn(4, 3, 5), torch.randn(4, 6, 3)
     a2, b2 = to_peft(a, b)
@@ -204,12 +222,16 @@ def test_bad_targets_are_refused_with_what_exists():
     assert_unchanged(model, before)
 
 
-def test_dora_and_quantized_experts_are_refused_before_anything_changes():
+def test_dora_pissa_and_quantized_experts_are_refused_before_anything_changes():
     model = tiny_model("olmoe")
     before = snapshot(model)
     with pytest.raises(ValueError, match="DoRA on fused expert weights is not supported"):
         lorakit.inject(model, lorakit.LoraConfig(targets="attention+mlp", use_dora=True))
     assert_unchanged(model, before)
+    for init in ("pissa", "olora"):
+        with pytest.raises(ValueError, match=f"init='{init}' is not supported on fused expert weights"):
+            lorakit.inject(model, lorakit.LoraConfig(targets="attention+mlp", init=init))
+        assert_unchanged(model, before)
     with torch.no_grad():
         _experts(model).down_proj = torch.nn.Parameter(torch.zeros(4, 32, 64, dtype=torch.uint8), requires_grad=False)
     before = snapshot(model)
@@ -385,3 +407,14 @@ def test_generate_inside_mixed_batch_follows_each_rows_route():
             lorakit.set_adapter(model, route)
             alone = model.generate(ids[row : row + 1], **kw)
         assert torch.equal(alone[0], together[row])
+
+
+def test_layers_restrict_the_experts_too():
+    model = tiny_model("olmoe")
+    lorakit.inject(model, lorakit.LoraConfig(targets="attention+mlp", layers=[1]))
+    modules = lorakit.adapters(model)["default"].modules
+    assert all(".layers.1." in p for p in modules)
+    assert {p for p in modules if "experts" in p} == {
+        "model.layers.1.mlp.experts.gate_up_proj",
+        "model.layers.1.mlp.experts.down_proj",
+    }

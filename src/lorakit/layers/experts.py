@@ -157,6 +157,18 @@ class LoraExpertParam(LoraLayer):
             nn.init.zeros_(b)
         return a, b
 
+    def pissa(self, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise ValueError(
+            f"init='pissa' is not supported on fused expert weights ({self.parameter_name!r}); use "
+            "init='default' or 'gaussian', or leave the experts out of the targets"
+        )
+
+    def olora(self, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise ValueError(
+            f"init='olora' is not supported on fused expert weights ({self.parameter_name!r}); use "
+            "init='default' or 'gaussian', or leave the experts out of the targets"
+        )
+
     def _store_pair(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
         self.lora_A[name] = nn.Parameter(a)
         self.lora_B[name] = nn.Parameter(b)
@@ -215,8 +227,6 @@ class ExpertSlice:
 class LoraExperts(nn.Module):
     """The experts module, adapted: `base_layer` is the original, each adapted parameter a child
     `LoraExpertParam` named like the parameter."""
-
-    is_lora_host = True  # how targets.py / plan.py know it without importing this file
 
     def __init__(self, experts: nn.Module) -> None:
         super().__init__()
