@@ -200,3 +200,15 @@ def test_a_config_that_does_not_fit_the_file_is_refused(expert_file, change, mat
     with pytest.raises(AdapterFileError, match=match):
         lorakit.load_adapter(model, expert_file, "second")
     assert_unchanged(model, before)
+
+
+def test_parameters_are_matched_by_their_names_without_lorakits_wrappers(tmp_path):
+    """PEFT's rule reads the base model's names; adapters already loaded change none of them."""
+    from lorakit.files.peft_params import base_parameter_names
+
+    model = tiny_model("qwen2_moe")
+    before = base_parameter_names(model)
+    assert "model.layers.1.mlp.experts.gate_up_proj" in before
+    lorakit.inject(model, lorakit.LoraConfig(targets="attention+mlp", modules_to_save=["lm_head"]))
+    lorakit.add_adapter(model, "b", lorakit.LoraConfig(targets=[], target_parameters=["down_proj"]))
+    assert base_parameter_names(model) == before

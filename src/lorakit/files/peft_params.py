@@ -23,9 +23,7 @@ import torch
 from torch import nn
 
 from ..layers.experts import LoraExperts, expert_parameters, from_peft, to_peft
-from ..module_tree import base_modules
-
-_WRAPPER_CHILD = {"is_lora_layer": "base_layer", "is_lora_host": "base_layer", "is_saved_module": "original"}
+from ..module_tree import base_modules, is_lora_layer, is_saved_module
 
 
 def base_parameter_names(model: nn.Module) -> list[str]:
@@ -40,10 +38,10 @@ def base_parameter_names(model: nn.Module) -> list[str]:
             plain[path] = plain[parent]
         else:
             plain[path] = f"{plain[parent]}.{child}" if plain.get(parent) else child
-        for flag, inner in _WRAPPER_CHILD.items():
-            if getattr(type(module), flag, False):
-                wrappers[path] = inner
-                break
+        if is_lora_layer(module) or isinstance(module, LoraExperts):
+            wrappers[path] = "base_layer"
+        elif is_saved_module(module):
+            wrappers[path] = "original"
         else:
             names += [f"{plain[path]}.{n}" if plain[path] else n for n, _ in module.named_parameters(recurse=False)]
     return names
