@@ -31,6 +31,7 @@ import report  # noqa: E402
 from sections import write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+OTHER_KEYS = ("experts",)  # BENCHMARKS.json keys that other scripts write
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,9 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     if out is not None:
         write_section("core", report.markdown(results, machine, reps, sys.argv[1:]), out)
         raw = out.with_suffix(".json")
+        # Other scripts keep their figures under their own key (bench/experts.py: "experts"): kept.
+        others = {k: v for k, v in (json.loads(raw.read_text()) if raw.exists() else {}).items() if k in OTHER_KEYS}
         raw.write_text(
             json.dumps(
                 {
+                    **others,
                     "machine": machine,
                     "reps": reps,
                     "argv": sys.argv[1:],

@@ -59,3 +59,26 @@ def adapters(tiny, tmp_path_factory):
     }
     found.update(root=root, cls_root=cls_root, lm_root=lm_root, bert=tiny["bert"], llama=tiny["llama"])
     return found
+
+
+@pytest.fixture(scope="session")
+def moe(tiny, tmp_path_factory):
+    """A tiny Qwen3-MoE folder (fused 3-D experts) and adapters on it: "m1" on attention and the
+    experts (PEFT's fused layout), "m2" on the experts alone (vLLM's per-expert layout)."""
+    root = tmp_path_factory.mktemp("moe")
+    base = make_model(root / "qwen3_moe", "qwen3_moe")
+    return {
+        "base": base,
+        "root": root / "adapters",
+        "m1": make_adapter(base, root / "adapters" / "m1", "causal-lm", seed=7, rank=4, targets="attention+mlp"),
+        "m2": make_adapter(
+            base,
+            root / "adapters" / "m2",
+            "causal-lm",
+            seed=8,
+            rank=2,
+            targets=[],
+            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+            expert_layout="per-expert",
+        ),
+    }

@@ -20,6 +20,17 @@ import torch
 # ---- tiny models ---------------------------------------------------------------------------
 
 # kind -> (config class, keyword arguments); every model is 2 blocks of width 32.
+_MOE = dict(
+    vocab_size=120,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    num_experts_per_tok=2,
+)
+MOE_KINDS = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss")
 _CONFIGS = {
     "bert": (
         "BertConfig",
@@ -45,6 +56,26 @@ _CONFIGS = {
             max_position_embeddings=64,
         ),
     ),
+    # Mixture-of-Experts (Transformers 5: fused 3-D expert weights), 4 experts, top-2.
+    "qwen3_moe": ("Qwen3MoeConfig", dict(_MOE, num_experts=4, moe_intermediate_size=16, head_dim=8)),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        dict(_MOE, num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24),
+    ),
+    "mixtral": ("MixtralConfig", dict(_MOE, num_local_experts=4, head_dim=8)),
+    "olmoe": ("OlmoeConfig", dict(_MOE, num_experts=4, pad_token_id=1, eos_token_id=2)),
+    "gpt_oss": (
+        "GptOssConfig",
+        dict(
+            _MOE,
+            num_local_experts=4,
+            intermediate_size=16,
+            head_dim=8,
+            layer_types=["full_attention", "sliding_attention"],
+            sliding_window=8,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+        ),
+    ),
 }
 # (kind, head) -> model class; head "classify" is a sequence classifier, "base" the bare encoder.
 _CLASSES = {
@@ -52,8 +83,13 @@ _CLASSES = {
     ("bert", "base"): "BertModel",
     ("gpt2", "causal-lm"): "GPT2LMHeadModel",
     ("llama", "causal-lm"): "LlamaForCausalLM",
+    ("qwen3_moe", "causal-lm"): "Qwen3MoeForCausalLM",
+    ("qwen2_moe", "causal-lm"): "Qwen2MoeForCausalLM",
+    ("mixtral", "causal-lm"): "MixtralForCausalLM",
+    ("olmoe", "causal-lm"): "OlmoeForCausalLM",
+    ("gpt_oss", "causal-lm"): "GptOssForCausalLM",
 }
-_DEFAULT_HEAD = {"bert": "classify", "gpt2": "causal-lm", "llama": "causal-lm"}
+_DEFAULT_HEAD = {"bert": "classify", "gpt2": "causal-lm", "llama": "causal-lm"} | {k: "causal-lm" for k in MOE_KINDS}
 
 
 def tiny_model(kind: str, *, head: str | None = None, seed: int = 0, **config) -> torch.nn.Module:
@@ -202,6 +238,7 @@ _FOLDER_CONFIGS = {
         initializer_range=0.2,
     ),
     "llama": dict(pad_token_id=0, bos_token_id=2, eos_token_id=3),
+    **{kind: dict(pad_token_id=0, bos_token_id=2, eos_token_id=3) for kind in MOE_KINDS},
     "gpt2": dict(
         n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0, bos_token_id=2, eos_token_id=3
     ),
@@ -209,7 +246,8 @@ _FOLDER_CONFIGS = {
 
 
 def make_model(folder: Path, kind: str, seed: int = 0) -> Path:
-    """Save a tiny random `kind` ("bert" as a bare encoder, "llama", "gpt2") and the tokenizer in `folder`."""
+    """Save a tiny random `kind` ("bert" as a bare encoder, "llama", "gpt2", "qwen3_moe") and the
+    tokenizer in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     make_tokenizer(folder)
     head = "base" if kind == "bert" else None
@@ -223,16 +261,27 @@ LABELS = ("neg", "pos")
 
 
 def make_adapter(
-    base: Path, out: Path, task: str, seed: int, rank: int = 4, targets="all-linear", labels: tuple[str, ...] = LABELS
+    base: Path,
+    out: Path,
+    task: str,
+    seed: int,
+    rank: int = 4,
+    targets="all-linear",
+    labels: tuple[str, ...] = LABELS,
+    expert_layout: str = "fused",
+    **config,
 ) -> Path:
-    """An adapter folder on `base` with random nonzero weights (and, for a classifier, its own head)."""
+    """An adapter folder on `base` with random nonzero weights (and, for a classifier, its own head);
+    `config`: more LoraConfig fields (target_parameters)."""
     import lorakit
     from lorakit.training.base_model import load_model
     from lorakit.training.labels import labels_json
 
     model = load_model(str(base), task, list(labels) if task == "classify" else None)
     saved = ["classifier"] if task == "classify" else []
-    lorakit.inject(model, lorakit.LoraConfig(rank=rank, alpha=2 * rank, targets=targets, modules_to_save=saved))
+    lorakit.inject(
+        model, lorakit.LoraConfig(rank=rank, alpha=2 * rank, targets=targets, modules_to_save=saved, **config)
+    )
     randomize_adapter(model, seed=seed)
     if saved:
         with torch.no_grad():
@@ -245,6 +294,7 @@ def make_adapter(
         base_model_name_or_path=str(base),
         task_type="SEQ_CLS" if task == "classify" else "CAUSAL_LM",
         extra_files=extra,
+        expert_layout=expert_layout,
     )
     return out
 

@@ -34,6 +34,10 @@ class LoraConfig:
     # layers.N.blocks.M), or several tried in order; PEFT's layers_pattern. None: the first block list.
     layers_pattern: str | list[str] | None = None
     use_dora: bool = False  # DoRA: W' = m (W + s B A) / ||W + s B A||, m trained per output feature
+    # Fused expert parameters to adapt, PEFT's target_parameters: "mlp.experts.gate_up_proj" names every
+    # parameter whose full name is it or ends with "." + it (experts.py). The presets attention+mlp and
+    # all-linear add every expert parameter of an MoE model by themselves.
+    target_parameters: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check_rank(self.rank, "rank")
@@ -48,7 +52,18 @@ class LoraConfig:
             raise ValueError(f"use_dora must be true or false, got {self.use_dora!r}")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {', '.join(BIAS_MODES)}; got {self.bias!r}")
-        self.targets = check_targets(self.targets)
+        if self.target_parameters is None:
+            self.target_parameters = []
+        if not (
+            isinstance(self.target_parameters, (list, tuple))
+            and all(isinstance(t, str) and t for t in self.target_parameters)
+        ):
+            raise ValueError(f"target_parameters must be a list of parameter names, got {self.target_parameters!r}")
+        self.target_parameters = list(self.target_parameters)
+        if isinstance(self.targets, (list, tuple)) and not self.targets and self.target_parameters:
+            self.targets = []  # only the expert parameters, as PEFT's target_modules=[]
+        else:
+            self.targets = check_targets(self.targets)
         for what, check in (("rank_pattern", _check_rank), ("alpha_pattern", _check_alpha)):
             patterns = getattr(self, what)
             if not isinstance(patterns, dict):

@@ -50,9 +50,14 @@ _ARCHITECTURES: dict[str, tuple[list[str], list[str]]] = {
     "gemma": _LLAMA,
     "gemma2": _LLAMA,
     "gemma3_text": _LLAMA,
-    # Expert layers are separate Linears before Transformers 5; from 5 on they are one fused
-    # tensor per layer that no Linear wrapper can hold, so only attention is adapted there.
-    "mixtral": (_LLAMA[0], [r"block_sparse_moe\.experts\.\d+\.w[123]"]),
+    # MoE models (Transformers 5): each layer's experts are fused 3-D parameters (mlp.experts.gate_up_proj,
+    # down_proj), which no module wrapper holds; the presets that reach the MLP adapt them as
+    # parameters (experts.resolve_parameters). Here only what is an nn.Linear: Qwen2-MoE's shared expert.
+    "mixtral": (_LLAMA[0], []),
+    "qwen3_moe": (_LLAMA[0], []),
+    "olmoe": (_LLAMA[0], []),
+    "gpt_oss": (_LLAMA[0], []),
+    "qwen2_moe": (_LLAMA[0], [r"mlp\.shared_expert\.(gate|up|down)_proj"]),
     "phi": ([r"self_attn\.(q_proj|k_proj|v_proj|dense)"], [r"mlp\.fc[12]"]),
     "phi3": ([r"self_attn\.(qkv|o)_proj"], [r"mlp\.(gate_up|down)_proj"]),
     "opt": ([r"self_attn\.(q|k|v|out)_proj"], [r"\d+\.fc[12]"]),

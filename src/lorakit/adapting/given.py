@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import LorakitError
+from ..layers import experts
 from ..layers.base import LoraLayer
 from ..targets import adaptable_kind
 
@@ -29,7 +30,8 @@ def given_pair(
     if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(t, torch.Tensor) for t in pair)):
         raise ValueError(f"module {path!r}: expected a pair of tensors (A, B)")
     a, b = pair
-    given = a.shape[0] if a.dim() else 0
+    axis = 1 if isinstance(layer, experts.LoraExpertParam) else 0  # experts: A is (E, r, in)
+    given = a.shape[axis] if a.dim() > axis else 0
     if given != rank:
         raise TensorError(
             f"module {path!r}: A has rank {given}, but the config gives rank {rank} for {path!r}", path, "A"
@@ -91,8 +93,11 @@ def check_values(what: str, tensor: torch.Tensor, like: torch.Tensor | None = No
         raise ValueError(f"{what} holds {bad} NaN or infinite value{'s' if bad > 1 else ''}")
 
 
-def get_adapted(model: nn.Module, path: str) -> nn.Module:
-    """The module at `path`, which must exist and be able to carry an adapter."""
+def get_adapted(model: nn.Module, path: str) -> nn.Module | None:
+    """The module at `path`, which must exist and be able to carry an adapter (None for an
+    expert parameter, which can)."""
+    if experts.host_and_layer(model, path) is not None:
+        return None
     try:
         module = model.get_submodule(path)
     except AttributeError:

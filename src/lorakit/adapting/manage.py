@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..config import LoraConfig
+from ..layers import experts
 from ..layers.base import LoraLayer
 from ..module_tree import base_modules
 from ..quant.bnb import logical_numel
@@ -28,6 +29,7 @@ from .plan import (
     commit,
     saved_module_paths,
     saved_wrapper_paths,
+    unwrap,
 )
 from .registry import (
     AdapterRecord,
@@ -61,9 +63,9 @@ def add_adapter(model: nn.Module, name: str, config: LoraConfig) -> nn.Module:
     _check_config(config)
     refuse_if_merged(model, "adding an adapter")
     exclude = list(config.modules_to_save) + saved_wrapper_paths(model)
-    modules = resolve_targets(
-        model, config.targets, config.layers, exclude=exclude, layers_pattern=config.layers_pattern
-    )
+    parameters = experts.resolve_parameters(model, config, exclude)
+    modules = _resolve_modules(model, config, exclude) if config.targets or not parameters else []
+    modules += parameters
     # Nothing inside a module trained in full gets an adapter as well.
     whole = saved_wrapper_paths(model) + saved_module_paths(model, config.modules_to_save)
     modules = [m for m in modules if not any(m.startswith(w + ".") for w in whole)]
@@ -110,7 +112,10 @@ def add_adapter_from_tensors(
     if unknown:
         raise ValueError(f"magnitudes: {unknown[0]!r} has no (A, B) pair in pairs")
     order = {p: i for i, (p, _) in enumerate(base_modules(model))}
-    modules = sorted(pairs, key=lambda p: order[p])
+    # An expert parameter not yet adapted sorts right after its experts module, in the forward's order.
+    modules = sorted(
+        pairs, key=lambda p: (order[p], 0) if p in order else (order[p.rpartition(".")[0]], 1 + ("down" in p))
+    )
     plan = build_plan(
         model, name, config, modules, tensors=pairs, magnitudes=(magnitudes or {}) if config.use_dora else None
     )
@@ -189,7 +194,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if isinstance(module, LoraLayer) and name in module.adapter_names:
             module.detach_adapter(name)
             if not module.adapter_names:
-                replace_module(model, path, module.base_layer)
+                unwrap(model, path, module)
         elif isinstance(module, SavedModule) and name in module.copies:
             del module.copies[name]
             module.active = [n for n in module.active if n != name]
@@ -268,7 +273,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
             _give_back_base(model, record)
     for path, module in wrappers(model):
         if isinstance(module, LoraLayer):
-            replace_module(model, path, module.base_layer)
+            unwrap(model, path, module)
         elif isinstance(module, SavedModule):
             replace_module(model, path, module.current if merge else module.original)
     forget(model)
@@ -283,6 +288,18 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 # ---- small helpers -------------------------------------------------------------------------
+
+
+def _resolve_modules(model: nn.Module, config: LoraConfig, exclude: list[str]) -> list[str]:
+    try:
+        return resolve_targets(
+            model, config.targets, config.layers, exclude=exclude, layers_pattern=config.layers_pattern
+        )
+    except ValueError as err:
+        hint = experts.expert_hint(model, config.targets)
+        if hint:
+            raise ValueError(f"{err}\n{hint}".rstrip()) from None
+        raise
 
 
 def _check_config(config: LoraConfig) -> None:

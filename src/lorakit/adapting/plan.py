@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..config import LoraConfig
+from ..layers import experts
 from ..layers.base import LoraLayer
 from ..layers.kinds import wrapper_for
 from ..module_tree import base_modules, get_module, is_wrapper, name_matches, within
@@ -66,12 +67,16 @@ def build_plan(
     """
     record = AdapterRecord(config=config, modules=list(modules))
     plan = Plan(name=name, record=record)
+    hosts: dict[str, nn.Module] = {}  # experts modules by path: a new LoraExperts, or the one in place
     for path in modules:
-        module = get_module(model, path)
-        kind = adaptable_kind(module)
+        expert = experts.host_and_layer(model, path)
+        module = get_module(model, path) if expert is None else None
+        kind = adaptable_kind(module) if expert is None else "experts"
         if kind is None:
             raise ValueError(f"module {path!r} ({type(module).__name__}) cannot carry a LoRA adapter")
-        if isinstance(module, LoraLayer):
+        if expert is not None:
+            layer = _expert_layer(plan, hosts, path, expert, config)
+        elif isinstance(module, LoraLayer):
             layer = module
         else:
             try:
@@ -116,11 +121,37 @@ def build_plan(
     return plan
 
 
+def _expert_layer(plan: Plan, hosts: dict[str, nn.Module], path: str, expert: tuple, config: LoraConfig) -> LoraLayer:
+    """The LoraExpertParam of expert parameter `path`: the one in place, or a new one planned
+    (with a new LoraExperts around its experts module where there is none yet)."""
+    host_path, host, layer = expert
+    if config.use_dora:
+        raise ValueError(
+            f"parameter {path!r}: DoRA on fused expert weights is not supported (its norm per "
+            "output feature of each expert is not implemented; PEFT refuses it too); train plain LoRA "
+            "there, or leave the experts out of the targets"
+        )
+    if layer is not None:
+        return layer
+    if host_path not in hosts:
+        hosts[host_path] = host
+        if not isinstance(host, experts.LoraExperts):
+            hosts[host_path] = experts.LoraExperts(host)
+            plan.wrappers.append((host_path, hosts[host_path]))
+    try:
+        layer = experts.new_layer(hosts[host_path], path.rpartition(".")[2])
+    except ValueError as err:  # quantized or otherwise unusable expert weights
+        raise ValueError(f"parameter {path!r}: {err}") from None
+    plan.wrappers.append((path, layer))
+    return layer
+
+
 def commit(model: nn.Module, plan: Plan) -> None:
     """Swap in what `build_plan` built; nothing here can fail on valid input."""
     register(model, plan.name, plan.record)
     for path, wrapper in plan.wrappers:
-        wrapper.train(model.get_submodule(path).training)  # added to a model in eval mode, it is in eval mode
+        if not isinstance(wrapper, experts.LoraExpertParam):  # that one took its experts' mode when built
+            wrapper.train(model.get_submodule(path).training)  # added to a model in eval mode, it is in eval mode
         wrapper.enabled = disabled_depth(model) == 0  # inside lorakit.disabled, new wrappers are off too
         replace_module(model, path, wrapper)
     with torch.no_grad():
@@ -166,3 +197,11 @@ def saved_module_paths(model: nn.Module, names: list[str]) -> list[str]:
 def saved_wrapper_paths(model: nn.Module) -> list[str]:
     """Paths of existing modules_to_save wrappers: never LoRA targets themselves."""
     return [p for p, m in base_modules(model) if isinstance(m, SavedModule)]
+
+
+def unwrap(model: nn.Module, path: str, wrapper: LoraLayer) -> None:
+    """Put back what the adapter-less `wrapper` at `path` stands in for."""
+    if isinstance(wrapper, experts.LoraExpertParam):
+        experts.unwrap(model, path, wrapper, replace_module)
+    else:
+        replace_module(model, path, wrapper.base_layer)

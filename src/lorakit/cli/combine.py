@@ -16,6 +16,7 @@ import argparse
 from pathlib import Path
 
 from ..files.adapter_file import load_adapter, save_adapter
+from ..files.expert_layout import LAYOUTS, check_layout
 from ..files.output_folder import Output
 from ..files.peft_format import CONFIG_FILE, WEIGHTS_FILE
 from ..tools.arithmetic import METHODS, combine
@@ -53,6 +54,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--rank", type=int, help="svd, ties, dare: the new rank (default: the largest source rank)")
     c.add_argument("--density", type=float, help="ties, dare: the fraction of each delta kept, in (0, 1]")
     c.add_argument("--seed", type=int, default=0, help="dare: the random stream (default: 0)")
+    c.add_argument(
+        "--expert-layout",
+        default="fused",
+        choices=LAYOUTS,
+        help="how a pair on MoE experts is written: fused (PEFT's target_parameters) or per-expert "
+        "(vLLM's layout for Qwen3-MoE, Qwen2-MoE, OLMoE, Mixtral, DeepSeek) (default: fused)",
+    )
     c.add_argument("--model", help="base model (default: the one named in the adapters' adapter_config.json)")
     c.add_argument(
         "--overwrite",
@@ -91,6 +99,10 @@ def run(args: argparse.Namespace) -> int:
         for name, folder in zip(names, args.adapters):
             message = message.replace(repr(name), folder)
         raise CommandError(message) from None
+    try:
+        check_layout(model, args.expert_layout, "combined")
+    except ValueError as err:
+        raise CommandError(f"--expert-layout {args.expert_layout}: {err}") from None
     record = {
         "adapters": [str(Path(a).resolve()) for a in args.adapters],
         "weights": weights,
@@ -110,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
             base_model_name_or_path=first["base"],
             task_type=TASK_TYPES[first["task"]],
             extra_files=extra,
+            expert_layout=args.expert_layout,
         )
 
     COMBINED.write(target, fill, record, args.overwrite)

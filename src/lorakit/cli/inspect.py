@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,9 @@ def inspect_adapter(folder: str | Path) -> dict[str, Any]:
     count = sum(_numel(s) for s in shapes.values())
     lora = sum(_numel(s) for k, s in shapes.items() if k.startswith(PREFIX) and split_pair_key(k[len(PREFIX) :]))
     modules = facts.get("target_modules") or []
+    experts = _experts(config.target_parameters, modules)
+    if isinstance(modules, list):
+        modules = [m for m in modules if not _PER_EXPERT.search(m)]
     info: dict[str, Any] = {
         "folder": str(folder),
         "base_model": facts.get("base_model_name_or_path"),
@@ -40,6 +44,7 @@ def inspect_adapter(folder: str | Path) -> dict[str, Any]:
         "dropout": config.dropout,
         "targets": sorted({m.rsplit(".", 1)[-1] for m in modules}) if isinstance(modules, list) else modules,
         "target_modules": len(modules) if isinstance(modules, list) else modules,
+        "experts": experts,
         "modules_to_save": config.modules_to_save,
         "parameters": count,
         "lora_parameters": lora,
@@ -54,11 +59,43 @@ def inspect_adapter(folder: str | Path) -> dict[str, Any]:
     return info
 
 
+_PER_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+
+
+def _experts(parameters: list[str], modules: Any) -> dict[str, Any] | None:
+    """The adapter's part on MoE experts, from its config alone: fused parameters (PEFT's
+    target_parameters) or per-expert modules (vLLM's layout), or None."""
+    if parameters:
+        return {
+            "layout": "fused",
+            "parameters": len(parameters),
+            "names": sorted({p.rsplit(".", 1)[-1] for p in parameters}),
+        }
+    per = [m for m in modules if _PER_EXPERT.search(m)] if isinstance(modules, list) else []
+    if not per:
+        return None
+    return {
+        "layout": "per-expert",
+        "modules": len(per),
+        "experts": len({_PER_EXPERT.search(m).group(1) for m in per}),
+        "names": sorted({m.rsplit(".", 1)[-1] for m in per}),
+    }
+
+
 def _numel(shape: list[int]) -> int:
     n = 1
     for d in shape:
         n *= d
     return n
+
+
+def _experts_text(experts: dict[str, Any]) -> str:
+    names = ", ".join(experts["names"])
+    if experts["layout"] == "fused":
+        return f"{experts['parameters']} fused expert parameters: {names} (PEFT's target_parameters layout)"
+    return (
+        f"{experts['modules']} per-expert modules of {experts['experts']} experts: {names} (vLLM's per-expert layout)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
             f"dropout {info['dropout']:g}",
         ),
         ("targets", f"{info['target_modules']} modules: {targets}"),
+        *([("experts", _experts_text(info["experts"]))] if info["experts"] else []),
         ("trained in full", ", ".join(info["modules_to_save"]) or "-"),
         ("parameters", f"{info['parameters']:,} ({info['lora_parameters']:,} in LoRA pairs)"),
         ("file size", f"{info['file_bytes'] / 1024:.1f} KB ({WEIGHTS_FILE})"),

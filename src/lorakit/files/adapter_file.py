@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,14 @@ from ..adapting.pissa import RESIDUAL_INITS, as_plain_lora, plain_pairs
 from ..adapting.registry import adapters, base_biases
 from ..adapting.token_rows import CONFIG_KEY, ROWS_KEY, config_entry, token_rows
 from ..config import LoraConfig
+from ..layers.experts import expert_parameters, from_peft
 from ..targets import adaptable_kind
 from . import peft_format as fmt
 from .atomic import make_temp_dir, write_atomic, write_json_atomic
+from .expert_layout import LAYOUTS, expert_paths, per_expert_pairs
 from .file_keys import AdapterFileError, file_tensors
 from .json_file import read_json
+from .peft_params import pair_to_file, wrapper_paths
 from .peft_targets import peft_saved_modules
 
 CONFIG_FILE = fmt.CONFIG_FILE
@@ -42,15 +46,43 @@ WEIGHTS_FILE = fmt.WEIGHTS_FILE
 
 
 def adapter_state_dict(model: nn.Module, name: str = "default", *, as_lora: bool = False) -> dict[str, torch.Tensor]:
-    """Adapter `name`'s tensors under PEFT's key names (what save_adapter writes); `as_lora` as there."""
+    """Adapter `name`'s tensors under PEFT's key names (what save_adapter writes); `as_lora` as there.
+    The live tensors, but for expert pairs (copies in PEFT's layout): write with copy_adapter_state."""
     record = _record(model, name)
     state = _state(model, name, record)
     return as_plain_lora(model, record, state)[1] if as_lora and record.config.init in RESIDUAL_INITS else state
 
 
-def _state(model: nn.Module, name: str, record) -> dict[str, torch.Tensor]:
+def copy_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], name: str = "default") -> None:
+    """Copy `state` (as adapter_state_dict gives it, say from a checkpoint) into adapter `name`'s
+    live tensors; an expert pair goes back from PEFT's flattened layout to lorakit's."""
+    record = _record(model, name)
+    with torch.no_grad():
+        for param, path in wrapper_paths(model, expert_paths(model, record)).items():
+            layer = model.get_submodule(param)
+            pair = from_peft(
+                state[fmt.key(path, fmt.LINEAR_KEYS["A"])],
+                state[fmt.key(path, fmt.LINEAR_KEYS["B"])],
+                layer.num_experts,
+            )
+            for live, value in zip(layer.pair(name), pair):
+                live.copy_(value)
+        for key, tensor in _state(model, name, record, fused_experts=False).items():
+            tensor.copy_(state[key])  # _state hands out the live tensors (detached views)
+
+
+def _state(model: nn.Module, name: str, record, *, fused_experts: bool = True) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
+    # Expert parameters: PEFT's flattened pair under its (nested) wrapper's path (peft_params.py);
+    # without `fused_experts`, none (save_adapter writes them per expert, expert_layout.py).
+    experts = wrapper_paths(model, expert_paths(model, record))
+    for path, module_path in experts.items() if fused_experts else ():
+        a, b = pair_to_file(*model.get_submodule(path).pair(name))
+        state[fmt.key(module_path, fmt.LINEAR_KEYS["A"])] = a
+        state[fmt.key(module_path, fmt.LINEAR_KEYS["B"])] = b
     for path in record.modules:
+        if path in experts:
+            continue
         layer = model.get_submodule(path)
         keys = fmt.pair_keys(layer.lookup_table)
         for role, p in layer.adapter_parameters(name).items():
@@ -86,6 +118,7 @@ def save_adapter(
     task_type: str | None = None,
     extra_files: dict[str, Any] | None = None,
     as_lora: bool = False,
+    expert_layout: str = "fused",
 ) -> Path:
     """Write adapter `name` to folder `path` in PEFT's layout; `extra_files` are more JSON files.
 
@@ -94,12 +127,29 @@ def save_adapter(
     saved as it is, such an adapter is the trained A, B, loaded by recomputing the residual.
     For any other adapter it changes nothing.
 
+    `expert_layout` says how pairs on fused expert parameters are written: "fused" (PEFT's
+    `target_parameters` layout, which PEFT and lorakit read, and vLLM for gpt-oss-like models) or
+    "per-expert" (one 2-D pair per expert and projection under the names of the model's own
+    checkpoint, which vLLM reads for Qwen3-MoE, Qwen2-MoE, OLMoE, Mixtral, DeepSeek; expert_layout.py).
+
     Returns the folder. A new folder appears whole (built aside, then renamed); in an existing
     one each file is replaced atomically.
     """
     _check_path(path)
+    if expert_layout not in LAYOUTS:
+        raise ValueError(f"expert_layout must be one of {', '.join(LAYOUTS)}; got {expert_layout!r}")
     record = _record(model, name)
-    config, state = record.config, _state(model, name, record)
+    parameters = expert_paths(model, record)
+    per_expert = expert_layout == "per-expert" and bool(parameters)
+    config, state = record.config, _state(model, name, record, fused_experts=not per_expert)
+    modules = [m for m in record.modules if m not in parameters]
+    if per_expert:  # every check before anything is written
+        split = per_expert_pairs(model, name, parameters)
+        for module, (_, a, b) in split.items():
+            state[fmt.key(module, fmt.LINEAR_KEYS["A"])] = a
+            state[fmt.key(module, fmt.LINEAR_KEYS["B"])] = b
+        config = _exact_patterns(config, {m: m for m in modules} | {m: p for m, (p, _, _) in split.items()})
+        modules, parameters = modules + list(split), []
     for fname, obj in (extra_files or {}).items():
         try:
             json.dumps(obj)
@@ -118,7 +168,8 @@ def save_adapter(
     fan_in_fan_out = any(getattr(model.get_submodule(p), "fan_in_fan_out", False) for p in record.modules)
     peft_config = fmt.to_peft_dict(
         config,
-        record.modules,
+        modules,
+        parameter_names=parameters,
         fan_in_fan_out=fan_in_fan_out,
         base_model_name_or_path=base_model_name_or_path,
         task_type=task_type,
@@ -145,6 +196,17 @@ def save_adapter(
             shutil.rmtree(target, ignore_errors=True)
         raise
     return folder
+
+
+def _exact_patterns(config: LoraConfig, sources: dict[str, str]) -> LoraConfig:
+    """`config` with rank / alpha patterns naming each written module exactly (`sources`: written
+    module -> the adapted module or parameter whose rank and alpha it has)."""
+    ranks = {re.escape(m): config.rank_for(s) for m, s in sources.items() if config.rank_for(s) != config.rank}
+    alphas = {re.escape(m): config.alpha_for(s) for m, s in sources.items() if config.alpha_for(s) != config.alpha}
+    # (targets is not written, target_modules is: [] would only be valid with target_parameters)
+    return dataclasses.replace(
+        config, rank_pattern=ranks, alpha_pattern=alphas, target_parameters=[], targets=config.targets or "all-linear"
+    )
 
 
 # ---- loading -------------------------------------------------------------------------------
@@ -246,8 +308,12 @@ def load_adapter(
             trainable=trainable,
         )
     except TensorError as err:  # say which key of the file it is
-        embedding = adaptable_kind(model.get_submodule(err.module)) == "embedding"
-        key = fmt.key(err.module, fmt.pair_keys(embedding)[err.role])
+        experts = wrapper_paths(model, [p for p in pairs if p in set(expert_parameters(model))])
+        if err.module in experts:
+            key = fmt.key(experts[err.module], fmt.LINEAR_KEYS[err.role])
+        else:
+            embedding = adaptable_kind(model.get_submodule(err.module)) == "embedding"
+            key = fmt.key(err.module, fmt.pair_keys(embedding)[err.role])
         raise AdapterFileError(f"{where}: key {key!r}: {err}") from None
     except ValueError as err:
         raise AdapterFileError(f"{where}: {err}") from None

@@ -23,9 +23,12 @@ from ..adapting.token_rows import CONFIG_KEY, ROWS_KEY, check_entry, indices_by_
 from ..config import LoraConfig
 from ..errors import LorakitError
 from ..layers.base import LoraLayer
+from ..layers.experts import expert_parameters
 from ..module_tree import base_modules
 from ..targets import adaptable_kind
 from . import peft_format as fmt
+from .expert_layout import gather_per_expert
+from .peft_params import not_adaptable, pair_from_file, targeted_parameters, wrapper_paths
 from .peft_targets import config_targets, peft_saved_modules
 
 CONFIG_FILE = fmt.CONFIG_FILE
@@ -58,14 +61,39 @@ def file_tensors(
         raise AdapterFileError(f"{where}: {err}") from None
     rows = _token_rows(model, facts, tensors, where)
     tensors = {k: v for k, v in tensors.items() if not k.endswith("." + ROWS_KEY)}
-    pairs, magnitudes, base, saved = _sort_keys(model, config, tensors, saved_paths, where)
+    params = expert_keys(model, config, where)
+    pairs, magnitudes, base, saved = _sort_keys(model, config, tensors, saved_paths, where, params)
+    try:  # vLLM's per-expert layout (expert_layout.py) of a fused expert parameter
+        pairs, gathered = gather_per_expert(model, config, pairs)
+    except ValueError as err:
+        raise AdapterFileError(f"{where}: {err}") from None
+    params |= {p: p for p in gathered}
     both = sorted(set(rows) & set(base))
     if both:
         raise AdapterFileError(f"{where}: {both[0]!r} is both saved whole and given token rows")
     base.update(rows)
-    _check_targets(model, config, facts, pairs, where)
+    _check_targets(model, config, facts, pairs, where, params)
     _check_biases(model, config, pairs, base, saved_paths, where)
     return FileTensors(pairs, magnitudes, base, saved)
+
+
+def expert_keys(model: nn.Module, config: LoraConfig, where: str) -> dict[str, str]:
+    """Parameter name -> the module path its pair is under in the file, for every parameter the
+    config's target_parameters selects by PEFT's rule (peft_params.py); each one must be a fused
+    expert weight lorakit adapts."""
+    params = targeted_parameters(model, config.target_parameters)
+    config_file = Path(where).with_name(CONFIG_FILE)
+    if config.target_parameters and not params:
+        raise AdapterFileError(
+            f"{config_file}: target_parameters={config.target_parameters!r} selects no parameter of this model"
+        )
+    other = not_adaptable(model, params)
+    if other:
+        raise AdapterFileError(
+            f"{config_file}: target_parameters selects {other[0]!r}, which lorakit cannot adapt "
+            "(LoRA on parameters is for the fused 3-D expert weights of MoE models)"
+        )
+    return wrapper_paths(model, params)
 
 
 def _token_rows(model: nn.Module, facts: dict, tensors: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
@@ -107,7 +135,12 @@ def _token_rows(model: nn.Module, facts: dict, tensors: dict[str, torch.Tensor],
 
 
 def _sort_keys(
-    model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], saved_paths: list[str], where: str
+    model: nn.Module,
+    config: LoraConfig,
+    tensors: dict[str, torch.Tensor],
+    saved_paths: list[str],
+    where: str,
+    wrapped: dict[str, str],
 ) -> tuple[
     dict[str, tuple[torch.Tensor, torch.Tensor]],
     dict[str, torch.Tensor],
@@ -116,7 +149,7 @@ def _sort_keys(
 ]:
     """Split the file's keys into LoRA pairs and DoRA magnitudes (by module), base tensors (by
     parameter name: trained biases, embedding tables) and modules_to_save states (by module);
-    every key must find a place."""
+    every key must find a place; `wrapped`: expert parameter -> the module path its keys use."""
     halves: dict[str, dict[str, torch.Tensor]] = {}
     base: dict[str, torch.Tensor] = {}
     saved: dict[str, dict[str, torch.Tensor]] = {p: {} for p in saved_paths}
@@ -171,7 +204,13 @@ def _sort_keys(
             raise AdapterFileError(
                 f"{where}: key {key!r} differs from {what} for {owner}.{tensor_name} (modules_to_save)"
             )
-    pairs = {module: _pair(model, module, half, config.use_dora, where) for module, half in halves.items()}
+    experts = {path: param for param, path in wrapped.items()}
+    pairs = {
+        experts[m]: _expert_pair(model, config, experts[m], m, half, where)
+        for m, half in halves.items()
+        if m in experts
+    }
+    pairs |= {m: _pair(model, m, half, config.use_dora, where) for m, half in halves.items() if m not in experts}
     magnitudes = {module: half[fmt.MAGNITUDE] for module, half in halves.items() if fmt.MAGNITUDE in half}
     return pairs, magnitudes, base, saved
 
@@ -200,6 +239,30 @@ def _pair(
     return half[keys["A"]], half[keys["B"]]
 
 
+def _expert_pair(
+    model: nn.Module, config: LoraConfig, param: str, path: str, half: dict[str, torch.Tensor], where: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """lorakit's per-expert (A, B) of expert parameter `param` from its PEFT keys under `path`."""
+    keys = (fmt.LINEAR_KEYS["A"], fmt.LINEAR_KEYS["B"])
+    for suffix in [*keys, *half]:
+        if suffix not in half or suffix not in keys:
+            raise AdapterFileError(
+                f"{where}: {'missing' if suffix not in half else 'unexpected'} key "
+                f"{fmt.key(path, suffix)} (parameter {param!r})"
+            )
+    try:
+        return pair_from_file(
+            model,
+            param,
+            half[keys[0]],
+            half[keys[1]],
+            config.rank_for(param),
+            (fmt.key(path, keys[0]), fmt.key(path, keys[1])),
+        )
+    except ValueError as err:
+        raise AdapterFileError(f"{where}: {err}") from None
+
+
 def _check_values(key: str, tensor: torch.Tensor, where: str, like: torch.Tensor | None) -> None:
     try:
         check_values(f"key {key!r}", tensor, like=like)
@@ -214,28 +277,40 @@ def _saved_tensor(model: nn.Module, owner: str, rest: str) -> torch.Tensor | Non
     return module.state_dict().get(rest[len(owner) + 1 :])
 
 
-def _check_targets(model: nn.Module, config: LoraConfig, facts: dict, pairs: dict, where: str) -> None:
-    """The file's pairs must be exactly the modules its config targets on this model.
+def _check_targets(
+    model: nn.Module, config: LoraConfig, facts: dict, pairs: dict, where: str, params: dict[str, str]
+) -> None:
+    """The file's pairs must be exactly the modules (and expert parameters, `params`) its config
+    targets on this model.
 
     PEFT skips pairs its config does not target and leaves targets without weights at their
     start; either way the loaded model would not be the trained one. A config that names no
-    targets (null or []) leaves the file's keys to say.
+    target modules (null or []) leaves the file's keys to say which modules, unless it has
+    target_parameters: then [] means none (PEFT's null would add its defaults for the model type).
     """
     if not pairs:
         raise AdapterFileError(f"{where}: holds no LoRA weights")
+    missing = [p for p in params if p not in pairs]
+    if missing:
+        raise AdapterFileError(
+            f"{where}: missing key {fmt.key(params[missing[0]], fmt.LINEAR_KEYS['A'])} "
+            f"(target_parameters selects {missing[0]!r})"
+        )
     config_file = Path(where).with_name(CONFIG_FILE)
     try:
         expected = config_targets(model, config, facts)
     except ValueError as err:
         raise AdapterFileError(f"{config_file}: {err}") from None
+    if expected is None and params and facts.get("target_modules") == []:
+        expected = []
     if expected is None:
         return
     for path in sorted(pairs):
-        if path not in expected:
+        if path not in expected and path not in params:
             try:
                 module = get_adapted(model, path)
             except ValueError as err:  # first say that the module is not there at all
-                raise AdapterFileError(f"{where}: {err}") from None
+                raise AdapterFileError(f"{where}: {_unknown_module(model, path, config, err)}") from None
             suffix = fmt.pair_keys(adaptable_kind(module) == "embedding")["A"]
             raise AdapterFileError(
                 f"{where}: unexpected key {fmt.key(path, suffix)!r}: {config_file} does not target module "
@@ -247,6 +322,22 @@ def _check_targets(model: nn.Module, config: LoraConfig, facts: dict, pairs: dic
         raise AdapterFileError(
             f"{where}: missing key {fmt.key(missing[0], suffix)} (the config targets {missing[0]!r})"
         )
+
+
+def _unknown_module(model: nn.Module, path: str, config: LoraConfig, err: ValueError) -> str:
+    """What is wrong with a pair under `path`, a module LoRA cannot adapt: where PEFT would have
+    written a target_parameters pair there (an experts module, a `.base_layer` of it), say so."""
+    owner = path
+    while owner.endswith(".base_layer"):
+        owner = owner[: -len(".base_layer")]
+    held = [p for p in expert_parameters(model) if p.rpartition(".")[0] == owner]
+    if not held:
+        return str(err)
+    return (
+        f"key {fmt.key(path, fmt.LINEAR_KEYS['A'])!r} is where PEFT writes a pair of target_parameters on "
+        f"{owner!r} (which holds {', '.join(p.rpartition('.')[2] for p in held)}), but the config's "
+        f"target_parameters={config.target_parameters!r} puts none there"
+    )
 
 
 def _check_biases(

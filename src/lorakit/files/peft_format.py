@@ -61,7 +61,6 @@ _PEFT_NULL_FIELDS = (
     "loftq_config",
     "eva_config",
     "corda_config",
-    "target_parameters",
     "alora_invocation_tokens",
     "arrow_config",
 )
@@ -94,6 +93,7 @@ def to_peft_dict(
     config: LoraConfig,
     module_names: list[str],
     *,
+    parameter_names: list[str] = (),
     fan_in_fan_out: bool,
     base_model_name_or_path: str | None,
     task_type: str | None,
@@ -101,7 +101,9 @@ def to_peft_dict(
     """PEFT's adapter_config.json for an adapter on exactly `module_names`.
 
     target_modules is the exact list of adapted module paths (not the preset), so PEFT adapts
-    the same modules; `layers` is already applied to that list, and written as
+    the same modules, and target_parameters the exact list of adapted expert parameters (null
+    when none; target_modules is then [] rather than null, which would make PEFT pick its own
+    defaults for the model type); `layers` is already applied to both lists, and written as
     layers_to_transform / layers_pattern for the record (PEFT takes a whole module name in
     target_modules as it is, without the layer filter).
     """
@@ -115,6 +117,7 @@ def to_peft_dict(
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
         "target_modules": sorted(module_names),
+        "target_parameters": sorted(parameter_names) or None,
         "exclude_modules": None,
         "fan_in_fan_out": fan_in_fan_out,
         "bias": config.bias,
@@ -123,7 +126,7 @@ def to_peft_dict(
         "init_lora_weights": _PEFT_INIT[config.init],
         "layers_to_transform": config.layers,
         "layers_pattern": config.layers_pattern,
-        **_written_patterns(config, module_names),
+        **_written_patterns(config, [*module_names, *parameter_names]),
         "use_dora": config.use_dora,
         "lora_bias": False,
         "use_qalora": False,
@@ -190,8 +193,11 @@ def from_peft_dict(raw: Any, where: str) -> tuple[LoraConfig, dict[str, Any]]:
             raise ValueError(f"{where}: {key}={raw[key]!r} must be {wanted}")
     if "r" not in raw:
         raise ValueError(f"{where}: missing key 'r' (the adapter rank)")
+    parameters = _target_parameters(raw, where)
     targets = raw.get("target_modules")
-    if targets is None or targets == []:
+    if parameters and targets in (None, []):
+        targets = []  # only parameters (PEFT's null would add its defaults: the file's keys say which)
+    elif targets is None or targets == []:
         targets = "all-linear"  # the real targets come from the weight file's keys
     try:
         config = LoraConfig(
@@ -208,6 +214,7 @@ def from_peft_dict(raw: Any, where: str) -> tuple[LoraConfig, dict[str, Any]]:
             layers=_layers(raw.get("layers_to_transform")),
             use_dora=raw.get("use_dora") or False,  # PEFT's older files may hold null
             layers_pattern=_layers_pattern(raw.get("layers_pattern"), raw.get("layers_to_transform")),
+            target_parameters=parameters,
         )
     except ValueError as err:
         word = re.match(r"\w+", str(err))  # LoraConfig names its own field first: say the file's name too
@@ -228,6 +235,22 @@ def from_peft_dict(raw: Any, where: str) -> tuple[LoraConfig, dict[str, Any]]:
         "trainable_token_indices": raw.get("trainable_token_indices"),  # token_rows.py; checked there
     }
     return config, facts
+
+
+def _target_parameters(raw: dict[str, Any], where: str) -> list[str]:
+    """target_parameters as PEFT takes it: null, or a list of parameter names (PEFT refuses a
+    string, and DoRA on a parameter: `lora.ParamWrapper`)."""
+    value = raw.get("target_parameters")
+    if value is None or value == []:
+        return []
+    if not (isinstance(value, list) and all(isinstance(v, str) and v for v in value)):
+        raise ValueError(f"{where}: target_parameters={value!r} must be a list of parameter names (or null)")
+    if raw.get("use_dora"):
+        raise ValueError(
+            f"{where}: use_dora=true with target_parameters: DoRA on a parameter is refused by PEFT "
+            "(lora.ParamWrapper) and by lorakit"
+        )
+    return list(value)
 
 
 def _layers(value: Any) -> list[int] | None:

@@ -35,6 +35,8 @@ from ..files.adapter_file import (
     read_adapter_config,
     read_tensor_shapes,
 )
+from ..files.expert_layout import per_expert_parameters
+from ..files.peft_params import not_adaptable, targeted_parameters
 from ..files.peft_targets import config_targets
 
 # check(folder, config, facts) -> extra facts kept with the entry (e.g. label names); raises
@@ -94,7 +96,16 @@ class AdapterStore:
             found = config_targets(self.model, config, facts)
         except ValueError as err:
             raise AdapterFileError(f"{where}: {err}") from None
-        if found == []:
+        parameters = targeted_parameters(self.model, config.target_parameters)  # fused MoE experts
+        per_expert = per_expert_parameters(self.model, facts.get("target_modules"))  # or vLLM's layout of them
+        other = not_adaptable(self.model, parameters)
+        if config.target_parameters and (not parameters or other):
+            what = f"selects {other[0]!r}, which lorakit cannot adapt" if other else "selects no parameter of it"
+            raise AdapterFileError(
+                f"{where}: the adapter does not fit this base model: target_parameters="
+                f"{config.target_parameters!r} {what}"
+            )
+        if found == [] and not parameters and not per_expert:
             raise AdapterFileError(
                 f"{where}: the adapter does not fit this base model: target_modules={facts.get('target_modules')!r}"
                 f"{'' if config.layers is None else f', layers_to_transform={config.layers}'} "

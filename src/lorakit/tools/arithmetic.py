@@ -42,6 +42,7 @@ from ..adapting.manage import add_adapter_from_tensors
 from ..adapting.registry import adapters, check_new_name, lora_layers, refuse_if_merged, wrappers
 from ..config import LoraConfig
 from ..layers.base import LoraLayer
+from ..layers.experts import ExpertSlice, LoraExpertParam
 
 METHODS = ("linear", "cat", "svd", "ties", "dare")
 
@@ -91,17 +92,22 @@ def combine(
     for path in modules:
         layer = layers[path]
         present = [(n, sources[n]) for n in sources if n in layer.adapter_names]
-        a, b, aim = _combine_layer(layer, present, method, target_rank, density, generator)
+        a, b, aim = _combine_any(layer, present, method, target_rank, density, generator)
         pairs[path] = (a, b)
-        errors[path] = _relative_error(_delta(a, b, 1.0), aim)
-    ranks = {p: a.shape[0] for p, (a, _) in pairs.items()}
+        got = torch.bmm(_precise(b), _precise(a)) if isinstance(layer, LoraExpertParam) else _delta(a, b, 1.0)
+        errors[path] = _relative_error(got, aim)
+    ranks = {
+        p: layers[p].rank_of(a) if isinstance(layers[p], LoraExpertParam) else a.shape[0] for p, (a, _) in pairs.items()
+    }
     common = Counter(ranks.values()).most_common(1)[0][0]
     odd = {p: r for p, r in ranks.items() if r != common}  # scaling 1 everywhere: alpha follows rank
     saved_paths = list(dict.fromkeys(p for n in sources for p in known[n].saved))
+    on_experts = [p for p in modules if isinstance(layers[p], LoraExpertParam)]
     config = LoraConfig(
         rank=common,
         alpha=common,
-        targets=modules,
+        targets=[p for p in modules if p not in on_experts],
+        target_parameters=on_experts,
         rank_pattern=odd,
         alpha_pattern=dict(odd),
         modules_to_save=saved_paths,
@@ -173,6 +179,26 @@ def _delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """s B A as an (out, in...) matrix: (out, r) @ (r, in * kernel)."""
     r = a.shape[0]
     return scaling * (_precise(b).reshape(b.shape[0], r) @ _precise(a).reshape(r, -1))
+
+
+def _combine_any(
+    layer: LoraLayer,
+    present: list[tuple[str, float]],
+    method: str,
+    rank: int,
+    density: float | None,
+    generator: torch.Generator | None,
+):
+    """`_combine_layer`, for fused expert parameters one expert at a time (each its own low-rank
+    pair), the results stacked back to (E, r, in) / (E, out, r)."""
+    if not isinstance(layer, LoraExpertParam):
+        return _combine_layer(layer, present, method, rank, density, generator)
+    parts = [
+        _combine_layer(ExpertSlice(layer, e), present, method, rank, density, generator)
+        for e in range(layer.num_experts)
+    ]
+    a, b, aim = (torch.stack(t) for t in zip(*parts))
+    return a, b, aim
 
 
 def _combine_layer(

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..files.adapter_file import adapter_state_dict, save_adapter
+from ..files.adapter_file import adapter_state_dict, copy_adapter_state, save_adapter
 from ..files.atomic import make_temp_dir, write_atomic, write_json_atomic
 from ..files.json_file import read_json
 from ..files.peft_format import WEIGHTS_FILE
@@ -130,9 +130,7 @@ class Restored:
         """Put the adapter, optimizer and Python random state in place (torch's random states
         are the caller's: they are per process)."""
         optimizer.load_state_dict(self.optimizer)
-        with torch.no_grad():
-            for key, tensor in adapter_state_dict(model).items():
-                tensor.copy_(self.weights[key])  # adapter_state_dict hands out the live parameters
+        copy_adapter_state(model, self.weights)
         random.setstate(self.python_random)
 
 

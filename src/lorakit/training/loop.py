@@ -33,6 +33,7 @@ from ..adapting.manage import adapters, trainable_parameters
 from ..files.adapter_file import save_adapter
 from ..files.atomic import write_json_atomic
 from ..files.peft_format import CONFIG_FILE, WEIGHTS_FILE
+from ..layers.experts import expert_parameters
 from ..tools.loraplus import param_groups
 from . import distributed as dist_mod
 from .checkpoints import Snapshot, choose_checkpoint, latest_checkpoint, resumable_checkpoints, save_checkpoint
@@ -201,7 +202,14 @@ class _Run:
         s, config = self.setup, self.config
         trainable, everything = trainable_parameters(s.model)
         record = adapters(s.model)["default"]
-        kinds = sorted({p.rsplit(".", 1)[-1] for p in record.modules})
+        expert = set(expert_parameters(s.model))  # fused MoE expert weights, adapted as parameters
+        kinds = sorted({p.rsplit(".", 1)[-1] for p in record.modules if p not in expert})
+        experts = sorted({p.rsplit(".", 1)[-1] for p in record.modules if p in expert})
+        on_experts = (
+            f" and {sum(p in expert for p in record.modules)} expert parameters ({', '.join(experts)})"
+            if experts
+            else ""
+        )
         self.say(f"lorakit train: {s.describe['model']}, task {s.task}")
         self.say(f"data: {s.describe['data']}")
         if s.labels:
@@ -217,7 +225,7 @@ class _Run:
         )
         self.say(
             f"LoRA: rank {config.rank}, alpha {config.alpha:g}{variant} on "
-            f"{len(record.modules)} modules ({', '.join(kinds)}){head}"
+            f"{len(record.modules) - len(expert & set(record.modules))} modules ({', '.join(kinds)}){on_experts}{head}"
         )
         self.say(f"trainable parameters: {trainable:,} of {everything:,} ({100 * trainable / everything:.2f}%)")
         processes = f", {self.world.size} processes" if self.world.distributed else ""
@@ -346,7 +354,7 @@ class _Run:
             **verdict.record(),
         }
         if self.world.main:
-            save_adapter(s.model, out, **self._adapter_files())
+            save_adapter(s.model, out, **self._adapter_files(), expert_layout=self.config.expert_layout)
             if self.config.add_tokens:  # the adapter's new token ids mean nothing without it
                 write_tokenizer(s.tokenizer, out)
             write_verdict(out, self.metrics, verdict)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import INIT_MODES, LoraConfig
+from ..files.expert_layout import LAYOUTS as EXPERT_LAYOUTS
 from ..files.json_file import read_json
 from ..quant.convert import KINDS as QUANTIZE_KINDS
 from .data import examples as data_mod
@@ -200,6 +201,15 @@ class RunConfig:
         None, _OUTPUT, "write a checkpoint every N optimizer steps", metavar="N", type=int, valid=">= 1"
     )
     out: str = option(DEFAULT_OUT, _OUTPUT, f"output folder (default: {DEFAULT_OUT})", metavar="FOLDER")
+    expert_layout: str = option(
+        "fused",
+        _OUTPUT,
+        "how an adapter on MoE experts is written: fused (PEFT's "
+        "target_parameters; read by PEFT, lorakit, and vLLM for gpt-oss) or per-expert "
+        "(a 2-D pair per expert under the checkpoint's names; read by vLLM for Qwen3-MoE, "
+        "Qwen2-MoE, OLMoE, Mixtral, DeepSeek, and by lorakit) (default: fused)",
+        choices=EXPERT_LAYOUTS,
+    )
     extra: dict[str, Any] = field(default_factory=dict)  # facts found at start (model path, sizes); not an option
 
     @classmethod

@@ -13,6 +13,7 @@ import torch
 from ..adapting.manage import add_adapter_from_tensors, inject, set_adapter
 from ..adapting.token_rows import add_token_rows
 from ..config import LoraConfig
+from ..files.expert_layout import check_layout
 from ..quant.bnb import quantized_kind
 from ..quant.convert import quantize
 from ..quant.loftq import loftq_pairs
@@ -97,6 +98,10 @@ def prepare(config: RunConfig, world: World) -> Setup:
         raise TrainingError(f"--quantize {config.quantize}: {err}") from None
     except ValueError as err:
         raise TrainingError(f"--targets {config.targets!r}: {err}") from None
+    try:
+        check_layout(model, config.expert_layout)  # before training, not when the adapter is written
+    except ValueError as err:
+        raise TrainingError(f"--expert-layout {config.expert_layout}: {err}") from None
     if new_ids:
         try:
             add_token_rows(model, new_ids)  # after the adapter: adding it freezes everything else
