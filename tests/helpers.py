@@ -380,6 +380,15 @@ def whole_and_resumed(tiny, root: Path, monkeypatch, **options) -> tuple[Path, P
     return root / "whole", root / "cut"
 
 
+def ctrl_c_reaches_it() -> None:
+    """Popen's preexec_fn for a child the test will interrupt: SIGINT back to its default action.
+    A shell starts background jobs with SIGINT ignored and children inherit that, so a suite run
+    from a background job (`make test &`, some CI runners) would otherwise send Ctrl-C to no one."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cli(*args: str, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
     """`python -m lorakit ARGS` in a subprocess."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")

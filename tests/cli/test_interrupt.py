@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from helpers import train_tiny
+from helpers import ctrl_c_reaches_it, train_tiny
 
 # What the `lorakit` console script runs (pip writes this import and call).
 CONSOLE_SCRIPT = ["-c", "import re, sys; from lorakit.cli import main; sys.exit(main())"]
@@ -24,7 +24,14 @@ def interrupted(args: list[str], *, after: float = 0.0, line: str | None = None)
     """Start `python ARGS`, wait `after` seconds (and, if `line`, until stdout shows it), send
     SIGINT; (exit status, stdout, stderr)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=ctrl_c_reaches_it,
+    )
     try:
         seen = ""
         if line is not None:

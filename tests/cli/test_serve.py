@@ -13,6 +13,7 @@ import time
 
 import httpx
 import pytest
+from helpers import ctrl_c_reaches_it
 
 from lorakit.cli import main
 
@@ -28,6 +29,7 @@ def start(*args: str) -> tuple[subprocess.Popen, str, list[str]]:
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        preexec_fn=ctrl_c_reaches_it,
     )
     lines: list[str] = []
     deadline = time.time() + 120
