@@ -66,3 +66,40 @@ def is_wing(module: str) -> bool:
 
 def wing_of(module: str) -> str | None:
     return next((w for w in WINGS if module == w or module.startswith(w + ".")), None)
+
+
+@dataclass(frozen=True)
+class Use:
+    source: str  # the module that reads the attribute
+    target: str  # the lorakit module it imported whole
+    name: str  # the attribute read from it
+
+
+def module_uses() -> list[Use]:
+    """Every `alias.NAME` read where `alias` is a lorakit module imported whole (`import
+    lorakit.x as alias`, `from lorakit.files import peft_format as alias`, `from . import registry`)."""
+    mods = modules()
+    whole = {(i.source, i.target) for i in imports() if i.name is None and i.target in mods}
+    found = []
+    for module, path in mods.items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        tree = ast.parse(path.read_text())
+        aliases = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.asname and (module, alias.name) in whole:
+                        aliases[alias.asname] = alias.name
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                for alias in node.names:
+                    if (module, f"{target}.{alias.name}") in whole:
+                        aliases[alias.asname or alias.name] = f"{target}.{alias.name}"
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+                found.append(Use(module, aliases[node.value.id], node.attr))
+    return found

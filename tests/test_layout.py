@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import lorakit
-from layout import imports, is_wing, modules, wing_of
+from layout import imports, is_wing, module_uses, modules, wing_of
 
 ARCHITECTURE = Path(__file__).resolve().parents[1] / "docs" / "ARCHITECTURE.md"
 CORE_LIBRARIES = {"torch", "safetensors", "__future__"}
@@ -95,9 +95,23 @@ def test_the_wings_take_from_the_core_only_public_names_and_the_listed_api():
         and not is_wing(i.target)
         and i.target != "lorakit"
         and (i.target, i.name) not in public
-        and (i.name or "module") not in listed.get(i.target, set())
+        and not (i.name in listed.get(i.target, set()) or (i.name is None and i.target in listed))
     )
     assert outside == []
+
+
+def test_a_wing_reads_of_a_core_module_it_imports_whole_only_the_listed_names():
+    listed = wing_api()
+    outside = sorted(
+        f"{u.source}: {u.target}.{u.name}"
+        for u in module_uses()
+        if is_wing(u.source) and not is_wing(u.target) and u.name not in listed.get(u.target, set())
+    )
+    assert outside == []
+
+
+def test_no_module_reads_a_private_name_of_a_module_it_imports():
+    assert [f"{u.source}: {u.target}.{u.name}" for u in module_uses() if u.name.startswith("_")] == []
 
 
 def test_every_listed_name_exists():
@@ -105,7 +119,7 @@ def test_every_listed_name_exists():
 
     for module, names in wing_api().items():
         found = importlib.import_module(module)
-        for name in names - {"module"}:
+        for name in names:
             assert hasattr(found, name), f"{module}.{name}"
 
 
