@@ -82,6 +82,12 @@ def name_matches(name: str, entry: str) -> bool:
     return name == entry or name.endswith("." + entry)
 
 
+def saved_name_matches(name: str, entry: str) -> bool:
+    """PEFT's rule for a `modules_to_save` entry: a plain string suffix of the name, dot or not
+    ("classifier" takes DistilBERT's "pre_classifier" too, "norm" every "...layernorm")."""
+    return name.endswith(entry)
+
+
 def inside(name: str, entry: str) -> bool:
     """Whether the module `name` is the one `entry` names (PEFT's rule) or sits inside it."""
     parts = name.split(".")

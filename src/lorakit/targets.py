@@ -71,7 +71,10 @@ _PRESET_PARTS = {"attention": ("attention",), "attention+mlp": ("attention", "ml
 # Top-level children that produce the model's outputs. They are freshly initialised for a new task
 # (or tied to the input embeddings), so they are trained in full or left alone, never adapted.
 # DistilBERT's pre_classifier is as new as its classifier.
-_HEAD_NAMES = frozenset({"lm_head", "classifier", "pre_classifier", "score", "qa_outputs", "cls", "head"})
+# CLASSIFIER_HEADS: the names Transformers gives a sequence-classification head, in the order
+# looked for (the head `lorakit train` trains in full; the one PEFT's all-linear leaves out).
+CLASSIFIER_HEADS = ("classifier", "score")
+_HEAD_NAMES = frozenset({"lm_head", "pre_classifier", "qa_outputs", "cls", "head", *CLASSIFIER_HEADS})
 
 _ATTENTION_WORDS = ("attention", "attn")
 _MLP_WORDS = ("mlp", "ffn", "feed_forward", "feedforward", "intermediate")

@@ -19,7 +19,7 @@ from torch import nn
 from ..config import LoraConfig
 from ..layers import experts
 from ..layers.base import LoraLayer
-from ..module_tree import base_modules
+from ..module_tree import base_modules, within
 from ..quant.bnb import logical_numel
 from ..targets import resolve_targets
 from . import pissa
@@ -68,7 +68,7 @@ def add_adapter(model: nn.Module, name: str, config: LoraConfig) -> nn.Module:
     modules += parameters
     # Nothing inside a module trained in full gets an adapter as well.
     whole = saved_wrapper_paths(model) + saved_module_paths(model, config.modules_to_save)
-    modules = [m for m in modules if not any(m.startswith(w + ".") for w in whole)]
+    modules = [m for m in modules if not within(m, whole)]
     if not modules:
         raise ValueError(f"targets {config.targets!r} match only modules inside modules_to_save")
     commit(model, build_plan(model, name, config, modules))

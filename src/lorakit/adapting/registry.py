@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..layers.base import LoraLayer
-from ..module_tree import base_modules, set_module
+from ..module_tree import base_modules, is_wrapper, set_module, within
 from .saved_modules import SavedModule
 
 _REGISTRY = "_lorakit_adapters"  # attribute on the user's model: name -> AdapterRecord
@@ -60,7 +60,7 @@ def refresh_trainable(model: nn.Module) -> None:
     live = [n for n in active_adapters(model) if registry[n].trainable]
     for p in model.parameters():
         p.requires_grad_(False)
-    for module in model.modules():
+    for _, module in wrappers(model):
         if isinstance(module, LoraLayer):
             for n in live:
                 if n in module.adapter_names:
@@ -79,12 +79,8 @@ def refresh_trainable(model: nn.Module) -> None:
 
 def base_biases(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """Every bias of the base model (what bias="all" trains), not those of modules_to_save copies."""
-    inside = [p for p, m in model.named_modules() if isinstance(m, SavedModule)]
-    return [
-        (name, p)
-        for name, p in model.named_parameters()
-        if name.endswith("bias") and not any(name.startswith(w + ".") for w in inside)
-    ]
+    inside = [p for p, m in wrappers(model) if isinstance(m, SavedModule)]
+    return [(name, p) for name, p in model.named_parameters() if name.endswith("bias") and not within(name, inside)]
 
 
 def lora_layers(model: nn.Module) -> list[LoraLayer]:
@@ -116,7 +112,7 @@ def register(model: nn.Module, name: str, record: AdapterRecord) -> None:
 
 def wrappers(model: nn.Module) -> list[tuple[str, LoraLayer | SavedModule]]:
     """(path, wrapper) for every lorakit wrapper, in module order."""
-    return [(p, m) for p, m in base_modules(model) if isinstance(m, (LoraLayer, SavedModule))]
+    return [(p, m) for p, m in base_modules(model) if is_wrapper(m)]
 
 
 def cached_wrappers(model: nn.Module) -> list[LoraLayer | SavedModule]:

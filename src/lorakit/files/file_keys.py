@@ -22,9 +22,8 @@ from ..adapting.saved_modules import SavedModule
 from ..adapting.token_rows import CONFIG_KEY, ROWS_KEY, check_entry, indices_by_module, rows_replacing
 from ..config import LoraConfig
 from ..errors import LorakitError
-from ..layers.base import LoraLayer
 from ..layers.experts import expert_parameters
-from ..module_tree import base_modules
+from ..module_tree import base_modules, saved_name_matches, unwrapped, within
 from ..targets import adaptable_kind
 from . import peft_format as fmt
 from .expert_layout import gather_per_expert
@@ -350,7 +349,7 @@ def _check_biases(
     if config.bias == "lora_only":
         wanted = [f"{p}.bias" for p in pairs if getattr(_base_module(model, p), "bias", None) is not None]
     else:
-        wanted = [n for n, _ in base_biases(model) if not any(n.startswith(s + ".") for s in saved_paths)]
+        wanted = [n for n, _ in base_biases(model) if not within(n, saved_paths)]
     for name in wanted:
         plain = name.replace(".base_layer.", ".")
         if name not in base and plain not in base:
@@ -364,7 +363,7 @@ def _base_module(model: nn.Module, path: str) -> nn.Module | None:
         module = model.get_submodule(path)
     except AttributeError:
         return None
-    return module.base_layer if isinstance(module, LoraLayer) else module
+    return unwrapped(module)
 
 
 def _saved_paths(model: nn.Module, entries: list[str], tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -402,7 +401,8 @@ def _present_saved_modules(model: nn.Module, config: LoraConfig, tensors: dict[s
     names = [p for p, _ in base_modules(model) if p]
     keys = [k[len(fmt.PREFIX) :] for k in tensors if k.startswith(fmt.PREFIX)]
 
-    def known(entry: str) -> bool:  # PEFT's rule: a plain suffix of the name (peft_targets.py)
-        return any(p.endswith(entry) for p in names) or any(k.rsplit(".", 1)[0].endswith(entry) for k in keys)
+    def known(entry: str) -> bool:
+        owners = [*names, *(k.rsplit(".", 1)[0] for k in keys)]
+        return any(saved_name_matches(p, entry) for p in owners)
 
     return [e for e in config.modules_to_save if known(e)]

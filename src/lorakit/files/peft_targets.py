@@ -23,11 +23,18 @@ from typing import Any
 
 from torch import nn
 
-from ..module_tree import base_modules, is_wrapper, name_matches, output_embeddings, unwrapped, within
-from ..targets import adaptable_modules, layer_index
+from ..module_tree import (
+    base_modules,
+    is_wrapper,
+    name_matches,
+    output_embeddings,
+    saved_name_matches,
+    unwrapped,
+    within,
+)
+from ..targets import CLASSIFIER_HEADS, adaptable_modules, layer_index
 
 ALL_LINEAR = "all-linear"
-_SEQ_CLS_HEADS = ("score", "classifier")
 # Without layers_pattern, PEFT takes the first "<segment>.<number>." after at least one segment.
 _FIRST_INDEX = re.compile(r".*?\.[^.]*\.(\d+)\.")
 
@@ -88,7 +95,7 @@ def peft_saved_modules(model: nn.Module, entries: list[str]) -> list[str]:
     for name, _ in modules:
         if not name or within(name, chosen):
             continue
-        if any(name.endswith(entry) for entry in entries):
+        if any(saved_name_matches(name, entry) for entry in entries):
             chosen.append(name)
     wrappers = [n for n, m in modules if is_wrapper(m)]
     return [c for c in chosen if not within(c, wrappers)]
@@ -127,7 +134,7 @@ def _output_layers(model: nn.Module, task_type: str | None) -> set[str]:
     """The module PEFT's all-linear leaves out: the output embedding, else a SEQ_CLS head."""
     out = output_embeddings(model)
     if out is None and task_type == "SEQ_CLS":
-        out = next((getattr(model, n) for n in _SEQ_CLS_HEADS if getattr(model, n, None) is not None), None)
+        out = next((getattr(model, n) for n in CLASSIFIER_HEADS if getattr(model, n, None) is not None), None)
     if not isinstance(out, nn.Module):
         return set()
     return {name for name, module in base_modules(model) if module is out}

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..adapting.registry import replace_module
 from ..layers.plain import LoraLayer, LoraLinear
-from ..module_tree import inside, name_matches
+from ..module_tree import inside, name_matches, unwrapped
 from ..targets import output_head_names
 from .bnb import bitsandbytes, keep_layout, quantized_kind
 from .bnb import dequantize as dequantized_weight
@@ -68,12 +68,12 @@ def dequantize(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modul
     Adapters on those layers are kept (their wrappers become plain `LoraLinear`s) and may then
     be merged. Refused while an adapter is merged into a quantized weight (unmerge first).
     """
-    found = [(p, m) for p, m in model.named_modules() if quantized_kind(_base(m)) is not None]
+    found = [(p, m) for p, m in model.named_modules() if quantized_kind(unwrapped(m)) is not None]
     for path, module in found:
         if isinstance(module, LoraLayer) and module.merged:
             raise ValueError(f"module {path!r} has adapters merged into its quantized weight; unmerge first")
     for path, module in found:
-        plain = _plain_linear(_base(module), dtype)
+        plain = _plain_linear(unwrapped(module), dtype)
         if isinstance(module, LoraLayer):
             plain = _rewrap(module, plain)
         elif _inside_wrapper(model, path):
@@ -83,10 +83,6 @@ def dequantize(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modul
         if getattr(model, flag, False):
             setattr(model, flag, False)
     return model
-
-
-def _base(module: nn.Module) -> nn.Module:
-    return module.base_layer if isinstance(module, LoraLayer) else module
 
 
 def _inside_wrapper(model: nn.Module, path: str) -> bool:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..targets import CLASSIFIER_HEADS
 from .base_model import ModelError
 from .data.examples import IGNORE, Encoded
 
@@ -26,14 +27,11 @@ TASK_TYPES = {"classify": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}  # PEFT's task_ty
 TASK_OF_TYPE = {v: k for k, v in TASK_TYPES.items()}
 
 
-HEAD_NAMES = ("classifier", "score")  # sequence-classification heads in Transformers models
-
-
 def head_name(model: nn.Module) -> str:
-    for name in HEAD_NAMES:
+    for name in CLASSIFIER_HEADS:
         if isinstance(getattr(model, name, None), nn.Module):
             return name
-    raise ModelError(f"{type(model).__name__} has no classification head named {' or '.join(HEAD_NAMES)}")
+    raise ModelError(f"{type(model).__name__} has no classification head named {' or '.join(CLASSIFIER_HEADS)}")
 
 
 # What a forward pass gets, in training (data.Encoded.batch) and at every other use: a tokenizer
