@@ -48,7 +48,7 @@ def transformers_quantized(folder, kind: str):
     model = AutoModelForCausalLM.from_pretrained(
         folder, quantization_config=config, device_map="cpu", dtype=torch.float32
     )
-    # Compare the layers as they compute in training (see quantized.py: bitsandbytes' CPU
+    # Compare the layers as they compute in training (see quant/bnb.py: bitsandbytes' CPU
     # inference re-layout changes a 4-bit layer's numbers).
     keep_layouts(model)
     return model.eval()

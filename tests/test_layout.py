@@ -1,7 +1,9 @@
 """The layout docs/ARCHITECTURE.md draws, checked on the sources: no module imports another's
 private name, no import circle, the core imports no wing and nothing but torch, safetensors and
 the standard library at import time, a wing never imports another wing and takes from the core
-only public names and the internal API the architecture page lists, no folder over 15 modules."""
+only public names and the internal API the architecture page lists (and reads only those names
+from a module it imports whole), no folder over 15 modules, every module pinned by a test file of
+its own or a row of the architecture page."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import lorakit
-from layout import imports, is_wing, module_uses, modules, wing_of
+from layout import SRC, imports, is_wing, module_uses, modules, wing_of
 
 ARCHITECTURE = Path(__file__).resolve().parents[1] / "docs" / "ARCHITECTURE.md"
 CORE_LIBRARIES = {"torch", "safetensors", "__future__"}
@@ -126,3 +128,26 @@ def test_every_listed_name_exists():
 @pytest.mark.parametrize("folder", sorted({p.parent for p in modules().values()}), ids=lambda p: p.name)
 def test_no_folder_holds_more_than_15_modules(folder):
     assert len([p for p in folder.glob("*.py") if p.name not in ("__init__.py", "__main__.py")]) <= 15
+
+
+def pinned_table() -> str:
+    return ARCHITECTURE.read_text().split("## Where each module's behaviour is pinned", 1)[1].split("\n## ", 1)[0]
+
+
+def test_every_module_has_a_test_file_of_its_own_or_a_row_where_it_is_pinned():
+    table = pinned_table()
+    rows = [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| `")]
+    pinned = set(re.findall(r"`([\w/*.]+\.py)`", "\n".join(rows)))
+    tests = Path(__file__).resolve().parent
+    missing = []
+    for path in modules().values():
+        if path.name in ("__init__.py", "__main__.py"):
+            continue
+        relative = path.relative_to(SRC / "lorakit")
+        own = tests / relative.parent / f"test_{relative.name}"
+        folder_glob = f"{relative.parent.as_posix()}/*.py"
+        if not own.exists() and relative.as_posix() not in pinned and folder_glob not in pinned:
+            missing.append(relative.as_posix())
+    assert missing == []
+    for name in set(re.findall(r"`(tests/[\w/]+\.py)`", table)):
+        assert (tests.parent / name).exists(), name

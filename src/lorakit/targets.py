@@ -82,7 +82,7 @@ _MLP_WORDS = ("mlp", "ffn", "feed_forward", "feedforward", "intermediate")
 
 def adaptable_kind(module: nn.Module) -> str | None:
     """What kind of LoRA wrapper `module` takes: "linear", "conv1d_transposed", "embedding", "conv",
-    "linear4bit" / "linear8bit" (bitsandbytes' quantized layers, quantized.py), or None."""
+    "linear4bit" / "linear8bit" (bitsandbytes' quantized layers, quant/bnb.py), or None."""
     if is_lora_layer(module):
         return adaptable_kind(module.base_layer)
     quantized = quantized_kind(module)  # before nn.Linear: they subclass it

@@ -59,7 +59,7 @@ def reference_outputs(model, ids):
             del layer.forward
 
 
-# ---- what bitsandbytes' layers compute (the facts quantized.py states) ----------------------
+# ---- what bitsandbytes' layers compute (the facts quant/bnb.py states) ----------------------
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -1,7 +1,7 @@
 """Adapters over a whole model: inject, add, switch, delete, disable, merge, unload.
 
 The user's model keeps its class: each chosen submodule is replaced in place by a wrapper
-holding it (layers.py). Adding an adapter is a transaction: everything is validated and built
+holding it (layers/plain.py). Adding an adapter is a transaction: everything is validated and built
 aside first, then swapped in (plan.py), so a bad request leaves the model as it was.
 `add_adapter` builds fresh weights; `add_adapter_from_tensors` takes given ones (what loading an
 adapter file comes down to, adapter_file.py).
@@ -231,7 +231,7 @@ def merge(model: nn.Module, requantize: bool = False) -> nn.Module:
 
     A quantized base weight (4- or 8-bit) is merged into only with `requantize=True`: it is
     dequantized, added to and quantized again, and the largest weight error that makes is
-    reported as a warning (see quantized_layer.py; `dequantize` first to merge exactly).
+    reported as a warning (see layers/quantized.py; `dequantize` first to merge exactly).
     """
     _refuse_if_disabled(model, "merge")
     _refuse_tied(model)

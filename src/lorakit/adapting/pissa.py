@@ -124,7 +124,7 @@ def plain_pairs(
     as_plain_lora's [A; A0], [B, -B0], with A0, B0 worked out from each base weight as loading
     would. The base is left unchanged, so other adapters and the base model itself can share it
     (`load_adapter(..., as_lora=True)`, which lorakit serve uses). Each given pair is checked
-    against its module first (plan.TensorError names the module and A or B)."""
+    against its module first (given.TensorError names the module and A or B)."""
 
     converted = {}
     for path, pair in pairs.items():

@@ -1,4 +1,4 @@
-"""A trained adapter folder, read for the commands that use one (eval, generate, merge)."""
+"""A trained adapter folder, read for the commands that use one (eval, generate, merge, combine, serve)."""
 
 from __future__ import annotations
 

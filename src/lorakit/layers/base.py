@@ -5,7 +5,7 @@ output = base(x) + sum over active adapters of scaling * B(A(dropout(x)))   (Hu 
 `LoraLayer` holds the original module as `base_layer` and knows its adapters by name: the active
 set, merge state, enable flag, DoRA magnitudes (their math is in dora.py) and what forward
 caches. Merge is explicit: `merge()` adds scaling * B A into the base weight, `unmerge()` takes
-it out. Each kind of layer (layers.py, quantized_layer.py) supplies the per-kind pieces and
+it out. Each kind of layer (plain.py, quantized.py) supplies the per-kind pieces and
 names the fast kernels that may compute it (`kernels`).
 
 `forward` asks dispatch.py, the one place that chooses how a layer computes its output: the
@@ -153,7 +153,7 @@ class LoraLayer(nn.Module):
             return dora.output_change(self, name, x)
         return self.lora_delta(x, name)
 
-    _delta = adapter_delta  # the name tests/test_model.py still calls
+    _delta = adapter_delta  # the name tests/adapting/test_manage.py still calls
 
     # -- shared ------------------------------------------------------------------------------
     @property
@@ -261,7 +261,7 @@ class LoraLayer(nn.Module):
         """Raise ValueError if `merge` cannot fold the active adapters in (nothing changes here).
 
         Only a quantized base refuses: merging into it re-quantizes, which must be asked for
-        with `requantize=True` (quantized_layer.py).
+        with `requantize=True` (quantized.py).
         """
 
     @torch.no_grad()

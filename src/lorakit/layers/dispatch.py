@@ -10,7 +10,7 @@ first of these that applies:
 
 A kind of layer names the kernels that may compute it (`LoraLayer.kernels`): `LoraLinear`
 `LINEAR_LORA` (fused.lora_linear) and `LINEAR_DORA` (dora.linear_forward), `LoraQuantLinear`
-`QUANT_LORA` (qlora_fused.qlora_linear); embeddings and convolutions none. A kernel answers
+`QUANT_LORA` (quantized_fused.qlora_linear); embeddings and convolutions none. A kernel answers
 two questions: `prepare`, once per change of the layer's adapters (what it needs for these
 live adapters, or None where it cannot reproduce them), and `accepts`, on every call (whether
 this input and the base layer's present mode allow it). Before asking, the chooser checks what
@@ -160,7 +160,7 @@ class _LinearDora:
 
 
 class _QuantLora:
-    """qlora_fused.qlora_linear: a bitsandbytes base, adapters all of one dtype. Not for an
+    """quantized_fused.qlora_linear: a bitsandbytes base, adapters all of one dtype. Not for an
     8-bit layer in eval mode (bitsandbytes then multiplies in int8), a weight in bitsandbytes'
     CPU inference layout, or dropout on adapters of another dtype than the input (the kernel
     casts x for them only without dropout). These depend on the base's mode and on the layout

@@ -12,7 +12,7 @@ that norm, so a new adapter changes nothing. With g = m / norm an adapted layer 
 (xd = dropout(x)), PEFT's convention, so PEFT's DoRA adapters give the same outputs here. With
 several active adapters each applies in turn to what came before it (PEFT's order too).
 
-This file holds the math; the layers (layers.py) keep the magnitudes and call it:
+This file holds the math; the layers (plain.py) keep the magnitudes and call it:
 - `weight_norm`: the norm, cached per adapter until the base weight, A, B or the scaling change
   (`NormCache`, keyed by the tensors' identities and version counters);
 - `reference_step`: the plain composition for every layer kind, which the tests pin the rest to;

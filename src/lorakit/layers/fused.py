@@ -1,5 +1,5 @@
 """The fast path of the adapted linear: base matmul and low-rank delta in one autograd node, and
-the rank-r pieces the other kernels (dora.py, qlora_fused.py) are built from.
+the rank-r pieces the other kernels (dora.py, quantized_fused.py) are built from.
 
 y = x W^T + b + sum_i s_i * (dropout_i(x) A_i^T) B_i^T        (Hu et al., 2021, arXiv:2106.09685)
 

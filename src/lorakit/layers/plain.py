@@ -3,8 +3,8 @@
 output = base(x) + sum over active adapters of scaling * B(A(dropout(x)))   (Hu et al., 2021)
 
 What they share (adapters by name, active set, merge, DoRA hooks, forward) is `LoraLayer` in
-layer_base.py; here each kind's shapes of A and B, its delta, and the fast kernels that may
-compute it (dispatch.py chooses). The quantized linear is quantized_layer.py; wrappers.py maps
+base.py; here each kind's shapes of A and B, its delta, and the fast kernels that may
+compute it (dispatch.py chooses). The quantized linear is quantized.py; kinds.py maps
 each kind of module (targets.adaptable_kind) to its class.
 """
 

@@ -5,7 +5,7 @@ output = base(x) + sum over active adapters of scaling * B(A(dropout(x)))
 
 The frozen base stays quantized and runs as the bitsandbytes layer itself computes; the adapters
 are float32 parameters, as in QLoRA, and the delta is computed in their dtype. The fast kernel
-(qlora_fused.py, chosen by dispatch.py) gives the same numbers in one autograd node.
+(quantized_fused.py, chosen by dispatch.py) gives the same numbers in one autograd node.
 
 Merging is where a quantized base differs: W + s B A can only be stored by re-quantizing it, and
 the rounding to 4 bits swamps most of a small update, so the merged model is not the trained

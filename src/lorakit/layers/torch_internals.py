@@ -1,7 +1,7 @@
 """Every use of torch's private API in lorakit, each checked once at import.
 
-The fast kernels (fused.py, dora.py, qlora_fused.py), the path chooser (dispatch.py) and the
-convolution wrapper (layers.py) rely on five things torch does not document as API:
+The fast kernels (fused.py, dora.py, quantized_fused.py), the path chooser (dispatch.py) and the
+convolution wrapper (plain.py) rely on five things torch does not document as API:
 
 - `grad_fn._saved_self`, `_saved_other`, `_saved_approximate`: what GELU and a product of two
   tensors keep for their own backward. A kernel whose input is such an output keeps those
