@@ -262,6 +262,31 @@ def test_merge_refuses_tied_weights(ids):
     assert_unchanged(model, before)
 
 
+@pytest.mark.parametrize("merge", [True, False])
+def test_unload_with_a_trained_copy_of_a_tied_output_layer(merge, ids):
+    """GPT-2's lm_head shares wte's weight. A trained copy of lm_head (modules_to_save) is the
+    adapter's own: unload(merge=True) keeps it (untied, the embeddings untouched); merge=False
+    gives back the tied original and the base model's outputs."""
+    model = tiny_gpt2()
+    wte = model.transformer.wte.weight
+    embeddings = wte.detach().clone()
+    base = logits(model, ids)
+    lorakit.inject(model, lorakit.LoraConfig(rank=4, targets=["c_attn"], modules_to_save=["lm_head"]))
+    randomize_adapter(model)
+    with torch.no_grad():
+        model.lm_head.copies["default"].weight.add_(0.1)
+    adapted = logits(model, ids)
+    assert torch.equal(wte, embeddings)  # training the copy leaves the tied embeddings alone
+    lorakit.unload(model, merge=merge)
+    assert type(model.lm_head) is torch.nn.Linear and torch.equal(model.transformer.wte.weight, embeddings)
+    if merge:
+        assert model.lm_head.weight is not model.transformer.wte.weight
+        assert_rounding_close(logits(model, ids), adapted, n=TINY_MODEL_N)
+    else:
+        assert model.lm_head.weight is model.transformer.wte.weight
+        assert torch.equal(logits(model, ids), base)
+
+
 def test_two_active_adapters_cannot_share_a_saved_module():
     model = tiny_bert()
     lorakit.inject(model, lorakit.LoraConfig(rank=4, targets=["query"], modules_to_save=["classifier"]), name="a")

@@ -190,7 +190,9 @@ def test_gradcheck(kind, fold):
     norm = dora.norm_of(layer, "a").double()
 
     def f(x, w, bias, a, b, m):
-        return dora.dora_linear(x, w, bias, a, b, m, S, layer.fan_in_fan_out, norm, fold=fold)
+        return dora.dora_linear(
+            x, w, bias, a, b, magnitude=m, scaling=S, fan_in_fan_out=layer.fan_in_fan_out, norm=norm, fold=fold
+        )
 
     assert torch.autograd.gradcheck(f, (x, w, bias, a, b, m), fast_mode=True)
 

@@ -61,19 +61,19 @@ def file_tensors(
     rows = _token_rows(model, facts, tensors, where)
     tensors = {k: v for k, v in tensors.items() if not k.endswith("." + ROWS_KEY)}
     params = expert_keys(model, config, where)
-    pairs, magnitudes, base, saved = _sort_keys(model, config, tensors, saved_paths, where, params)
+    found = _sort_keys(model, config, tensors, saved_paths, where, params)
     try:  # vLLM's per-expert layout (expert_layout.py) of a fused expert parameter
-        pairs, gathered = gather_per_expert(model, config, pairs)
+        found.pairs, gathered = gather_per_expert(model, config, found.pairs)
     except ValueError as err:
         raise AdapterFileError(f"{where}: {err}") from None
     params |= {p: p for p in gathered}
-    both = sorted(set(rows) & set(base))
+    both = sorted(set(rows) & set(found.base))
     if both:
         raise AdapterFileError(f"{where}: {both[0]!r} is both saved whole and given token rows")
-    base.update(rows)
-    _check_targets(model, config, facts, pairs, where, params)
-    _check_biases(model, config, pairs, base, saved_paths, where)
-    return FileTensors(pairs, magnitudes, base, saved)
+    found.base.update(rows)
+    _check_targets(model, config, facts, found.pairs, where, params)
+    _check_biases(model, config, found.pairs, found.base, saved_paths, where)
+    return found
 
 
 def expert_keys(model: nn.Module, config: LoraConfig, where: str) -> dict[str, str]:
@@ -140,12 +140,7 @@ def _sort_keys(
     saved_paths: list[str],
     where: str,
     wrapped: dict[str, str],
-) -> tuple[
-    dict[str, tuple[torch.Tensor, torch.Tensor]],
-    dict[str, torch.Tensor],
-    dict[str, torch.Tensor],
-    dict[str, dict[str, torch.Tensor]],
-]:
+) -> FileTensors:
     """Split the file's keys into LoRA pairs and DoRA magnitudes (by module), base tensors (by
     parameter name: trained biases, embedding tables) and modules_to_save states (by module);
     every key must find a place; `wrapped`: expert parameter -> the module path its keys use."""
@@ -211,7 +206,7 @@ def _sort_keys(
     }
     pairs |= {m: _pair(model, m, half, config.use_dora, where) for m, half in halves.items() if m not in experts}
     magnitudes = {module: half[fmt.MAGNITUDE] for module, half in halves.items() if fmt.MAGNITUDE in half}
-    return pairs, magnitudes, base, saved
+    return FileTensors(pairs, magnitudes, base, saved)
 
 
 def _pair(

@@ -228,6 +228,7 @@ def dora_linear(
     bias: torch.Tensor | None,
     a: torch.Tensor,
     b: torch.Tensor,
+    *,
     magnitude: torch.Tensor,
     scaling: float,
     fan_in_fan_out: bool,
