@@ -345,6 +345,11 @@ def write_csv(path: Path, rows: list[dict], sep: str = ",") -> Path:
 # ---- running training ----------------------------------------------------------------------
 
 
+def bert_train_args(tiny, out: Path | str) -> list[str]:
+    """`lorakit train` on the tiny BERT classifier and its data, into `out` (more options follow)."""
+    return ["train", "--model", str(tiny["bert"]), "--data", str(tiny["classify"]), "--out", str(out)]
+
+
 def train_tiny(tiny, out: Path, **options) -> dict:
     """Train in this process on a tiny model; returns the summary."""
     from lorakit.training import RunConfig, train

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from helpers import TINY_MODEL_N, assert_rounding_close
+from helpers import TINY_MODEL_N, assert_rounding_close, bert_train_args
 from helpers import cli_here as lorakit
 
 from lorakit.cli import build_parser, main
@@ -25,13 +25,7 @@ def classifier(tiny, tmp_path_factory):
     assert (
         main(
             [
-                "train",
-                "--model",
-                str(tiny["bert"]),
-                "--data",
-                str(tiny["classify"]),
-                "--out",
-                str(out),
+                *bert_train_args(tiny, out),
                 "--batch-size",
                 "8",
                 "--epochs",
@@ -302,13 +296,7 @@ def test_a_run_that_does_not_learn_exits_0_and_says_so_last(tiny, tmp_path, caps
     out = tmp_path / "flat"
     code, text, err = lorakit(
         capsys,
-        "train",
-        "--model",
-        str(tiny["bert"]),
-        "--data",
-        str(tiny["classify"]),
-        "--out",
-        str(out),
+        *bert_train_args(tiny, out),
         "--batch-size",
         "8",
         "--epochs",

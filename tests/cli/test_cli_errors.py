@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import bert_train_args, files_of, make_model, randomize_adapter
 from helpers import cli_here as lorakit_cli
-from helpers import files_of, make_model, randomize_adapter
 from helpers import train_tiny as run
 
 import lorakit
@@ -69,13 +69,7 @@ def test_device_cuda_without_cuda_is_one_line(tiny, tmp_path, capsys, monkeypatc
     out = tmp_path / "run"
     code, _, err = lorakit_cli(
         capsys,
-        "train",
-        "--model",
-        str(tiny["bert"]),
-        "--data",
-        str(tiny["classify"]),
-        "--out",
-        str(out),
+        *bert_train_args(tiny, out),
         "--device",
         "cuda",
     )

@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from helpers import ctrl_c_reaches_it, train_tiny
+from helpers import bert_train_args, ctrl_c_reaches_it, train_tiny
 
 # What the `lorakit` console script runs (pip writes this import and call).
 CONSOLE_SCRIPT = ["-c", "import re, sys; from lorakit.cli import main; sys.exit(main())"]
@@ -52,13 +52,7 @@ def interrupted(args: list[str], *, after: float = 0.0, line: str | None = None)
 
 def train_args(tiny, out) -> list[str]:
     return [
-        "train",
-        "--model",
-        str(tiny["bert"]),
-        "--data",
-        str(tiny["classify"]),
-        "--out",
-        str(out),
+        *bert_train_args(tiny, out),
         "--batch-size",
         "8",
         "--threads",

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from helpers import TINY_MODEL_N, assert_rounding_close, cli_here
+from helpers import TINY_MODEL_N, assert_rounding_close, bert_train_args, cli_here
 
 import lorakit
 from lorakit.cli import main
@@ -117,13 +117,7 @@ def test_requantize_needs_a_quantized_run(tiny, tmp_path, capsys):
     assert (
         main(
             [
-                "train",
-                "--model",
-                str(tiny["bert"]),
-                "--data",
-                str(tiny["classify"]),
-                "--out",
-                str(out),
+                *bert_train_args(tiny, out),
                 "--max-steps",
                 "1",
                 "--threads",
@@ -141,13 +135,7 @@ def test_quantize_without_bitsandbytes_is_one_line(tiny, tmp_path, capsys, monke
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     code, _, err = cli_here(
         capsys,
-        "train",
-        "--model",
-        str(tiny["bert"]),
-        "--data",
-        str(tiny["classify"]),
-        "--out",
-        str(tmp_path / "run"),
+        *bert_train_args(tiny, tmp_path / "run"),
         "--quantize",
         "nf4",
     )

@@ -8,7 +8,7 @@ import os
 import shutil
 
 import pytest
-from helpers import classify_rows, files_of, write_csv
+from helpers import bert_train_args, classify_rows, files_of, write_csv
 from helpers import train_tiny as run
 
 from lorakit.cli import main
@@ -19,13 +19,7 @@ from lorakit.training.run_lock import LOCK_FILE
 
 def train_args(tiny, out, *more: str) -> list[str]:
     return [
-        "train",
-        "--model",
-        str(tiny["bert"]),
-        "--data",
-        str(tiny["classify"]),
-        "--out",
-        str(out),
+        *bert_train_args(tiny, out),
         "--batch-size",
         "8",
         "--threads",

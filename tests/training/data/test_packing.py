@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from helpers import tensors, tiny_model, whole_and_resumed, write_jsonl
+from helpers import bert_train_args, tensors, tiny_model, whole_and_resumed, write_jsonl
 from helpers import train_tiny as run
 
 from lorakit.training import TrainingError
@@ -207,13 +207,7 @@ def test_cli_packing_on_classification_is_one_line(tiny, tmp_path, capsys):
 
     code, _, err = cli_here(
         capsys,
-        "train",
-        "--model",
-        str(tiny["bert"]),
-        "--data",
-        str(tiny["classify"]),
-        "--out",
-        str(tmp_path / "never"),
+        *bert_train_args(tiny, tmp_path / "never"),
         "--packing",
     )
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--packing" in err
