@@ -43,17 +43,21 @@ def imports() -> list[Import]:
                 for alias in node.names:
                     found.append(Import(module, alias.name, None, id(node) in top))
             elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-                    target = ".".join(base + ([node.module] if node.module else []))
-                else:
-                    target = node.module or ""
+                target = from_target(package, node)
                 for alias in node.names:
                     if f"{target}.{alias.name}" in mods:  # `from . import registry`: a module
                         found.append(Import(module, f"{target}.{alias.name}", None, id(node) in top))
                     else:
                         found.append(Import(module, target, alias.name, id(node) in top))
     return found
+
+
+def from_target(package: str, node: ast.ImportFrom) -> str:
+    """The module a `from ... import` reads from, relative imports resolved against `package`."""
+    if not node.level:
+        return node.module or ""
+    base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
 
 
 def _is_type_checking(node: ast.AST) -> bool:
@@ -91,11 +95,7 @@ def module_uses() -> list[Use]:
                     if alias.asname and (module, alias.name) in whole:
                         aliases[alias.asname] = alias.name
             elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-                    target = ".".join(base + ([node.module] if node.module else []))
-                else:
-                    target = node.module or ""
+                target = from_target(package, node)
                 for alias in node.names:
                     if (module, f"{target}.{alias.name}") in whole:
                         aliases[alias.asname or alias.name] = f"{target}.{alias.name}"
