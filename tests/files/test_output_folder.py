@@ -1,6 +1,6 @@
 """files/output_folder.py: the rule for a folder a command writes, on a made-up command (the real
 commands' tests are in tests/cli/test_combine.py, tests/cli/test_cli_errors.py and
-tests/training/test_out_folder.py)."""
+tests/training/test_run_folder.py)."""
 
 from __future__ import annotations
 

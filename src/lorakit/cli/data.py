@@ -17,7 +17,7 @@ from types import SimpleNamespace
 from ..training import RunConfig, TrainingError
 from ..training.base_model import default_model, fit_max_length, load_config, load_tokenizer, quiet_transformers
 from ..training.data import examples as data_mod
-from ..training.data.report import DataSummary, marked_text, summarize
+from ..training.data.summary import DataSummary, marked_text, summarize
 from ..training.options import add_run_options
 from ..training.prepare import run_labels
 

@@ -42,12 +42,12 @@ from .errors import TrainingError
 from .labels import LABELS_FILE, labels_json
 from .new_tokens import write_tokenizer
 from .options import RUN_FILE, RunConfig
-from .out_folder import RUN, check_out, clear_previous_run
 from .prepare import Setup, prepare
 from .report.metrics_log import METRICS_FILE, evaluations, fmt_one, fmt_result, fmt_size, write_metrics
 from .report.plot import PLOT_FILE, plot_loss
 from .report.progress import Progress, duration
 from .report.verdict import Verdict, advice, judge, write_verdict
+from .run_folder import RUN, check_out, clear_previous_run
 from .run_lock import RunLock, check_unlocked
 from .tasks import TASK_TYPES, evaluate, forward, label_count, loss_sum
 

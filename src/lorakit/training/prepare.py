@@ -1,6 +1,6 @@
 """Everything a run needs before its first step, done before anything is written: the data read
 and checked, the tokenizer and model loaded, --max-length held to the model's position limit,
-the adapter added. (The output folder's checks are in out_folder.py.)"""
+the adapter added. (The output folder's checks are in run_folder.py.)"""
 
 from __future__ import annotations
 

@@ -1,2 +1,2 @@
 """A run's data: reading files and tokenising examples (`examples.py`), chat conversations
-(`chat.py`), packing (`packing.py`) and what `lorakit data` reports (`report.py`)."""
+(`chat.py`), packing (`packing.py`) and what `lorakit data` reports (`summary.py`)."""

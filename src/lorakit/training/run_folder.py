@@ -1,5 +1,5 @@
 """A run's output folder (`--out`): what `lorakit train` writes there, given to the rule every
-command that writes a folder follows (lorakit/output_folder.py).
+command that writes a folder follows (files/output_folder.py).
 
 A new run's folder must not exist yet, be empty, or (with `--overwrite`) hold a previous run
 (it has run_config.json). `--overwrite` removes only the files a run writes (RUN_OUTPUTS, and

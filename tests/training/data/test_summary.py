@@ -1,4 +1,4 @@
-"""training/data/report.py: the padding figure and an example's text with its trained tokens marked."""
+"""training/data/summary.py: the padding figure and an example's text with its trained tokens marked."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from helpers import make_tokenizer
 
 from lorakit.training.data.examples import IGNORE
 from lorakit.training.data.packing import efficiency as padding_efficiency
-from lorakit.training.data.report import marked_text
+from lorakit.training.data.summary import marked_text
 
 
 @pytest.mark.parametrize(

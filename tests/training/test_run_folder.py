@@ -1,4 +1,4 @@
-"""training/out_folder.py: --out is checked before anything is written, and --overwrite
+"""training/run_folder.py: --out is checked before anything is written, and --overwrite
 removes only what a run wrote (the rule of lorakit/output_folder.py, for `lorakit train`)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from helpers import train_tiny as run
 
 from lorakit.cli import main
 from lorakit.training import TrainingError
-from lorakit.training.out_folder import RUN
+from lorakit.training.run_folder import RUN
 from lorakit.training.run_lock import LOCK_FILE
 
 
