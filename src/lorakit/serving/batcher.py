@@ -38,28 +38,29 @@ STEPS_SECONDS = 0.02
 class Batcher:
     def __init__(self, engine: Engine, settings: Settings, metrics: Metrics) -> None:
         self.engine, self.metrics = engine, metrics
-        self.max_batch, self.max_wait_s, self.max_queue = (
-            settings.max_batch,
-            settings.max_wait_ms / 1000,
-            settings.max_queue,
-        )
-        self._queue: asyncio.Queue[tuple[Row, asyncio.Future | None]] | None = None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-model")
-        self._task: asyncio.Task | None = None
-        self._running = 0  # rows in the batch on the model thread
+        self.max_batch, self.max_queue = settings.max_batch, settings.max_queue
+        self.max_wait_s = settings.max_wait_ms / 1000
         continuous = engine.task == "causal-lm" and settings.continuous
         self.scheduler = (
             Scheduler(engine, settings.max_batch, settings.max_batch_tokens, metrics) if continuous else None
         )
+        # Made by start(), on the running event loop (a stopped app starts again with new ones).
+        self._queue: asyncio.Queue[tuple[Row, asyncio.Future | None]] | None = None
         self._arrived: asyncio.Event | None = None
+        self._event_loop: asyncio.AbstractEventLoop | None = None
+        self._outbox: deque[tuple[Callable[[Event], None], Event]] = deque()  # events posted from the model thread
+        self._flush_pending = False
+        self._pool: ThreadPoolExecutor | None = None
+        self._task: asyncio.Task | None = None
+        self._running = 0  # rows in the batch on the model thread
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         self._queue, self._arrived = asyncio.Queue(), asyncio.Event()
         self._event_loop, self._outbox, self._flush_pending = asyncio.get_running_loop(), deque(), False
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-model")  # a stopped app restarts
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-model")
         work = self._steps() if self.scheduler is not None else self._loop()
-        self._task = asyncio.get_running_loop().create_task(work)
+        self._task = self._event_loop.create_task(work)
 
     async def stop(self) -> None:
         """Run what is queued, then stop (Ctrl-C drains the queue)."""
@@ -69,7 +70,8 @@ class Batcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        self._pool.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
     @property
     def alive(self) -> bool:

@@ -32,7 +32,7 @@ from ..adapting.mixed import Route, mixed_batch
 from ..errors import LorakitError
 from ..files.adapter_file import AdapterFileError
 from .events import Done, Event, Failed, Text
-from .kv_rows import pad, select_rows
+from .kv_rows import pad, position_ids, select_rows
 from .sampling import Sampling, TokenLogprob, pick
 from .store import AdapterStore
 
@@ -181,23 +181,36 @@ class Engine:
         try:
             self._decode(rows, streams, before)
         except Exception as err:
-            for row in rows:  # a stream the failed step drew from is rewound, so seeds still repeat
-                if id(row) in before and before[id(row)][0] == len(row.out):
-                    streams[id(row)].set_state(before[id(row)][1])
-            if len(rows) == 1:
-                rows[0].ended = True
-                rows[0].emit(Failed(err))
-                return
-            for row in rows:
-                if not row.ended and not row.cancelled:
-                    self.decode_isolated([row], streams)
+            self.recover(rows, streams, before, err)
+
+    def recover(
+        self,
+        rows: list[Row],
+        streams: dict[int, torch.Generator],
+        before: dict[int, tuple[int, Any]],
+        err: Exception | None,
+    ) -> None:
+        """After a step over `rows` failed with `err` (None: the rows cannot run together): each
+        row goes on alone from where it stood, to its end, so a failure is only the failing row's;
+        a row that failed alone gets the error. `before`: per row, (tokens so far, random state)
+        at the step's start; a stream the failed step drew from is rewound, so seeds still repeat."""
+        for row in rows:
+            if id(row) in before and before[id(row)][0] == len(row.out):
+                streams[id(row)].set_state(before[id(row)][1])
+        if err is not None and len(rows) == 1:
+            rows[0].ended = True
+            rows[0].emit(Failed(err))
+            return
+        for row in rows:
+            if not row.ended and not row.cancelled:
+                self.decode_isolated([row], streams)
 
     def _decode(self, live: list[Row], streams: dict[int, torch.Generator], before: dict[int, tuple[int, Any]]) -> None:
         live = [r for r in live if not r.ended and not r.cancelled]
         if not live:
             return
         ids, mask = pad([r.ids + r.out for r in live], self.pad_id, left=True)  # goes on from its tokens
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = position_ids(mask)
         generators = [streams[id(r)] for r in live]
         past = None
         with torch.inference_mode(), mixed_batch(self.model, [r.route for r in live]) as batch:

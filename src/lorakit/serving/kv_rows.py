@@ -26,6 +26,11 @@ def pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, t
     return ids, mask
 
 
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Each row's position ids under its attention mask: its own tokens count from 0 (padding 0)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def select_rows(past: Any, index: torch.Tensor) -> None:
     """Keep only rows `index` of a Transformers KV cache, in place."""
     if hasattr(past, "batch_select_indices"):

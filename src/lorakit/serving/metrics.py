@@ -63,19 +63,17 @@ class Metrics:
         )
         if store is not None:
             r.register(_StoreCollector(store))
-        self._handled = 0
 
     def request(self, endpoint: str, status: int, seconds: float) -> None:
         self._requests.labels(endpoint, str(status)).inc()
         if status >= 400:
             self._errors.inc()
         self._latency.labels(endpoint).observe(seconds)
-        self._handled += 1
 
     @property
     def handled(self) -> int:
-        """Requests answered so far."""
-        return self._handled
+        """Requests answered so far (the sum of lorakit_requests over endpoints and statuses)."""
+        return int(sum(s.value for m in self._requests.collect() for s in m.samples if s.name.endswith("_total")))
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float | None:
         """One sample, by its name in the exposition (e.g. "lorakit_batch_rows_count")."""

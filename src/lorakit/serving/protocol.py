@@ -438,12 +438,24 @@ def chunk(
             "finish_reason": finish,
             "stop_reason": stop,
         }
-        return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+        return _chunk_body(kind, rid, created, model, [choice])
     delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
     choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
     if finish is not None:
         choice["stop_reason"] = stop
-    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
+    return _chunk_body(kind, rid, created, model, [choice])
+
+
+def usage_chunk(
+    kind: Literal["text", "chat"], rid: str, created: int, model: str, prompt: int, completion: int
+) -> dict:
+    """The last event's body with `stream_options.include_usage`: no choice, the request's token counts."""
+    return {**_chunk_body(kind, rid, created, model, []), "usage": usage(prompt, completion)}
+
+
+def _chunk_body(kind: Literal["text", "chat"], rid: str, created: int, model: str, choices: list) -> dict[str, Any]:
+    obj = "text_completion" if kind == "text" else "chat.completion.chunk"
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
 
 
 _Generation.model_rebuild()

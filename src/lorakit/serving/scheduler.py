@@ -13,7 +13,7 @@ sampling (sampling.py) reads each row's settings. Position ids count each row's 
 the attention mask hides padding, so a row's tokens are those it would get alone.
 
 When a forward or a sampling step fails, the rows it involved go on one by one from where they
-stood (Engine.decode_isolated), so only a row that fails by itself gets the error.
+stood (Engine.recover), so only a row that fails by itself gets the error.
 
 Everything here runs on the model thread (batcher.py calls `step`); `waiting` is appended from
 the event loop and popped here (a deque: both ends are thread-safe).
@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -42,7 +43,7 @@ class _Prefill:
     def __init__(self, rows: list[Row], pad_id: int) -> None:
         self.rows = rows
         self.ids, self.mask = kv_rows.pad([r.ids for r in rows], pad_id, left=True)
-        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        self.positions = kv_rows.position_ids(self.mask)
         self.done = 0
         self.past: Any = None
 
@@ -116,7 +117,7 @@ class Scheduler:
 
     def step(self) -> None:
         """One decoding step of the running batch, then one prefill chunk of waiting rows."""
-        self._leave([j for j, r in enumerate(self.rows) if r.ended or r.cancelled or self._unloaded(r)])
+        self._leave(lambda r: r.ended or r.cancelled or self._unloaded(r))
         tokens = 0
         if self.rows:
             tokens += len(self.rows)
@@ -149,7 +150,7 @@ class Scheduler:
             self.pending = self._take(rows, out.logits[:, -1, :].float())
         except Exception as err:
             self._isolate(rows, before, err)
-            self._leave(list(range(len(self.rows))))
+            self._leave(lambda r: True)
             return
         self.positions = self.positions + 1
 
@@ -177,13 +178,21 @@ class Scheduler:
         if row.ended and len(row.out) > 1 and self.metrics is not None:
             self.metrics.tpot.observe((now - row.first_token_at) / (len(row.out) - 1))
 
-    def _leave(self, gone: list[int]) -> None:
-        """Drop rows `gone` of the running batch (their cache rows too)."""
-        if not gone:
+    def _staying(self, rows: list[Row], gone: Callable[[Row], bool]) -> list[int]:
+        """The indices of `rows` that stay; the random streams of the others are forgotten."""
+        keep = []
+        for j, row in enumerate(rows):
+            if gone(row):
+                self.streams.pop(id(row), None)
+            else:
+                keep.append(j)
+        return keep
+
+    def _leave(self, gone: Callable[[Row], bool]) -> None:
+        """Drop the rows of the running batch for which `gone` holds (their cache rows too)."""
+        keep = self._staying(self.rows, gone)
+        if len(keep) == len(self.rows):
             return
-        for j in gone:
-            self.streams.pop(id(self.rows[j]), None)
-        keep = [j for j in range(len(self.rows)) if j not in set(gone)]
         if not keep:
             self.rows, self.past = [], None
             self.mask = self.mask[:0, :0]
@@ -203,26 +212,14 @@ class Scheduler:
             row.emit(Failed(RowError(404, f"the adapter {gone[0]!r} was unloaded while this request ran")))
         return bool(gone)
 
-    def _states(self, rows: list[Row]) -> list[tuple[int, Any]]:
+    def _states(self, rows: list[Row]) -> dict[int, tuple[int, Any]]:
         """Per row: (tokens so far, random state), to rewind a stream that a failed step drew from."""
-        return [(len(r.out), self.streams[id(r)].get_state()) for r in rows]
+        return {id(r): (len(r.out), self.streams[id(r)].get_state()) for r in rows}
 
-    def _isolate(self, rows: list[Row], before: list[tuple[int, Any]] | None, err: Exception | None) -> None:
-        """After a failed step: each row goes on alone from where it stood, to its end (the
-        engine's static path), so a failure is only the failing row's; a row that failed alone
-        gets the error (as in Engine.decode_isolated)."""
+    def _isolate(self, rows: list[Row], before: dict[int, tuple[int, Any]] | None, err: Exception | None) -> None:
+        """After a failed step: the rows go on alone on the engine's static path (Engine.recover)."""
         self.release()  # the engine's static path opens its own block
-        if err is not None and len(rows) == 1:
-            rows[0].ended = True
-            rows[0].emit(Failed(err))
-            return
-        streams = {id(r): self.streams[id(r)] for r in rows}
-        for row, (count, state) in zip(rows, before or []):
-            if len(row.out) == count:
-                streams[id(row)].set_state(state)
-        for row in rows:
-            if not row.ended and not row.cancelled:
-                self.engine.decode_isolated([row], streams)
+        self.engine.recover(rows, {id(r): self.streams[id(r)] for r in rows}, before or {}, err)
 
     # -- admitting ---------------------------------------------------------------------------
     def _admit(self, budget: int) -> _Prefill | None:
@@ -266,10 +263,7 @@ class Scheduler:
         Returns the tokens run."""
         p = self.prefill
         if any(r.cancelled for r in p.rows):  # clients gone mid-prefill: their rows go now
-            keep = [j for j, r in enumerate(p.rows) if not r.cancelled]
-            for r in p.rows:
-                if r.cancelled:
-                    self.streams.pop(id(r), None)
+            keep = self._staying(p.rows, lambda r: r.cancelled)
             if not keep:
                 self.prefill = None
                 return 0
@@ -306,10 +300,7 @@ class Scheduler:
 
     def _join(self, rows: list[Row], p: _Prefill, first: torch.Tensor) -> None:
         """The prefilled rows that did not finish with their first token join the running batch."""
-        keep = [j for j, r in enumerate(rows) if not r.ended and not r.cancelled]
-        for j, r in enumerate(rows):
-            if j not in keep:
-                self.streams.pop(id(r), None)
+        keep = self._staying(rows, lambda r: r.ended or r.cancelled)
         if not keep:
             return
         index = torch.tensor(keep)

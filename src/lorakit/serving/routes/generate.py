@@ -43,9 +43,17 @@ async def chat(
     return await generate("chat", body, [prompt], body.limit(), engine, batcher, settings, request)
 
 
-def rows_of(engine: Engine, body: Any, prompts: list[list[int]], limit: int | None, emit: Any) -> list[Row]:
-    """The request's rows: each prompt `n` times, the same sampling fields, seeds seed, seed+1, ..."""
-    route, names, _ = resolve(engine, body.model, body.adapters)
+def rows_of(
+    engine: Engine,
+    body: Any,
+    route: Any,
+    names: tuple[str, ...],
+    prompts: list[list[int]],
+    limit: int | None,
+    emit: Any,
+) -> list[Row]:
+    """The request's rows (through `route`, needing adapters `names`): each prompt `n` times, the
+    same sampling fields, seeds seed, seed+1, ..."""
     sampling, stop = body.settings(), body.stops()  # the same for every row of the request
     wrong = engine.check_sampling(sampling)
     if wrong is not None:
@@ -82,9 +90,10 @@ async def generate(
 ) -> Response:
     if engine.task != "causal-lm":
         raise Problem(404, "this server runs a sequence classifier: use /v1/classify")
-    _, _, shown = resolve(engine, body.model, body.adapters)
+    route, names, shown = resolve(engine, body.model, body.adapters)
     events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
-    rows = rows_of(engine, body, prompts, limit, lambda i, ev: events.put_nowait((i, ev)))  # on the loop (batcher)
+    post = lambda i, ev: events.put_nowait((i, ev))  # on the event loop (the batcher posts there)
+    rows = rows_of(engine, body, route, names, prompts, limit, post)
     enqueue(batcher, settings, rows, with_results=False)
     rid, created = P.request_id("cmpl" if kind == "text" else "chatcmpl"), int(time.time())
     # A client that disconnects before the answer (or its first chunk) cancels the rows: Starlette

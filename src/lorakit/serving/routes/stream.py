@@ -80,16 +80,7 @@ async def sse(
             if finished == len(rows):
                 if include_usage:
                     prompt, completion = sum(len(r.ids) for r in rows), sum(len(r.out) for r in rows)
-                    yield data(
-                        {
-                            "id": rid,
-                            "object": "text_completion" if kind == "text" else "chat.completion.chunk",
-                            "created": created,
-                            "model": model,
-                            "choices": [],
-                            "usage": P.usage(prompt, completion),
-                        }
-                    )
+                    yield data(P.usage_chunk(kind, rid, created, model, prompt, completion))
                 break
             event = await events.get()
         yield "data: [DONE]\n\n"
