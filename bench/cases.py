@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -65,6 +66,37 @@ def find_setting(name: str, quick: bool = False) -> Setting:
 # ---- models ---------------------------------------------------------------------------------
 
 
+# The tiny Llama of the "llama" settings; bench/packing.py and bench/serving_generate.py save it
+# with a word-level tokenizer (llama_folder).
+LLAMA = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
+
+
+def llama_folder(folder: Path, words: list[str], max_positions: int) -> Path:
+    """A model folder: the tiny Llama (seed 0) with a word-level tokenizer over `words`
+    (after [PAD] [UNK] [BOS] [EOS], ids 0 to 3)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = SPECIAL_TOKENS + list(words)
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]"
+    ).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        max_position_embeddings=max_positions,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+        **LLAMA,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
 def load_model(kind: str, device: str, dtype: torch.dtype) -> nn.Module:
     torch.manual_seed(0)
     if kind == "minilm":
@@ -78,15 +110,7 @@ def load_model(kind: str, device: str, dtype: torch.dtype) -> nn.Module:
     elif kind == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        config = LlamaConfig(
-            vocab_size=4096,
-            hidden_size=256,
-            intermediate_size=688,
-            num_hidden_layers=4,
-            num_attention_heads=8,
-            num_key_value_heads=4,
-            max_position_embeddings=512,
-        )
+        config = LlamaConfig(vocab_size=4096, max_position_embeddings=512, **LLAMA)
         model = LlamaForCausalLM(config)
     else:
         raise ValueError(kind)

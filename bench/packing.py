@@ -27,15 +27,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402
+from cases import llama_folder  # noqa: E402
 from sections import write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = [f"w{i}" for i in range(4000)]
-SPECIAL = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
 EXAMPLES, MAX_LENGTH, BATCH = 480, 256, 16
 TARGET = 0.6  # packed / unpacked wall time, issue 19
 UNPACKED, PACKED, SAME_STEPS = "unpacked", "--packing", "--packing, as many steps"
@@ -43,30 +41,7 @@ UNPACKED, PACKED, SAME_STEPS = "unpacked", "--packing", "--packing, as many step
 
 def make_model(folder: Path) -> Path:
     """bench/run.py's tiny Llama, with a word-level tokenizer over WORDS."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    vocab = SPECIAL + WORDS
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]"
-    ).save_pretrained(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=3,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
+    return llama_folder(folder, WORDS, max_positions=512)
 
 
 def make_data(path: Path, count: int, seed: int) -> Path:
