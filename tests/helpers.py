@@ -345,9 +345,11 @@ def write_csv(path: Path, rows: list[dict], sep: str = ",") -> Path:
 # ---- running training ----------------------------------------------------------------------
 
 
-def bert_train_args(tiny, out: Path | str) -> list[str]:
-    """`lorakit train` on the tiny BERT classifier and its data, into `out` (more options follow)."""
-    return ["train", "--model", str(tiny["bert"]), "--data", str(tiny["classify"]), "--out", str(out)]
+def bert_train_args(tiny, out: Path | str, *more: str, steps: int | None = None) -> list[str]:
+    """`lorakit train` on the tiny BERT classifier and its data, into `out`, then `more`; with
+    `steps`, a short run: batches of 8, one thread, at most `steps` steps."""
+    short = ["--batch-size", "8", "--threads", "1", "--max-steps", str(steps)] if steps is not None else []
+    return ["train", "--model", str(tiny["bert"]), "--data", str(tiny["classify"]), "--out", str(out), *short, *more]
 
 
 def train_tiny(tiny, out: Path, **options) -> dict:

@@ -51,15 +51,7 @@ def interrupted(args: list[str], *, after: float = 0.0, line: str | None = None)
 
 
 def train_args(tiny, out) -> list[str]:
-    return [
-        *bert_train_args(tiny, out),
-        "--batch-size",
-        "8",
-        "--threads",
-        "1",
-        "--max-steps",
-        "100000",
-    ]
+    return bert_train_args(tiny, out, steps=100000)
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,15 @@ async def until(condition, timeout: float = 60.0) -> None:
         await asyncio.sleep(0.001)
 
 
+async def long_running(c, scheduler, model: str, prompt: str, max_tokens: int, after: int) -> asyncio.Future:
+    """Post a request that decodes `max_tokens` tokens whatever it picks (ignore_eos); return once
+    it runs and has `after` tokens (the request's task)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True}
+    task = asyncio.ensure_future(c.post("/v1/completions", json=body))
+    await until(lambda: scheduler.rows and len(scheduler.rows[0].out) >= after)
+    return task
+
+
 def test_staggered_requests_join_the_running_batch_and_equal_generate_alone(adapters):
     # A budget of 8 tokens a step: the 30-token prompt of the third request runs in chunks.
     app, engine = build([adapters["x"], adapters["y"]], None, max_wait_ms=0, max_batch_tokens=8)
@@ -141,13 +150,7 @@ def test_a_client_that_goes_away_frees_its_row_at_the_next_step(adapters):
 
     async def go():
         async with client(app) as c:
-            task = asyncio.ensure_future(
-                c.post(
-                    "/v1/completions",
-                    json={"model": "x", "prompt": "count from 3 :", "max_tokens": 50, "ignore_eos": True},
-                )
-            )
-            await until(lambda: scheduler.rows and len(scheduler.rows[0].out) >= 2)
+            task = await long_running(c, scheduler, "x", "count from 3 :", 50, after=2)
             row = scheduler.rows[0]
             task.cancel()
             await until(lambda: not scheduler.rows)
@@ -166,13 +169,7 @@ def test_unloading_an_adapter_ends_its_running_rows_with_404(adapters):
 
     async def go():
         async with client(app) as c:
-            running = asyncio.ensure_future(
-                c.post(
-                    "/v1/completions",
-                    json={"model": "y", "prompt": "count from 3 :", "max_tokens": 50, "ignore_eos": True},
-                )
-            )
-            await until(lambda: scheduler.rows and len(scheduler.rows[0].out) >= 2)
+            running = await long_running(c, scheduler, "y", "count from 3 :", 50, after=2)
             unloaded = await c.post("/v1/unload_lora_adapter", json={"lora_name": "y"})
             return unloaded, await running
 
@@ -189,10 +186,7 @@ def test_a_weighted_mix_answers_the_same_alone_and_joined(adapters):
     async def go():
         async with client(app) as c:
             alone = await c.post("/v1/completions", json=mix)
-            other = asyncio.ensure_future(
-                c.post("/v1/completions", json={"model": "x", "prompt": "9 8 7", "max_tokens": 40, "ignore_eos": True})
-            )
-            await until(lambda: scheduler.rows and len(scheduler.rows[0].out) >= 3)
+            other = await long_running(c, scheduler, "x", "9 8 7", 40, after=3)
             joined = await c.post("/v1/completions", json=mix)
             await other
             return alone, joined

@@ -18,16 +18,7 @@ from lorakit.training.run_lock import LOCK_FILE
 
 
 def train_args(tiny, out, *more: str) -> list[str]:
-    return [
-        *bert_train_args(tiny, out),
-        "--batch-size",
-        "8",
-        "--threads",
-        "1",
-        "--max-steps",
-        "2",
-        *more,
-    ]
+    return bert_train_args(tiny, out, *more, steps=2)
 
 
 def lorakit(capsys, *args: str) -> tuple[int, str, str]:

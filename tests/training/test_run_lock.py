@@ -9,7 +9,7 @@ import sys
 import textwrap
 
 import pytest
-from helpers import files_of
+from helpers import bert_train_args, files_of
 from helpers import train_tiny as run
 
 from lorakit.cli import main
@@ -49,20 +49,7 @@ def test_a_second_run_exits_2_naming_the_first_and_writes_nothing(tiny, tmp_path
     run(tiny, out, max_steps=2, save_every=2)
     other = holder(out)
     before = files_of(out)
-    args = [
-        "train",
-        "--model",
-        str(tiny["bert"]),
-        "--data",
-        str(tiny["classify"]),
-        "--batch-size",
-        "8",
-        "--threads",
-        "1",
-        "--max-steps",
-        "2",
-    ]
-    for attempt in ([*args, "--out", str(out), "--overwrite"], ["train", "--resume", str(out)]):
+    for attempt in (bert_train_args(tiny, out, "--overwrite", steps=2), ["train", "--resume", str(out)]):
         code = main(attempt)
         err = capsys.readouterr().err
         assert code == 2 and f"is in use by another lorakit run (process {other.pid}" in err
@@ -70,12 +57,12 @@ def test_a_second_run_exits_2_naming_the_first_and_writes_nothing(tiny, tmp_path
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     holder(fresh)  # a folder that holds nothing but the other run's lock
-    assert main([*args, "--out", str(fresh)]) == 2
+    assert main(bert_train_args(tiny, fresh, steps=2)) == 2
     assert [p.name for p in fresh.iterdir()] == [LOCK_FILE]
 
     other.send_signal(signal.SIGKILL)  # the operating system drops a dead process's lock
     other.wait()
-    assert main([*args, "--out", str(out), "--overwrite"]) == 0
+    assert main(bert_train_args(tiny, out, "--overwrite", steps=2)) == 0
 
 
 def test_a_run_holds_the_lock_while_it_trains(tiny, tmp_path, monkeypatch):
